@@ -1,0 +1,1 @@
+"""Lightning callbacks: thin wiring of Lightning hooks to :mod:`lightning_recipe.diagnostics`."""

@@ -1,0 +1,285 @@
+"""What every pre-flight check shares: when it runs, how it reads batches without moving the real
+dataloader, the snapshot that makes it side-effect free, rank agreement, and what a verdict does.
+
+A check runs in ``on_train_start``: after the optimizers exist and the sanity validation ran, before
+the first optimizer step. Subclasses implement :meth:`PreflightCheck.run` on a :class:`CheckContext`.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+from torch.utils.data import DataLoader
+from typing_extensions import override
+
+from lightning_recipe import _logging
+from lightning_recipe._args import ON_FAIL_CHOICES, check_choice
+from lightning_recipe.diagnostics.batch import BatchAdapter, BatchNotUnderstood, ForwardFn, InputsFn, TargetsFn
+from lightning_recipe.diagnostics.state import preserved
+from lightning_recipe.report import CheckResult, CheckStatus, RecipeCheckError, RecipeWarning, jsonable
+
+__all__ = ["CheckContext", "CheckSkipped", "PreflightCheck"]
+
+_SEVERITY = {CheckStatus.PASSED: 0, CheckStatus.SKIPPED: 1, CheckStatus.FAILED: 2}
+
+
+class CheckSkipped(Exception):
+    """Raised inside a check when it does not apply; the message becomes the ``skipped`` summary."""
+
+
+@dataclass
+class CheckContext:
+    """What a check works with: the trainer, the (unwrapped) module, a few training batches already on
+    the device, and the user's batch adapter."""
+
+    trainer: pl.Trainer
+    module: pl.LightningModule
+    batches: list[Any]
+    adapter: BatchAdapter
+    component: str
+
+    @property
+    def device(self) -> torch.device:
+        return self.trainer.strategy.root_device
+
+    def autocast(self) -> Any:
+        """The precision context Lightning runs ``training_step`` in (autocast for mixed precision)."""
+        plugin = getattr(self.trainer, "precision_plugin", None)
+        return plugin.train_step_context() if plugin is not None else nullcontext()
+
+    def training_step_loss(self, batch: Any, batch_idx: int = 0) -> Tensor:
+        """The loss the user's own ``training_step`` returns on ``batch`` (``self.log`` is silenced)."""
+        with self.autocast():
+            output = self.module.training_step(batch, batch_idx)
+        return loss_of(output)
+
+    def tag(self, quantity: str) -> str:
+        return _logging.tag(self.component, quantity)
+
+
+def loss_of(output: Any) -> Tensor:
+    """The loss in what ``training_step`` returned: a tensor, or a dict with ``"loss"``."""
+    if isinstance(output, dict):
+        output = output.get("loss")
+    if output is None:
+        raise CheckSkipped(
+            "`training_step` returned no loss (None, or a dict without 'loss'), so there is nothing to measure. "
+            "Return the loss tensor (or {'loss': loss}) from `training_step`; with manual optimization the "
+            "check cannot drive training itself."
+        )
+    if not isinstance(output, Tensor) or output.numel() != 1:
+        raise CheckSkipped(
+            f"Expected `training_step` to return a scalar loss tensor or a dict with 'loss', but got "
+            f"{type(output).__name__}{tuple(output.shape) if isinstance(output, Tensor) else ''}."
+        )
+    return output.reshape(())
+
+
+@contextmanager
+def silenced_logging(module: pl.LightningModule) -> Iterator[None]:
+    """``self.log`` and ``self.log_dict`` do nothing inside the block, so a check's extra
+    ``training_step`` calls neither crash nor leak into the logged metrics."""
+    missing = object()
+    saved = {name: module.__dict__.get(name, missing) for name in ("log", "log_dict")}
+    for name in saved:
+        module.__dict__[name] = _ignore
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is missing:
+                module.__dict__.pop(name, None)
+            else:
+                module.__dict__[name] = value
+
+
+def _ignore(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def _loader_generators(loader: DataLoader) -> list[torch.Generator]:
+    """The ``torch.Generator`` objects that iterating ``loader`` may advance (a sampler's own)."""
+    owners = [loader, loader.sampler, loader.batch_sampler, getattr(loader.batch_sampler, "sampler", None)]
+    return [g for o in owners if isinstance(g := getattr(o, "generator", None), torch.Generator)]
+
+
+def _single_loader(trainer: pl.Trainer) -> DataLoader:
+    loader = trainer.train_dataloader
+    if not isinstance(loader, DataLoader):
+        raise CheckSkipped(
+            f"the check reads batches from one training DataLoader, but the Trainer has {type(loader).__name__}. "
+            "Run the check on a model with a single `train_dataloader`."
+        )
+    return loader
+
+
+def peek_batches(trainer: pl.Trainer, count: int) -> list[Any]:
+    """The first ``count`` batches of a fresh pass over the training dataloader, moved to the device the
+    way Lightning moves them. The real training iterator is not touched; the caller restores the RNGs."""
+    loader = _single_loader(trainer)
+    if loader.persistent_workers and loader.num_workers > 0:
+        # iter() on a persistent-worker loader resets the live iterator the fit loop is using
+        loader = _without_persistent_workers(loader)
+    batches = []
+    iterator = iter(loader)
+    try:
+        for _ in range(count):
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                break
+            batches.append(trainer.strategy.batch_to_device(batch))
+    finally:
+        del iterator
+    if not batches:
+        raise CheckSkipped("the training dataloader yielded no batch.")
+    return batches
+
+
+def _without_persistent_workers(loader: DataLoader) -> DataLoader:
+    common: dict[str, Any] = dict(
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context,
+        generator=loader.generator,
+        prefetch_factor=loader.prefetch_factor,
+    )
+    if loader.batch_sampler is not None:
+        return DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, **common)
+    return DataLoader(loader.dataset, sampler=loader.sampler, batch_size=None, **common)
+
+
+def agree_across_ranks(trainer: pl.Trainer, result: CheckResult) -> CheckResult:
+    """One verdict for all ranks: the worst status wins, and its lowest rank's result is broadcast.
+    Every rank calls this, whatever it saw, so the collectives always line up."""
+    strategy = trainer.strategy
+    if trainer.world_size <= 1:
+        return result
+    severity = _SEVERITY[result.status]
+    device = strategy.root_device
+    worst = int(strategy.reduce(torch.tensor(severity, device=device), reduce_op="max").item())
+    candidate = trainer.global_rank if severity == worst else trainer.world_size
+    source = int(strategy.reduce(torch.tensor(candidate, device=device), reduce_op="min").item())
+    agreed = strategy.broadcast(result, src=source)
+    if trainer.world_size > 1:
+        agreed = replace(agreed, details={**agreed.details, "rank": source, "world_size": trainer.world_size})
+    return agreed
+
+
+def snake_case(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+class PreflightCheck(Callback):
+    """Base of the checks that run once before the first optimizer step of ``fit``.
+
+    Args:
+        on_fail: ``"raise"`` stops ``fit`` with :class:`RecipeCheckError`; ``"warn"`` emits a
+            :class:`RecipeWarning` and lets training go on.
+        inputs: ``batch -> X``, what the model takes (a tensor, or a tuple/dict of tensors).
+        targets: ``batch -> Tensor``, the labels.
+        forward: ``(module, X) -> outputs``; default ``module(X)``, ``module(*X)``, ``module(**X)``.
+    """
+
+    #: how many training batches :meth:`run` receives
+    num_batches: ClassVar[int] = 1
+
+    def __init__(
+        self,
+        *,
+        on_fail: str = "raise",
+        inputs: InputsFn | None = None,
+        targets: TargetsFn | None = None,
+        forward: ForwardFn | None = None,
+    ) -> None:
+        check_choice("on_fail", on_fail, ON_FAIL_CHOICES)
+        self.on_fail = on_fail
+        self.adapter = BatchAdapter.build(inputs, targets, forward)
+        self.result: CheckResult | None = None
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    @property
+    def component(self) -> str:
+        return snake_case(self.name)
+
+    def run(self, ctx: CheckContext) -> CheckResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- results ---------------------------------------------------------------------------------
+    def passed(self, summary: str, details: dict[str, Any] | None = None, hint: str | None = None) -> CheckResult:
+        return CheckResult(self.name, CheckStatus.PASSED, summary, hint, jsonable(details or {}))
+
+    def failed(self, summary: str, hint: str, details: dict[str, Any] | None = None) -> CheckResult:
+        return CheckResult(self.name, CheckStatus.FAILED, summary, hint, jsonable(details or {}))
+
+    def skipped(self, summary: str, details: dict[str, Any] | None = None) -> CheckResult:
+        return CheckResult(self.name, CheckStatus.SKIPPED, summary, None, jsonable(details or {}))
+
+    # -- Lightning hooks -------------------------------------------------------------------------
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        result = self.execute(trainer, pl_module)
+        self.finish(trainer, result)
+
+    def execute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> CheckResult:
+        """Run the check on fresh batches under a full snapshot; never raises (an internal error is a
+        ``skipped`` result with a warning). Every rank must call it: the verdict is agreed across ranks."""
+        start = time.perf_counter()
+        result = self._execute_local(trainer, pl_module)
+        result = replace(result, duration_s=time.perf_counter() - start)
+        return agree_across_ranks(trainer, result)
+
+    def _execute_local(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> CheckResult:
+        if trainer.global_step > 0:
+            return self.skipped(
+                f"training already ran {trainer.global_step} optimizer steps (resumed run); "
+                "the check only applies before the first step."
+            )
+        try:
+            loader = _single_loader(trainer)
+            schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+            with preserved(pl_module, trainer.optimizers, schedulers, _loader_generators(loader)):
+                with silenced_logging(pl_module), torch.enable_grad():
+                    batches = peek_batches(trainer, self.num_batches)
+                    ctx = CheckContext(trainer, pl_module, batches, self.adapter, self.component)
+                    return self.run(ctx)
+        except (CheckSkipped, BatchNotUnderstood) as reason:
+            return self.skipped(f"{self.name} could not run: {reason}")
+        except Exception as error:  # noqa: BLE001 - a check must never lose the user's run
+            rank_zero_warn(
+                f"{self.name} hit an error and was skipped; training goes on. Please report this: "
+                f"{type(error).__name__}: {error}",
+                category=RecipeWarning,
+            )
+            return self.skipped(
+                f"{self.name} could not run: {type(error).__name__}: {error}",
+                {"traceback": traceback.format_exc(limit=-6)},
+            )
+
+    def finish(self, trainer: pl.Trainer, result: CheckResult) -> None:
+        """Record, report (rank zero) and act on the verdict."""
+        self.result = result
+        _logging.log_text(trainer, _logging.tag(self.component, "verdict"), result.format(), trainer.global_step)
+        if result.status is not CheckStatus.FAILED:
+            rank_zero_info(result.format())
+            return
+        if self.on_fail == "raise":
+            raise RecipeCheckError(result)
+        rank_zero_warn(result.format(), category=RecipeWarning)

@@ -1,0 +1,7 @@
+"""BatchLeakageProbe (placeholder: being written)."""
+
+from lightning_recipe.callbacks._preflight import PreflightCheck
+
+
+class BatchLeakageProbe(PreflightCheck):
+    pass

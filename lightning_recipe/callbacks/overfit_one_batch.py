@@ -1,0 +1,7 @@
+"""OverfitOneBatch (placeholder: being written)."""
+
+from lightning_recipe.callbacks._preflight import PreflightCheck
+
+
+class OverfitOneBatch(PreflightCheck):
+    pass

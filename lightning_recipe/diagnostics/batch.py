@@ -1,0 +1,192 @@
+"""Understanding a user's batch: what goes into the model, what the target is, what comes out.
+
+Every check and monitor accepts the same three keyword arguments, ``inputs=``, ``targets=`` and
+``forward=``; this module holds their defaults and the one error that names the argument to pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+from torch import Tensor, nn
+
+__all__ = [
+    "BatchAdapter",
+    "BatchNotUnderstood",
+    "batch_size_of",
+    "default_forward",
+    "default_inputs",
+    "default_targets",
+    "first_tensor",
+    "select_output",
+    "slice_batch",
+]
+
+Inputs = Any  # a tensor, or a tuple / dict of tensors
+InputsFn = Callable[[Any], Inputs]
+TargetsFn = Callable[[Any], Tensor]
+ForwardFn = Callable[[nn.Module, Inputs], Any]
+
+INPUT_KEYS = ("x", "input", "inputs", "image", "images", "img", "input_ids", "features", "data", "src")
+TARGET_KEYS = ("y", "target", "targets", "label", "labels", "tgt", "mask", "masks")
+OUTPUT_KEYS = ("logits", "output", "outputs", "out", "pred", "preds", "prediction", "y_hat", "scores")
+
+
+class BatchNotUnderstood(ValueError):
+    """The batch does not have a shape the defaults understand; the message names the argument to pass."""
+
+
+def default_inputs(batch: Any) -> Inputs:
+    """``batch[0]`` of a tuple/list, a common input key of a dict, or the batch itself if it is a tensor."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch:
+        return batch[0]
+    if isinstance(batch, Mapping):
+        for key in INPUT_KEYS:
+            if key in batch:
+                return batch[key]
+        raise BatchNotUnderstood(
+            f"Expected a dict batch to hold the model input under one of {list(INPUT_KEYS)}, but its keys are "
+            f"{list(batch)}. Pass `inputs=lambda batch: batch[...]` to say what the model takes."
+        )
+    raise BatchNotUnderstood(
+        f"Expected the batch to be a tuple `(x, y, ...)` or a dict, but got {type(batch).__name__}. "
+        "Pass `inputs=lambda batch: ...` (and `targets=`) to say what the model takes."
+    )
+
+
+def default_targets(batch: Any) -> Tensor:
+    """``batch[1]`` of a tuple/list, or a common target key of a dict."""
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[1], Tensor):
+        return batch[1]
+    if isinstance(batch, Mapping):
+        for key in TARGET_KEYS:
+            if key in batch and isinstance(batch[key], Tensor):
+                return batch[key]
+        raise BatchNotUnderstood(
+            f"Expected a dict batch to hold the target under one of {list(TARGET_KEYS)}, but its keys are "
+            f"{list(batch)}. Pass `targets=lambda batch: batch[...]` to say where the labels are."
+        )
+    raise BatchNotUnderstood(
+        f"Expected the batch to be a tuple `(x, y, ...)` with a tensor target second, but got "
+        f"{_describe(batch)}. Pass `targets=lambda batch: ...` to say where the labels are."
+    )
+
+
+def default_forward(module: nn.Module, inputs: Inputs) -> Any:
+    """``module(x)``, ``module(*x)`` for a tuple, ``module(**x)`` for a dict."""
+    if isinstance(inputs, Mapping):
+        return module(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return module(*inputs)
+    return module(inputs)
+
+
+def select_output(outputs: Any) -> Tensor:
+    """The tensor of predictions in what a model returned: the tensor itself, ``logits`` of a dict, or
+    the first floating tensor of a tuple/dict."""
+    if isinstance(outputs, Tensor):
+        return outputs
+    if isinstance(outputs, Mapping):
+        for key in OUTPUT_KEYS:
+            if isinstance(outputs.get(key), Tensor):
+                return outputs[key]
+        candidates = list(outputs.values())
+    elif isinstance(outputs, (tuple, list)):
+        candidates = list(outputs)
+    else:
+        candidates = [getattr(outputs, key, None) for key in OUTPUT_KEYS]
+    for item in candidates:
+        if isinstance(item, Tensor) and item.is_floating_point():
+            return item
+    raise BatchNotUnderstood(
+        f"Expected the model to return a tensor, or a tuple/dict holding one, but got {_describe(outputs)}. "
+        "Pass `forward=lambda module, x: ...` returning the prediction tensor."
+    )
+
+
+def first_tensor(value: Any) -> Tensor | None:
+    """The first tensor found in a tensor / tuple / list / dict, depth first."""
+    if isinstance(value, Tensor):
+        return value
+    items = value.values() if isinstance(value, Mapping) else value if isinstance(value, (tuple, list)) else ()
+    for item in items:
+        found = first_tensor(item)
+        if found is not None:
+            return found
+    return None
+
+
+def batch_size_of(inputs: Inputs) -> int:
+    """Size of the first dimension of the first tensor in ``inputs``."""
+    tensor = first_tensor(inputs)
+    if tensor is None or tensor.ndim == 0:
+        raise BatchNotUnderstood(
+            f"Expected the model input to contain a tensor with a batch dimension, but got {_describe(inputs)}. "
+            "Pass `inputs=lambda batch: ...` returning the tensor(s) the model takes."
+        )
+    return int(tensor.shape[0])
+
+
+@dataclass(frozen=True)
+class BatchAdapter:
+    """The three user-overridable pieces of batch understanding, bundled."""
+
+    inputs: InputsFn = default_inputs
+    targets: TargetsFn = default_targets
+    forward: ForwardFn = default_forward
+
+    @classmethod
+    def build(
+        cls, inputs: InputsFn | None = None, targets: TargetsFn | None = None, forward: ForwardFn | None = None
+    ) -> BatchAdapter:
+        for name, fn in (("inputs", inputs), ("targets", targets), ("forward", forward)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"Expected `{name}` to be a callable, but got {fn!r}.")
+        return cls(inputs or default_inputs, targets or default_targets, forward or default_forward)
+
+    def get_inputs(self, batch: Any) -> Inputs:
+        return self.inputs(batch)
+
+    def get_targets(self, batch: Any) -> Tensor:
+        targets = self.targets(batch)
+        if not isinstance(targets, Tensor):
+            raise BatchNotUnderstood(
+                f"Expected `targets` to return a tensor, but got {_describe(targets)}. "
+                "Pass `targets=lambda batch: ...` returning the label tensor."
+            )
+        return targets
+
+    def predict(self, module: nn.Module, inputs: Inputs) -> Tensor:
+        return select_output(self.forward(module, inputs))
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    if isinstance(value, Mapping):
+        return f"a dict with keys {list(value)}"
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)} ({', '.join(type(v).__name__ for v in value)})"
+    return type(value).__name__
+
+
+def slice_batch(value: Any, index: Tensor | slice, batch_size: int, dim: int = 0) -> Any:
+    """Take ``index`` along ``dim`` of every tensor in ``value`` whose size there is ``batch_size``."""
+    if isinstance(value, Tensor):
+        if value.ndim > dim and value.shape[dim] == batch_size:
+            return value[(slice(None),) * dim + (index,)]
+        return value
+    if isinstance(value, Mapping):
+        return type(value)({k: slice_batch(v, index, batch_size, dim) for k, v in value.items()})  # type: ignore[call-arg]
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
+        return type(value)(*(slice_batch(v, index, batch_size, dim) for v in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(slice_batch(v, index, batch_size, dim) for v in value)
+    return value
+
+

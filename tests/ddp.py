@@ -1,0 +1,87 @@
+"""Run a check under `strategy="ddp"` with two CPU processes, in a subprocess, and read what every rank saw.
+
+Inside pytest, Lightning's DDP re-runs the pytest command as rank 1 and a failure there alone leaves the
+exit code 0 (ENVIRONMENT.md). So a test calls :func:`run_ddp`, which runs this file as a script; every rank
+writes ``rank{r}.json``; the test asserts on all of them and on the exit code.
+
+    python -m tests.ddp SPEC_JSON OUT_DIR
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load(path: str) -> Any:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def run_ddp(
+    tmp_path: Path,
+    model: str,
+    data: str,
+    check: str,
+    check_kwargs: dict[str, Any] | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    max_steps: int = 2,
+    timeout: float = 240,
+) -> tuple[int, dict[int, dict[str, Any]], str]:
+    """Returns (exit code, {rank: what it saw}, combined output). ``model`` and ``data`` are
+    ``"module:attr"`` paths to a LightningModule class and a function returning a DataLoader;
+    ``check`` is the name of a class exported by lightning_recipe."""
+    spec = dict(
+        model=model, data=data, check=check, check_kwargs=check_kwargs or {},
+        model_kwargs=model_kwargs or {}, max_steps=max_steps,
+    )
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.ddp", json.dumps(spec), str(tmp_path)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    ranks = {int(p.stem[4:]): json.loads(p.read_text()) for p in Path(tmp_path).glob("rank*.json")}
+    return proc.returncode, ranks, proc.stdout + proc.stderr
+
+
+def _main(spec: dict[str, Any], out: Path) -> int:
+    import lightning.pytorch as L
+    import torch
+
+    import lightning_recipe
+
+    torch.set_num_threads(1)
+    L.seed_everything(0, workers=True)
+    check = getattr(lightning_recipe, spec["check"])(**spec["check_kwargs"])
+    model = _load(spec["model"])(**spec["model_kwargs"])
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", max_steps=spec["max_steps"], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, callbacks=[check],
+    )
+    seen: dict[str, Any] = {"error": None}
+    try:
+        trainer.fit(model, _load(spec["data"])())
+    except lightning_recipe.RecipeCheckError as error:
+        seen["error"] = "RecipeCheckError"
+        seen["message"] = str(error)
+    except Exception as error:  # noqa: BLE001 - recorded for the test to assert on
+        seen["error"] = type(error).__name__
+        seen["message"] = traceback.format_exc()
+    seen["rank"] = trainer.global_rank
+    seen["global_step"] = trainer.global_step
+    seen["result"] = None if check.result is None else check.result.to_dict()
+    (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(seen))
+    return 1 if seen["error"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(json.loads(sys.argv[1]), Path(sys.argv[2])))
