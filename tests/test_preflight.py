@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lightning_recipe import CheckStatus, RecipeCheckError, RecipeWarning
 from lightning_recipe.callbacks._preflight import CheckContext, PreflightCheck
@@ -61,7 +60,7 @@ def _assert_identical(a, b):
     assert ma.keys() == mb.keys()
     for k in ma:
         assert torch.equal(ma[k], mb[k]), k
-    for (ka, va), (kb, vb) in zip(oa["state"].items(), ob["state"].items()):
+    for (ka, va), (_, vb) in zip(oa["state"].items(), ob["state"].items(), strict=True):
         for name in va:
             assert torch.equal(torch.as_tensor(va[name]), torch.as_tensor(vb[name])), (ka, name)
 

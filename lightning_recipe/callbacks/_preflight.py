@@ -255,11 +255,14 @@ class PreflightCheck(Callback):
         try:
             loader = _single_loader(trainer)
             schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
-            with preserved(pl_module, trainer.optimizers, schedulers, _loader_generators(loader)):
-                with silenced_logging(pl_module), torch.enable_grad():
-                    batches = peek_batches(trainer, self.num_batches)
-                    ctx = CheckContext(trainer, pl_module, batches, self.adapter, self.component)
-                    return self.run(ctx)
+            with (
+                preserved(pl_module, trainer.optimizers, schedulers, _loader_generators(loader)),
+                silenced_logging(pl_module),
+                torch.enable_grad(),
+            ):
+                batches = peek_batches(trainer, self.num_batches)
+                ctx = CheckContext(trainer, pl_module, batches, self.adapter, self.component)
+                return self.run(ctx)
         except (CheckSkipped, BatchNotUnderstood) as reason:
             return self.skipped(f"{self.name} could not run: {reason}")
         except Exception as error:  # noqa: BLE001 - a check must never lose the user's run
