@@ -1,0 +1,371 @@
+"""Overfit one fixed batch: the training loop, its early stops, and what a failure looked like.
+
+Pure PyTorch, no Lightning: the caller passes closures for the loss (the user's own ``training_step``
+on the fixed batch), for the label check, and for putting the model back to its starting state between
+learning rates. :func:`overfit_batch` returns an :class:`OverfitEvidence` with everything it saw.
+
+Why several learning rates: one fixed optimizer setting is too slow for some healthy models (BatchNorm,
+LSTM, transformer) and would raise false alarms, while the real failures (a loss floor, no gradient,
+a loss that does not depend on the parameters) fail at every learning rate. Each learning rate restarts
+from the same state; the first one that fits ends the search.
+
+Example::
+
+    >>> import torch
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> model = torch.nn.Linear(3, 2)
+    >>> x, y = torch.randn(4, 3), torch.tensor([0, 1, 1, 0])
+    >>> evidence = overfit_batch(
+    ...     model.named_parameters(),
+    ...     loss_fn=lambda: torch.nn.functional.cross_entropy(model(x), y),
+    ...     reset=lambda: None,
+    ...     labels=lambda: decode_predictions(model(x), y),
+    ... )
+    >>> evidence.passed
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "DEFAULT_LRS",
+    "Attempt",
+    "Decoded",
+    "OverfitEvidence",
+    "decode_predictions",
+    "looks_like_probabilities",
+    "overfit_batch",
+]
+
+#: tried in order, each from the same starting state, until one fits
+DEFAULT_LRS: tuple[float, ...] = (3e-3, 3e-2, 3e-4)
+
+OptimizerFactory = Callable[[list[nn.Parameter], float], torch.optim.Optimizer]
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """Predicted and true labels of a classification batch, flattened to one entry per label."""
+
+    task: str  # "multiclass" | "binary"
+    predicted: Tensor
+    labels: Tensor
+
+    @property
+    def correct(self) -> int:
+        return int((self.predicted == self.labels).sum())
+
+    @property
+    def total(self) -> int:
+        return int(self.labels.numel())
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One learning rate's run on the batch.
+
+    ``curve[i]`` is the loss before update ``i``; ``steps`` counts the updates made.
+    """
+
+    lr: float
+    curve: tuple[float, ...]
+    steps: int
+    reached: bool  # loss criterion met and (for classification) every label predicted
+    stop: str  # "fit" | "plateau" | "max_steps" | "nonfinite"
+    nonfinite_step: int | None
+    correct: int | None
+    total: int | None
+    final_grad_norm: float | None
+
+    @property
+    def start_loss(self) -> float:
+        return self.curve[0]
+
+    @property
+    def final_loss(self) -> float:
+        return self.curve[-1]
+
+    @property
+    def best_loss(self) -> float:
+        finite = [v for v in self.curve if math.isfinite(v)]
+        return min(finite) if finite else math.nan
+
+    def loss_fraction_met(self, fraction: float) -> bool:
+        return math.isfinite(self.best_loss) and self.best_loss <= fraction * self.start_loss
+
+    @property
+    def all_match(self) -> bool | None:
+        return None if self.total is None else self.correct == self.total
+
+
+@dataclass(frozen=True)
+class OverfitEvidence:
+    """Everything :func:`overfit_batch` saw, for the verdict and the report."""
+
+    attempts: tuple[Attempt, ...]
+    loss_fraction: float
+    no_grad_params: tuple[str, ...]
+    frozen_params: tuple[str, ...]
+    trainable_params: tuple[str, ...]
+    no_grad_numel: int = 0
+    trainable_numel: int = 0
+    frozen_numel: int = 0
+    loss_has_graph: bool = True
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def passed(self) -> bool:
+        return any(a.reached for a in self.attempts) and not self.no_grad_params and self.loss_has_graph
+
+    @property
+    def start_loss(self) -> float:
+        return self.attempts[0].start_loss if self.attempts else math.nan
+
+    @property
+    def target_loss(self) -> float:
+        return self.loss_fraction * self.start_loss
+
+    @property
+    def decisive(self) -> Attempt | None:
+        """The attempt that fitted, else the one that came closest (lowest best loss)."""
+        if not self.attempts:
+            return None
+        for attempt in self.attempts:
+            if attempt.reached:
+                return attempt
+        finite = [a for a in self.attempts if math.isfinite(a.best_loss)]
+        return min(finite, key=lambda a: a.best_loss) if finite else self.attempts[0]
+
+    @property
+    def total_steps(self) -> int:
+        return sum(a.steps for a in self.attempts)
+
+
+def overfit_batch(
+    named_parameters: Iterable[tuple[str, nn.Parameter]],
+    loss_fn: Callable[[], Tensor],
+    reset: Callable[[], None],
+    labels: Callable[[], Decoded | None] | None = None,
+    *,
+    lrs: Sequence[float] = DEFAULT_LRS,
+    max_steps: int = 200,
+    loss_fraction: float = 0.1,
+    patience: int = 50,
+    min_improvement: float = 0.01,
+    optimizer: OptimizerFactory | None = None,
+) -> OverfitEvidence:
+    """Train on one fixed batch until the loss is ``loss_fraction`` of its start and every label is
+    predicted, trying each learning rate in ``lrs`` from the same starting state.
+
+    Args:
+        named_parameters: the model's parameters; those with ``requires_grad`` are trained, the others
+            are reported as frozen.
+        loss_fn: computes the loss on the fixed batch (a scalar tensor with a graph).
+        reset: puts the model (and RNGs) back to the starting state; called before every attempt.
+        labels: returns the decoded predictions and labels on the batch (``None`` for regression); only
+            called when the loss criterion is met, so it costs one forward per candidate stop.
+        lrs: learning rates to try, in order; the first that fits ends the search.
+        max_steps: updates per learning rate at most.
+        loss_fraction: the loss must fall to this fraction of its starting value.
+        patience: an attempt stops early when its best loss improved by less than ``min_improvement``
+            of the starting loss over the last ``patience`` steps (a plateau).
+        optimizer: ``(params, lr) -> Optimizer``; default ``torch.optim.Adam``.
+    """
+    make_optimizer = optimizer or (lambda params, lr: torch.optim.Adam(params, lr=lr))
+    named = list(named_parameters)
+    seen_ids: set[int] = set()
+    trainable: list[tuple[str, nn.Parameter]] = []
+    frozen: list[tuple[str, nn.Parameter]] = []
+    for name, param in named:
+        if id(param) in seen_ids:
+            continue
+        seen_ids.add(id(param))
+        (trainable if param.requires_grad else frozen).append((name, param))
+    params = [p for _, p in trainable]
+    got_grad = [False] * len(params)
+    attempts: list[Attempt] = []
+    loss_has_graph = True
+    common = dict(
+        frozen_params=tuple(n for n, _ in frozen),
+        trainable_params=tuple(n for n, _ in trainable),
+        trainable_numel=sum(p.numel() for p in params),
+        frozen_numel=sum(p.numel() for _, p in frozen),
+        loss_fraction=loss_fraction,
+    )
+    if not params:
+        return OverfitEvidence(attempts=(), no_grad_params=(), **common)  # type: ignore[arg-type]
+
+    for index, lr in enumerate(lrs):
+        reset()
+        for p in params:
+            p.grad = None
+        opt = make_optimizer(params, lr)
+        curve: list[float] = []
+        stop, nonfinite_step, decoded, grad_norm = "max_steps", None, None, None
+        best, best_at_window_start = math.inf, math.inf
+        reached = False
+        for step in range(max_steps + 1):
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn()
+            value = float(loss.detach().float())
+            curve.append(value)
+            if not math.isfinite(value):
+                stop, nonfinite_step = "nonfinite", step
+                break
+            start = curve[0]
+            if start <= 0:
+                break  # nothing to take a fraction of; the caller reports it
+            if value <= loss_fraction * start:
+                decoded = labels() if labels is not None else None
+                if decoded is None or decoded.correct == decoded.total:
+                    reached, stop = True, "fit"
+                    break
+            if step == max_steps:
+                break
+            if not loss.requires_grad:
+                loss_has_graph = False
+                break
+            loss.backward()
+            if index == 0 and step < 5:
+                _note_gradients(params, got_grad)
+            grad_norm = _grad_norm(params)
+            opt.step()
+            best = min(best, value)
+            if step % patience == 0:
+                if step > 0 and best_at_window_start - best < min_improvement * start:
+                    stop = "plateau"
+                    break
+                best_at_window_start = best
+        if not reached and labels is not None and stop != "nonfinite" and curve and curve[0] > 0:
+            decoded = labels()
+        attempts.append(
+            Attempt(
+                lr=lr,
+                curve=tuple(curve),
+                steps=max(len(curve) - 1, 0),
+                reached=reached,
+                stop=stop,
+                nonfinite_step=nonfinite_step,
+                correct=None if decoded is None else decoded.correct,
+                total=None if decoded is None else decoded.total,
+                final_grad_norm=None if grad_norm is None else float(grad_norm),
+            )
+        )
+        if not loss_has_graph or not math.isfinite(curve[0]) or curve[0] <= 0 or reached:
+            break
+        if index == 0 and len(curve) > 1 and not all(got_grad):
+            break  # parameters without a gradient fail at every learning rate: no need to try others
+
+    no_grad = [(n, p) for (n, p), flag in zip(trainable, got_grad, strict=True) if not flag] if loss_has_graph else []
+    if not attempts[0].steps:  # never got to a backward: nothing known about gradients
+        no_grad = []
+    return OverfitEvidence(
+        attempts=tuple(attempts),
+        no_grad_params=tuple(n for n, _ in no_grad),
+        no_grad_numel=sum(p.numel() for _, p in no_grad),
+        loss_has_graph=loss_has_graph,
+        **common,  # type: ignore[arg-type]
+    )
+
+
+def _note_gradients(params: list[nn.Parameter], got_grad: list[bool]) -> None:
+    pending = [i for i, flag in enumerate(got_grad) if not flag]
+    checks = [(i, params[i].grad) for i in pending if params[i].grad is not None]
+    if not checks:
+        return
+    nonzero = torch.stack([g.detach().ne(0).any() for _, g in checks]).tolist()
+    for (i, _), flag in zip(checks, nonzero, strict=True):
+        got_grad[i] = got_grad[i] or bool(flag)
+
+
+def _grad_norm(params: list[nn.Parameter]) -> Tensor | None:
+    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return torch.stack(grads).norm() if grads else None
+
+
+# -- reading predictions as labels ----------------------------------------------------------------------
+
+
+def decode_predictions(outputs: Tensor, targets: Tensor) -> Decoded | None:
+    """Predicted vs true labels when ``targets`` are class labels, else ``None`` (regression, unknown).
+
+    Integer targets: outputs ``(N, C)`` / ``(N, T, C)`` (class last), ``(N, C, H, W)`` (class on dim 1),
+    or flattened ``(N*T, V)``; entries below 0 (``ignore_index``) are left out. Same-shape outputs with
+    0/1 targets: binary or multilabel, thresholded at 0 for logits or 0.5 for probabilities. Float one-hot
+    targets: argmax against argmax.
+    """
+    outputs = outputs.detach().float()
+    if outputs.ndim == 0:
+        return None
+    if targets.is_floating_point():
+        if not _is_binary(targets):
+            return None
+        if outputs.shape == targets.shape and targets.ndim >= 2 and _is_one_hot(targets):
+            return Decoded("multiclass", outputs.argmax(-1).flatten(), targets.argmax(-1).flatten())
+        return _binary(outputs, targets)
+    if targets.dtype == torch.bool:
+        return _binary(outputs, targets)
+    targets = targets.long()
+    class_dim = _class_dim(outputs, targets)
+    if class_dim is not None:
+        predicted = outputs.argmax(class_dim).flatten()
+        labels = targets.flatten()
+    elif outputs.ndim == 2 and outputs.shape[0] == targets.numel() and outputs.shape[1] > 1:
+        predicted, labels = outputs.argmax(-1), targets.flatten()
+    elif outputs.numel() == targets.numel() and targets.numel() > 0 and _is_binary(targets):
+        return _binary(outputs, targets)
+    else:
+        return None
+    keep = labels >= 0
+    return Decoded("multiclass", predicted[keep], labels[keep])
+
+
+def looks_like_probabilities(outputs: Tensor, targets: Tensor) -> bool:
+    """Whether class outputs are already probabilities: in [0, 1] and summing to 1 over the class dim."""
+    outputs = outputs.detach().float()
+    if targets.is_floating_point() or outputs.ndim == 0:
+        return False
+    dim = _class_dim(outputs, targets.long())
+    if dim is None:
+        if outputs.ndim == 2 and outputs.shape[0] == targets.numel():
+            dim = -1
+        else:
+            return False
+    in_range = bool(outputs.min() >= 0) and bool(outputs.max() <= 1)
+    return in_range and bool(torch.allclose(outputs.sum(dim), torch.ones(()), atol=1e-3))
+
+
+def _class_dim(outputs: Tensor, targets: Tensor) -> int | None:
+    if outputs.ndim != targets.ndim + 1 or outputs.numel() == 0:
+        return None
+    for dim in (-1, 1):
+        reduced = list(outputs.shape)
+        del reduced[dim]
+        if tuple(reduced) == tuple(targets.shape) and outputs.shape[dim] > 1:
+            return dim
+    return None
+
+
+def _is_binary(targets: Tensor) -> bool:
+    return targets.numel() > 0 and bool(((targets == 0) | (targets == 1)).all())
+
+
+def _is_one_hot(targets: Tensor) -> bool:
+    return bool((targets.sum(-1) == 1).all())
+
+
+def _binary(outputs: Tensor, targets: Tensor) -> Decoded | None:
+    if outputs.numel() != targets.numel():
+        return None
+    outputs = outputs.reshape(targets.shape)
+    probabilities = bool(outputs.min() >= 0) and bool(outputs.max() <= 1)
+    threshold = 0.5 if probabilities else 0.0
+    return Decoded("binary", (outputs > threshold).long().flatten(), targets.long().flatten())

@@ -1,0 +1,351 @@
+"""OverfitOneBatch: the diagnostic on plain modules where the answer is known, then the callback through a
+real Trainer (side effects, verdicts, TensorBoard, arguments, DDP)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import lightning.pytorch as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+
+from lightning_recipe import CheckStatus, OverfitOneBatch, RecipeCheckError, RecipeWarning
+from lightning_recipe.diagnostics.overfit import decode_predictions, looks_like_probabilities, overfit_batch
+from lightning_recipe.diagnostics.state import TrainingState
+from tests.ddp import run_ddp
+from tests.models import MLPClassifier, cluster_data, loader, trainer
+
+# -- the diagnostic on plain modules ---------------------------------------------------------------
+
+
+def _points(n=4, in_dim=3, classes=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, in_dim, generator=g), torch.arange(n) % classes
+
+
+def _run(model, loss_fn, predict=None, targets=None, **kwargs):
+    state = TrainingState.capture(model)
+    labels = None if predict is None else (lambda: decode_predictions(predict(), targets))
+    return overfit_batch(model.named_parameters(), loss_fn, reset=state.restore, labels=labels, **kwargs)
+
+
+def test_a_linear_model_overfits_four_points_quickly():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    x, y = _points()
+    ev = _run(model, lambda: F.cross_entropy(model(x), y), lambda: model(x), y)
+    assert ev.passed
+    fit = ev.decisive
+    assert fit.reached and fit.stop == "fit" and fit is ev.attempts[-1]  # the search ends at the first fit
+    assert fit.final_loss <= 0.1 * ev.start_loss
+    assert fit.correct == fit.total == 4
+    assert ev.total_steps < 300
+    assert ev.no_grad_params == () and ev.frozen_params == ()
+
+
+class Detached(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(3, 8), nn.ReLU())
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.trunk(x).detach())
+
+
+def test_detach_in_the_middle_reports_the_trunk_as_getting_no_gradient():
+    torch.manual_seed(0)
+    model = Detached()
+    x, y = _points()
+    ev = _run(model, lambda: F.cross_entropy(model(x), y), lambda: model(x), y)
+    assert not ev.passed
+    assert ev.no_grad_params == ("trunk.0.weight", "trunk.0.bias")
+    assert len(ev.attempts) == 1  # no gradient fails at every lr: the others are not tried
+
+
+def test_frozen_parameters_are_listed_apart_from_no_gradient():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
+    model[0].requires_grad_(False)
+    x, y = _points()
+    ev = _run(model, lambda: F.cross_entropy(model(x), y), lambda: model(x), y)
+    assert ev.frozen_params == ("0.weight", "0.bias")
+    assert ev.no_grad_params == ()
+    assert ev.trainable_params == ("2.weight", "2.bias")
+
+
+def test_double_softmax_stops_at_a_floor_with_every_label_right():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 4)
+    x, y = _points(classes=4)
+    ev = _run(model, lambda: F.cross_entropy(model(x).softmax(-1), y), lambda: model(x).softmax(-1), y)
+    assert not ev.passed
+    best = ev.decisive
+    assert best.all_match
+    # softmax outputs are in [0, 1]: cross-entropy over them cannot go below log(1 + 3/e) = 0.74
+    assert best.best_loss >= math.log(1 + 3 / math.e) - 1e-3
+    assert [a.lr for a in ev.attempts] == [3e-3, 3e-2, 3e-4]
+    assert looks_like_probabilities(model(x).softmax(-1), y)
+    assert not looks_like_probabilities(model(x), y)
+
+
+def test_clamped_output_cannot_reach_the_targets_and_has_zero_gradient():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    x = _points()[0]
+    target = torch.full((4, 1), 5.0) + torch.randn(4, 1)
+    ev = _run(model, lambda: F.mse_loss(model(x).clamp(-1, 1), target))
+    assert not ev.passed
+    best = ev.decisive
+    assert best.lr == 3e-2 and best.stop == "plateau"  # stuck at the clamp: stopped early, not at 200 steps
+    assert best.steps < 200
+    assert best.best_loss > 0.5 * ev.start_loss
+    assert best.final_grad_norm == 0.0
+
+
+def test_nan_loss_is_reported_with_its_step():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    x, y = _points()
+    calls = {"n": 0}
+
+    def loss_fn():
+        calls["n"] += 1
+        loss = F.cross_entropy(model(x), y)
+        return loss * float("nan") if calls["n"] % 100 == 8 else loss
+
+    ev = _run(model, loss_fn, lambda: model(x), y, lrs=(1e-4,), max_steps=50)
+    assert not ev.passed
+    assert ev.attempts[0].stop == "nonfinite"
+    assert ev.attempts[0].nonfinite_step == 7
+
+
+def test_loss_without_a_graph_is_reported():
+    model = nn.Linear(3, 2)
+    x, y = _points()
+    ev = _run(model, lambda: F.cross_entropy(model(x).detach(), y))
+    assert not ev.passed and not ev.loss_has_graph
+
+
+@pytest.mark.parametrize(
+    ("outputs", "targets", "task", "total"),
+    [
+        (torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), "multiclass", 4),
+        (torch.randn(4, 5, 3), torch.randint(0, 3, (4, 5)), "multiclass", 20),
+        (torch.randn(20, 7), torch.randint(0, 7, (4, 5)), "multiclass", 20),  # flattened (N*T, V)
+        (torch.randn(2, 3, 4, 4), torch.randint(0, 3, (2, 4, 4)), "multiclass", 32),  # segmentation
+        (torch.randn(4, 5), (torch.randn(4, 5) > 0).float(), "binary", 20),  # multilabel logits
+        (torch.randn(4, 1), torch.tensor([0.0, 1.0, 1.0, 0.0]), "binary", 4),
+        (torch.randn(4, 3), F.one_hot(torch.tensor([0, 1, 2, 0]), 3).float(), "multiclass", 4),
+        (torch.randn(4, 3), torch.tensor([0, -100, 2, 0]), "multiclass", 3),  # ignore_index left out
+    ],
+)
+def test_predictions_are_decoded_as_labels(outputs, targets, task, total):
+    decoded = decode_predictions(outputs, targets)
+    assert decoded is not None and decoded.task == task and decoded.total == total
+
+
+def test_regression_targets_have_no_labels_and_probabilities_use_half_threshold():
+    assert decode_predictions(torch.randn(4, 1), torch.randn(4, 1) * 3) is None
+    probs = decode_predictions(torch.tensor([0.2, 0.7, 0.9]), torch.tensor([0.0, 1.0, 1.0]))
+    assert probs.correct == 3
+
+
+# -- models for the callback (module level: the DDP test imports them) ------------------------------
+
+
+class BatchNormDropoutMLP(MLPClassifier):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 4))
+
+
+class DoubleSoftmax(MLPClassifier):
+    def forward(self, x):
+        return self.net(x).softmax(-1)
+
+
+class DetachedTrunk(MLPClassifier):
+    def forward(self, x):
+        return self.net[2](self.net[1](self.net[0](x)).detach())
+
+
+class FrozenLayers(MLPClassifier):
+    """Meant to freeze a backbone; froze every weight, so only the biases can learn."""
+
+    def __init__(self):
+        super().__init__()
+        for name, p in self.named_parameters():
+            if name.endswith("weight"):
+                p.requires_grad_(False)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+
+
+class TinyLearningRate(MLPClassifier):
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-9)
+
+
+class ManualOptimization(MLPClassifier):
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        loss = F.cross_entropy(self(batch[0]), batch[1])
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+
+
+def _fit(model, check=None, steps=5, tmp_path=None, **trainer_kwargs):
+    callbacks = [] if check is None else [check]
+    t = trainer(tmp_path, max_steps=steps, callbacks=callbacks, deterministic=True, **trainer_kwargs)
+    t.fit(model, loader(cluster_data(), shuffle=True))
+    return t
+
+
+def _seeded_final_state(model_cls, check):
+    L.seed_everything(0, workers=True)
+    model = model_cls()
+    t = _fit(model, check)
+    return copy.deepcopy(model.state_dict()), copy.deepcopy(t.optimizers[0].state_dict())
+
+
+@pytest.mark.parametrize("model_cls", [MLPClassifier, BatchNormDropoutMLP])
+def test_healthy_model_passes_and_training_afterwards_is_bit_identical(model_cls):
+    check = OverfitOneBatch()
+    plain_model, plain_opt = _seeded_final_state(model_cls, None)
+    checked_model, checked_opt = _seeded_final_state(model_cls, check)
+    assert check.result.status is CheckStatus.PASSED, check.result.summary
+    assert "Fitted 4 examples" in check.result.summary
+    details = check.result.details
+    assert details["final_loss"] <= 0.1 * details["start_loss"]
+    assert details["accuracy"] == 1.0
+    assert details["no_grad_params"] == [] and details["frozen_params"] == []
+    assert 1 <= len(details["loss_curve"]) <= 50
+    for key, value in plain_model.items():
+        assert torch.equal(value, checked_model[key]), key
+    for (_, a), (_, b) in zip(plain_opt["state"].items(), checked_opt["state"].items(), strict=True):
+        for name in a:
+            assert torch.equal(torch.as_tensor(a[name]), torch.as_tensor(b[name])), name
+
+
+def test_the_users_optimizer_and_learning_rate_do_not_matter():
+    torch.manual_seed(0)
+    check = OverfitOneBatch()
+    _fit(TinyLearningRate(), check, steps=1)
+    assert check.result.status is CheckStatus.PASSED, check.result.summary
+
+
+def test_double_softmax_fails_naming_the_floor_and_the_fix():
+    torch.manual_seed(0)
+    model = DoubleSoftmax()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(RecipeCheckError, match="floor") as info:
+        _fit(model, OverfitOneBatch())
+    result = info.value.result
+    assert "softmax a second time" in result.summary
+    assert "Remove the `.softmax()`" in result.hint
+    assert result.details["accuracy"] == 1.0
+    assert result.details["best_loss"] > 0.5 * result.details["start_loss"]
+    assert result.details["lrs_tried"] == [3e-3, 3e-2, 3e-4]
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_detached_trunk_fails_naming_the_parameters_without_gradient():
+    torch.manual_seed(0)
+    with pytest.raises(RecipeCheckError, match=r"never received a gradient: net\.0\.weight, net\.0\.bias") as info:
+        _fit(DetachedTrunk(), OverfitOneBatch())
+    assert ".detach()" in info.value.result.hint
+    assert info.value.result.details["no_grad_params"] == ["net.0.weight", "net.0.bias"]
+
+
+def test_frozen_weights_fail_and_are_named():
+    torch.manual_seed(0)
+    with pytest.raises(RecipeCheckError, match=r"frozen \(requires_grad=False\): net\.0\.weight") as info:
+        _fit(FrozenLayers(), OverfitOneBatch())
+    assert info.value.result.details["frozen_params"] == ["net.0.weight", "net.2.weight"]
+    assert "requires_grad_(True)" in info.value.result.hint
+
+
+def test_failure_with_warn_emits_a_recipe_warning_and_training_goes_on():
+    torch.manual_seed(0)
+    with pytest.warns(RecipeWarning, match="OverfitOneBatch: FAILED"):
+        t = _fit(DoubleSoftmax(), OverfitOneBatch(on_fail="warn"), steps=3)
+    assert t.global_step == 3
+
+
+def test_manual_optimization_is_skipped_with_the_reason():
+    torch.manual_seed(0)
+    check = OverfitOneBatch()
+    _fit(ManualOptimization(), check, steps=1)
+    assert check.result.status is CheckStatus.SKIPPED
+    assert "manual optimization" in check.result.summary
+
+
+def test_loss_curve_and_figures_are_logged_to_tensorboard(tmp_path):
+    torch.manual_seed(0)
+    check = OverfitOneBatch()
+    t = _fit(MLPClassifier(), check, steps=1, tmp_path=tmp_path, logger=TensorBoardLogger(tmp_path))
+    t.logger.experiment.flush()
+    events = EventAccumulator(t.logger.log_dir, size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"recipe/overfit_one_batch/loss_curve", "recipe/overfit_one_batch/predictions"} <= set(tags["images"])
+    losses = events.Scalars("recipe/overfit_one_batch/loss")
+    assert [e.step for e in losses] == list(range(check.result.details["steps"] + 1))
+    assert losses[0].value == pytest.approx(check.result.details["start_loss"], rel=1e-5)
+    assert losses[-1].value == pytest.approx(check.result.details["final_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_examples": 1}, r"Expected `num_examples` to be an integer >= 2, but got 1"),
+        ({"max_steps": 0}, r"Expected `max_steps` to be an integer >= 1, but got 0"),
+        ({"loss_fraction": 1.5}, r"Expected `loss_fraction` to be a number in the \(0, 1\) range"),
+        ({"lr": -1.0}, r"Expected `lr` to be a positive number, but got -1.0"),
+        ({"lrs": []}, r"Expected `lrs` to be a non-empty sequence of positive numbers"),
+        ({"on_fail": "ignore"}, r"Expected `on_fail` to be one of \['raise', 'warn'\]"),
+    ],
+)
+def test_bad_arguments_are_refused_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        OverfitOneBatch(**kwargs)
+
+
+def test_lr_argument_tries_exactly_that_learning_rate():
+    torch.manual_seed(0)
+    check = OverfitOneBatch(lr=1e-2, on_fail="warn")
+    _fit(MLPClassifier(), check, steps=1)
+    assert check.result.details["lrs_tried"] == [1e-2]
+
+
+def test_ddp_healthy_passes_on_both_ranks(tmp_path):
+    code, ranks, output = run_ddp(
+        tmp_path, "tests.models:MLPClassifier", "tests.models:cluster_loader", "OverfitOneBatch"
+    )
+    assert code == 0, output
+    assert sorted(ranks) == [0, 1]
+    assert all(r["result"]["status"] == "passed" and r["error"] is None for r in ranks.values()), output
+
+
+def test_ddp_double_softmax_fails_on_both_ranks_without_hanging(tmp_path):
+    code, ranks, output = run_ddp(
+        tmp_path, "tests.test_overfit:DoubleSoftmax", "tests.models:cluster_loader", "OverfitOneBatch"
+    )
+    assert code != 0
+    assert sorted(ranks) == [0, 1], output
+    assert all(r["error"] == "RecipeCheckError" and r["global_step"] == 0 for r in ranks.values()), output
+    assert ranks[0]["result"]["summary"] == ranks[1]["result"]["summary"]
+    assert "softmax a second time" in ranks[0]["result"]["summary"]
