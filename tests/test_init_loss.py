@@ -1,0 +1,457 @@
+"""InitLossCheck: the references on tensors with known answers, then the check through a real Trainer."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_recipe import CheckStatus, InitLossCheck, RecipeCheckError, RecipeWarning
+from lightning_recipe.diagnostics.init_loss import (
+    TaskNotInferred,
+    assess,
+    choose_view,
+    output_stats,
+    references,
+    standard_loss,
+    task_views,
+)
+from tests.ddp import run_ddp
+from tests.models import MLPClassifier, cluster_data, loader, trainer
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)  # model inits in these tests are built after this
+
+
+# -- the references on tensors ----------------------------------------------------------------------
+
+
+def _view(outputs, targets, **kwargs):
+    return choose_view(task_views(outputs, targets, **kwargs))
+
+
+def test_uniform_logits_over_c_classes_cost_exactly_ln_c():
+    for classes in (2, 5, 100):
+        view = _view(torch.zeros(40, classes), torch.arange(40) % classes)
+        assert references(view).chance == pytest.approx(math.log(classes))
+        assert float(standard_loss(view)) == pytest.approx(math.log(classes))
+        stats = output_stats(view)
+        assert stats["mean_entropy"] == pytest.approx(math.log(classes))
+        assert stats["logit_std"] == 0
+
+
+def test_prior_optimal_is_the_entropy_of_the_label_prior():
+    labels = torch.tensor([0, 0, 0, 1] * 5)  # p = (0.75, 0.25, 0)
+    refs = references(_view(torch.zeros(20, 3), labels))
+    assert refs.prior == pytest.approx([0.75, 0.25, 0.0])
+    assert refs.prior_optimal == pytest.approx(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
+    assert refs.imbalance == pytest.approx(math.log(3) - refs.prior_optimal)
+
+
+def test_log_prior_bias_reproduces_the_prior_optimal_cross_entropy():
+    labels = torch.tensor([0] * 14 + [1] * 4 + [2] * 2)
+    view = _view(torch.zeros(20, 3), labels)
+    refs = references(view)
+    constant = torch.tensor(refs.suggested_bias).expand(20, 3)
+    assert refs.suggested_bias == pytest.approx([math.log(0.7), math.log(0.2), math.log(0.1)])
+    assert float(F.cross_entropy(constant, labels)) == pytest.approx(refs.prior_optimal, rel=1e-6)
+
+
+def test_log_odds_bias_reproduces_the_prior_optimal_bce_and_chance_is_ln_2():
+    y = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0], [0.0, 1.0]] * 5)  # p = (0.25, 0.5)
+    view = _view(torch.zeros(20, 2), y)
+    assert (view.task, view.loss_kind) == ("multilabel", "bce")
+    refs = references(view)
+    assert refs.chance == pytest.approx(math.log(2))
+    assert refs.suggested_bias == pytest.approx([math.log(0.25 / 0.75), 0.0], abs=1e-6)
+    constant = torch.tensor(refs.suggested_bias, dtype=torch.float32).expand(20, 2)
+    assert float(F.binary_cross_entropy_with_logits(constant, y)) == pytest.approx(refs.prior_optimal, rel=1e-5)
+
+
+def test_regression_references_are_second_moment_variance_and_mean():
+    y = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    mse = choose_view(task_views(torch.zeros(4), y, regression_loss="mse"))
+    refs = references(mse)
+    assert refs.chance == pytest.approx((1 + 4 + 9 + 36) / 4)
+    assert refs.prior_optimal == pytest.approx(float(y.var(unbiased=False)))
+    assert refs.suggested_bias == pytest.approx([3.0])
+    l1 = references(choose_view(task_views(torch.zeros(4), y, regression_loss="l1")))
+    assert l1.chance == pytest.approx(3.0)
+    # torch's median of an even count is the lower middle value (2.0): |1-2|+0+1+4 over 4
+    assert l1.prior_optimal == pytest.approx(6 / 4)
+
+
+def test_measured_loss_tells_mse_from_l1():
+    y = 50 + torch.randn(64, generator=torch.Generator().manual_seed(0))
+    views = task_views(torch.zeros(64), y)
+    assert choose_view(views, measured=float((y**2).mean())).loss_kind == "mse"
+    assert choose_view(views, measured=float(y.abs().mean())).loss_kind == "l1"
+    assert choose_view(views, measured=1.05).loss_kind == "mse"  # near the variance: MSE with a good bias
+
+
+@pytest.mark.parametrize(
+    ("outputs", "targets", "task", "width", "rows"),
+    [
+        (torch.zeros(6, 4), torch.arange(6) % 4, "multiclass", 4, 6),
+        (torch.zeros(2, 5, 7), torch.arange(10).reshape(2, 5) % 7, "multiclass", 7, 10),  # (N, T, C)
+        (torch.zeros(2, 3, 4, 4), torch.arange(32).reshape(2, 4, 4) % 3, "multiclass", 3, 32),  # (N, C, H, W)
+        (torch.zeros(10, 9), torch.arange(10).reshape(2, 5) % 9, "multiclass", 9, 10),  # (N*T, V) vs (N, T)
+        (torch.zeros(8), torch.tensor([0.0, 1.0] * 4), "binary", 1, 8),
+        (torch.zeros(8, 1), torch.tensor([0, 1] * 4), "binary", 1, 8),
+        (torch.zeros(8, 3), (torch.arange(24).reshape(8, 3) % 2).float(), "multilabel", 3, 8),
+        (torch.zeros(8, 2), torch.randn(8, 2), "regression", 2, 8),
+        (torch.zeros(8, 1), torch.randn(8), "regression", 1, 8),
+    ],
+)
+def test_task_inferred_from_each_shape_family(outputs, targets, task, width, rows):
+    view = task_views(outputs, targets)[0]
+    assert (view.task, view.width, view.rows) == (task, width, rows)
+
+
+def test_ignore_index_positions_are_left_out():
+    targets = torch.tensor([[1, 2, -100, -100], [0, -100, 3, 1]])
+    view = task_views(torch.zeros(8, 4), targets)[0]  # flattened LM logits
+    assert view.rows == 5
+    assert view.targets.tolist() == [1, 2, 0, 3, 1]
+
+
+def test_explicit_task_that_does_not_fit_the_shapes_is_explained():
+    with pytest.raises(TaskNotInferred, match=r"task='regression'.*\(6, 4\).*`expected=`"):
+        task_views(torch.zeros(6, 4), torch.arange(6) % 4, task="regression")
+
+
+def test_assess_thresholds_for_cross_entropy():
+    refs = references(_view(torch.zeros(40, 4), torch.arange(40) % 4))
+    ln4 = math.log(4)
+    assert assess(ln4 + 0.9, "cross_entropy", refs).ok  # default init on roughly standardised inputs
+    assert assess(ln4 + 1.1, "cross_entropy", refs).reason == "above_chance"
+    assert assess(0.2, "cross_entropy", refs).reason == "below_prior"
+    assert assess(0.2, "cross_entropy", refs, expected=0.2).ok
+
+
+# -- the check through a real Trainer ---------------------------------------------------------------
+
+
+class InitClassifier(MLPClassifier):
+    """An MLP classifier whose final layer is scaled or biased at init."""
+
+    def __init__(self, in_dim: int = 8, classes: int = 4, scale: float = 1.0, bias=None, loss_scale: float = 1.0):
+        super().__init__(in_dim=in_dim, classes=classes)
+        self.loss_scale = loss_scale
+        with torch.no_grad():
+            self.net[2].weight.mul_(scale)
+            if bias is not None:
+                self.net[2].bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = self.loss_scale * F.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+
+class LeakyClassifier(MLPClassifier):
+    """The one-hot label rides along in the input, and the model reads it with a strong weight."""
+
+    def forward(self, x):
+        return self.net(x[:, :8]) + 100.0 * x[:, 8:]
+
+
+class NoLossClassifier(MLPClassifier):
+    def training_step(self, batch, batch_idx):
+        return None
+
+
+class ManualClassifier(MLPClassifier):
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+
+
+class Regressor(L.LightningModule):
+    def __init__(self, bias: float | None = None):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 1))
+        if bias is not None:
+            nn.init.constant_(self.net[2].bias, bias)
+
+    def forward(self, x):
+        return self.net(x).squeeze(-1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+
+class Tagger(L.LightningModule):
+    """Per-position classification: (N, T) tokens in, (N, T, C) logits out."""
+
+    def __init__(self, vocab: int = 12, classes: int = 5):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, 16)
+        self.rnn = nn.LSTM(16, 16, batch_first=True)
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, tokens):
+        return self.head(self.rnn(self.embed(tokens))[0])
+
+    def training_step(self, batch, batch_idx):
+        tokens, tags = batch
+        logits = self(tokens)
+        return F.cross_entropy(logits.flatten(0, 1), tags.flatten(), ignore_index=-100)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+class MultilabelNet(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 5))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.binary_cross_entropy_with_logits(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+PRIORS = [0.7, 0.1, 0.1, 0.1]
+
+
+def imbalanced_loader() -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    y = torch.multinomial(torch.tensor(PRIORS), 256, replacement=True, generator=g)
+    x = torch.randn(256, 8, generator=g) + F.one_hot(y, 8).float()
+    return loader(TensorDataset(x, y), shuffle=False)
+
+
+def regression_loader() -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 6, generator=g)
+    y = 50.0 + x @ torch.randn(6, generator=g) * 0.5
+    return loader(TensorDataset(x, y), shuffle=False)
+
+
+def raw_inputs_loader() -> DataLoader:
+    data = cluster_data()
+    return loader(TensorDataset(data.tensors[0] * 1000, data.tensors[1]))
+
+
+def leaky_loader() -> DataLoader:
+    x, y = cluster_data().tensors
+    return loader(TensorDataset(torch.cat([x, F.one_hot(y, 4).float()], 1), y))
+
+
+def tagging_loader() -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 12, (64, 10), generator=g)
+    tags = tokens % 5
+    tags[:, -2:] = -100  # padding
+    return loader(TensorDataset(tokens, tags))
+
+
+def multilabel_loader() -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(128, 8, generator=g)
+    return loader(TensorDataset(x, (x[:, :5] > 0).float()))
+
+
+def _run(model, data, steps: int = 1, **check_kwargs):
+    torch.manual_seed(0)
+    check = InitLossCheck(**check_kwargs)
+    t = trainer(max_steps=steps, callbacks=[check])
+    t.fit(model, data)
+    return check, t
+
+
+def _fails(model, data, **check_kwargs):
+    with pytest.raises(RecipeCheckError) as info:
+        _run(model, data, **check_kwargs)
+    return info.value.result
+
+
+def test_healthy_mlp_passes_with_logit_statistics_in_details():
+    check, t = _run(MLPClassifier(), loader(cluster_data()), steps=2)
+    result = check.result
+    assert result.status is CheckStatus.PASSED, result.format()
+    d = result.details
+    assert d["task"] == "multiclass" and d["num_classes"] == 4 and d["batches"] == 4
+    assert d["chance_loss"] == pytest.approx(math.log(4))
+    assert d["loss_source"] == "training_step"
+    assert 0 < d["logit_std"] < 1 and d["mean_entropy"] <= d["max_entropy"]
+    assert result.summary.startswith(f"measured {d['measured_loss']:.4g} vs expected ~1.386 (chance: ln 4)")
+    assert t.global_step == 2
+
+
+def test_huge_final_layer_init_fails_naming_the_final_layer():
+    result = _fails(InitClassifier(scale=100.0), loader(cluster_data()))
+    assert result.details["reason"] == "above_chance"
+    assert "final layer `net.2`" in result.hint and "0.01" in result.hint
+    assert "far above chance" in result.summary
+
+
+def test_unnormalised_inputs_fail_saying_normalise():
+    result = _fails(MLPClassifier(), raw_inputs_loader())
+    assert "normalise inputs to zero mean and unit variance" in result.hint
+
+
+def test_large_final_bias_fails_saying_bias():
+    result = _fails(InitClassifier(bias=[10.0, 0.0, 0.0, -10.0]), loader(cluster_data()))
+    assert "bias" in result.hint and "too large" in result.hint
+
+
+def test_label_leak_is_far_below_prior_optimal_and_says_how_a_pretrained_model_opts_out():
+    result = _fails(LeakyClassifier(in_dim=8), leaky_loader())
+    assert result.details["reason"] == "below_prior"
+    assert "below the prior-optimal" in result.summary
+    assert "leak" in result.hint and "expected=" in result.hint and 'on_fail="warn"' in result.hint
+
+
+def test_imbalanced_classes_with_log_prior_bias_pass_below_chance():
+    check, _ = _run(InitClassifier(bias=[math.log(p) for p in PRIORS]), imbalanced_loader())
+    d = check.result.details
+    assert check.result.status is CheckStatus.PASSED, check.result.format()
+    assert d["measured_loss"] < d["chance_loss"] - 0.3
+    assert d["measured_loss"] == pytest.approx(d["prior_optimal_loss"], abs=0.15)
+    assert check.result.hint is None
+
+
+def test_imbalanced_classes_with_zero_bias_pass_with_the_exact_log_priors_in_the_hint():
+    # calibration: an imbalanced prior the bias does not express is advice, not a failure
+    check, _ = _run(InitClassifier(bias=[0.0] * 4), imbalanced_loader())
+    result = check.result
+    assert result.status is CheckStatus.PASSED
+    bias = result.details["suggested_final_bias"]
+    prior = result.details["prior"]
+    assert bias == pytest.approx([math.log(p) for p in prior])
+    assert prior[0] == pytest.approx(0.7, abs=0.08)
+    assert "log class priors [" + ", ".join(f"{b:.4g}" for b in bias) + "]" in result.hint
+
+
+def test_regression_with_mean_50_targets_and_no_bias_fails_with_the_bias_value():
+    result = _fails(Regressor(), regression_loader())
+    mean = result.details["suggested_final_bias"][0]
+    assert mean == pytest.approx(50.0, abs=0.3)
+    assert result.details["reason"] == "target_offset"
+    assert f"Set the final bias to {mean:.4g}" in result.hint
+
+
+def test_regression_with_the_mean_as_bias_passes():
+    check, _ = _run(Regressor(bias=50.0), regression_loader())
+    assert check.result.status is CheckStatus.PASSED, check.result.format()
+    assert check.result.details["loss_kind"] == "mse"
+
+
+def test_per_position_sequence_model_with_padding_passes():
+    check, _ = _run(Tagger(), tagging_loader())
+    d = check.result.details
+    assert check.result.status is CheckStatus.PASSED, check.result.format()
+    assert d["task"] == "multiclass" and d["num_classes"] == 5 and d["rows"] == 64 * 8 and d["batches"] == 2
+
+
+def test_multilabel_bce_chance_is_ln_2():
+    check, _ = _run(MultilabelNet(), multilabel_loader())
+    d = check.result.details
+    assert check.result.status is CheckStatus.PASSED, check.result.format()
+    assert (d["task"], d["num_classes"]) == ("multilabel", 5)
+    assert d["chance_loss"] == pytest.approx(math.log(2))
+
+
+def test_expected_overrides_the_reference_for_a_custom_loss():
+    scaled = 10 * math.log(4)
+    result = _fails(InitClassifier(scale=0.1, loss_scale=10.0), loader(cluster_data()))
+    assert result.details["reason"] == "above_chance"
+    check, _ = _run(InitClassifier(scale=0.1, loss_scale=10.0), loader(cluster_data()), expected=scaled)
+    assert check.result.status is CheckStatus.PASSED, check.result.format()
+    assert "(`expected=`)" in check.result.summary
+
+
+def test_bad_arguments_are_refused_with_the_choices():
+    with pytest.raises(ValueError, match=r"`task` to be one of \['auto', 'multiclass', 'binary', 'multilabel'"):
+        InitLossCheck(task="classification")
+    with pytest.raises(ValueError, match=r"`regression_loss` to be one of"):
+        InitLossCheck(regression_loss="huber")
+    with pytest.raises(ValueError, match=r"`expected` to be a finite number"):
+        InitLossCheck(expected=float("nan"))
+
+
+def test_on_fail_warn_lets_training_go_on():
+    with pytest.warns(RecipeWarning, match="far above chance"):
+        check, t = _run(InitClassifier(scale=100.0), loader(cluster_data()), steps=3, on_fail="warn")
+    assert check.result.status is CheckStatus.FAILED
+    assert t.global_step == 3
+
+
+@pytest.mark.filterwarnings("ignore:.*training_step. returned .None")
+def test_training_step_returning_none_is_skipped():
+    check, _ = _run(NoLossClassifier(), loader(cluster_data()))
+    assert check.result.status is CheckStatus.SKIPPED
+    assert "returned no loss" in check.result.summary
+
+
+def test_manual_optimization_uses_the_inferred_loss_without_calling_training_step():
+    model = ManualClassifier()
+    check, _ = _run(model, loader(cluster_data()))
+    assert check.result.status is CheckStatus.PASSED, check.result.format()
+    assert check.result.details["loss_source"] == "inferred"
+
+
+def test_non_finite_loss_fails_saying_where_the_nan_is():
+    x, y = cluster_data().tensors
+    x = x.clone()
+    x[3, 2] = float("nan")
+    result = _fails(MLPClassifier(), loader(TensorDataset(x, y), shuffle=False))
+    assert "non-finite" in result.summary and "inputs contain NaN" in result.hint
+
+
+@pytest.mark.filterwarnings("ignore:.*has no TensorBoardLogger")
+def test_scalars_are_logged_under_recipe_init_loss_check(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    torch.manual_seed(0)
+    check = InitLossCheck()
+    logger = CSVLogger(tmp_path)
+    trainer(max_steps=1, callbacks=[check], logger=logger).fit(MLPClassifier(), loader(cluster_data()))
+    logger.save()
+    text = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
+    for tag in ("measured_loss", "chance_loss", "prior_optimal_loss", "logit_std"):
+        assert f"recipe/init_loss_check/{tag}" in text
+
+
+def test_ddp_same_verdict_on_both_ranks(tmp_path):
+    (tmp_path / "ok").mkdir()
+    (tmp_path / "bad").mkdir()
+    code, ranks, output = run_ddp(tmp_path / "ok", "tests.models:MLPClassifier", "tests.models:cluster_loader",
+                                  "InitLossCheck")
+    assert code == 0, output
+    assert {r["result"]["status"] for r in ranks.values()} == {"passed"} and len(ranks) == 2
+
+    code, ranks, output = run_ddp(tmp_path / "bad", "tests.test_init_loss:InitClassifier",
+                                  "tests.models:cluster_loader", "InitLossCheck", model_kwargs={"scale": 100.0})
+    assert code != 0 and len(ranks) == 2, output
+    assert {r["error"] for r in ranks.values()} == {"RecipeCheckError"}
+    assert len({r["result"]["summary"] for r in ranks.values()}) == 1
+    assert all(r["global_step"] == 0 for r in ranks.values())
