@@ -1,0 +1,638 @@
+"""Charting dependencies with backprop: does the output of one example depend on the input of another
+(a batch leak), and does the output at time ``t`` depend on inputs after ``t`` (a causality leak)?
+
+The recipe's trick is to set the loss to the outputs of example ``i`` and look for gradient on the inputs
+of any other example. Done naively that is one backward pass per example; here every pair is covered in
+``2 * ceil(log2 B)`` passes by grouping:
+
+* **Batch passes.** For each bit ``b`` of the example index, one pass takes as source the outputs of the
+  examples whose bit ``b`` is 1, one pass those whose bit is 0. Any two examples ``i != j`` differ in some
+  bit, so there is a pass with ``i`` a source and ``j`` not: a dependency of output ``i`` on input ``j``
+  shows up as gradient on a non-source example. The source outputs are weighted with fixed random
+  numbers, so dependencies cannot cancel (a plain sum of a softmax over the batch has zero gradient).
+  Only when a leak shows up, one targeted pass per suspect output example (bounded) names the exact pairs.
+* **Layer where the mixing starts.** Forward hooks keep the output of every leaf module; a binary search
+  over them in execution order (one pass each, ``O(log M)``) finds the first whose row for example ``i``
+  already depends on another example's input.
+* **Causal passes.** Once examples are known to be independent, each example can carry its own cut: in one
+  pass example ``e`` takes as source its outputs at positions ``<= c_e`` and any gradient at its input
+  positions ``> c_e`` is a violation. ``B`` cuts per pass, ``ceil((T - 1) / B)`` passes (bounded; the cuts
+  are then spread over the sequence). Targeted passes from single positions name the offending pairs.
+
+The model runs in eval mode (BatchNorm uses running statistics and is per example; dropout is off), in its
+own dtype. Integer token inputs carry no gradient, so they are probed at the output of the ``nn.Embedding``
+that reads them. "Non-zero" is relative, per probed tensor: gradient on an example counts when it exceeds
+``tolerance`` times the largest gradient on that tensor in the same pass. A per-example model gives exact
+zeros there (autograd never routes a gradient between independent rows), so the tolerance only has to sit
+above rounding noise of mathematically cancelling operations (~1e-7 in float32) and below real leaks
+(a batch mean of ``B`` examples leaks ``1/B``).
+
+Pure: no Lightning here. The module's train/eval modes are restored afterwards; no ``.grad`` is written
+(gradients come from :func:`torch.autograd.grad` on probe tensors).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["LeakageNotApplicable", "LeakageReport", "looks_like_next_step", "probe_batch_leakage"]
+
+Forward = Callable[[nn.Module, Any], Tensor]
+
+
+class LeakageNotApplicable(ValueError):
+    """The probe cannot run on this model/batch; the message says why and which argument helps."""
+
+
+@dataclass(frozen=True)
+class LeakageReport:
+    """What the probe saw.
+
+    Attributes:
+        num_examples: examples probed (``B``).
+        input_batch_dim: the batch dimension of the inputs, as given to the model.
+        output_layout: how outputs were mapped to examples, e.g. ``"dim 0"`` or ``"flattened (B*T, ...)"``.
+        probed: the tensors gradients were read at (inputs, embedding outputs).
+        leaking_pairs: ``(i, j)``: output of example ``i`` depends on the input of example ``j != i``.
+        pairs_exact: whether ``leaking_pairs`` is exact (``False``: candidates, a superset of the leaks).
+        first_mixing_module / last_clean_module: where mixing starts, ``(name, type)``, when found.
+        causal_checked / causal_reason: whether causality was checked, and why (or why not).
+        causal_violations: ``(t, [t', ...])``: output at position ``t`` depends on inputs at ``t' > t``.
+        violating_cuts: cuts ``c`` for which some output ``<= c`` depends on an input ``> c``.
+        cuts_checked: the cuts ``c`` that were checked.
+        backward_passes: every backward pass run, by purpose.
+        dependency: ``(B, B)`` matrix, 1 where output ``i`` depends on input ``j != i``; diagonal not probed.
+    """
+
+    num_examples: int
+    input_batch_dim: int
+    output_layout: str
+    probed: list[str]
+    leaking_pairs: list[tuple[int, int]]
+    pairs_exact: bool
+    first_mixing_module: tuple[str, str] | None
+    last_clean_module: tuple[str, str] | None
+    mixing_module_note: str | None
+    causal_checked: bool
+    causal_reason: str
+    causal_violations: list[tuple[int, list[int]]]
+    violating_cuts: list[int]
+    cuts_checked: list[int]
+    sequence_length: int | None
+    backward_passes: dict[str, int]
+    tolerance: float
+    dependency: Tensor = field(repr=False)
+
+    @property
+    def batch_leak(self) -> bool:
+        return bool(self.leaking_pairs)
+
+    @property
+    def causal_leak(self) -> bool:
+        return bool(self.violating_cuts)
+
+    @property
+    def total_backward_passes(self) -> int:
+        return sum(self.backward_passes.values())
+
+
+# -- structure helpers ------------------------------------------------------------------------------
+
+
+def _map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    if isinstance(value, Tensor):
+        return fn(value)
+    if isinstance(value, Mapping):
+        return type(value)({k: _map_tensors(v, fn) for k, v in value.items()})  # type: ignore[call-arg]
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(_map_tensors(v, fn) for v in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_map_tensors(v, fn) for v in value)
+    return value
+
+
+def _tensors(value: Any) -> list[Tensor]:
+    found: list[Tensor] = []
+    _map_tensors(value, lambda t: found.append(t) or t)  # type: ignore[func-returns-value]
+    return found
+
+
+def _is_int(t: Tensor) -> bool:
+    return not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
+
+
+@contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _per_example(g: Tensor, dim: int) -> Tensor:
+    """max |g| per example along ``dim``: shape ``(B,)``."""
+    return g.detach().movedim(dim, 0).abs().reshape(g.shape[dim], -1).amax(1).float()
+
+
+def looks_like_next_step(inputs: Any, targets: Tensor | None, batch_dim: int = 0) -> bool:
+    """Whether the targets are an input shifted by one position (next-token / next-step training):
+    ``targets[:, :-1] == inputs[:, 1:]`` with the batch first, ignoring negative (ignore-index) targets."""
+    if targets is None:
+        return False
+    for x in _tensors(inputs):
+        if x.shape != targets.shape or x.ndim < 2 or x.shape[1 if batch_dim == 0 else 0] < 2:
+            continue
+        xb, yb = x.movedim(batch_dim, 0), targets.movedim(batch_dim, 0)
+        if _is_int(x) and _is_int(targets):
+            same = (yb[:, :-1] == xb[:, 1:]) | (yb[:, :-1] < 0)
+        elif x.is_floating_point() and targets.is_floating_point():
+            same = torch.isclose(yb[:, :-1], xb[:, 1:])
+        else:
+            continue
+        if bool(same.all()) and not bool((xb[:, 1:] == xb[:, :-1]).all()):
+            return True
+    return False
+
+
+# -- hypotheses about where the batch is ------------------------------------------------------------
+
+
+def _input_batch_dims(inputs: Any, targets: Tensor | None, batch_dim: int | None) -> list[int]:
+    """Candidate batch dims of the inputs, most likely first; later ones are tried only when the earlier
+    show a leak (a wrong guess for the batch dim looks like a leak; a right one does not)."""
+    if batch_dim is not None:
+        return [batch_dim]
+    tensors = [t for t in _tensors(inputs) if t.ndim >= 1]
+    if not tensors:
+        raise LeakageNotApplicable(
+            "the model input holds no tensor with a batch dimension. Pass `inputs=lambda batch: ...` "
+            "returning the tensor(s) the model takes."
+        )
+    x = next((t for t in tensors if t.is_floating_point() or _is_int(t)), tensors[0])
+    # (T, N, F) float sequences or (T, N) tokens may carry the batch on dim 1
+    dims = [0, 1] if (x.ndim >= 3 or (x.ndim == 2 and _is_int(x))) else [0]
+    n = int(targets.shape[0]) if targets is not None and targets.ndim >= 1 else None
+    matching = [d for d in dims if n is not None and x.shape[d] == n]
+    return matching or dims
+
+
+def _choose_num_examples(tensors: list[Tensor], dim: int, n: int, wanted: int) -> int:
+    """``min(n, wanted)``, nudged down so it does not equal another dimension's size (which would make
+    the batch dimension of outputs and intermediate tensors ambiguous)."""
+    if n <= wanted:
+        return n
+    others = {s for t in tensors for d, s in enumerate(t.shape) if d != dim}
+    for b in range(wanted, 1, -1):
+        if b not in others:
+            return b
+    return wanted
+
+
+def _output_views(out: Tensor, b: int, in_dim: int, output_batch_dim: int | None) -> list[tuple[str, Tensor]]:
+    """Ways to read the output with the examples on dim 0, most likely first."""
+    if output_batch_dim is not None:
+        if output_batch_dim >= out.ndim or out.shape[output_batch_dim] != b:
+            raise LeakageNotApplicable(
+                f"`output_batch_dim={output_batch_dim}` does not index a dimension of size {b} (the probed "
+                f"examples) in the output of shape {tuple(out.shape)}."
+            )
+        return [(f"dim {output_batch_dim}", out.movedim(output_batch_dim, 0))]
+    dims = [d for d in range(out.ndim) if out.shape[d] == b]
+    dims.sort(key=lambda d: (d != in_dim, d))
+    views = [(f"dim {d}", out.movedim(d, 0)) for d in dims]
+    if out.ndim >= 1 and out.shape[0] % b == 0 and out.shape[0] > b:
+        k, rest = out.shape[0] // b, out.shape[1:]
+        example_major = ("flattened (B*T, ...) example-major", out.reshape(b, k, *rest))
+        time_major = ("flattened (T*B, ...) time-major", out.reshape(k, b, *rest).movedim(1, 0))
+        views += [example_major, time_major] if in_dim == 0 else [time_major, example_major]
+    return views[:4]
+
+
+# -- the probe --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Probe:
+    name: str
+    tensor: Tensor  # a leaf that requires grad
+    batch_dim: int
+    time_dim: int | None = None  # in the batch-first layout (after moving the batch dim to 0)
+
+
+class _Runner:
+    """One forward pass with probe leaves and recorded module outputs; many backward passes."""
+
+    def __init__(self, leaves: list[_Probe], out: Tensor, tolerance: float, seed: int) -> None:
+        self.leaves = leaves
+        self.out = out  # batch on dim 0
+        self.tolerance = tolerance
+        self.gen = torch.Generator(device="cpu").manual_seed(seed)
+        self.passes: dict[str, int] = {}
+        self._weights: dict[tuple[int, ...], Tensor] = {}
+
+    def weights(self, like: Tensor) -> Tensor:
+        key = (id(like), *like.shape)
+        if key not in self._weights:
+            w = torch.randn(like.shape, generator=self.gen, dtype=torch.float32)
+            self._weights[key] = w.to(device=like.device, dtype=like.dtype)
+        return self._weights[key]
+
+    def grads(self, source: Tensor, purpose: str) -> list[Tensor | None]:
+        self.passes[purpose] = self.passes.get(purpose, 0) + 1
+        if not source.requires_grad:
+            return [None] * len(self.leaves)
+        return list(
+            torch.autograd.grad(source, [p.tensor for p in self.leaves], retain_graph=True, allow_unused=True)
+        )
+
+    def example_gradient(self, mask: Tensor, purpose: str, target: Tensor | None = None,
+                         target_dim: int = 0) -> Tensor:
+        """Relative gradient per input example ``(B,)`` (max over probed tensors of ``max|g_j| / max|g|``)
+        when the source is the outputs of the examples in ``mask`` (random weights)."""
+        t = self.out if target is None else target
+        w = self.weights(t)
+        shape = [1] * t.ndim
+        shape[target_dim] = -1
+        source = (t * w * mask.to(t.dtype).reshape(shape)).sum()
+        rel = torch.zeros(len(mask), device=mask.device)
+        for probe, g in zip(self.leaves, self.grads(source, purpose), strict=True):
+            if g is None:
+                continue
+            per = _per_example(g, probe.batch_dim).to(rel.device)
+            scale = per.max()
+            if scale > 0 and torch.isfinite(scale):
+                rel = torch.maximum(rel, per / scale)
+        return rel
+
+    def leaks(self, rel: Tensor) -> Tensor:
+        return rel > self.tolerance
+
+
+def _make_leaves(inputs: Any, b: int, in_dim: int) -> tuple[Any, list[_Probe]]:
+    leaves: list[_Probe] = []
+
+    def leaf(t: Tensor) -> Tensor:
+        if t.is_floating_point() and t.ndim > in_dim and t.shape[in_dim] == b:
+            probe = t.detach().clone().requires_grad_(True)
+            leaves.append(_Probe(f"input {tuple(t.shape)}", probe, in_dim))
+            return probe.clone()  # not a leaf: in-place ops in the model stay legal
+        return t
+
+    return _map_tensors(inputs, leaf), leaves
+
+
+def probe_batch_leakage(
+    module: nn.Module,
+    inputs: Any,
+    forward: Forward,
+    *,
+    targets: Tensor | None = None,
+    batch_dim: int | None = None,
+    output_batch_dim: int | None = None,
+    causal: bool | None = None,
+    time_dim: int | None = None,
+    num_examples: int = 16,
+    tolerance: float = 1e-5,
+    max_exact_rows: int = 16,
+    max_causal_passes: int = 4,
+    seed: int = 0,
+) -> LeakageReport:
+    """Chart which examples (and positions) each output depends on, in eval mode.
+
+    Args:
+        module: the model; its train/eval modes are restored afterwards.
+        inputs: what ``forward`` takes: a tensor, or a tuple/dict of tensors, batch included.
+        forward: ``(module, inputs) -> output tensor``.
+        targets: the labels, used to find the batch size and to recognise next-token training.
+        batch_dim: batch dimension of the inputs (default: found).
+        output_batch_dim: batch dimension of the output (default: found; flattened ``(N*T, ...)`` outputs
+            are mapped back).
+        causal: check that output ``t`` depends on inputs ``<= t`` only. ``None``: when ``time_dim`` is
+            given or the targets are the inputs shifted by one position.
+        time_dim: time dimension of the inputs, as given to the model (default: the first non-batch dim).
+        num_examples: how many examples of the batch to probe.
+        tolerance: relative gradient below which an example counts as independent.
+
+    Raises:
+        LeakageNotApplicable: fewer than two examples, nothing to probe, or no batch dim in the output.
+
+    Example::
+
+        >>> net = nn.Linear(3, 2)
+        >>> report = probe_batch_leakage(net, torch.randn(8, 3), lambda m, x: m(x))
+        >>> report.batch_leak, report.total_backward_passes
+        (False, 6)
+    """
+    hypotheses = _input_batch_dims(inputs, targets, batch_dim)
+    wants_causal = causal if causal is not None else (time_dim is not None or any(
+        looks_like_next_step(inputs, targets, d) for d in hypotheses[:1]))
+    causal_reason = (
+        "asked (`causal=True`)" if causal else "asked (`time_dim` given)" if causal is None and time_dim is not None
+        else "the targets are the inputs shifted by one position (next-step training)" if wants_causal
+        else "not asked (`causal=False`)" if causal is False
+        else "not asked, and the targets are not the inputs shifted by one position"
+    )
+    first_report: LeakageReport | None = None
+    errors: list[str] = []
+    with _eval_mode(module):
+        for in_dim in hypotheses:
+            try:
+                report = _probe_with_batch_dim(
+                    module, inputs, forward, in_dim, output_batch_dim, wants_causal, causal_reason, time_dim,
+                    num_examples, tolerance, max_exact_rows, max_causal_passes, seed,
+                )
+            except LeakageNotApplicable as reason:
+                errors.append(str(reason))
+                continue
+            if not report.batch_leak:
+                return report
+            first_report = first_report or report
+    if first_report is not None:
+        return first_report
+    raise LeakageNotApplicable(errors[0] if errors else "no batch dimension found")
+
+
+def _probe_with_batch_dim(
+    module: nn.Module, inputs: Any, forward: Forward, in_dim: int, output_batch_dim: int | None,
+    wants_causal: bool, causal_reason: str, time_dim: int | None, num_examples: int, tolerance: float,
+    max_exact_rows: int, max_causal_passes: int, seed: int,
+) -> LeakageReport:
+    tensors = [t for t in _tensors(inputs) if t.ndim > in_dim]
+    if not tensors:
+        raise LeakageNotApplicable(
+            f"no input tensor has a dimension {in_dim}; pass `batch_dim=` to say where the batch is."
+        )
+    n = int(tensors[0].shape[in_dim])
+    if n < 2:
+        raise LeakageNotApplicable(
+            f"the batch holds {n} example; the probe needs at least 2 to see whether examples mix. "
+            "Use a training batch size of 2 or more."
+        )
+    b = _choose_num_examples(tensors, in_dim, n, num_examples)
+    if b < n:
+        inputs = _map_tensors(inputs, lambda t: t.narrow(in_dim, 0, b) if t.ndim > in_dim and t.shape[in_dim] == n
+                              else t)
+    probe_inputs, leaves = _make_leaves(inputs, b, in_dim)
+    int_shapes = {tuple(t.shape) for t in _tensors(inputs) if _is_int(t) and t.ndim > in_dim
+                  and t.shape[in_dim] == b}
+    names = {m: name for name, m in module.named_modules()}
+    recorded: list[tuple[str, str, Tensor, int]] = []
+
+    def embedding_hook(mod: nn.Module, args: tuple[Any, ...], out: Any) -> Any:
+        idx = args[0] if args else None
+        if isinstance(idx, Tensor) and tuple(idx.shape) in int_shapes and isinstance(out, Tensor) \
+                and out.is_floating_point():
+            probe = out.detach().requires_grad_(True)
+            leaves.append(_Probe(f"embedding `{names.get(mod, '?')}` output", probe, in_dim))
+            return probe.clone()
+        return None
+
+    def record_hook(mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        t = out if isinstance(out, Tensor) else next(iter(_tensors(out)), None)
+        if t is None or not t.is_floating_point() or not t.requires_grad:
+            return
+        dims = [d for d in range(t.ndim) if t.shape[d] == b]
+        if dims:
+            d = in_dim if in_dim in dims else dims[0]
+            recorded.append((names.get(mod, "?"), _describe_module(mod), t, d))
+
+    handles = []
+    for m in module.modules():
+        if isinstance(m, nn.Embedding) and int_shapes:
+            handles.append(m.register_forward_hook(embedding_hook))
+        elif m is not module and not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+            # children complete (and are recorded) before their parents: completion order
+            handles.append(m.register_forward_hook(record_hook))
+    try:
+        raw = forward(module, probe_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    if not isinstance(raw, Tensor):
+        raise LeakageNotApplicable(
+            f"Expected the forward to return a tensor, but got {type(raw).__name__}. Pass "
+            "`forward=lambda module, x: ...` returning the prediction tensor."
+        )
+    if not leaves:
+        raise LeakageNotApplicable(
+            "the model takes no floating-point input with a batch dimension and no `nn.Embedding` reads its "
+            "integer input, so there is nowhere to read a gradient. Pass `inputs=` returning the float "
+            "tensor(s) (or token ids fed to an `nn.Embedding`)."
+        )
+    views = _output_views(raw, b, in_dim, output_batch_dim)
+    if not views:
+        raise LeakageNotApplicable(
+            f"the output of shape {tuple(raw.shape)} has no dimension of size {b} (the probed examples), so "
+            "outputs cannot be mapped to examples. Pass `output_batch_dim=` (and `batch_dim=` for the "
+            "inputs), or `forward=` returning per-example outputs."
+        )
+    if not torch.isfinite(raw.detach()).all():
+        raise LeakageNotApplicable(
+            "the model's outputs are not finite at initialisation, so gradients cannot be compared; fix the "
+            "non-finite outputs first."
+        )
+    first: LeakageReport | None = None
+    no_gradient: _NoGradient | None = None
+    for layout, out in views:
+        runner = _Runner(leaves, out, tolerance, seed)
+        try:
+            report = _run_passes(runner, b, in_dim, layout, recorded, wants_causal, causal_reason, time_dim,
+                                 inputs, max_exact_rows, max_causal_passes)
+        except _NoGradient as error:
+            no_gradient = error
+            continue
+        if not report.batch_leak:
+            return report
+        first = first or report
+    if first is not None:
+        return first
+    # No gradient reaches the inputs from the output (e.g. a zero-initialised final layer): chart the
+    # dependencies of the last layer outputs that do pass one; mixing after that layer stays unseen.
+    for name, kind, t, d in reversed(recorded[-8:]):
+        layout = (f"output of layer `{name}` ({kind}): no gradient reaches the inputs from the model output "
+                  "(zero-initialised final layer?), so the last layer that passes one was probed")
+        try:
+            return _run_passes(_Runner(leaves, t.movedim(d, 0), tolerance, seed), b, in_dim, layout, recorded,
+                               wants_causal, causal_reason, time_dim, inputs, max_exact_rows, max_causal_passes)
+        except (_NoGradient, RuntimeError):
+            continue
+    assert no_gradient is not None
+    raise no_gradient
+
+
+class _NoGradient(LeakageNotApplicable):
+    pass
+
+
+def _run_passes(
+    runner: _Runner, b: int, in_dim: int, layout: str, recorded: list[tuple[str, str, Tensor, int]],
+    wants_causal: bool, causal_reason: str, time_dim: int | None, inputs: Any, max_exact_rows: int,
+    max_causal_passes: int,
+) -> LeakageReport:
+    idx = torch.arange(b)
+    candidates = ~torch.eye(b, dtype=torch.bool)
+    any_gradient = False
+    for bit in range(max(1, math.ceil(math.log2(b)))):
+        for value in (1, 0):
+            source = ((idx >> bit) & 1) == value
+            rel = runner.example_gradient(source.to(runner.out.device), "batch").cpu()
+            any_gradient = any_gradient or bool((rel > 0).any())
+            leaked = runner.leaks(rel) & ~source
+            # i a source, j not: the pair (i, j) stays a candidate only if j got gradient here
+            candidates[source[:, None] & ~source[None, :] & ~leaked[None, :]] = False
+    if not any_gradient:
+        raise _NoGradient(
+            "no gradient reaches the probed inputs from the outputs (detached or constant outputs), so "
+            "dependencies cannot be charted."
+        )
+    dependency = candidates.float()
+    suspects = [i for i in range(b) if candidates[i].any()]
+    exact = len(suspects) <= max_exact_rows
+    for i in suspects[:max_exact_rows]:
+        rel = runner.example_gradient((idx == i).to(runner.out.device), "exact pairs").cpu()
+        row = runner.leaks(rel)
+        row[i] = False
+        candidates[i] = row
+        dependency[i] = row.float()
+    pairs = [(i, j) for i in range(b) for j in range(b) if candidates[i, j]]
+    first_mixing = last_clean = None
+    note = None
+    if pairs:
+        first_mixing, last_clean, note = _locate_mixing(runner, recorded, pairs[0][0], b)
+    report = dict(
+        num_examples=b, input_batch_dim=in_dim, output_layout=layout, probed=[p.name for p in runner.leaves],
+        leaking_pairs=pairs, pairs_exact=exact, first_mixing_module=first_mixing, last_clean_module=last_clean,
+        mixing_module_note=note, dependency=dependency,
+    )
+    causal_fields: dict[str, Any] = dict(causal_checked=False, causal_reason=causal_reason, causal_violations=[],
+                                         violating_cuts=[], cuts_checked=[], sequence_length=None)
+    if wants_causal and pairs:
+        causal_fields["causal_reason"] = f"{causal_reason}; not checked while examples mix (fix that first)"
+    elif wants_causal:
+        causal_fields.update(_causal_passes(runner, b, in_dim, time_dim, inputs, causal_reason, max_causal_passes))
+    return LeakageReport(**report, **causal_fields, backward_passes=dict(runner.passes),
+                         tolerance=runner.tolerance)
+
+
+def _describe_module(m: nn.Module) -> str:
+    text = type(m).__name__
+    if getattr(m, "batch_first", None) is False:
+        text += "(batch_first=False)"
+    return text
+
+
+def _locate_mixing(
+    runner: _Runner, recorded: list[tuple[str, str, Tensor, int]], i: int, b: int
+) -> tuple[tuple[str, str] | None, tuple[str, str] | None, str | None]:
+    """Binary search, in execution order, for the first recorded module output whose row ``i`` depends on
+    another example's input. Assumes mixing, once started, persists downstream (true of chains; in a
+    branching graph the result is still a boundary between a clean and a mixing layer)."""
+    if not recorded:
+        return None, None, "no layer output with a batch dimension was recorded"
+    cache: dict[int, bool] = {}
+
+    def mixes(k: int) -> bool:
+        if k not in cache:
+            _, _, t, d = recorded[k]
+            try:
+                mask = (torch.arange(b) == i).to(t.device)
+                rel = runner.example_gradient(mask, "locate layer", target=t, target_dim=d).cpu()
+            except RuntimeError:  # e.g. the tensor was later modified in place
+                cache[k] = False
+                return False
+            rel[i] = 0
+            cache[k] = bool(runner.leaks(rel).any())
+        return cache[k]
+
+    lo, hi = 0, len(recorded)  # first index in [lo, hi) that mixes; hi: none of them
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if mixes(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    first = recorded[lo][:2] if lo < len(recorded) else None
+    clean = recorded[lo - 1][:2] if lo > 0 else None
+    note = None if first is not None else "examples mix after the last layer, in the code of `forward`"
+    return first, clean, note
+
+
+def _causal_passes(
+    runner: _Runner, b: int, in_dim: int, time_dim: int | None, inputs: Any, reason: str, max_passes: int
+) -> dict[str, Any]:
+    not_checked = dict(causal_checked=False, causal_violations=[], violating_cuts=[], cuts_checked=[],
+                       sequence_length=None)
+    if time_dim is not None and time_dim == in_dim:
+        return {**not_checked, "causal_reason": f"{reason}; but `time_dim` equals the batch dim {in_dim}"}
+    # time dim in the batch-first layout of the probed tensors
+    t_dim = 1 if time_dim is None else (time_dim + 1 if time_dim < in_dim else time_dim)
+    lengths = [p.tensor.movedim(p.batch_dim, 0).shape[t_dim] for p in runner.leaves if p.tensor.ndim > t_dim]
+    if not lengths:
+        return {**not_checked, "causal_reason": f"{reason}; but the inputs have no time dimension "
+                f"{t_dim} (pass `time_dim=`)"}
+    length = lengths[0]
+    out = runner.out
+    out_dims = [d for d in range(1, out.ndim) if out.shape[d] == length]
+    if length < 2 or not out_dims:
+        return {**not_checked, "sequence_length": length, "causal_reason": f"{reason}; but the output of shape "
+                f"{tuple(out.shape)} (examples first) has no time dimension of length {length} to match the "
+                "inputs' (pass `time_dim=`, or `forward=` returning per-position outputs)"}
+    o_dim = 1 if 1 in out_dims else out_dims[0]
+    probes = {id(p) for p in runner.leaves if p.tensor.ndim > t_dim
+              and p.tensor.movedim(p.batch_dim, 0).shape[t_dim] == length}
+    all_cuts = list(range(length - 1))
+    capacity = b * max_passes
+    if len(all_cuts) > capacity:
+        all_cuts = sorted({round(x) for x in torch.linspace(0, length - 2, capacity).tolist()})
+    positions = torch.arange(length, device=out.device)
+
+    def run(cuts: list[int], exact: bool, purpose: str) -> list[list[int]]:
+        """One pass: example e takes as source its outputs at positions <= cuts[e] (== when exact); returns,
+        per cut, the input positions > cut that received gradient."""
+        cut = torch.full((b,), -1, device=out.device, dtype=torch.long)
+        cut[: len(cuts)] = torch.tensor(cuts, device=out.device)
+        sel = (positions[None, :] == cut[:, None]) if exact else (positions[None, :] <= cut[:, None])
+        shape = [b] + [1] * (out.ndim - 1)
+        shape[o_dim] = length
+        w = runner.weights(out)
+        source = (out * w * sel.to(out.dtype).reshape(shape)).sum()
+        rel = torch.zeros(b, length, device=out.device)
+        for probe, g in zip(runner.leaves, runner.grads(source, purpose), strict=True):
+            if g is None or id(probe) not in probes:
+                continue
+            gb = g.detach().movedim(probe.batch_dim, 0).movedim(t_dim, 1).abs()
+            per = gb.reshape(b, length, -1).amax(2).float().to(rel.device)
+            scale = per.max()
+            if scale > 0 and torch.isfinite(scale):
+                rel = torch.maximum(rel, per / scale)
+        found = []
+        for e, c in enumerate(cuts):
+            late = (rel[e] > runner.tolerance) & (positions > c)
+            found.append(positions[late].tolist())
+        return found
+
+    violating: list[int] = []
+    for start in range(0, len(all_cuts), b):
+        chunk = all_cuts[start:start + b]
+        for c, late in zip(chunk, run(chunk, exact=False, purpose="causal"), strict=True):
+            if late:
+                violating.append(c)
+    violations: list[tuple[int, list[int]]] = []
+    if violating:
+        # name pairs from single output positions: the first violating cuts, up to one pass
+        named = violating[:b]
+        for t, late in zip(named, run(named, exact=True, purpose="causal pairs"), strict=True):
+            if late:
+                violations.append((t, late))
+    return dict(causal_checked=True, causal_reason=reason, causal_violations=violations,
+                violating_cuts=violating, cuts_checked=all_cuts, sequence_length=length)
