@@ -117,12 +117,18 @@ class OverfitOneBatch(PreflightCheck):
         except BatchNotUnderstood:
             targets = None  # the loss criterion still applies; no label check
 
-        def predict() -> Tensor:
-            with torch.no_grad(), ctx.autocast():
-                return ctx.adapter.predict(module, ctx.adapter.get_inputs(batch))
+        def predict() -> Tensor | None:
+            # the labels are a second opinion on the loss: a model whose forward the adapter cannot call
+            # (or whose outputs it cannot read) is judged on the loss alone rather than skipped
+            try:
+                with torch.no_grad(), ctx.autocast():
+                    return ctx.adapter.predict(module, ctx.adapter.get_inputs(batch))
+            except Exception:  # noqa: BLE001
+                return None
 
         def labels() -> Any:
-            return None if targets is None else decode_predictions(predict(), targets)
+            outputs = None if targets is None else predict()
+            return None if outputs is None or targets is None else decode_predictions(outputs, targets)
 
         start = TrainingState.capture(module)
         evidence = overfit_batch(
