@@ -469,3 +469,43 @@ def test_zero_initialised_final_layer_is_probed_at_the_last_layer_that_passes_gr
     healthy = _probe(ZeroHead(), x)
     assert not healthy.batch_leak and "`net.1`" in healthy.output_layout
     assert len(_probe(ZeroHead(leak=True), x).leaking_pairs) == 8 * 7
+
+
+class LitTinyLM(L.LightningModule):
+    def __init__(self, diagonal: int | None = 1) -> None:
+        super().__init__()
+        self.lm = TinyLM(layers=2, diagonal=diagonal)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.lm(tokens)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x).flatten(0, 1), y.flatten())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize(
+    ("diagonal", "fix"), [(None, "sees the whole future"), (2, "diagonal=1, not 2")], ids=["no_mask", "off_by_one"]
+)
+def test_causal_violations_fail_with_positions_and_the_mask_fix(diagonal, fix):
+    x, y = _tokens(n=32)
+    probe = BatchLeakageProbe()
+    with pytest.raises(RecipeCheckError, match="outputs see the future") as info:
+        trainer(callbacks=[probe], max_steps=1).fit(
+            LitTinyLM(diagonal), DataLoader(TensorDataset(x, y), batch_size=8)
+        )
+    result = info.value.result
+    assert fix in result.hint
+    assert result.details["causal_violations"][0]["output_position"] == 0
+    assert "output at t=0 depends on input position(s) 1" in result.summary
+
+
+def test_healthy_token_lm_passes_the_causal_check_through_fit():
+    x, y = _tokens(n=32)
+    probe = BatchLeakageProbe()
+    trainer(callbacks=[probe], max_steps=1).fit(LitTinyLM(), DataLoader(TensorDataset(x, y), batch_size=8))
+    assert probe.result.status is CheckStatus.PASSED
+    assert probe.result.details["causal_checked"] is True

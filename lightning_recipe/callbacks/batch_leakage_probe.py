@@ -241,7 +241,9 @@ def _batch_hint(r: LeakageReport) -> str:
             "`x.permute(1, 0, 2)` / `x.transpose(0, 1)`, never `view`/`reshape`."
         )
     dense = len(r.leaking_pairs) == b * (b - 1)
-    if dense:
+    if parts:
+        pass  # the layer names the cause
+    elif dense:
         parts.append(
             "Every output depends on every example: something reduces over the batch dimension, e.g. "
             "`x - x.mean(0)`, `x / x.std(0)` or `softmax(..., dim=0)`. Reduce over the feature dims instead "
@@ -272,9 +274,10 @@ def _violation_text(r: LeakageReport) -> str:
 def _causal_hint(r: LeakageReport) -> str:
     mask = "`torch.triu(torch.full((T, T), float('-inf')), diagonal=1)`"
     last = (r.sequence_length or 0) - 1
-    # a missing mask lets t see the whole future; a mask off by one lets it see t + 1 (t + k after k layers)
-    limited = bool(r.causal_violations) and all(max(late) < last for t, late in r.causal_violations if t < last - 1)
-    if limited and any(t < last - 1 for t, _ in r.causal_violations):
+    # a missing mask lets the earliest position see the whole future; a mask off by one lets t see t + 1
+    # (t + k after k layers), so the earliest violating position still stops short of the end
+    limited = bool(r.causal_violations) and max(r.causal_violations[0][1]) < last
+    if limited:
         return (
             "Position t sees only a few positions ahead (t + 1 per attention layer): the causal mask is off by "
             f"one and lets position t see the token it has to predict. The mask must hide positions j > t: {mask} "
