@@ -4,7 +4,7 @@
     python examples/quickstart.py --bug huge-init # a realistic bug: the run stops with the fix
     tensorboard --logdir recipe_logs              # the evidence: recipe/* scalars, figures, verdicts
 
-Bugs to try: huge-init, double-softmax, view-not-permute.
+Bugs to try: huge-init, double-softmax, batch-stats.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_recipe import BatchLeakageProbe, InitLossCheck, OverfitOneBatch, RecipeCheckError
 
-BUGS = ("none", "huge-init", "double-softmax", "view-not-permute")
+BUGS = ("none", "huge-init", "double-softmax", "batch-stats")
 
 
 def make_shapes(n: int, size: int = 16, seed: int = 0) -> TensorDataset:
@@ -59,9 +59,8 @@ class ShapesCNN(L.LightningModule):
             nn.init.normal_(self.head.weight, std=5.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.hparams.bug == "view-not-permute":
-            n, c, h, w = x.shape
-            x = x.view(c, n, h, w).transpose(0, 1)  # meant as a channel shuffle; mixes examples instead
+        if self.hparams.bug == "batch-stats":
+            x = (x - x.mean(0)) / (x.std(0) + 1e-5)  # "normalise" with statistics over the batch axis
         logits = self.head(self.features(x).flatten(1))
         return logits.softmax(-1) if self.hparams.bug == "double-softmax" else logits
 
@@ -93,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     val = DataLoader(make_shapes(128, seed=1), batch_size=64)
     checks = [InitLossCheck(), OverfitOneBatch(), BatchLeakageProbe()]
     trainer = L.Trainer(
-        accelerator="auto", devices=1, max_epochs=args.epochs, callbacks=checks,
+        accelerator="auto", devices=1, max_epochs=args.epochs, callbacks=list(checks),
         logger=TensorBoardLogger(args.logdir, name="quickstart"), enable_progress_bar=False,
         enable_model_summary=False, log_every_n_steps=4,
     )

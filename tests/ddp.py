@@ -30,7 +30,7 @@ def run_ddp(
     tmp_path: Path,
     model: str,
     data: str,
-    check: str,
+    check: str | list[str],
     check_kwargs: dict[str, Any] | None = None,
     model_kwargs: dict[str, Any] | None = None,
     max_steps: int = 2,
@@ -38,7 +38,8 @@ def run_ddp(
 ) -> tuple[int, dict[int, dict[str, Any]], str]:
     """Returns (exit code, {rank: what it saw}, combined output). ``model`` and ``data`` are
     ``"module:attr"`` paths to a LightningModule class and a function returning a DataLoader;
-    ``check`` is the name of a class exported by lightning_recipe."""
+    ``check`` names a check class exported by lightning_recipe, or several (each rank then also records
+    ``results``, one per check, and ``check_kwargs`` go to every one)."""
     spec = dict(
         model=model, data=data, check=check, check_kwargs=check_kwargs or {},
         model_kwargs=model_kwargs or {}, max_steps=max_steps,
@@ -60,12 +61,14 @@ def _main(spec: dict[str, Any], out: Path) -> int:
 
     torch.set_num_threads(1)
     L.seed_everything(0, workers=True)
-    check = getattr(lightning_recipe, spec["check"])(**spec["check_kwargs"])
+    names = spec["check"] if isinstance(spec["check"], list) else [spec["check"]]
+    checks = [getattr(lightning_recipe, name)(**spec["check_kwargs"]) for name in names]
+    check = checks[0]
     model = _load(spec["model"])(**spec["model_kwargs"])
     trainer = L.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_steps=spec["max_steps"], logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, callbacks=[check],
+        num_sanity_val_steps=0, callbacks=checks,
     )
     seen: dict[str, Any] = {"error": None}
     try:
@@ -79,6 +82,7 @@ def _main(spec: dict[str, Any], out: Path) -> int:
     seen["rank"] = trainer.global_rank
     seen["global_step"] = trainer.global_step
     seen["result"] = None if check.result is None else check.result.to_dict()
+    seen["results"] = [None if c.result is None else c.result.to_dict() for c in checks]
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(seen))
     return 1 if seen["error"] else 0
 
