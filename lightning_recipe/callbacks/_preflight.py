@@ -19,6 +19,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor
 from torch.utils.data import DataLoader
 from typing_extensions import override
@@ -60,8 +61,11 @@ class CheckContext:
 
     def training_step_loss(self, batch: Any, batch_idx: int = 0) -> Tensor:
         """The loss the user's own ``training_step`` returns on ``batch`` (``self.log`` is silenced)."""
+        step = self.module.training_step
+        # as Lightning does: `batch_idx` only when the signature takes it
+        args = (batch, batch_idx) if is_param_in_hook_signature(step, "batch_idx", min_args=2) else (batch,)
         with self.autocast():
-            output = self.module.training_step(batch, batch_idx)
+            output = step(*args)
         return loss_of(output)
 
     def tag(self, quantity: str) -> str:

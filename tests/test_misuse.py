@@ -1,0 +1,189 @@
+"""What users do that a naive check trips over: each of the three checks must give a clear verdict or a
+clear skip, never a traceback from deep inside, and never lose the run."""
+
+from __future__ import annotations
+
+from collections import namedtuple
+
+import lightning.pytorch as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, IterableDataset
+
+from lightning_recipe import BatchLeakageProbe, CheckStatus, InitLossCheck, OverfitOneBatch, RecipeCheckError
+from tests.models import MLPClassifier, cluster_data, loader, trainer
+from tests.zoo import DictDataset
+
+CHECKS = [InitLossCheck, OverfitOneBatch, BatchLeakageProbe]
+ids = [c.__name__ for c in CHECKS]
+
+
+def _fit(model, data, check, **kwargs):
+    L.seed_everything(0, verbose=False)
+    t = trainer(max_steps=2, callbacks=[check], **kwargs)
+    t.fit(model, data)
+    return t
+
+
+class NoBatchIdx(MLPClassifier):
+    def training_step(self, batch):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+
+class ReturnsNothing(MLPClassifier):
+    def training_step(self, batch, batch_idx):
+        super().training_step(batch, batch_idx)
+
+
+class Manual(MLPClassifier):
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+
+
+Pair = namedtuple("Pair", ["features", "label"])
+
+
+class Stream(IterableDataset):
+    """An iterable dataset that draws its examples from the global RNG as it goes."""
+
+    def __iter__(self):
+        data = cluster_data()
+        for i in torch.randperm(len(data)).tolist():
+            yield data[i]
+
+
+class ToyDataModule(L.LightningDataModule):
+    def train_dataloader(self):
+        return loader(cluster_data())
+
+
+@pytest.mark.parametrize("check_cls", CHECKS, ids=ids)
+def test_training_step_without_batch_idx(check_cls):
+    check = check_cls()
+    _fit(NoBatchIdx(), loader(cluster_data()), check)
+    assert check.result.status is CheckStatus.PASSED, check.result.format()
+
+
+@pytest.mark.parametrize("check_cls", [InitLossCheck, OverfitOneBatch], ids=["InitLossCheck", "OverfitOneBatch"])
+def test_training_step_that_returns_nothing_is_skipped_saying_why(check_cls):
+    check = check_cls()
+    t = _fit(ReturnsNothing(), loader(cluster_data()), check)
+    assert check.result.status is CheckStatus.SKIPPED
+    assert "`training_step` returned no loss" in check.result.summary
+    assert t.state.finished  # the run goes on
+
+
+@pytest.mark.parametrize("check_cls", CHECKS, ids=ids)
+def test_dict_batch_with_unknown_keys_is_skipped_naming_the_argument(check_cls):
+    check = check_cls()
+
+    class DictModel(MLPClassifier):
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self(batch["pixels"]), batch["answer"])
+
+    t = _fit(DictModel(), loader(DictDataset(cluster_data())), check)
+    assert check.result.status is CheckStatus.SKIPPED
+    assert "inputs=" in check.result.summary
+    assert t.global_step == 2
+
+
+@pytest.mark.parametrize("check_cls", CHECKS, ids=ids)
+def test_namedtuple_batches_work_like_tuples(check_cls):
+    check = check_cls()
+    data = [Pair(x, y) for x, y in cluster_data()]
+    _fit(NoBatchIdx(), DataLoader(data, batch_size=32, shuffle=True), check)
+    assert check.result.status is CheckStatus.PASSED, check.result.format()
+
+
+@pytest.mark.parametrize("check_cls", [InitLossCheck, OverfitOneBatch], ids=["InitLossCheck", "OverfitOneBatch"])
+def test_nan_in_the_data_fails_saying_non_finite(check_cls):
+    data = cluster_data()
+    data.tensors[0][::7, 0] = float("nan")
+    with pytest.raises(RecipeCheckError, match=r"(?i)non-finite|nan"):
+        _fit(MLPClassifier(), loader(data, shuffle=False), check_cls())
+
+
+def test_nan_in_the_data_does_not_look_like_a_leak():
+    data = cluster_data()
+    data.tensors[0][::7, 0] = float("nan")
+    check = BatchLeakageProbe()
+    _fit(MLPClassifier(), loader(data, shuffle=False), check)
+    assert check.result.status is not CheckStatus.FAILED or "nan" in check.result.summary.lower()
+
+
+@pytest.mark.parametrize("check_cls", CHECKS, ids=ids)
+def test_manual_optimization(check_cls):
+    check = check_cls()
+    t = _fit(Manual(), loader(cluster_data()), check)
+    assert t.global_step == 2
+    if check_cls is OverfitOneBatch:
+        assert check.result.status is CheckStatus.SKIPPED
+        assert "manual optimization" in check.result.summary
+    else:
+        assert check.result.status is CheckStatus.PASSED, check.result.format()
+    if check_cls is InitLossCheck:
+        assert check.result.details["loss_source"] == "inferred"
+
+
+@pytest.mark.parametrize("check_cls", CHECKS, ids=ids)
+def test_several_training_dataloaders_are_skipped_saying_why(check_cls):
+    class TwoLoaders(MLPClassifier):
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch["a"], batch_idx)
+
+    check = check_cls()
+    data = {"a": loader(cluster_data()), "b": loader(cluster_data(seed=1))}
+    t = _fit(TwoLoaders(), data, check)
+    assert check.result.status is CheckStatus.SKIPPED
+    assert "one training DataLoader" in check.result.summary
+    assert t.global_step == 2
+
+
+@pytest.mark.parametrize("check_cls", CHECKS, ids=ids)
+def test_datamodule_iterable_dataset_and_workers(check_cls):
+    for data in (ToyDataModule(), DataLoader(Stream(), batch_size=32), loader(cluster_data(), num_workers=2)):
+        check = check_cls()
+        if isinstance(data, L.LightningDataModule):
+            L.seed_everything(0, verbose=False)
+            trainer(max_steps=2, callbacks=[check]).fit(MLPClassifier(), datamodule=data)
+        else:
+            _fit(MLPClassifier(), data, check)
+        assert check.result.status is CheckStatus.PASSED, check.result.format()
+
+
+@pytest.mark.parametrize("check_cls", CHECKS, ids=ids)
+def test_bf16_mixed_precision(check_cls):
+    check = check_cls()
+    _fit(MLPClassifier(), loader(cluster_data()), check, precision="bf16-mixed")
+    assert check.result.status is CheckStatus.PASSED, check.result.format()
+
+
+@pytest.mark.parametrize("check_cls", CHECKS, ids=ids)
+def test_arguments_are_checked_at_construction(check_cls):
+    with pytest.raises(ValueError, match=r"Expected `on_fail` to be one of \['raise', 'warn'\], but got 'ignore'"):
+        check_cls(on_fail="ignore")
+    with pytest.raises(TypeError, match="Expected `inputs` to be a callable"):
+        check_cls(inputs="x")
+    assert check_cls().result is None
+
+
+def test_iterable_dataset_run_is_bit_identical_with_all_checks():
+    def run(callbacks):
+        L.seed_everything(3, verbose=False)
+        model = MLPClassifier()
+        trainer(max_steps=5, callbacks=callbacks).fit(model, DataLoader(Stream(), batch_size=32))
+        return model.state_dict()
+
+    plain, checked = run([]), run([c() for c in CHECKS])
+    assert all(torch.equal(plain[k], checked[k]) for k in plain)
