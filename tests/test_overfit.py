@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
+from torch.utils.data import DataLoader
 
 from lightning_recipe import CheckStatus, OverfitOneBatch, RecipeCheckError, RecipeWarning
 from lightning_recipe.diagnostics.overfit import decode_predictions, looks_like_probabilities, overfit_batch
@@ -349,3 +350,38 @@ def test_ddp_double_softmax_fails_on_both_ranks_without_hanging(tmp_path):
     assert all(r["error"] == "RecipeCheckError" and r["global_step"] == 0 for r in ranks.values()), output
     assert ranks[0]["result"]["summary"] == ranks[1]["result"]["summary"]
     assert "softmax a second time" in ranks[0]["result"]["summary"]
+
+
+def test_conflicting_labels_marks_identical_inputs_with_different_labels():
+    from lightning_recipe.diagnostics.overfit import conflicting_labels
+
+    x = torch.tensor([[1.0, 2.0], [1.0, 2.0], [3.0, 4.0], [3.0, 4.0]])
+    assert conflicting_labels(x, torch.tensor([0, 1, 0, 0])).tolist() == [True, True, False, False]
+    tokens = torch.tensor([[4, 5, 6], [4, 6, 8], [7, 5, 6]])
+    next_tokens = torch.tensor([[5, 6, 7], [6, 8, 10], [5, 6, 7]])
+    # position 0: examples 0 and 1 share the prefix [4] and want 5 vs 6; nothing else shares a prefix
+    expected = [[True, False, False], [True, False, False], [False, False, False]]
+    assert conflicting_labels(tokens, next_tokens).tolist() == expected
+    assert conflicting_labels(torch.zeros(3, 2), torch.tensor([0, 1])) is None
+
+
+class BosDataset(torch.utils.data.Dataset):
+    """Counting sequences that all start with the same BOS token 0: position 0 cannot be predicted."""
+
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        stride = 1 + i % 3
+        seq = torch.cat([torch.zeros(1, dtype=torch.long), (1 + i % 5 + stride * torch.arange(12)) % 15 + 1])
+        return seq[:-1], seq[1:]
+
+
+def test_language_model_with_a_shared_bos_token_passes():
+    from tests.zoo import CausalLM
+
+    L.seed_everything(0, verbose=False)
+    check = OverfitOneBatch()
+    trainer(max_steps=1, callbacks=[check]).fit(CausalLM(), DataLoader(BosDataset(), batch_size=16, shuffle=True))
+    assert check.result.status is CheckStatus.PASSED, check.result.format()
+    assert "undecidable" in check.result.summary

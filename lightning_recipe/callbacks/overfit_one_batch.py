@@ -43,7 +43,8 @@ class OverfitOneBatch(PreflightCheck):
     ``training_step``, and a fresh Adam of our own on the trainable parameters (your optimizer, its
     learning rate and its schedule do not matter). Each learning rate in ``lrs`` is tried from the same
     starting point until one fits; an attempt stops early as soon as the batch is fitted, or when the loss
-    has plateaued. Dropout modules are switched off (a regulariser, not part of what must fit); BatchNorm
+    has plateaued. The model runs in eval mode, so dropout (attention dropout too) is off: a regulariser,
+    not part of what must fit; BatchNorm
     stays in train mode, as in training, and predictions are read in that same mode. Everything
     (weights, buffers, optimizer, RNGs, modes) is restored afterwards.
 
@@ -106,7 +107,7 @@ class OverfitOneBatch(PreflightCheck):
                 "hand: `Trainer(overfit_batches=1)` with a few examples per batch."
             )
         batch, used, full = self._fixed_batch(ctx)
-        switched = _dropout_off(module)
+        switched = _stochastic_layers_off(module)
 
         def loss_fn() -> Tensor:
             return ctx.training_step_loss(batch, 0)
@@ -126,9 +127,18 @@ class OverfitOneBatch(PreflightCheck):
             except Exception:  # noqa: BLE001
                 return None
 
+        try:
+            inputs = ctx.adapter.get_inputs(batch)
+        except BatchNotUnderstood:
+            inputs = None
+        # a single input tensor lets identical inputs with different labels be told apart from a failure
+        plain_inputs = inputs if isinstance(inputs, Tensor) else None
+
         def labels() -> Any:
             outputs = None if targets is None else predict()
-            return None if outputs is None or targets is None else decode_predictions(outputs, targets)
+            if outputs is None or targets is None:
+                return None
+            return decode_predictions(outputs, targets, plain_inputs)
 
         start = TrainingState.capture(module)
         evidence = overfit_batch(
@@ -241,7 +251,7 @@ class OverfitOneBatch(PreflightCheck):
         decisive = ev.decisive
         assert decisive is not None
         if ev.passed:
-            labels = "" if decisive.total is None else f"; {decisive.correct}/{decisive.total} labels predicted"
+            labels = _label_text(decisive)
             return self.passed(
                 f"Fitted {used} examples: loss {start:.4g} -> {decisive.final_loss:.4g} (<= {frac} of its "
                 f"start) in {decisive.steps} steps at lr {decisive.lr:g}{labels}.{frozen_note}",
@@ -278,7 +288,7 @@ class OverfitOneBatch(PreflightCheck):
             f"({ev.loss_fraction:.0%})"
         )
         labels_ok = best.all_match
-        label_text = "" if best.total is None else f"; {best.correct}/{best.total} labels predicted"
+        label_text = _label_text(best)
         probabilities = outputs is not None and targets is not None and looks_like_probabilities(outputs, targets)
         binary_probs = (
             outputs is not None
@@ -372,12 +382,28 @@ class OverfitOneBatch(PreflightCheck):
 # -- helpers ----------------------------------------------------------------------------------------
 
 
-def _dropout_off(module: nn.Module) -> int:
-    """Switch dropout to eval mode (restored by the snapshot); returns how many modules were switched."""
+def _label_text(attempt: Attempt) -> str:
+    if attempt.total is None:
+        return ""
+    text = f"; {attempt.correct}/{attempt.total} labels predicted"
+    if attempt.ambiguous:
+        text += (
+            f" ({attempt.ambiguous} undecidable, counted as predicted: another example has the same input "
+            "and a different label)"
+        )
+    return text
+
+
+def _stochastic_layers_off(module: nn.Module) -> int:
+    """Eval mode for every module but batch-statistics normalisation (restored by the snapshot).
+
+    Dropout is a regulariser, not part of what must fit, and it hides in places an ``nn.Dropout`` search
+    misses (``nn.MultiheadAttention`` reads ``self.training``). BatchNorm stays in train mode: its running
+    statistics have seen nothing yet. Returns how many modules were switched to eval."""
     count = 0
     for sub in module.modules():
-        if isinstance(sub, nn.modules.dropout._DropoutNd) and sub.training:
-            sub.train(False)
+        if sub.training and not isinstance(sub, nn.modules.batchnorm._BatchNorm):
+            sub.training = False  # per module: .eval() would recurse into the BatchNorm children
             count += 1
     return count
 
@@ -451,13 +477,14 @@ def _details(ev: OverfitEvidence, used: int, full: bool, switched: int) -> dict[
             "nonfinite_step": a.nonfinite_step,
             "correct": a.correct,
             "total": a.total,
+            "ambiguous": a.ambiguous,
         }
         for a in ev.attempts
     ]
     return {
         "num_examples": used,
         "whole_batch": full,
-        "dropout_modules_off": switched,
+        "modules_in_eval_mode": switched,
         "loss_fraction": ev.loss_fraction,
         "start_loss": ev.start_loss,
         "target_loss": ev.target_loss,

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +40,7 @@ __all__ = [
     "Attempt",
     "Decoded",
     "OverfitEvidence",
+    "conflicting_labels",
     "decode_predictions",
     "looks_like_probabilities",
     "overfit_batch",
@@ -58,10 +59,20 @@ class Decoded:
     task: str  # "multiclass" | "binary"
     predicted: Tensor
     labels: Tensor
+    #: labels no model can predict: another example has the same input (context) and a different label
+    ambiguous: Tensor | None = None
 
     @property
     def correct(self) -> int:
-        return int((self.predicted == self.labels).sum())
+        """Labels predicted, counting the ambiguous ones as predicted."""
+        right = self.predicted == self.labels
+        if self.ambiguous is not None:
+            right = right | self.ambiguous
+        return int(right.sum())
+
+    @property
+    def num_ambiguous(self) -> int:
+        return 0 if self.ambiguous is None else int(self.ambiguous.sum())
 
     @property
     def total(self) -> int:
@@ -84,6 +95,7 @@ class Attempt:
     correct: int | None
     total: int | None
     final_grad_norm: float | None
+    ambiguous: int = 0
 
     @property
     def start_loss(self) -> float:
@@ -175,7 +187,8 @@ def overfit_batch(
         max_steps: updates per learning rate at most.
         loss_fraction: the loss must fall to this fraction of its starting value.
         patience: an attempt stops early when its best loss improved by less than ``min_improvement``
-            of the starting loss over the last ``patience`` steps (a plateau).
+            of the starting loss over the last ``patience`` steps (a plateau). Once the loss target is
+            reached and only labels are left to line up, the attempt runs to ``max_steps``.
         optimizer: ``(params, lr) -> Optimizer``; default ``torch.optim.Adam``.
     """
     make_optimizer = optimizer or (lambda params, lr: torch.optim.Adam(params, lr=lr))
@@ -238,7 +251,8 @@ def overfit_batch(
             grad_norm = _grad_norm(params)
             opt.step()
             best = min(best, value)
-            if step % patience == 0:
+            # a plateau is judged only above the loss target: below it the labels may still be aligning
+            if step % patience == 0 and best > loss_fraction * start:
                 if step > 0 and best_at_window_start - best < min_improvement * start:
                     stop = "plateau"
                     break
@@ -256,6 +270,7 @@ def overfit_batch(
                 correct=None if decoded is None else decoded.correct,
                 total=None if decoded is None else decoded.total,
                 final_grad_norm=None if grad_norm is None else float(grad_norm),
+                ambiguous=0 if decoded is None else decoded.num_ambiguous,
             )
         )
         if not loss_has_graph or not math.isfinite(curve[0]) or curve[0] <= 0 or reached:
@@ -293,22 +308,43 @@ def _grad_norm(params: list[nn.Parameter]) -> Tensor | None:
 # -- reading predictions as labels ----------------------------------------------------------------------
 
 
-def decode_predictions(outputs: Tensor, targets: Tensor) -> Decoded | None:
+def decode_predictions(outputs: Tensor, targets: Tensor, inputs: Tensor | None = None) -> Decoded | None:
     """Predicted vs true labels when ``targets`` are class labels, else ``None`` (regression, unknown).
 
     Integer targets: outputs ``(N, C)`` / ``(N, T, C)`` (class last), ``(N, C, H, W)`` (class on dim 1),
     or flattened ``(N*T, V)``; entries below 0 (``ignore_index``) are left out. Same-shape outputs with
     0/1 targets: binary or multilabel, thresholded at 0 for logits or 0.5 for probabilities. Float one-hot
-    targets: argmax against argmax.
+    targets: argmax against argmax. With ``inputs``, labels that :func:`conflicting_labels` finds
+    undecidable are marked ``ambiguous``.
     """
-    outputs = outputs.detach().float()
+    decoded = _decode(outputs.detach().float(), targets)
+    if decoded is None or inputs is None:
+        return None if decoded is None else decoded.labels_only
+    conflicts = conflicting_labels(inputs, targets.argmax(-1) if decoded.one_hot else targets)
+    if conflicts is None:
+        return decoded.labels_only
+    ambiguous = conflicts.flatten()
+    if decoded.keep is not None:
+        ambiguous = ambiguous[decoded.keep]
+    return replace(decoded.labels_only, ambiguous=ambiguous)
+
+
+@dataclass(frozen=True)
+class _Decoding:
+    labels_only: Decoded
+    keep: Tensor | None = None  # which flattened labels were kept (ignore_index dropped)
+    one_hot: bool = False
+
+
+def _decode(outputs: Tensor, targets: Tensor) -> _Decoding | None:
     if outputs.ndim == 0:
         return None
     if targets.is_floating_point():
         if not _is_binary(targets):
             return None
         if outputs.shape == targets.shape and targets.ndim >= 2 and _is_one_hot(targets):
-            return Decoded("multiclass", outputs.argmax(-1).flatten(), targets.argmax(-1).flatten())
+            decoded = Decoded("multiclass", outputs.argmax(-1).flatten(), targets.argmax(-1).flatten())
+            return _Decoding(decoded, one_hot=True)
         return _binary(outputs, targets)
     if targets.dtype == torch.bool:
         return _binary(outputs, targets)
@@ -324,7 +360,38 @@ def decode_predictions(outputs: Tensor, targets: Tensor) -> Decoded | None:
     else:
         return None
     keep = labels >= 0
-    return Decoded("multiclass", predicted[keep], labels[keep])
+    return _Decoding(Decoded("multiclass", predicted[keep], labels[keep]), keep=keep)
+
+
+def conflicting_labels(inputs: Tensor, labels: Tensor) -> Tensor | None:
+    """Where no model can be right: ``True`` at each label of ``labels`` (shape ``(N, ...)``) for which
+    another example has the same input and a different label.
+
+    Per-position labels ``(N, T)`` of a sequence input ``(N, T, ...)`` compare the prefix up to ``t`` (a
+    causal model sees nothing else; the shared first token of language-model batches is the usual case);
+    anything else compares whole examples (duplicated inputs with different labels: label noise). ``None``
+    when ``inputs`` do not line up with ``labels`` on the batch dimension.
+    """
+    n = labels.shape[0] if labels.ndim else 0
+    if n < 2 or inputs.ndim == 0 or inputs.shape[0] != n:
+        return None
+    x = inputs.detach().reshape(n, *inputs.shape[1:])
+    per_position = labels.ndim == 2 and x.ndim >= 2 and x.shape[1] == labels.shape[1]
+    if per_position:
+        flat = x.reshape(n, x.shape[1], -1)
+        same_prefix = torch.ones(n, n, dtype=torch.bool, device=labels.device)
+        conflicts = torch.zeros_like(labels, dtype=torch.bool)
+        for t in range(labels.shape[1]):
+            step = flat[:, t]
+            same_prefix = same_prefix & (step[:, None, :] == step[None, :, :]).all(-1)
+            differs = labels[:, None, t] != labels[None, :, t]
+            conflicts[:, t] = (same_prefix & differs).any(1)
+        return conflicts
+    flat = x.reshape(n, -1)
+    same = (flat[:, None, :] == flat[None, :, :]).all(-1)  # (N, N)
+    differs = labels[:, None] != labels[None, :]  # (N, N, ...)
+    same = same.reshape(n, n, *([1] * (labels.ndim - 1)))
+    return (same & differs).any(1)
 
 
 def looks_like_probabilities(outputs: Tensor, targets: Tensor) -> bool:
@@ -361,10 +428,10 @@ def _is_one_hot(targets: Tensor) -> bool:
     return bool((targets.sum(-1) == 1).all())
 
 
-def _binary(outputs: Tensor, targets: Tensor) -> Decoded | None:
+def _binary(outputs: Tensor, targets: Tensor) -> _Decoding | None:
     if outputs.numel() != targets.numel():
         return None
     outputs = outputs.reshape(targets.shape)
     probabilities = bool(outputs.min() >= 0) and bool(outputs.max() <= 1)
     threshold = 0.5 if probabilities else 0.0
-    return Decoded("binary", (outputs > threshold).long().flatten(), targets.long().flatten())
+    return _Decoding(Decoded("binary", (outputs > threshold).long().flatten(), targets.long().flatten()))
