@@ -104,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print("\nlightning_recipe verdict")
     for check in checks:
-        result = check.result
-        print(f"  {check.name:18s} {result.status.value if result else 'not run':8s} {result.summary if result else ''}")
+        status, summary = (check.result.status.value, check.result.summary) if check.result else ("not run", "")
+        print(f"  {check.name:18s} {status:8s} {summary}")
     if stopped is not None:
         print(f"\nTraining stopped before the first step:\n{stopped}")
     else:

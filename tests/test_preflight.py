@@ -199,3 +199,25 @@ def test_default_batch_understanding():
         BatchAdapter().get_targets((x,))
     assert select_output({"loss": torch.tensor(1.0), "logits": x}) is x
     assert select_output((x, y)) is x
+
+
+def test_without_tensorboard_scalars_still_reach_the_logger_and_figures_warn_once(tmp_path, monkeypatch):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_recipe import InitLossCheck, OverfitOneBatch, _logging
+
+    monkeypatch.setattr(_logging, "_warned_no_tensorboard", False)
+    torch.manual_seed(0)
+    logger = CSVLogger(str(tmp_path))
+    with pytest.warns(UserWarning, match="has no TensorBoardLogger") as record:
+        trainer(max_steps=1, logger=logger, callbacks=[InitLossCheck(), OverfitOneBatch()]).fit(
+            MLPClassifier(), loader(cluster_data())
+        )
+    assert sum("TensorBoardLogger" in str(w.message) for w in record) == 1
+    logger.save()
+    with open(f"{logger.log_dir}/metrics.csv") as f:
+        columns = next(csv.reader(f))
+    assert "recipe/init_loss_check/measured_loss" in columns
+    assert "recipe/overfit_one_batch/loss" in columns
