@@ -304,7 +304,7 @@ def test_not_applicable_cases_say_why():
     with pytest.raises(LeakageNotApplicable, match="at least 2"):
         _probe(PerExampleMLP(), torch.randn(1, 6))
     with pytest.raises(LeakageNotApplicable, match="nowhere to read a gradient"):
-        probe_batch_leakage(PerExampleMLP(), torch.randint(0, 3, (8, 6)), lambda m, x: m(x.float()))
+        probe_batch_leakage(OneHotTokens(), torch.randint(0, 10, (8, 5)), lambda m, x: m(x))
     with pytest.raises(LeakageNotApplicable, match="output_batch_dim"):
         probe_batch_leakage(PerExampleMLP(), torch.randn(8, 6), lambda m, x: m(x).sum(0))
 
@@ -509,3 +509,42 @@ def test_healthy_token_lm_passes_the_causal_check_through_fit():
     trainer(callbacks=[probe], max_steps=1).fit(LitTinyLM(), DataLoader(TensorDataset(x, y), batch_size=8))
     assert probe.result.status is CheckStatus.PASSED
     assert probe.result.details["causal_checked"] is True
+
+
+class Uint8Images(nn.Module):
+    """Takes raw uint8 images and converts them itself, as GPU-side preprocessing does."""
+
+    def __init__(self, batch_stats: bool = False):
+        super().__init__()
+        self.batch_stats = batch_stats
+        self.net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+    def forward(self, x):
+        x = x.float() / 255
+        if self.batch_stats:
+            x = x - x.mean(0)
+        return self.net(x)
+
+
+class OneHotTokens(nn.Module):
+    """Integer tokens turned into one-hot vectors: nothing can carry a gradient to the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Linear(10, 3)
+
+    def forward(self, x):
+        return self.net(F.one_hot(x, 10).float()).mean(1)
+
+
+@pytest.mark.parametrize(("batch_stats", "leak"), [(False, False), (True, True)])
+def test_uint8_inputs_are_probed_as_float_when_the_model_casts_them(batch_stats, leak):
+    images = torch.randint(0, 256, (8, 3, 10, 10), dtype=torch.uint8)
+    report = probe_batch_leakage(Uint8Images(batch_stats), images, lambda m, x: m(x))
+    assert report.batch_leak is leak
+    assert any("probed as float" in p for p in report.probed)
+
+
+def test_integer_inputs_the_model_needs_as_integers_are_skipped_with_the_reason():
+    with pytest.raises(LeakageNotApplicable, match="no `nn.Embedding` reads its integer input"):
+        probe_batch_leakage(OneHotTokens(), torch.randint(0, 10, (8, 5)), lambda m, x: m(x))

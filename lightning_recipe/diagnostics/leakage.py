@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -49,6 +49,10 @@ Forward = Callable[[nn.Module, Any], Tensor]
 
 class LeakageNotApplicable(ValueError):
     """The probe cannot run on this model/batch; the message says why and which argument helps."""
+
+
+class NoGradientPath(LeakageNotApplicable):
+    """No floating-point input and no embedding output to read a gradient at."""
 
 
 @dataclass(frozen=True)
@@ -306,6 +310,7 @@ def probe_batch_leakage(
     max_exact_rows: int = 16,
     max_causal_passes: int = 4,
     seed: int = 0,
+    _cast_integers: bool = True,
 ) -> LeakageReport:
     """Chart which examples (and positions) each output depends on, in eval mode.
 
@@ -343,7 +348,7 @@ def probe_batch_leakage(
         else "not asked, and the targets are not the inputs shifted by one position"
     )
     first_report: LeakageReport | None = None
-    errors: list[str] = []
+    errors: list[LeakageNotApplicable] = []
     with _eval_mode(module):
         for in_dim in hypotheses:
             try:
@@ -352,14 +357,28 @@ def probe_batch_leakage(
                     num_examples, tolerance, max_exact_rows, max_causal_passes, seed,
                 )
             except LeakageNotApplicable as reason:
-                errors.append(str(reason))
+                errors.append(reason)
                 continue
             if not report.batch_leak:
                 return report
             first_report = first_report or report
     if first_report is not None:
         return first_report
-    raise LeakageNotApplicable(errors[0] if errors else "no batch dimension found")
+    if errors and isinstance(errors[0], NoGradientPath) and _cast_integers:
+        # uint8 images and the like: the model casts them to float itself, so the same values as float
+        # tensors give it the same outputs, with a gradient to read
+        floated = _map_tensors(inputs, lambda t: t.float() if _is_int(t) else t)
+        try:
+            report = probe_batch_leakage(
+                module, floated, forward, targets=targets, batch_dim=batch_dim, output_batch_dim=output_batch_dim,
+                causal=causal, time_dim=time_dim, num_examples=num_examples, tolerance=tolerance,
+                max_exact_rows=max_exact_rows, max_causal_passes=max_causal_passes, seed=seed,
+                _cast_integers=False,
+            )
+        except Exception:  # noqa: BLE001 - the model needs integers after all: the original reason stands
+            raise errors[0] from None
+        return replace(report, probed=[f"{p} (integer input, probed as float)" for p in report.probed])
+    raise errors[0] if errors else LeakageNotApplicable("no batch dimension found")
 
 
 def _probe_with_batch_dim(
@@ -424,7 +443,7 @@ def _probe_with_batch_dim(
             "`forward=lambda module, x: ...` returning the prediction tensor."
         )
     if not leaves:
-        raise LeakageNotApplicable(
+        raise NoGradientPath(
             "the model takes no floating-point input with a batch dimension and no `nn.Embedding` reads its "
             "integer input, so there is nowhere to read a gradient. Pass `inputs=` returning the float "
             "tensor(s) (or token ids fed to an `nn.Embedding`)."
