@@ -187,3 +187,54 @@ def test_iterable_dataset_run_is_bit_identical_with_all_checks():
 
     plain, checked = run([]), run([c() for c in CHECKS])
     assert all(torch.equal(plain[k], checked[k]) for k in plain)
+
+
+class WholeBatchForward(MLPClassifier):
+    """`forward(self, batch)` takes the whole batch, as many LightningModules do."""
+
+    def forward(self, batch):
+        x = batch["x"] if isinstance(batch, dict) else batch[0]
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        y = batch["y"] if isinstance(batch, dict) else batch[1]
+        return F.cross_entropy(self(batch), y)
+
+
+class DictOf(torch.utils.data.Dataset):
+    def __init__(self):
+        self.base = cluster_data()
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        return {"x": x, "y": y}
+
+
+@pytest.mark.parametrize("check_cls", CHECKS, ids=ids)
+@pytest.mark.parametrize("dict_batches", [False, True], ids=["tuple", "dict"])
+def test_forward_that_takes_the_whole_batch_works_unchanged(check_cls, dict_batches):
+    check = check_cls()
+    data = loader(DictOf()) if dict_batches else loader(cluster_data())
+    _fit(WholeBatchForward(), data, check)
+    assert check.result.status is CheckStatus.PASSED, check.result.format()
+
+
+@pytest.mark.parametrize("check_cls", CHECKS, ids=ids)
+def test_forward_that_fails_on_every_guess_is_skipped_naming_the_arguments(check_cls):
+    class TwoArguments(MLPClassifier):
+        def forward(self, x, mask):
+            return self.net(x * mask)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self(x, torch.ones_like(x)), y)
+
+    check = check_cls()
+    t = _fit(TwoArguments(), loader(cluster_data()), check)
+    assert check.result.status is CheckStatus.SKIPPED
+    assert "`module(x)` with x = a tensor of shape (32, 8)" in check.result.summary
+    assert "Pass `inputs=lambda batch: ...`" in check.result.summary
+    assert t.global_step == 2

@@ -266,6 +266,8 @@ class PreflightCheck(Callback):
             ):
                 batches = peek_batches(trainer, self.num_batches)
                 ctx = CheckContext(trainer, pl_module, batches, self.adapter, self.component)
+                with torch.no_grad(), ctx.autocast():
+                    ctx.adapter = self.adapter.fitted(pl_module, batches[0])
                 return self.run(ctx)
         except (CheckSkipped, BatchNotUnderstood) as reason:
             return self.skipped(f"{self.name} could not run: {reason}")

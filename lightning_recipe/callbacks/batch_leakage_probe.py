@@ -99,15 +99,15 @@ class BatchLeakageProbe(PreflightCheck):
     @override
     def run(self, ctx: CheckContext) -> CheckResult:
         batch = ctx.batches[0]
-        inputs = self.adapter.get_inputs(batch)
+        inputs = ctx.adapter.get_inputs(batch)
         try:
-            targets: torch.Tensor | None = self.adapter.get_targets(batch)
+            targets: torch.Tensor | None = ctx.adapter.get_targets(batch)
         except BatchNotUnderstood:
             targets = None
 
         def forward(module: Any, x: Any) -> torch.Tensor:
             with ctx.autocast():
-                return self.adapter.predict(module, x)
+                return ctx.adapter.predict(module, x)
 
         try:
             report = probe_batch_leakage(

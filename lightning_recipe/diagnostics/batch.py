@@ -7,7 +7,7 @@ Every check and monitor accepts the same three keyword arguments, ``inputs=``, `
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import Tensor, nn
@@ -15,6 +15,7 @@ from torch import Tensor, nn
 __all__ = [
     "BatchAdapter",
     "BatchNotUnderstood",
+    "call_with_batch",
     "batch_size_of",
     "default_forward",
     "default_inputs",
@@ -22,6 +23,7 @@ __all__ = [
     "first_tensor",
     "select_output",
     "slice_batch",
+    "whole_batch",
 ]
 
 Inputs = Any  # a tensor, or a tuple / dict of tensors
@@ -162,6 +164,61 @@ class BatchAdapter:
 
     def predict(self, module: nn.Module, inputs: Inputs) -> Tensor:
         return select_output(self.forward(module, inputs))
+
+    def fitted(self, module: nn.Module, batch: Any) -> BatchAdapter:
+        """This adapter if the model can be called with it on ``batch``; else, when ``inputs=`` and
+        ``forward=`` were left to their defaults, one that hands the model the whole batch (``module(batch)``,
+        as a ``forward(self, batch)`` wants). Raises :class:`BatchNotUnderstood` naming the arguments to pass
+        when neither works. Runs the model once or twice: call it under ``torch.no_grad()`` on a snapshot."""
+        guessed = self.inputs is default_inputs and self.forward is default_forward
+        first: Exception | None = None
+        inputs = None
+        try:
+            inputs = self.get_inputs(batch)
+            if not guessed or self._per_example(self.predict(module, inputs), batch):
+                return self
+        except BatchNotUnderstood as error:
+            first = error
+        except Exception as error:  # noqa: BLE001 - the user's forward on what we guessed it takes
+            first = error
+        if guessed and not isinstance(batch, Tensor):
+            whole = replace(self, inputs=whole_batch, forward=call_with_batch)
+            try:
+                if self._per_example(whole.predict(module, batch), batch):
+                    return whole
+            except Exception:  # noqa: BLE001, S110 - the first error is the one worth reporting
+                pass
+        if first is None:
+            return self  # odd outputs from the default call, and no better reading: leave it to the check
+        if isinstance(first, BatchNotUnderstood):
+            raise first
+        tried = f"`module(x)` with x = {_describe(inputs)}" if guessed else "your `inputs=` / `forward=`"
+        also = " and `module(batch)` with the whole batch" if guessed and not isinstance(batch, Tensor) else ""
+        raise BatchNotUnderstood(
+            f"calling the model as {tried}{also} raised {type(first).__name__}: {first}. Pass "
+            "`inputs=lambda batch: ...` returning what `forward` takes, or `forward=lambda module, x: ...`."
+        ) from first
+
+
+    def _per_example(self, output: Tensor, batch: Any) -> bool:
+        """Whether ``output`` can hold one prediction per example: a dimension of the targets' batch size,
+        or flattened rows (``(N*T, ...)``). A forward that took a guessed input and still ran can return
+        something else (``batch[0]`` of a tensor is its first row)."""
+        try:
+            n = self.get_targets(batch).shape[0]
+        except (BatchNotUnderstood, IndexError):
+            return True  # no targets to compare with
+        return n in output.shape or (output.ndim >= 1 and output.shape[0] >= n and output.shape[0] % n == 0)
+
+
+def whole_batch(batch: Any) -> Any:
+    """``inputs=`` for models whose ``forward`` takes the whole batch."""
+    return batch
+
+
+def call_with_batch(module: nn.Module, batch: Any) -> Any:
+    """``forward=`` for models whose ``forward`` takes the whole batch as one argument."""
+    return module(batch)
 
 
 def _describe(value: Any) -> str:
