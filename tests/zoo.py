@@ -552,3 +552,77 @@ BUGS = [
     Case("missing_causal_mask", UnmaskedLM, tokens, "BatchLeakageProbe", "mask"),
     Case("off_by_one_causal_mask", OffByOneMaskLM, tokens, "BatchLeakageProbe", "mask"),
 ]
+
+
+# -- monitors: bugs that only show while training ---------------------------------------------------------
+
+
+class LearningRate(MLP):
+    """The MLP with a given Adam learning rate (the healthy default is 3e-3)."""
+
+    def __init__(self, lr: float = 3e-3) -> None:
+        super().__init__()
+        self.lr = lr
+
+
+def lr_100x_too_high() -> LearningRate:
+    return LearningRate(0.3)
+
+
+def lr_1e7() -> LearningRate:
+    return LearningRate(1e-7)
+
+
+class LayerMissingFromOptimizer(MLP):
+    """`configure_optimizers` lists the head only: the hidden layers train nowhere."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.head.parameters(), lr=self.lr)
+
+
+class FrozenFirstConv(BatchNormCNN):
+    """The first conv frozen by mistake (meant: freeze a pretrained backbone that is not there)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features[0].requires_grad_(False)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+
+
+class PerStepDecay(MLP):
+    """An LR schedule meant per epoch that runs every step: the learning rate is gone within 100 steps."""
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        opt = torch.optim.Adam(self.parameters(), lr=self.lr)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.9)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+@dataclass(frozen=True)
+class MonitorCase:
+    """A bug a monitor must alert on, with the alert kind, within ``within`` optimizer steps."""
+
+    name: str
+    model: Callable[[], L.LightningModule]
+    data: Callable[[], DataLoader]
+    monitor: str
+    alert: str
+    within: int = 200
+
+    def __str__(self) -> str:
+        return f"{self.name}-{self.monitor}"
+
+
+MONITORS = ("UpdateRatioMonitor", "PredictionDynamicsLogger", "FirstLayerVisualizer")
+
+MONITOR_BUGS = [
+    MonitorCase("lr_100x_too_high", lr_100x_too_high, clusters, "UpdateRatioMonitor", "ratio_too_high"),
+    MonitorCase("lr_1e-7", lr_1e7, clusters, "UpdateRatioMonitor", "ratio_too_low"),
+    MonitorCase("lr_1e-7", lr_1e7, clusters, "PredictionDynamicsLogger", "frozen"),
+    MonitorCase("layer_missing_from_optimizer", LayerMissingFromOptimizer, clusters, "UpdateRatioMonitor",
+                "not_in_optimizer"),
+    MonitorCase("frozen_first_conv", FrozenFirstConv, shapes, "FirstLayerVisualizer", "not_changing"),
+    MonitorCase("lr_schedule_steps_every_batch", PerStepDecay, clusters, "UpdateRatioMonitor", "ratio_too_low"),
+]
