@@ -35,14 +35,17 @@ def run_ddp(
     model_kwargs: dict[str, Any] | None = None,
     max_steps: int = 2,
     timeout: float = 240,
+    tensorboard: bool = False,
 ) -> tuple[int, dict[int, dict[str, Any]], str]:
     """Returns (exit code, {rank: what it saw}, combined output). ``model`` and ``data`` are
     ``"module:attr"`` paths to a LightningModule class and a function returning a DataLoader;
     ``check`` names a check class exported by lightning_recipe, or several (each rank then also records
-    ``results``, one per check, and ``check_kwargs`` go to every one)."""
+    ``results``, one per check, and ``check_kwargs`` go to every one). Monitors work too: each rank records
+    their ``alerts`` as ``[kind, step]`` and whether they are still ``enabled``. With ``tensorboard=True`` the
+    Trainer logs to ``tmp_path/tb`` (rank zero writes; a test can count the event files)."""
     spec = dict(
         model=model, data=data, check=check, check_kwargs=check_kwargs or {},
-        model_kwargs=model_kwargs or {}, max_steps=max_steps,
+        model_kwargs=model_kwargs or {}, max_steps=max_steps, tensorboard=tensorboard,
     )
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run(
@@ -56,6 +59,7 @@ def run_ddp(
 def _main(spec: dict[str, Any], out: Path) -> int:
     import lightning.pytorch as L
     import torch
+    from lightning.pytorch.loggers import TensorBoardLogger
 
     import lightning_recipe
 
@@ -66,7 +70,8 @@ def _main(spec: dict[str, Any], out: Path) -> int:
     check = checks[0]
     model = _load(spec["model"])(**spec["model_kwargs"])
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_steps=spec["max_steps"], logger=False,
+        accelerator="cpu", devices=2, strategy="ddp", max_steps=spec["max_steps"],
+        logger=TensorBoardLogger(str(out / "tb"), name="") if spec.get("tensorboard") else False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, callbacks=checks,
     )
@@ -81,10 +86,17 @@ def _main(spec: dict[str, Any], out: Path) -> int:
         seen["message"] = traceback.format_exc()
     seen["rank"] = trainer.global_rank
     seen["global_step"] = trainer.global_step
-    seen["result"] = None if check.result is None else check.result.to_dict()
-    seen["results"] = [None if c.result is None else c.result.to_dict() for c in checks]
+    seen["result"] = _result(check)
+    seen["results"] = [_result(c) for c in checks]
+    seen["alerts"] = [[[a.kind, a.step] for a in getattr(c, "alerts", [])] for c in checks]
+    seen["enabled"] = [getattr(c, "enabled", True) for c in checks]
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(seen))
     return 1 if seen["error"] else 0
+
+
+def _result(check: Any) -> dict[str, Any] | None:
+    result = getattr(check, "result", None)
+    return None if result is None else result.to_dict()
 
 
 if __name__ == "__main__":
