@@ -1,8 +1,334 @@
-"""FirstLayerVisualizer (placeholder: being written)."""
+"""FirstLayerVisualizer: the first layer's filters as images, how noise-like they are, and whether they move.
 
+Recipe item (Karpathy, CS231n): "visualize the first-layer weights: nice edges vs noise". The math is in
+:mod:`lightning_recipe.diagnostics.first_layer`; this file finds the layer at the start of training, logs,
+and words the alerts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_recipe import _logging
+from lightning_recipe._args import check_int, check_positive
 from lightning_recipe.callbacks._monitor import Monitor
+from lightning_recipe.callbacks._preflight import CheckSkipped, _loader_generators, _single_loader, peek_batches
+from lightning_recipe.diagnostics.batch import BatchNotUnderstood, ForwardFn, InputsFn, TargetsFn
+from lightning_recipe.diagnostics.first_layer import (
+    LayerTrace,
+    LayerView,
+    Thresholds,
+    assess,
+    describe_layer,
+    filter_images,
+    layer_weights,
+    moved_from_init,
+    noise_score,
+    resolve_layer,
+    tensors_in,
+    trace_first_layer,
+    weighted_modules,
+)
+from lightning_recipe.diagnostics.state import RngState
+from lightning_recipe.report import RecipeWarning
+
+__all__ = ["FirstLayerVisualizer"]
 
 
 class FirstLayerVisualizer(Monitor):
-    def __init__(self, **kwargs):
-        super().__init__(every_n_steps=1, **kwargs)
+    """Shows the first layer's weights as images and alerts when they do not change, or still look like
+    noise late in training.
+
+    The first layer is found at the start of training by watching one forward pass (eval mode, no
+    gradients, on a batch read from a fresh pass over the training dataloader, random number generators
+    restored: the run is unchanged): the first module with weights whose input derives from the model input,
+    whatever the registration order. ``layer=`` names it instead.
+
+    Images: ``Conv2d`` kernels with 1 or 3 input channels one image per filter, other channel counts one
+    grayscale image per channel; ``Linear`` weights over flattened ``(N, C, H, W)`` inputs reshaped to
+    ``(C, H, W)``. Each image min-max normalised on its own, at most ``max_images``. Other first layers
+    (a ``Linear`` over plain vectors, ``nn.Embedding``, ``nn.LSTM``) get no images and no noise score, only
+    the movement measure and the ``not_changing`` alert; the log text says so.
+
+    Alerts (``.alerts``, each once, as a :class:`~lightning_recipe.RecipeWarning` too):
+
+    - ``not_changing``: from step ``not_changing_after_steps`` on, the weights moved at most 1e-7 of their
+      norm since the start: frozen by mistake, missing from the optimizer, or no gradient reaches them.
+    - ``noisy``: from step ``late_after_steps`` on, the noise score is at least ``noisy_above`` (i.i.d.
+      noise scores ~1) *and* the weights moved less than ``noisy_moved_below`` of their norm. Looks alone
+      mislead early (healthy filters look noisy for hundreds of steps), so movement must agree.
+
+    On a resumed run, movement is measured from the weights found at the resume.
+
+    Args:
+        layer: name of the module to watch (as in ``model.named_modules()``); default: found by the forward
+            pass. Unknown names are refused when ``fit`` sets up, with the list of modules with weights.
+        every_n_steps: log images every this many optimizer steps (also at the start and at the end).
+        measure_every_n_steps: log the scalars and decide alerts every this many optimizer steps.
+        max_images: most filter images per logged grid.
+        not_changing_after_steps, late_after_steps, noisy_above, noisy_moved_below: see
+            :class:`~lightning_recipe.diagnostics.first_layer.Thresholds`.
+        inputs, targets, forward: how to read a batch, as for the checks.
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[FirstLayerVisualizer()], logger=TensorBoardLogger("logs"))
+        trainer.fit(model, datamodule)   # Images tab: recipe/first_layer_visualizer/filters
+
+    Logged:
+        - ``recipe/first_layer_visualizer/filters``: the filter grid (TensorBoard), at the start, every
+          ``every_n_steps`` and at the end of training.
+        - ``recipe/first_layer_visualizer/noise_score``: ~1 for noise, towards 0 for smooth filters (image-like
+          layers only), every ``measure_every_n_steps``.
+        - ``recipe/first_layer_visualizer/moved_from_init``: ``||W - W0|| / ||W0||``, every
+          ``measure_every_n_steps``.
+        - ``recipe/first_layer_visualizer/layer`` (text): which layer, how it was found, how it is shown.
+    """
+
+    def __init__(
+        self,
+        layer: str | None = None,
+        *,
+        every_n_steps: int = 500,
+        measure_every_n_steps: int = 20,
+        max_images: int = 64,
+        not_changing_after_steps: int = 100,
+        late_after_steps: int = 2000,
+        noisy_above: float = 0.8,
+        noisy_moved_below: float = 0.1,
+        inputs: InputsFn | None = None,
+        targets: TargetsFn | None = None,
+        forward: ForwardFn | None = None,
+    ) -> None:
+        super().__init__(every_n_steps=every_n_steps, inputs=inputs, targets=targets, forward=forward)
+        if layer is not None and (not isinstance(layer, str) or not layer):
+            raise ValueError(
+                f"Expected `layer` to be the name of a module of the model (as in `model.named_modules()`) "
+                f"or None, but got {layer!r}."
+            )
+        check_int("measure_every_n_steps", measure_every_n_steps, 1)
+        check_int("max_images", max_images, 1)
+        check_int("not_changing_after_steps", not_changing_after_steps, 1)
+        check_int("late_after_steps", late_after_steps, 1)
+        check_positive("noisy_above", noisy_above)
+        check_positive("noisy_moved_below", noisy_moved_below)
+        self.layer = layer
+        self.measure_every_n_steps = measure_every_n_steps
+        self.max_images = max_images
+        self.thresholds = Thresholds(
+            not_changing_after_steps=not_changing_after_steps,
+            late_after_steps=late_after_steps,
+            noisy_above=float(noisy_above),
+            noisy_moved_below=float(noisy_moved_below),
+        )
+        self.layer_name: str | None = None  # the layer watched, once found
+        self.view: LayerView | None = None
+        self.baseline_score: float | None = None
+        self._module: nn.Module | None = None
+        self._initial: list[Tensor] | None = None
+        self._model_input_shape: tuple[int, ...] | None = None
+        self._start_step = 0
+        self._last_measured = -1
+        self._last_images = -1
+
+    # -- configuration, refused early ----------------------------------------------------------------
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # bad configuration, not an internal error: raised, never guarded. Modules built in
+        # `configure_model` do not exist yet; those are checked in on_fit_start.
+        if self.layer is not None and stage == "fit" and not is_overridden("configure_model", pl_module):
+            resolve_layer(pl_module, self.layer)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.layer is not None:
+            resolve_layer(pl_module, self.layer)
+
+    # -- hooks ---------------------------------------------------------------------------------------
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.enabled:
+            return
+        with self.guard(trainer):
+            self._start(trainer, pl_module)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self.enabled or self._module is None:
+            return
+        step = int(trainer.global_step)
+        if step == self._last_measured:  # gradient accumulation: several batches per optimizer step
+            return
+        with self.guard(trainer):
+            if step % self.every_n_steps == 0:
+                self._log_images(trainer, step)
+            if step % self.measure_every_n_steps == 0:
+                self._measure(trainer, step)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.enabled or self._module is None:
+            return
+        step = int(trainer.global_step)
+        with self.guard(trainer):
+            if step != self._last_images:
+                self._log_images(trainer, step)
+            if step != self._last_measured:
+                self._measure(trainer, step)
+
+    @override
+    def on_disabled(self) -> None:
+        self._module = None
+        self._initial = None
+
+    # -- work ----------------------------------------------------------------------------------------
+    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trace = self._trace(trainer, pl_module)
+        if self.layer is not None:
+            name, how = self.layer, "named by `layer=`"
+        elif trace is not None and trace.first is not None:
+            name, how = trace.first, "the first module with weights to read the model input in a forward pass"
+        else:
+            ran = ", ".join(trace.ran) if trace is not None and trace.ran else "none"
+            rank_zero_warn(
+                f"[lightning_recipe] {self.name} could not tell which layer reads the input (modules with weights "
+                f"that ran on it: {ran}; modules with weights: {', '.join(weighted_modules(pl_module)) or 'none'}). "
+                "Pass `layer=` with the module's name (and `inputs=` / `forward=` if the model is not called as "
+                "`model(batch[0])`); the visualizer is off for this run.",
+                category=RecipeWarning,
+            )
+            self.enabled = False
+            return
+        module = resolve_layer(pl_module, name)
+        shapes = trace.input_shapes if trace is not None else {}
+        self.view = describe_layer(module, shapes.get(name), self._model_input_shape)
+        self.layer_name = name
+        self._module = module
+        self._initial = [w.detach().clone() for w in layer_weights(module)]
+        self._start_step = int(trainer.global_step)
+        score = self._score()
+        self.baseline_score = score
+        if self.view.image_like:
+            shown = f"shown as images under `{self.tag('filters')}`; noise score at the start {score:.3f} (i.i.d. " \
+                "noise ~1, smooth filters towards 0)"
+        else:
+            shown = f"not image-like ({self.view.reason}): no images and no noise score, only " \
+                "`moved_from_init` and the not-changing alert"
+        text = f"First layer `{name}`: {self.view.description}, {how}; {shown}."
+        _logging.log_text(trainer, self.tag("layer"), text, self._start_step)
+        self._log_images(trainer, self._start_step)
+        self._measure(trainer, self._start_step)
+
+    def _trace(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> LayerTrace | None:
+        """One watched forward pass on a peeked batch, in eval mode without gradients, leaving every mode and
+        random number generator as it was. ``None`` when no batch can be read (then ``layer=`` is needed)."""
+        try:
+            generators = _loader_generators(_single_loader(trainer))
+        except CheckSkipped:
+            return None
+        self._model_input_shape = None
+        rng = RngState.capture(generators)
+        modes = [(m, m.training) for m in pl_module.modules()]
+        try:
+            batch = peek_batches(trainer, 1)[0]
+            pl_module.eval()
+            with torch.no_grad():
+                adapter = self.adapter
+                try:
+                    return self._trace_with(pl_module, adapter, batch)
+                except Exception:  # noqa: BLE001 - our reading of the batch; let the adapter find a better one
+                    adapter = adapter.fitted(pl_module, batch)
+                    return self._trace_with(pl_module, adapter, batch)
+        except (CheckSkipped, BatchNotUnderstood):
+            return None  # then `layer=` is needed, and the caller says so
+        finally:
+            for module, training in modes:
+                module.training = training
+            rng.restore()
+
+    def _trace_with(self, pl_module: nn.Module, adapter: Any, batch: Any) -> LayerTrace:
+        inputs = adapter.get_inputs(batch)
+        sources = list(tensors_in(inputs))
+        self._model_input_shape = tuple(sources[0].shape) if sources else None
+        return trace_first_layer(pl_module, lambda: adapter.forward(pl_module, inputs), sources)
+
+    def _weight(self) -> Tensor:
+        assert self._module is not None
+        return layer_weights(self._module)[0]
+
+    def _score(self) -> float | None:
+        if self.view is None or not self.view.image_like:
+            return None
+        return noise_score(self.view.filters(self._weight()))
+
+    def _log_images(self, trainer: pl.Trainer, step: int) -> None:
+        self._last_images = step
+        if self.view is None or not self.view.image_like:
+            return
+        images = filter_images(self.view.filters(self._weight()), self.max_images)
+        _logging.log_images(trainer, self.tag("filters"), images, step)
+
+    def _measure(self, trainer: pl.Trainer, step: int) -> None:
+        assert self._module is not None and self._initial is not None
+        self._last_measured = step
+        moved = moved_from_init(layer_weights(self._module), self._initial)
+        score = self._score()
+        scalars = {self.tag("moved_from_init"): moved}
+        if score is not None:
+            scalars[self.tag("noise_score")] = score
+        _logging.log_scalars(trainer, scalars, step)
+        for kind in assess(step - self._start_step, moved, score, self.thresholds):
+            self._raise(trainer, kind, step, moved, score)
+
+    def _raise(self, trainer: pl.Trainer, kind: str, step: int, moved: float, score: float | None) -> None:
+        name = self.layer_name
+        steps = step - self._start_step
+        details: dict[str, Any] = {
+            "layer": name, "moved_from_init": moved, "noise_score": score,
+            "noise_score_at_start": self.baseline_score, "steps": steps,
+        }
+        if kind == "not_changing":
+            cause = self._why_not_changing(trainer)
+            details["cause"] = cause
+            message = (
+                f"the first layer `{name}` has not changed in {steps} optimizer steps: ||W - W0|| / ||W0|| = "
+                f"{moved:.2g}, expected a healthy first layer to move well above "
+                f"{self.thresholds.not_changing_below:g}. Likely cause: {cause}. The network then learns "
+                "everything on top of random input features. Fix: train it (requires_grad=True and its "
+                "parameters in `configure_optimizers`). If you freeze a pretrained first layer on purpose, pass "
+                "`layer=` naming a layer that trains, or remove the FirstLayerVisualizer."
+            )
+        else:
+            message = (
+                f"the first layer `{name}` still looks like noise after {steps} optimizer steps: noise score "
+                f"{score:.2f} (it was {self.baseline_score:.2f} at the start; i.i.d. noise ~1, trained filters "
+                f"below {self.thresholds.noisy_above:g}) and it moved only {moved:.2g} of its norm from its "
+                f"initialisation (expected >= {self.thresholds.noisy_moved_below:g}). Likely causes: a learning "
+                "rate too low for this layer, vanishing gradients before the first layer, or too little training "
+                "signal. Fix: check the update ratio of this layer (UpdateRatioMonitor), raise its learning "
+                "rate, or add normalisation after it."
+            )
+        self.alert(trainer, kind, message, details)
+
+    def _why_not_changing(self, trainer: pl.Trainer) -> str:
+        assert self._module is not None
+        weights = layer_weights(self._module)
+        if not any(w.requires_grad for w in weights):
+            return "its weights have requires_grad=False (frozen)"
+        in_optimizer = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
+        if not any(id(w) in in_optimizer for w in weights):
+            return "its weights are in no optimizer (missing from `configure_optimizers`)"
+        if all(w.grad is None or not bool(torch.any(w.grad != 0)) for w in weights):
+            return "no gradient reaches it (a `.detach()` or `torch.no_grad()` between input and loss)"
+        lrs = [g.get("lr") for opt in trainer.optimizers for g in opt.param_groups
+               if any(id(p) in {id(w) for w in weights} for p in g["params"])]
+        return f"its updates are too small to register (learning rate {lrs})"
