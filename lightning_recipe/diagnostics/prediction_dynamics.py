@@ -1,0 +1,254 @@
+"""How a model's predictions on a fixed batch move between evaluations, and what the movement says about
+the learning rate.
+
+Recipe item "visualize prediction dynamics": on a fixed held-out batch, predictions of a healthy run move
+a lot early on and then settle while the loss falls. Predictions that keep jumping without the loss
+improving say the learning rate is too high (*thrashing*); predictions that do not move at all say it is
+too low, or that nothing trains (*frozen*).
+
+Quantities, between two evaluations of the same batch:
+
+- **churn**: fraction of predicted labels (rows: examples, or positions of a sequence) that changed.
+- **jitter**: mean ``|Δ p(true class)|`` for classification (per label for BCE); for regression the mean
+  ``|Δ prediction|`` divided by the standard deviation of the targets.
+- **movement**: RMS change of the raw outputs divided by their RMS spread (logits centred per row for
+  softmax), the scale-free "did anything move" number the frozen verdict uses; probabilities saturate on
+  a converged model, logits keep moving.
+
+No Lightning here. Example::
+
+    >>> import torch
+    >>> a = snapshot(torch.tensor([[2.0, 0.0], [0.0, 2.0]]), torch.tensor([0, 1]), step=0)
+    >>> b = snapshot(torch.tensor([[0.0, 2.0], [0.0, 2.0]]), torch.tensor([0, 1]), step=10)
+    >>> churn(a, b)
+    0.5
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torchmetrics.functional as tmf
+from torch import Tensor
+
+from lightning_recipe.diagnostics.init_loss import standard_loss, task_views
+
+__all__ = [
+    "DynamicsVerdict",
+    "Evaluation",
+    "Snapshot",
+    "churn",
+    "jitter",
+    "judge",
+    "movement",
+    "snapshot",
+]
+
+_EPS = 1e-8
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The model's predictions on the fixed batch at one optimizer step.
+
+    Attributes:
+        step: the optimizer step.
+        task: ``"multiclass"``, ``"binary"``, ``"multilabel"`` or ``"regression"``.
+        outputs: ``(M, C)`` float32 raw outputs, one row per prediction (as :func:`task_views` reads them).
+        targets: ``(M,)`` labels or ``(M, C)`` targets.
+        scores: ``(M, C')`` what is plotted: p(true class) ``(M, 1)``, p(true label) per BCE label, or the
+            regression prediction.
+        labels: ``(M, C')`` predicted labels (argmax, or thresholded at 0.5 for BCE); ``None`` for regression.
+        loss: the standard loss of the task on the batch (cross-entropy, BCE or MSE).
+        accuracy: torchmetrics accuracy, ``None`` for regression.
+        finite: whether every output is finite.
+        examples: N, the number of examples; rows per example is ``M // N``.
+        target_scale: std of the regression targets (1 for classification), what jitter is divided by.
+    """
+
+    step: int
+    task: str
+    outputs: Tensor
+    targets: Tensor
+    scores: Tensor
+    labels: Tensor | None
+    loss: float
+    accuracy: float | None
+    finite: bool
+    examples: int
+    target_scale: float = 1.0
+
+    def per_example(self) -> Tensor:
+        """``(N,)`` one score per example: the mean over its rows and columns (positions, labels)."""
+        n = max(self.examples, 1)
+        scores = self.scores.reshape(-1)
+        if scores.numel() % n:
+            return scores[:n]
+        return scores.reshape(n, -1).mean(1)
+
+    def per_example_targets(self) -> Tensor:
+        """``(N,)`` the regression target per example (mean over its rows and columns)."""
+        n = max(self.examples, 1)
+        t = self.targets.float().reshape(-1)
+        return t[:n] if t.numel() % n else t.reshape(n, -1).mean(1)
+
+
+def snapshot(outputs: Tensor, targets: Tensor, step: int, task: str = "auto", examples: int | None = None) -> Snapshot:
+    """Read ``outputs`` against ``targets`` (shapes as :func:`task_views` understands them) into a
+    :class:`Snapshot`. Raises :class:`~lightning_recipe.diagnostics.init_loss.TaskNotInferred` when the
+    shapes fit no task."""
+    outputs = outputs.detach().float()
+    finite = bool(torch.isfinite(outputs).all())
+    safe = torch.nan_to_num(outputs, nan=0.0, posinf=1e4, neginf=-1e4)
+    view = task_views(safe, targets.detach(), task=task)[0]
+    o, t = view.outputs.cpu(), view.targets.cpu()
+    n = int(examples if examples is not None else targets.shape[0] if targets.ndim else 1)
+    labels: Tensor | None
+    scale = 1.0
+    if view.loss_kind == "cross_entropy":
+        probabilities = _looks_like_probabilities(o)
+        p = o if probabilities else o.softmax(-1)
+        hard = t if t.ndim == 1 else t.argmax(-1)
+        scores = p.gather(1, hard[:, None])
+        labels = p.argmax(-1, keepdim=True)
+        if probabilities:
+            loss = float(torch.nn.functional.nll_loss(p.clamp_min(1e-12).log(), hard))
+        else:
+            loss = float(standard_loss(view))
+        accuracy = float(tmf.accuracy(p, hard, task="multiclass", num_classes=view.width, average="micro"))
+    elif view.loss_kind == "bce":
+        p = torch.sigmoid(o)
+        scores = torch.where(t > 0.5, p, 1 - p)
+        labels = (p > 0.5).long()
+        loss = float(standard_loss(view))
+        if view.task == "binary":
+            accuracy = float(tmf.accuracy(p.reshape(-1), t.reshape(-1).long(), task="binary"))
+        else:
+            accuracy = float(tmf.accuracy(p, t.long(), task="multilabel", num_labels=view.width, average="micro"))
+    else:
+        scores, labels, accuracy = o, None, None
+        loss = float(torch.nn.functional.mse_loss(o, t))
+        scale = float(t.std()) if t.numel() > 1 else 1.0
+        scale = scale if math.isfinite(scale) and scale > _EPS else 1.0
+    if not finite:
+        loss = math.inf
+    return Snapshot(step, view.task, o, t, scores, labels, loss, accuracy, finite, n, scale)
+
+
+def _looks_like_probabilities(o: Tensor) -> bool:
+    return (
+        o.shape[1] > 1
+        and bool((o >= 0).all())
+        and bool((o <= 1).all())
+        and bool(torch.allclose(o.sum(-1), torch.ones(()), atol=1e-3))
+    )
+
+
+def churn(previous: Snapshot, current: Snapshot) -> float | None:
+    """Fraction of predicted labels that changed between the two snapshots; ``None`` for regression."""
+    if previous.labels is None or current.labels is None or previous.labels.shape != current.labels.shape:
+        return None
+    return float((previous.labels != current.labels).float().mean())
+
+
+def jitter(previous: Snapshot, current: Snapshot) -> float:
+    """Mean ``|Δ score|``: p(true class) for classification, prediction / target std for regression."""
+    if previous.scores.shape != current.scores.shape:
+        return math.nan
+    delta = (current.scores - previous.scores).abs().mean()
+    return float(delta) / current.target_scale
+
+
+def movement(previous: Snapshot, current: Snapshot) -> float:
+    """RMS change of the raw outputs over their RMS spread: 0 when nothing moved, scale-free."""
+    if previous.outputs.shape != current.outputs.shape:
+        return math.nan
+    a, b = previous.outputs.double(), current.outputs.double()
+    if current.task == "multiclass":  # softmax ignores a per-row shift
+        a, b = a - a.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True)
+    spread = (b - b.mean(0)).pow(2).mean().sqrt() if current.task == "regression" else b.pow(2).mean().sqrt()
+    if current.task == "regression":
+        spread = torch.maximum(spread, torch.tensor(current.target_scale, dtype=torch.float64))
+    return float((b - a).pow(2).mean().sqrt() / (spread + _EPS))
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The numbers of one evaluation, compared with the one before it (``nan`` at the first)."""
+
+    step: int
+    loss: float
+    accuracy: float | None
+    churn: float | None
+    jitter: float
+
+
+@dataclass(frozen=True)
+class DynamicsVerdict:
+    """What a window of evaluations says: ``kind`` is ``"thrashing"``, ``"frozen"`` or ``None``; ``evidence``
+    holds the numbers (JSON-serialisable)."""
+
+    kind: str | None
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+
+def judge(
+    history: Sequence[Evaluation],
+    window_movement: float | None,
+    *,
+    window: int,
+    warmup_steps: int,
+    thrash_jitter: float,
+    frozen_movement: float,
+    improvement: float = 0.1,
+) -> DynamicsVerdict:
+    """Decide on the last ``window`` evaluations of ``history``.
+
+    Thrashing: past ``warmup_steps``, the mean jitter over the window is at least ``thrash_jitter`` and the
+    loss did not improve by ``improvement`` (relative) from the start of the window to its end (each end
+    the mean of two evaluations, so one lucky evaluation does not decide). Early training moves
+    predictions a lot too, but there the loss falls.
+
+    Frozen: ``window_movement`` (:func:`movement` between the outputs ``window`` evaluations ago and now) is
+    below ``frozen_movement`` and the loss never improved by ``improvement`` over the whole run (a model
+    that learnt and then settled, e.g. at the end of a cosine schedule, is not frozen).
+    """
+    if len(history) < window + 1:
+        return DynamicsVerdict(None)
+    recent = history[-window:]
+    start = history[-window - 1 :][:2]
+    end = recent[-2:]
+    loss_start = _mean([e.loss for e in start])
+    loss_end = _mean([e.loss for e in end])
+    first_loss = history[0].loss
+    best_loss = min(e.loss for e in history)
+    jitters = [e.jitter for e in recent if math.isfinite(e.jitter)]
+    churns = [e.churn for e in recent if e.churn is not None and math.isfinite(e.churn)]
+    mean_jitter = _mean(jitters) if jitters else math.nan
+    evidence: dict[str, Any] = {
+        "window_steps": [history[-window - 1].step, history[-1].step],
+        "mean_jitter": mean_jitter,
+        "mean_churn": _mean(churns) if churns else None,
+        "loss_window_start": loss_start,
+        "loss_window_end": loss_end,
+        "first_loss": first_loss,
+        "best_loss": best_loss,
+        "window_movement": window_movement,
+        "thrash_jitter": thrash_jitter,
+        "frozen_movement": frozen_movement,
+    }
+    stalled = not (loss_end < (1 - improvement) * loss_start)
+    if history[-1].step >= warmup_steps and math.isfinite(mean_jitter) and mean_jitter >= thrash_jitter and stalled:
+        return DynamicsVerdict("thrashing", evidence)
+    never_improved = not (best_loss < (1 - improvement) * first_loss)
+    if window_movement is not None and window_movement < frozen_movement and never_improved:
+        return DynamicsVerdict("frozen", evidence)
+    return DynamicsVerdict(None, evidence)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(sum(values) / len(values)) if values else math.nan

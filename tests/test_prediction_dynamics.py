@@ -1,0 +1,421 @@
+"""PredictionDynamicsLogger: the diagnostics on tensors with known answers, then the callback in real
+``Trainer.fit`` runs (fixed batch, mode and RNG restored, TensorBoard read back, alerts, DDP)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from lightning_recipe import PredictionDynamicsLogger, RecipeWarning
+from lightning_recipe.diagnostics import prediction_dynamics as pd
+from tests.ddp import run_ddp
+from tests.models import cluster_data, loader, trainer
+from tests.zoo import (
+    MLP,
+    BatchNormCNN,
+    MultilabelMLP,
+    RegressionWithMeanBias,
+    ZooModule,
+    multilabel,
+    regression,
+    shapes,
+)
+
+TAG = "recipe/prediction_dynamics_logger/"
+
+# -- models (module level: DDP imports them) --------------------------------------------------------
+
+
+class Validated:
+    """Mixin: a ``validation_step``, without which Lightning skips the validation loader altogether."""
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", self.loss(self(x), y))  # type: ignore[attr-defined]
+
+
+class ValidatedMLP(Validated, MLP):
+    pass
+
+
+class ValidatedBatchNormCNN(Validated, BatchNormCNN):
+    pass
+
+
+class ThrashingMLP(MLP):
+    """Adam at 0.3 on overlapping clusters: predictions jump between evaluations and the loss never settles."""
+
+    lr = 0.3
+
+
+def overlapping_clusters() -> Any:
+    return loader(cluster_data(spread=1.0))
+
+
+class BinaryMLP(ZooModule):
+    """One logit per example, ``(N, 1)`` float 0/1 targets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.binary_cross_entropy_with_logits(self(x), y)
+
+
+def binary_loader() -> Any:
+    x, y = cluster_data(classes=2).tensors
+    return loader(TensorDataset(x, y[:, None].float()))
+
+
+class FrozenNormMLP(MLP):
+    """A BatchNorm the user keeps in eval mode (frozen statistics) inside a model that trains: the logger's
+    eval pass must put back exactly this mix of modes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(8)
+        self.norm.eval()
+        self.drop = nn.Dropout(0.3)
+        self.modes_seen: list[tuple[bool, bool, bool]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(self.net(self.norm(x))))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.modes_seen.append((self.norm.training, self.drop.training, self.training))
+        return super().training_step(batch, batch_idx)
+
+
+class NanWhenEval(MLP):
+    """Finite while training, NaN in eval mode after step 10: a stand-in for a diverged model."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        return out * math.nan if not self.training and self.global_step >= 10 else out
+
+
+class BrokenInEval(MLP):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training and self.global_step > 0:
+            raise RuntimeError("boom")
+        return super().forward(x)
+
+
+# -- diagnostics ----------------------------------------------------------------------------------
+
+
+def test_churn_counts_the_labels_that_changed():
+    targets = torch.tensor([0, 1, 2, 0])
+    before = pd.snapshot(torch.eye(3)[[0, 1, 2, 0]] * 4, targets, step=0)
+    after = pd.snapshot(torch.eye(3)[[0, 1, 1, 2]] * 4, targets, step=10)
+    assert pd.churn(before, after) == 0.5
+    assert pd.churn(before, before) == 0.0
+    assert before.accuracy == 1.0 and after.accuracy == 0.5
+
+
+def test_jitter_is_mean_change_of_true_class_probability():
+    targets = torch.tensor([0, 1])
+    before = pd.snapshot(torch.zeros(2, 2), targets, step=0)  # p(true) = 0.5, 0.5
+    logit = math.log(3.0)  # p = 0.75 for the larger of two
+    after = pd.snapshot(torch.tensor([[logit, 0.0], [logit, 0.0]]), targets, step=1)  # p(true) = 0.75, 0.25
+    assert pd.jitter(before, after) == pytest.approx(0.25)
+    assert after.scores.flatten().tolist() == pytest.approx([0.75, 0.25])
+    assert after.loss == pytest.approx(F.cross_entropy(after.outputs, targets).item())
+
+
+def test_binary_and_multilabel_read_per_label_probabilities():
+    binary = pd.snapshot(torch.tensor([[0.0], [2.0]]), torch.tensor([[1.0], [0.0]]), step=0)
+    assert binary.task == "binary"
+    assert binary.scores.flatten().tolist() == pytest.approx([0.5, 1 - torch.sigmoid(torch.tensor(2.0)).item()])
+    assert binary.accuracy == 0.0
+    multi = pd.snapshot(torch.tensor([[3.0, -3.0, 3.0]]), torch.tensor([[1.0, 1.0, 0.0]]), step=0)
+    assert multi.task == "multilabel" and multi.accuracy == pytest.approx(1 / 3)
+    assert multi.per_example().shape == (1,)
+
+
+def test_regression_jitter_is_relative_to_the_target_spread():
+    targets = torch.tensor([[0.0], [2.0], [4.0], [6.0]])
+    before = pd.snapshot(targets.clone(), targets, step=0)
+    after = pd.snapshot(targets + 1.0, targets, step=1)
+    assert before.task == "regression" and before.accuracy is None and before.labels is None
+    assert pd.churn(before, after) is None
+    assert pd.jitter(before, after) == pytest.approx(1.0 / targets.std().item())
+    assert after.loss == pytest.approx(1.0)
+
+
+def test_probability_outputs_are_not_softmaxed_twice():
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
+    snap = pd.snapshot(probs, torch.tensor([0, 1]), step=0)
+    assert snap.scores.flatten().tolist() == pytest.approx([0.9, 0.8])
+
+
+def test_movement_is_zero_when_nothing_moves_and_ignores_a_softmax_shift():
+    targets = torch.tensor([0, 1, 2])
+    a = pd.snapshot(torch.randn(3, 3, generator=torch.Generator().manual_seed(0)), targets, step=0)
+    shifted = pd.snapshot(a.outputs + 5.0, targets, step=1)
+    assert pd.movement(a, a) == 0.0
+    assert pd.movement(a, shifted) == pytest.approx(0.0, abs=1e-6)
+    assert pd.movement(a, pd.snapshot(a.outputs * 2, targets, step=2)) > 0.3
+
+
+def test_non_finite_outputs_are_flagged_not_raised():
+    snap = pd.snapshot(torch.tensor([[math.nan, 0.0]]), torch.tensor([0]), step=3)
+    assert not snap.finite and snap.loss == math.inf
+
+
+def _history(jitters: list[float], losses: list[float], every: int = 20) -> list[pd.Evaluation]:
+    return [
+        pd.Evaluation(i * every, loss, None, None, j) for i, (j, loss) in enumerate(zip(jitters, losses, strict=True))
+    ]
+
+
+JUDGE = dict(window=5, warmup_steps=50, thrash_jitter=0.05, frozen_movement=5e-3)
+
+
+def test_thrashing_needs_high_jitter_a_stalled_loss_and_warm_up():
+    flat = [1.0, 0.9, 0.95, 0.9, 1.0, 0.92, 0.97]
+    jumpy = [math.nan] + [0.2] * 6
+    assert pd.judge(_history(jumpy, flat), 0.5, **JUDGE).kind == "thrashing"
+    falling = [1.0, 0.8, 0.6, 0.45, 0.3, 0.2, 0.1]
+    assert pd.judge(_history(jumpy, falling), 0.5, **JUDGE).kind is None  # early training: moves and learns
+    calm = [math.nan] + [0.01] * 6
+    assert pd.judge(_history(calm, flat), 0.5, **JUDGE).kind is None
+    assert pd.judge(_history(jumpy, flat, every=5), 0.5, **JUDGE).kind is None  # still in warm-up
+    assert pd.judge(_history(jumpy[:5], flat[:5]), 0.5, **JUDGE).kind is None  # window not full
+
+
+def test_frozen_needs_no_movement_and_no_progress():
+    flat = [1.0] * 7
+    still = [math.nan] + [0.0] * 6
+    verdict = pd.judge(_history(still, flat), 1e-5, **JUDGE)
+    assert verdict.kind == "frozen" and verdict.evidence["window_movement"] == 1e-5
+    assert pd.judge(_history(still, flat), 0.05, **JUDGE).kind is None
+    learnt_then_settled = [1.0, 0.5, 0.1, 0.05, 0.05, 0.05, 0.05]  # e.g. a cosine schedule reaching zero
+    assert pd.judge(_history(still, learnt_then_settled), 1e-5, **JUDGE).kind is None
+
+
+# -- arguments ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"every_n_steps": 0}, r"`every_n_steps` to be an integer >= 1, but got 0"),
+        ({"num_examples": 0}, r"`num_examples` to be an integer >= 1"),
+        ({"source": "test"}, r"`source` to be one of \['val', 'train'\], but got 'test'"),
+        ({"thrash_jitter": 2.0}, r"`thrash_jitter` to be a number in the \(0, 1\) range"),
+        ({"frozen_movement": -1}, r"`frozen_movement` to be a positive number"),
+        ({"window": 1}, r"`window` to be an integer >= 2"),
+        ({"task": "ranking"}, r"`task` to be one of \['auto', 'multiclass'"),
+    ],
+)
+def test_bad_arguments_are_refused_with_the_valid_choices(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PredictionDynamicsLogger(**kwargs)
+
+
+# -- through a real Trainer -----------------------------------------------------------------------
+
+
+def _tb_trainer(tmp_path: Path, **kwargs: Any) -> L.Trainer:
+    return trainer(logger=TensorBoardLogger(str(tmp_path), name="tb"), log_every_n_steps=1, **kwargs)
+
+
+def _events(t: L.Trainer) -> EventAccumulator:
+    t.logger.experiment.flush()
+    acc = EventAccumulator(t.logger.log_dir, size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def test_fixed_batch_comes_from_the_validation_loader():
+    train = cluster_data()
+    val_x = torch.full((40, 8), 7.0) + torch.arange(40.0)[:, None]
+    val = TensorDataset(val_x, torch.arange(40) % 4)
+    monitor = PredictionDynamicsLogger(every_n_steps=5, num_examples=24)
+    t = trainer(max_steps=10, callbacks=[monitor])
+    t.fit(ValidatedMLP(), loader(train), loader(val, batch_size=16, shuffle=False))
+    assert monitor.batch_source == "val"
+    x, y = monitor.batch
+    assert torch.equal(x, val_x[:24]) and torch.equal(y, (torch.arange(40) % 4)[:24])  # two batches joined, cut
+    assert [e.step for e in monitor.history] == [0, 5, 10]
+
+
+def test_falls_back_to_the_first_training_batch_and_says_so(tmp_path):
+    data = cluster_data()
+    monitor = PredictionDynamicsLogger(every_n_steps=5, num_examples=8)
+    t = _tb_trainer(tmp_path, max_steps=5, callbacks=[monitor])
+    t.fit(MLP(), loader(data, shuffle=False))
+    assert monitor.batch_source == "train"
+    assert torch.equal(monitor.batch[0], data.tensors[0][:8])
+    text = _events(t).Tensors(TAG + "batch/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "training batch" in text and "no validation loader" in text
+
+
+def test_train_eval_mode_of_every_submodule_is_restored():
+    model = FrozenNormMLP()
+    trainer(max_steps=30, callbacks=[PredictionDynamicsLogger(every_n_steps=1)]).fit(model, loader(cluster_data()))
+    assert len(model.modes_seen) == 30
+    assert set(model.modes_seen) == {(False, True, True)}
+
+
+def test_one_evaluation_per_optimizer_step_with_gradient_accumulation():
+    monitor = PredictionDynamicsLogger(every_n_steps=2)
+    trainer(max_steps=6, accumulate_grad_batches=3, callbacks=[monitor]).fit(MLP(), loader(cluster_data()))
+    assert [e.step for e in monitor.history] == [0, 2, 4, 6]
+
+
+def test_scalars_and_trajectory_figures_in_tensorboard(tmp_path):
+    L.seed_everything(0, verbose=False)
+    monitor = PredictionDynamicsLogger(every_n_steps=10, figure_every_n_evaluations=2)
+    t = _tb_trainer(tmp_path, max_steps=40, callbacks=[monitor])
+    t.fit(ValidatedMLP(), loader(cluster_data()), loader(cluster_data(n=64), shuffle=False))
+    acc = _events(t)
+    steps = {q: [e.step for e in acc.Scalars(TAG + q)] for q in ("loss", "accuracy", "churn", "jitter")}
+    assert steps == {
+        "loss": [0, 10, 20, 30, 40],
+        "accuracy": [0, 10, 20, 30, 40],
+        "churn": [10, 20, 30, 40],
+        "jitter": [10, 20, 30, 40],
+    }
+    losses = [e.value for e in acc.Scalars(TAG + "loss")]
+    assert losses[-1] < losses[0]
+    assert [e.value for e in acc.Scalars(TAG + "loss")] == pytest.approx([h.loss for h in monitor.history])
+    assert all(0 <= e.value <= 1 for q in ("accuracy", "churn", "jitter") for e in acc.Scalars(TAG + q))
+    images = acc.Images(TAG + "trajectories")
+    assert [i.step for i in images] == [10, 30, 40]  # every 2nd evaluation (the 2nd is step 10), and the end
+    assert images[-1].width > 100 and images[-1].height > 100
+    assert monitor.alerts == []
+
+
+def test_regression_logs_loss_and_jitter_and_draws_prediction_vs_target(tmp_path):
+    L.seed_everything(0, verbose=False)
+    monitor = PredictionDynamicsLogger(every_n_steps=10)
+    t = _tb_trainer(tmp_path, max_steps=30, callbacks=[monitor])
+    t.fit(RegressionWithMeanBias(), regression())
+    acc = _events(t)
+    tags = acc.Tags()
+    assert {TAG + "loss", TAG + "jitter"} <= set(tags["scalars"])
+    assert TAG + "accuracy" not in tags["scalars"] and TAG + "churn" not in tags["scalars"]
+    assert [i.step for i in acc.Images(TAG + "trajectories")] == [30]
+    x, y = monitor.batch
+    with torch.no_grad():
+        expected = F.mse_loss(t.lightning_module(x), y).item()
+    assert monitor.history[-1].loss == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("model", "data"), [(BinaryMLP, binary_loader), (MultilabelMLP, multilabel)], ids=["binary", "multilabel"]
+)
+def test_binary_and_multilabel_log_accuracy_and_figures(tmp_path, model, data):
+    L.seed_everything(0, verbose=False)
+    monitor = PredictionDynamicsLogger(every_n_steps=10)
+    t = _tb_trainer(tmp_path, max_steps=30, callbacks=[monitor])
+    t.fit(model(), data())
+    acc = _events(t)
+    accuracy = [e.value for e in acc.Scalars(TAG + "accuracy")]
+    assert len(accuracy) == 4 and all(0 <= a <= 1 for a in accuracy)
+    assert len(acc.Scalars(TAG + "churn")) == 3
+    assert len(acc.Images(TAG + "trajectories")) == 1
+    assert monitor.alerts == []
+
+
+@pytest.mark.filterwarnings("ignore::lightning_recipe.report.RecipeWarning")
+def test_lr_far_too_high_is_alerted_as_thrashing():
+    L.seed_everything(0, verbose=False)
+    monitor = PredictionDynamicsLogger()
+    trainer(max_steps=300, callbacks=[monitor]).fit(ThrashingMLP(), overlapping_clusters())
+    assert monitor.enabled
+    alert = next(a for a in monitor.alerts if a.kind == "thrashing")
+    assert alert.step <= 200
+    assert "lower the learning rate ~10x" in alert.message
+    assert alert.details["mean_jitter"] >= 0.05
+
+
+def test_healthy_lr_on_the_same_data_raises_no_alert():
+    L.seed_everything(0, verbose=False)
+    monitor = PredictionDynamicsLogger()
+    trainer(max_steps=300, callbacks=[monitor]).fit(MLP(), overlapping_clusters())
+    assert monitor.alerts == []
+
+
+def test_lr_1e7_is_alerted_as_frozen_with_the_fix():
+    class TinyLR(MLP):
+        lr = 1e-7
+
+    L.seed_everything(0, verbose=False)
+    monitor = PredictionDynamicsLogger()
+    with pytest.warns(RecipeWarning, match="alert `frozen`"):
+        trainer(max_steps=200, callbacks=[monitor]).fit(TinyLR(), loader(cluster_data()))
+    (alert,) = monitor.alerts
+    assert alert.kind == "frozen" and alert.step <= 200
+    assert "raise the learning rate" in alert.message and "configure_optimizers" in alert.message
+
+
+def test_non_finite_predictions_are_alerted():
+    monitor = PredictionDynamicsLogger(every_n_steps=5)
+    with pytest.warns(RecipeWarning, match="alert `non_finite`"):
+        trainer(max_steps=20, callbacks=[monitor]).fit(NanWhenEval(), loader(cluster_data()))
+    assert [a.kind for a in monitor.alerts] == ["non_finite"] and monitor.alerts[0].step == 10
+    assert monitor.enabled
+
+
+def test_an_internal_error_switches_the_logger_off_and_training_goes_on():
+    monitor = PredictionDynamicsLogger(every_n_steps=2)
+    t = trainer(max_steps=10, callbacks=[monitor])
+    with pytest.warns(RecipeWarning, match="switched itself off"):
+        t.fit(BrokenInEval(), loader(cluster_data()))
+    assert t.global_step == 10 and not monitor.enabled
+
+
+def _seeded_run(with_logger: bool) -> dict[str, torch.Tensor]:
+    L.seed_everything(0, workers=True, verbose=False)
+    model = ValidatedBatchNormCNN()
+    callbacks = [PredictionDynamicsLogger(every_n_steps=3)] if with_logger else []
+    val = shapes()  # shuffled: reading it draws from the RNG the logger must put back
+    trainer(max_steps=25, deterministic=True, val_check_interval=4, callbacks=callbacks).fit(model, shapes(), val)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_a_seeded_run_ends_bit_identical_with_and_without_the_logger():
+    without, with_logger = _seeded_run(False), _seeded_run(True)
+    assert without.keys() == with_logger.keys()
+    assert all(torch.equal(without[k], with_logger[k]) for k in without)
+
+
+def test_ddp_both_ranks_evaluate_and_only_rank_zero_writes(tmp_path):
+    code, ranks, output = run_ddp(
+        tmp_path,
+        model="tests.models:MLPClassifier",
+        data="tests.models:cluster_loader",
+        check="PredictionDynamicsLogger",
+        check_kwargs={"every_n_steps": 2, "figure_every_n_evaluations": 1},
+        max_steps=6,
+        tensorboard=True,
+    )
+    assert code == 0, output[-3000:]
+    assert sorted(ranks) == [0, 1]
+    for seen in ranks.values():
+        assert seen["error"] is None, seen.get("message")
+        assert seen["enabled"] == [True] and seen["global_step"] == 6
+    events = list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+    assert len(events) == 1, events
+    acc = EventAccumulator(str(events[0].parent), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars(TAG + "loss")] == [0, 2, 4, 6]
+    assert len(acc.Images(TAG + "trajectories")) >= 3
