@@ -55,12 +55,13 @@ class PredictionDynamicsLogger(Monitor):
     - ``non_finite``: the predictions on the batch became NaN or infinite.
 
     Args:
-        every_n_steps: evaluate on optimizer steps that are multiples of this. The default, 20, costs well
-            under 1% of step time on a batch of 32 and alerts a persistent problem by step ~120-160.
+        every_n_steps: evaluate on optimizer steps that are multiples of this. At the default, 25, one
+            forward pass on 32 examples every 25 steps costs ~1% of step time, and with ``window=4`` a frozen
+            run is alerted at step 100, a thrashing one by step ~200.
         num_examples: at most this many examples in the fixed batch.
         source: ``"val"`` (validation loader, falling back to training when there is none) or ``"train"``.
-        figure_every_n_evaluations: draw the trajectory figure every this many evaluations and at the end of
-            training (figures cost ~50 ms each).
+        figure_every_n_steps: draw the trajectory figure on evaluations at multiples of this step and at the
+            end of training (a figure costs ~100 ms, an evaluation ~1-2 ms on a small model).
         window: evaluations a verdict looks back over.
         warmup_steps: no thrashing verdict before this optimizer step (early training moves a lot).
         thrash_jitter: mean jitter (|Δ p(true class)|, or |Δ prediction| / target std) at which predictions
@@ -88,11 +89,11 @@ class PredictionDynamicsLogger(Monitor):
     def __init__(
         self,
         *,
-        every_n_steps: int = 20,
+        every_n_steps: int = 25,
         num_examples: int = 32,
         source: str = "val",
-        figure_every_n_evaluations: int = 50,
-        window: int = 5,
+        figure_every_n_steps: int = 1000,
+        window: int = 4,
         warmup_steps: int = 50,
         thrash_jitter: float = 0.05,
         frozen_movement: float = 5e-3,
@@ -104,7 +105,7 @@ class PredictionDynamicsLogger(Monitor):
         super().__init__(every_n_steps=every_n_steps, inputs=inputs, targets=targets, forward=forward)
         check_int("num_examples", num_examples, 1)
         check_choice("source", source, ("val", "train"))
-        check_int("figure_every_n_evaluations", figure_every_n_evaluations, 1)
+        check_int("figure_every_n_steps", figure_every_n_steps, 1)
         check_int("window", window, 2)
         check_int("warmup_steps", warmup_steps, 0)
         check_fraction("thrash_jitter", thrash_jitter)
@@ -112,7 +113,7 @@ class PredictionDynamicsLogger(Monitor):
         check_choice("task", task, TASKS)
         self.num_examples = num_examples
         self.source = source
-        self.figure_every_n_evaluations = figure_every_n_evaluations
+        self.figure_every_n_steps = figure_every_n_steps
         self.window = window
         self.warmup_steps = warmup_steps
         self.thrash_jitter = thrash_jitter
@@ -125,6 +126,7 @@ class PredictionDynamicsLogger(Monitor):
         self._trajectory_steps: list[int] = []
         self._trajectories: list[Tensor] = []  # (N,) per evaluation
         self._last_step = -1
+        self._figure_step = -1
 
     # -- Lightning hooks -------------------------------------------------------------------------------
     @override
@@ -152,7 +154,8 @@ class PredictionDynamicsLogger(Monitor):
         with self.guard(trainer):
             if int(trainer.global_step) != self._last_step:
                 self._evaluate(trainer, pl_module, figure=False)
-            self._draw(trainer)
+            if self._figure_step != self._last_step:
+                self._draw(trainer)
 
     @override
     def on_disabled(self) -> None:
@@ -268,7 +271,7 @@ class PredictionDynamicsLogger(Monitor):
             metrics[self.tag("jitter")] = evaluation.jitter
         _logging.log_scalars(trainer, {k: v for k, v in metrics.items() if math.isfinite(v)}, step)
         self._decide(trainer, current)
-        if figure and len(self.history) % self.figure_every_n_evaluations == 0:
+        if figure and step > 0 and step % self.figure_every_n_steps == 0:
             self._draw(trainer)
 
     def _record_trajectory(self, current: Snapshot) -> None:
@@ -365,7 +368,8 @@ class PredictionDynamicsLogger(Monitor):
             ax.set_ylim(-0.02, 1.02)
             ax.set_ylabel("p(true class)" if last.task == "multiclass" else "p(true label)")
             ax.set_title(f"{values.shape[1]} fixed {self.batch_source} examples")
-        _logging.log_figure(trainer, self.tag("trajectories"), figure, int(trainer.global_step))
+        self._figure_step = int(trainer.global_step)
+        _logging.log_figure(trainer, self.tag("trajectories"), figure, self._figure_step)
 
 
 @contextmanager
