@@ -62,10 +62,11 @@ def log_text(trainer: pl.Trainer, name: str, text: str, step: int) -> None:
         writer.add_text(name, text, global_step=step)
 
 
-def log_histogram(trainer: pl.Trainer, name: str, values: Tensor, step: int) -> None:
+def log_histogram(trainer: pl.Trainer, name: str, values: Tensor, step: int, bins: Any = "tensorflow") -> None:
+    """``bins`` as for ``SummaryWriter.add_histogram``; fixed edges (a sequence) cost ~6x less than the default."""
     writer = _writer(trainer)
     if writer is not None:
-        writer.add_histogram(name, values.detach().float().cpu(), global_step=step)
+        writer.add_histogram(name, values.detach().float().cpu(), global_step=step, bins=bins)
 
 
 def log_images(trainer: pl.Trainer, name: str, images: Tensor, step: int) -> None:

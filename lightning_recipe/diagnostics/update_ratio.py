@@ -1,0 +1,188 @@
+"""The update-to-weight ratio ``||ΔW|| / ||W||`` per parameter tensor (CS231n: "want ~1e-3"), and the window
+statistics that decide when it is out of the healthy band. No Lightning here.
+
+Measuring is two calls around an optimizer step: :func:`snapshot` copies the parameters (fp32, one fused
+copy), :func:`measure` compares the stepped parameters with the copy using ``torch._foreach_*`` ops and returns
+per-tensor norms. Under sharded parameters (FSDP2 ``DTensor``) each rank holds a shard: the *squared* norms are
+summed over the mesh dimensions the tensor is sharded along before the ratio is taken
+(:func:`reduce_squared_norms`), so every rank gets the ratio of the full tensor. Every rank must call
+:func:`measure` on the same steps with the same parameter list: it runs collectives.
+
+Decisions are pure functions of the measured history: :func:`median_ratio` (over weight matrices, where the
+ratio means something: biases start at zero and norm-layer gains at one, their ratios are off-scale by design),
+:func:`sustained` (a window, not one step: healthy Adam runs have single steps above 1e-2), :func:`never_moved`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "TARGET_RATIO",
+    "UpdateRatios",
+    "fmt",
+    "format_names",
+    "local_tensor",
+    "measure",
+    "median_ratio",
+    "never_moved",
+    "reduce_squared_norms",
+    "snapshot",
+    "sustained",
+]
+
+TARGET_RATIO = 1e-3
+"""CS231n's rule of thumb for ``||ΔW|| / ||W||`` per step."""
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "to_local") and hasattr(t, "device_mesh")
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """The part of ``t`` this rank holds: the local shard of a ``DTensor``, ``t`` itself otherwise."""
+    return t.to_local() if _is_dtensor(t) else t  # type: ignore[attr-defined]
+
+
+def snapshot(params: Sequence[Tensor]) -> list[Tensor]:
+    """fp32 copies of the (local shards of the) parameters, taken just before an optimizer step."""
+    local = [local_tensor(p).detach() for p in params]
+    copies: list[Tensor | None] = [None] * len(local)
+    fp32 = [i for i, t in enumerate(local) if t.dtype == torch.float32]
+    if fp32:
+        for i, c in zip(fp32, torch._foreach_mul([local[i] for i in fp32], 1.0), strict=True):  # one fused copy
+            copies[i] = c
+    for i, t in enumerate(local):
+        if copies[i] is None:
+            copies[i] = t.to(torch.float32, copy=True)  # fp16/bf16/fp64 measured in fp32
+    return copies  # type: ignore[return-value]
+
+
+def reduce_squared_norms(params: Sequence[Tensor], squared: Tensor) -> Tensor:
+    """Sum per-shard squared norms over the ranks that hold the other shards.
+
+    ``squared`` is ``(k, len(params))``: k quantities per parameter, squared norms of this rank's local shards.
+    For a ``DTensor`` parameter the column is all-reduced (sum) over each mesh dimension it is sharded along
+    (not over replicated dimensions: those hold copies). Plain tensors are returned as they are. Parameters that
+    share a mesh and placements are reduced in one collective. Every rank must call this with the same
+    parameter list, on the same steps.
+    """
+    groups: dict[tuple[int, tuple[int, ...]], list[int]] = {}
+    meshes: dict[int, object] = {}
+    for i, p in enumerate(params):
+        if not _is_dtensor(p):
+            continue
+        mesh = p.device_mesh  # type: ignore[attr-defined]
+        dims = tuple(d for d, placement in enumerate(p.placements) if placement.is_shard())  # type: ignore[attr-defined]
+        if dims:
+            meshes[id(mesh)] = mesh
+            groups.setdefault((id(mesh), dims), []).append(i)
+    if not groups:
+        return squared
+    import torch.distributed as dist
+
+    squared = squared.clone()
+    for (mesh_id, dims), columns in groups.items():
+        mesh = meshes[mesh_id]
+        index = torch.tensor(columns, device=squared.device)
+        part = squared.index_select(1, index).contiguous()
+        for d in dims:
+            dist.all_reduce(part, op=dist.ReduceOp.SUM, group=mesh.get_group(d))  # type: ignore[attr-defined]
+        squared.index_copy_(1, index, part)
+    return squared
+
+
+@dataclass(frozen=True)
+class UpdateRatios:
+    """One measured optimizer step. Tensors are fp32 on the CPU, one entry per parameter.
+
+    Attributes:
+        update_norms: ``||W_after - W_before||``.
+        weight_norms: ``||W_before||``.
+        ratios: ``update_norms / weight_norms`` (``inf`` or ``nan`` where the weight norm is 0).
+    """
+
+    update_norms: Tensor
+    weight_norms: Tensor
+    ratios: Tensor
+
+    @property
+    def non_finite(self) -> Tensor:
+        """Where the weights or the update hold NaN/Inf (their norm is not finite)."""
+        return ~(torch.isfinite(self.update_norms) & torch.isfinite(self.weight_norms))
+
+
+def measure(params: Sequence[Tensor], before: Sequence[Tensor]) -> UpdateRatios:
+    """Compare the parameters now with their :func:`snapshot` from before the step; reduces across shards."""
+    if not params:
+        empty = torch.zeros(0)
+        return UpdateRatios(empty, empty, empty)
+    after = [local_tensor(p).detach() for p in params]
+    after = [t if t.dtype == torch.float32 else t.float() for t in after]
+    deltas = torch._foreach_sub(after, list(before))
+    update = torch.stack(torch._foreach_norm(deltas))
+    weight = torch.stack(torch._foreach_norm(list(before)))
+    squared = reduce_squared_norms(params, torch.stack([update, weight]).square())
+    update, weight = squared.sqrt().cpu().unbind(0)
+    return UpdateRatios(update_norms=update, weight_norms=weight, ratios=update / weight)
+
+
+def median_ratio(
+    ratios: Sequence[float] | Tensor,
+    weight_norms: Sequence[float] | Tensor,
+    is_matrix: Sequence[bool],
+    min_weight_norm: float = 1e-6,
+) -> float | None:
+    """The median ratio over the weight matrices (``ndim >= 2``) with a usable norm; over all parameters
+    with a usable norm when the model has no matrix. Zero updates count (a parameter that did not move is
+    measured at ratio 0); non-finite ratios and weights below ``min_weight_norm`` (a bias still near its zero
+    init) do not. The lower middle for an even count; ``None`` when nothing qualifies. Plain Python: a few
+    dozen numbers are cheaper here than a dozen small tensor ops."""
+    r, w = _floats(ratios), _floats(weight_norms)
+    usable = [math.isfinite(a) and math.isfinite(b) and b > min_weight_norm for a, b in zip(r, w, strict=True)]
+    chosen = [a for a, u, m in zip(r, usable, is_matrix, strict=True) if u and m]
+    chosen = chosen or [a for a, u in zip(r, usable, strict=True) if u]
+    if not chosen:
+        return None
+    chosen.sort()
+    return chosen[(len(chosen) - 1) // 2]
+
+
+def _floats(values: Sequence[float] | Tensor) -> list[float]:
+    return values.tolist() if isinstance(values, Tensor) else [float(v) for v in values]
+
+
+def sustained(history: Sequence[float], threshold: float, above: bool, window: int) -> bool:
+    """Whether the median of the last ``window`` measured values lies beyond ``threshold`` (above it, or below
+    it): more than half the window must be out of band, so one spike never decides."""
+    if window < 1 or len(history) < window:
+        return False
+    recent = sorted(history[-window:])
+    middle = recent[(window - 1) // 2] if above else recent[window // 2]  # the stricter middle for even windows
+    return middle > threshold if above else middle < threshold
+
+
+def never_moved(zero_streak: int, window: int) -> bool:
+    """A parameter whose update was exactly zero on ``window`` measured steps in a row. One zero step is no
+    evidence (a step skipped by the AMP grad scaler, a sparse gradient); a window of them is."""
+    return window >= 1 and zero_streak >= window
+
+
+def format_names(names: Sequence[str], limit: int = 5) -> str:
+    """``a, b, c and 4 more``."""
+    names = list(names)
+    if len(names) <= limit:
+        return ", ".join(names)
+    return f"{', '.join(names[:limit])} and {len(names) - limit} more"
+
+
+def fmt(x: float) -> str:
+    """A ratio or learning rate for a message: ``3e-03``-style, readable across decades."""
+    if x == 0 or not math.isfinite(x):
+        return str(x)
+    return f"{x:.1e}"
