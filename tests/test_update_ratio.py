@@ -477,3 +477,61 @@ def test_sharded_norms_are_reduced_across_ranks_to_the_full_tensor_ratio(tmp_pat
     for rank in seen:
         assert rank["ratios"] == pytest.approx(rank["reference"], rel=1e-5)
     assert seen[0]["ratios"] == seen[1]["ratios"]  # every rank takes the same decisions
+
+
+class ShardedLowLR(MLPClassifier):
+    """FSDP2 through Lightning's ModelParallelStrategy: the parameters the monitor sees are DTensor shards."""
+
+    def __init__(self) -> None:
+        super().__init__(lr=1e-7)
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+
+MODEL_PARALLEL_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    import torch
+    import lightning.pytorch as L
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from lightning_recipe import UpdateRatioMonitor
+    from tests.models import cluster_loader
+    from tests.test_update_ratio import ShardedLowLR
+
+    torch.set_num_threads(1)
+    L.seed_everything(0, verbose=False)
+    monitor = UpdateRatioMonitor(every_n_steps=2)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, max_steps=8, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[monitor],
+        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+    )
+    trainer.fit(ShardedLowLR(), cluster_loader())
+    seen = dict(enabled=monitor.enabled, alerts=[[a.kind, a.step] for a in monitor.alerts],
+                ratios=monitor.last_ratios, types=[type(p).__name__ for p in trainer.lightning_module.parameters()])
+    (Path(sys.argv[1]) / f"rank{trainer.global_rank}.json").write_text(json.dumps(seen))
+    """
+)
+
+
+def test_fsdp2_through_lightning_gives_every_rank_the_same_ratios_and_alerts(tmp_path):
+    script = tmp_path / "model_parallel.py"
+    script.write_text(MODEL_PARALLEL_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert seen[0]["types"] == ["DTensor"] * 4
+    assert seen[0]["enabled"] and seen[1]["enabled"]
+    assert seen[0]["ratios"] == seen[1]["ratios"]
+    assert seen[0]["alerts"] == seen[1]["alerts"] == [["ratio_too_low", 4]]
