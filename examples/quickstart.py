@@ -1,10 +1,13 @@
-"""Quick start: a small CNN on shapes it draws itself, with lightning_recipe's three pre-flight checks.
+"""Quick start: a small CNN on shapes it draws itself, with lightning_recipe's three pre-flight checks and
+three training monitors.
 
-    python examples/quickstart.py                 # healthy model: the checks pass, training runs
-    python examples/quickstart.py --bug huge-init # a realistic bug: the run stops with the fix
-    tensorboard --logdir recipe_logs              # the evidence: recipe/* scalars, figures, verdicts
+    python examples/quickstart.py                    # healthy model: the checks pass, training runs quietly
+    python examples/quickstart.py --bug huge-init    # a bug the checks catch: the run stops with the fix
+    python examples/quickstart.py --bug lr-too-high  # a bug the monitors catch: training goes on, with alerts
+    tensorboard --logdir recipe_logs                 # the evidence: recipe/* scalars, images, figures, text
 
-Bugs to try: huge-init, double-softmax, batch-stats.
+Bugs to try: huge-init, double-softmax, batch-stats (checks); lr-too-high, lr-too-low, frozen-first-conv
+(monitors).
 """
 
 from __future__ import annotations
@@ -19,9 +22,18 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_recipe import BatchLeakageProbe, InitLossCheck, OverfitOneBatch, RecipeCheckError
+from lightning_recipe import (
+    BatchLeakageProbe,
+    FirstLayerVisualizer,
+    InitLossCheck,
+    OverfitOneBatch,
+    PredictionDynamicsLogger,
+    RecipeCheckError,
+    UpdateRatioMonitor,
+)
 
-BUGS = ("none", "huge-init", "double-softmax", "batch-stats")
+BUGS = ("none", "huge-init", "double-softmax", "batch-stats", "lr-too-high", "lr-too-low", "frozen-first-conv")
+LEARNING_RATES = {"lr-too-high": 0.3, "lr-too-low": 1e-7}
 
 
 def make_shapes(n: int, size: int = 16, seed: int = 0) -> TensorDataset:
@@ -57,6 +69,8 @@ class ShapesCNN(L.LightningModule):
         self.head = nn.Linear(32, 3)
         if bug == "huge-init":
             nn.init.normal_(self.head.weight, std=5.0)
+        if bug == "frozen-first-conv":
+            self.features[0].requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hparams.bug == "batch-stats":
@@ -77,22 +91,24 @@ class ShapesCNN(L.LightningModule):
         self.log("val/acc", (logits.argmax(-1) == y).float().mean())
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        lr = LEARNING_RATES.get(self.hparams.bug, self.hparams.lr)
+        return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=lr)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bug", choices=BUGS, default="none", help="inject a realistic bug")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=15, help="16 steps each")
     parser.add_argument("--logdir", default="recipe_logs")
     args = parser.parse_args(argv)
 
     L.seed_everything(0, verbose=False)
-    train = DataLoader(make_shapes(512), batch_size=64, shuffle=True)
+    train = DataLoader(make_shapes(512), batch_size=32, shuffle=True)
     val = DataLoader(make_shapes(128, seed=1), batch_size=64)
     checks = [InitLossCheck(), OverfitOneBatch(), BatchLeakageProbe()]
+    monitors = [UpdateRatioMonitor(), PredictionDynamicsLogger(), FirstLayerVisualizer()]
     trainer = L.Trainer(
-        accelerator="auto", devices=1, max_epochs=args.epochs, callbacks=list(checks),
+        accelerator="auto", devices=1, max_epochs=args.epochs, callbacks=[*checks, *monitors],
         logger=TensorBoardLogger(args.logdir, name="quickstart"), enable_progress_bar=False,
         enable_model_summary=False, log_every_n_steps=4,
     )
@@ -110,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nTraining stopped before the first step:\n{stopped}")
     else:
         print(f"\nTrained {trainer.global_step} steps; val/acc = {trainer.callback_metrics['val/acc']:.2f}")
+        alerts = [(monitor.name, alert) for monitor in monitors for alert in monitor.alerts]
+        print(f"Monitor alerts: {len(alerts) or 'none'}")
+        for name, alert in alerts:
+            print(f"  {name} `{alert.kind}` at step {alert.step}: {alert.message}")
     print(f"TensorBoard: tensorboard --logdir {trainer.logger.log_dir}")
     return 1 if stopped else 0
 

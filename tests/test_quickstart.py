@@ -24,7 +24,7 @@ def test_quickstart_prints_a_verdict_and_logs_the_evidence(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for name in ("InitLossCheck", "OverfitOneBatch", "BatchLeakageProbe"):
         assert f"{name}" in proc.stdout and "passed" in proc.stdout
-    assert "Trained 8 steps" in proc.stdout
+    assert "Trained 16 steps" in proc.stdout
     (log_dir,) = {p.parent for p in tmp_path.rglob("events.out.tfevents.*")}
     events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
     events.Reload()
@@ -33,6 +33,10 @@ def test_quickstart_prints_a_verdict_and_logs_the_evidence(tmp_path):
     assert "recipe/overfit_one_batch/loss_curve" in tags["images"]
     assert any(t.startswith("recipe/init_loss_check/") for t in tags["scalars"])
     assert any(t.startswith("recipe/batch_leakage_probe/verdict") for t in tags["tensors"])
+    assert "recipe/first_layer_visualizer/filters" in tags["images"]
+    assert "recipe/update_ratio_monitor/median_log10_ratio" in tags["scalars"]
+    assert "recipe/prediction_dynamics_logger/accuracy" in tags["scalars"]
+    assert "Monitor alerts: none" in proc.stdout
 
 
 def test_quickstart_with_a_bug_stops_with_the_fix(tmp_path):
@@ -40,3 +44,10 @@ def test_quickstart_with_a_bug_stops_with_the_fix(tmp_path):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "BatchLeakageProbe" in proc.stdout and "failed" in proc.stdout
     assert "Training stopped before the first step" in proc.stdout
+
+
+def test_quickstart_with_a_training_bug_trains_on_and_alerts(tmp_path):
+    proc = _run(tmp_path, "--bug", "lr-too-high", "--epochs", "14")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Trained 224 steps" in proc.stdout
+    assert "UpdateRatioMonitor `ratio_too_high`" in proc.stdout

@@ -1,0 +1,165 @@
+"""Step-time overhead of each monitor, and of all three together, at default settings and when measuring
+every step, on the quick-start CNN and a ResNet-18-sized network.
+
+    python benchmarks/monitor_overhead.py [--repeats 3] [--cnn-steps 400] [--resnet-steps 60]
+
+One process, one intra-op thread. For each model and configuration, runs without and with the monitors
+alternate (A B A B ...), each a fresh seeded `fit` of N steps; a run's step time is its wall time from the
+start of its 6th step to the end of its last, divided by the steps in between, so the periodic work of the
+monitors is counted in full. Reported: median over repeats of (with / without) - 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import lightning.pytorch as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quickstart import ShapesCNN, make_shapes  # noqa: E402
+from resnet import ResNet18  # noqa: E402
+
+from lightning_recipe import FirstLayerVisualizer, PredictionDynamicsLogger, UpdateRatioMonitor  # noqa: E402
+
+WARMUP = 5
+MONITORS = {
+    "UpdateRatioMonitor": UpdateRatioMonitor,
+    "PredictionDynamicsLogger": PredictionDynamicsLogger,
+    "FirstLayerVisualizer": FirstLayerVisualizer,
+}
+
+
+class Clock(L.Callback):
+    """Wall time from the start of step WARMUP to the end of the last step."""
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        if trainer.global_step == WARMUP:
+            self.start = time.perf_counter()
+
+    def on_train_end(self, trainer, *args) -> None:
+        self.per_step = (time.perf_counter() - self.start) / (trainer.global_step - WARMUP)
+
+
+class ResNetModule(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = ResNet18()
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train/loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+def _cnn():
+    data = make_shapes(512)
+    return ShapesCNN, lambda: DataLoader(data, batch_size=64, shuffle=True), lambda: DataLoader(data, batch_size=64)
+
+
+def _resnet():
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(256, 3, 32, 32, generator=g), torch.randint(0, 10, (256,), generator=g))
+    return ResNetModule, lambda: DataLoader(data, batch_size=32, shuffle=True), lambda: DataLoader(data, batch_size=32)
+
+
+def _run(model_cls, train, val, steps: int, callbacks: list[L.Callback], logdir: Path) -> float:
+    L.seed_everything(0, verbose=False)
+    clock = Clock()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=steps, callbacks=[clock, *callbacks],
+        logger=TensorBoardLogger(str(logdir)), log_every_n_steps=50,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=1,
+    )
+    trainer.fit(model_cls(), train(), val())
+    return clock.per_step
+
+
+def _configs(every_step: bool, per_monitor: bool) -> dict[str, list]:
+    kwargs = {"every_n_steps": 1} if every_step else {}
+    configs = {name: (lambda cls=cls: [cls(**kwargs)]) for name, cls in MONITORS.items()} if per_monitor else {}
+    configs["all three"] = lambda: [cls(**kwargs) for cls in MONITORS.values()]
+    return configs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cnn-steps", type=int, default=400)
+    parser.add_argument("--resnet-steps", type=int, default=60)
+    parser.add_argument("--models", nargs="+", default=["cnn", "resnet18"], choices=["cnn", "resnet18"])
+    parser.add_argument(
+        "--per-monitor", nargs="*", default=["cnn"], choices=["cnn", "resnet18"],
+        help="models that also get one row per monitor (the others: all three together only)",
+    )
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "monitor_overhead.md"))
+    parser.add_argument("--logdir", default="/tmp/lightning_recipe_bench")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    rows = []
+    for model_name in args.models:
+        model_cls, train, val = _cnn() if model_name == "cnn" else _resnet()
+        steps = args.cnn_steps if model_name == "cnn" else args.resnet_steps
+        for every_step in (False, True):
+            for config, make in _configs(every_step, model_name in args.per_monitor).items():
+                ratios, base_times = [], []
+                for _ in range(args.repeats):
+                    base = _run(model_cls, train, val, steps, [], Path(args.logdir))
+                    with_monitors = _run(model_cls, train, val, steps, make(), Path(args.logdir))
+                    ratios.append(with_monitors / base - 1)
+                    base_times.append(base)
+                rows.append({
+                    "model": model_name, "settings": "every step" if every_step else "default",
+                    "monitors": config, "overhead_median": statistics.median(ratios),
+                    "overhead_min": min(ratios), "overhead_max": max(ratios),
+                    "step_ms": 1000 * statistics.median(base_times), "steps": steps,
+                })
+                print(rows[-1], flush=True)
+    command = "python benchmarks/monitor_overhead.py " + " ".join(sys.argv[1:])
+    lines = [
+        "# Step-time overhead of the monitors",
+        "",
+        f"Command: `{command.strip()}`  ",
+        f"Machine: {platform.machine()}, torch {torch.__version__}, 1 thread, {args.repeats} interleaved repeats  ",
+        "Overhead = step time with the monitors / without - 1 (median over repeats; min and max beside it).",
+        "",
+        "| model | settings | monitors | overhead (median) | min | max | step without (ms) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['settings']} | {r['monitors']} | {100 * r['overhead_median']:+.1f}% | "
+            f"{100 * r['overhead_min']:+.1f}% | {100 * r['overhead_max']:+.1f}% | {r['step_ms']:.1f} |"
+        )
+    text = "\n".join(lines) + "\n"
+    Path(args.out).write_text(text)
+    Path(args.out).with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
