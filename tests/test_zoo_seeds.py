@@ -9,7 +9,7 @@ import pytest
 import lightning_recipe
 from lightning_recipe import CheckStatus
 from tests.models import trainer
-from tests.zoo import BUGS, CHECKS, HEALTHY, Case
+from tests.zoo import BUGS, CHECKS, HEALTHY, MONITOR_BUGS, MONITORS, Case, MonitorCase
 
 SEEDS = range(1, 21)
 #: measured misses (50-seed sweep, 2026-11-22), each with why it is not a defect of the check
@@ -45,3 +45,29 @@ def test_bug_is_caught_at_every_seed(case: Case, seed: int):
         pytest.skip(KNOWN_MISSES[case.name, seed])
     (result,) = _results(case, seed, (case.catches,))
     assert result.status is CheckStatus.FAILED, result.format()
+
+
+MONITOR_SEEDS = range(1, 11)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", MONITOR_SEEDS)
+@pytest.mark.parametrize("case", HEALTHY, ids=str)
+def test_healthy_model_raises_no_monitor_alert_at_any_seed(case: Case, seed: int):
+    L.seed_everything(seed, verbose=False)
+    monitors = [getattr(lightning_recipe, name)(**case.check_kwargs) for name in MONITORS]
+    trainer(max_steps=300, callbacks=monitors, **case.trainer_kwargs).fit(case.model(), case.data())
+    for monitor in monitors:
+        assert monitor.enabled and monitor.alerts == [], (monitor.name, [a.message for a in monitor.alerts])
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::lightning_recipe.report.RecipeWarning")
+@pytest.mark.parametrize("seed", MONITOR_SEEDS)
+@pytest.mark.parametrize("case", MONITOR_BUGS, ids=str)
+def test_training_bug_is_alerted_in_time_at_every_seed(case: MonitorCase, seed: int):
+    L.seed_everything(seed, verbose=False)
+    monitor = getattr(lightning_recipe, case.monitor)()
+    trainer(max_steps=case.within + 20, callbacks=[monitor]).fit(case.model(), case.data())
+    steps = [a.step for a in monitor.alerts if a.kind == case.alert]
+    assert steps and steps[0] <= case.within, [(a.kind, a.step) for a in monitor.alerts]

@@ -97,7 +97,7 @@ class FirstLayerVisualizer(Monitor):
         layer: str | None = None,
         *,
         every_n_steps: int = 500,
-        measure_every_n_steps: int = 20,
+        measure_every_n_steps: int = 50,
         max_images: int = 64,
         not_changing_after_steps: int = 100,
         late_after_steps: int = 2000,

@@ -98,7 +98,7 @@ class UpdateRatioMonitor(Monitor):
 
     def __init__(
         self,
-        every_n_steps: int = 25,
+        every_n_steps: int = 50,
         window: int = 5,
         max_ratio: float = 0.1,
         min_ratio: float = 1e-5,
