@@ -354,3 +354,66 @@ def test_ddp_logs_from_rank_zero_only(tmp_path):
     acc = EventAccumulator(str(events[0].parent), size_guidance={"images": 0, "scalars": 0})
     acc.Reload()
     assert [e.step for e in acc.Images(TAG + "filters")] == [0, 2, 4]
+
+
+class ShardedMLP(MLP):
+    """FSDP2 through Lightning's ModelParallelStrategy: every Linear's weight is a DTensor shard."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in [*self.net, self.head]:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+
+SHARDED_SCRIPT = """
+import json, sys
+from pathlib import Path
+import torch
+import lightning.pytorch as L
+from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning_recipe import FirstLayerVisualizer
+from tests.test_first_layer import ShardedMLP
+from tests.zoo import clusters
+
+torch.set_num_threads(1)
+L.seed_everything(0, verbose=False)
+monitor = FirstLayerVisualizer(measure_every_n_steps=2)
+trainer = L.Trainer(
+    accelerator="cpu", devices=2, max_steps=6, logger=False, enable_checkpointing=False,
+    enable_progress_bar=False, enable_model_summary=False, callbacks=[monitor],
+    strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+)
+trainer.fit(ShardedMLP(), clusters())
+weight = trainer.lightning_module.net[0].weight
+seen = dict(enabled=monitor.enabled, layer=monitor.layer_name, moved=monitor.last_moved,
+            weight_type=type(weight).__name__, local_rows=weight.to_local().shape[0],
+            initial_shape=list(monitor._initial[0].shape), alerts=[a.kind for a in monitor.alerts])
+(Path(sys.argv[1]) / f"rank{trainer.global_rank}.json").write_text(json.dumps(seen))
+"""
+
+
+def test_sharded_first_layer_is_gathered_so_every_rank_measures_the_whole_layer(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    script = tmp_path / "sharded.py"
+    script.write_text(SHARDED_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], cwd=repo, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for rank in seen:
+        assert rank["enabled"] and rank["alerts"] == [] and rank["layer"] == "net.0"
+        assert rank["weight_type"] == "DTensor" and rank["local_rows"] == 16  # the rank holds half the rows
+        assert rank["initial_shape"] == [32, 8]  # ... and the visualizer the whole layer
+        assert rank["moved"] > 0
+    assert seen[0]["moved"] == seen[1]["moved"]

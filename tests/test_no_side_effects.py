@@ -1,5 +1,6 @@
-"""The guarantee users rely on: a seeded run with all three checks ends bit-identical to the same run
-without them (parameters, buffers, optimizer and scheduler state), with BatchNorm, dropout and shuffling."""
+"""The guarantee users rely on: a seeded run with all three checks and all three monitors ends bit-identical to
+the same run without them (parameters, buffers, optimizer and scheduler state, the global RNG), with BatchNorm,
+dropout, shuffling, a validation loader and an LR schedule."""
 
 from __future__ import annotations
 
@@ -9,12 +10,31 @@ import lightning.pytorch as L
 import pytest
 import torch
 
-from lightning_recipe import BatchLeakageProbe, InitLossCheck, OverfitOneBatch
+from lightning_recipe import (
+    BatchLeakageProbe,
+    FirstLayerVisualizer,
+    InitLossCheck,
+    OverfitOneBatch,
+    PredictionDynamicsLogger,
+    UpdateRatioMonitor,
+)
 from tests.models import trainer
 from tests.zoo import BatchNormCNN, CausalLM, shapes, tokens
 
 
-class ScheduledCNN(BatchNormCNN):
+class Validated:
+    """A validation step, so Lightning runs the validation loader (and the dynamics logger reads from it)."""
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val/loss", self.loss(self(x), y))
+
+
+class ValidatedLM(Validated, CausalLM):
+    pass
+
+
+class ScheduledCNN(Validated, BatchNormCNN):
     """BatchNorm, dropout, SGD with momentum and a per-step LR schedule: every kind of state."""
 
     def configure_optimizers(self):
@@ -26,17 +46,20 @@ class ScheduledCNN(BatchNormCNN):
 def _run(model_cls, data, with_checks: bool, steps: int = 8):
     L.seed_everything(123, workers=True, verbose=False)
     model = model_cls()
-    callbacks = [InitLossCheck(), OverfitOneBatch(), BatchLeakageProbe()] if with_checks else []
-    t = trainer(max_steps=steps, callbacks=callbacks, deterministic=True)
-    t.fit(model, data())
+    checks = [InitLossCheck(), OverfitOneBatch(), BatchLeakageProbe()] if with_checks else []
+    # the monitors measure every step: the most chances to disturb the run
+    monitors = [m(every_n_steps=1) for m in (UpdateRatioMonitor, PredictionDynamicsLogger, FirstLayerVisualizer)]
+    t = trainer(max_steps=steps, callbacks=checks + (monitors if with_checks else []), deterministic=True)
+    t.fit(model, data(), data())
     if with_checks:
-        assert all(c.result is not None and c.result.passed for c in callbacks)
+        assert all(c.result is not None and c.result.passed for c in checks)
+        assert all(m.enabled for m in monitors)
     opt = t.optimizers[0]
     scheds = [c.scheduler.state_dict() for c in t.lr_scheduler_configs]
     return copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()), scheds, torch.get_rng_state()
 
 
-@pytest.mark.parametrize(("model_cls", "data"), [(ScheduledCNN, shapes), (CausalLM, tokens)], ids=["cnn", "lm"])
+@pytest.mark.parametrize(("model_cls", "data"), [(ScheduledCNN, shapes), (ValidatedLM, tokens)], ids=["cnn", "lm"])
 def test_run_with_checks_ends_bit_identical_to_run_without(model_cls, data):
     plain = _run(model_cls, data, with_checks=False)
     checked = _run(model_cls, data, with_checks=True)

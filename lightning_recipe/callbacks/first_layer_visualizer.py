@@ -28,6 +28,7 @@ from lightning_recipe.diagnostics.first_layer import (
     assess,
     describe_layer,
     filter_images,
+    gathered,
     layer_weights,
     moved_from_init,
     noise_score,
@@ -131,6 +132,7 @@ class FirstLayerVisualizer(Monitor):
         self.layer_name: str | None = None  # the layer watched, once found
         self.view: LayerView | None = None
         self.baseline_score: float | None = None
+        self.last_moved: float | None = None  # ||W - W0|| / ||W0|| at the last measurement
         self._module: nn.Module | None = None
         self._initial: list[Tensor] | None = None
         self._model_input_shape: tuple[int, ...] | None = None
@@ -213,7 +215,7 @@ class FirstLayerVisualizer(Monitor):
         self.view = describe_layer(module, shapes.get(name), self._model_input_shape)
         self.layer_name = name
         self._module = module
-        self._initial = [w.detach().clone() for w in layer_weights(module)]
+        self._initial = [w.clone() for w in gathered(layer_weights(module))]
         self._start_step = int(trainer.global_step)
         score = self._score()
         self.baseline_score = score
@@ -263,7 +265,7 @@ class FirstLayerVisualizer(Monitor):
 
     def _weight(self) -> Tensor:
         assert self._module is not None
-        return layer_weights(self._module)[0]
+        return gathered(layer_weights(self._module))[0]
 
     def _score(self) -> float | None:
         if self.view is None or not self.view.image_like:
@@ -280,7 +282,8 @@ class FirstLayerVisualizer(Monitor):
     def _measure(self, trainer: pl.Trainer, step: int) -> None:
         assert self._module is not None and self._initial is not None
         self._last_measured = step
-        moved = moved_from_init(layer_weights(self._module), self._initial)
+        moved = moved_from_init(gathered(layer_weights(self._module)), self._initial)
+        self.last_moved = moved
         score = self._score()
         scalars = {self.tag("moved_from_init"): moved}
         if score is not None:

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.overrides import TorchFunctionMode
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "assess",
     "describe_layer",
     "filter_images",
+    "gathered",
     "layer_weights",
     "moved_from_init",
     "noise_score",
@@ -59,6 +61,13 @@ def layer_weights(module: nn.Module) -> list[Tensor]:
     (``Linear``/``Conv``/``Embedding`` ``weight``, ``LSTM`` ``weight_ih_l0``..., attention
     ``in_proj_weight``). Norm layers' 1-D scales and biases are not filters."""
     return [p for n, p in module.named_parameters(recurse=False) if "weight" in n and p.ndim >= 2]
+
+
+def gathered(weights: list[Tensor]) -> list[Tensor]:
+    """Detached full values of ``weights``: sharded ``DTensor`` parameters (FSDP2) are gathered, so every rank
+    measures and draws the whole layer, not its shard. That is a collective: every rank must call this at the
+    same points, which the visualizer does (it computes on every rank and logs from rank zero)."""
+    return [w.full_tensor().detach() if isinstance(w, DTensor) else w.detach() for w in weights]
 
 
 def weighted_modules(model: nn.Module) -> dict[str, nn.Module]:
