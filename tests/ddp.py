@@ -56,6 +56,23 @@ def run_ddp(
     return proc.returncode, ranks, proc.stdout + proc.stderr
 
 
+def run_script(
+    tmp_path: Path, source: str, ranks: int = 2, timeout: float = 240
+) -> tuple[subprocess.CompletedProcess, list[dict[str, Any]]]:
+    """Run ``source``, a script that writes ``rank{r}.json`` into the folder ``sys.argv[1]`` (for strategies
+    :func:`run_ddp` does not cover: FSDP2, ModelParallelStrategy), in a subprocess that can import this repo.
+    Returns the process and what each rank wrote, in rank order (asserting that every rank wrote)."""
+    script = Path(tmp_path) / "script.py"
+    script.write_text(source)
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc, [json.loads((Path(tmp_path) / f"rank{r}.json").read_text()) for r in range(ranks)]
+
+
 def _main(spec: dict[str, Any], out: Path) -> int:
     import lightning.pytorch as L
     import torch

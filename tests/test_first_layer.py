@@ -15,7 +15,7 @@ from torch import nn
 
 from lightning_recipe import FirstLayerVisualizer, RecipeWarning
 from lightning_recipe.diagnostics import first_layer as fl
-from tests.ddp import run_ddp
+from tests.ddp import run_ddp, run_script
 from tests.models import trainer
 from tests.zoo import MLP, BatchNormCNN, FrozenFirstConv, ZooModule, clusters, shapes
 
@@ -397,20 +397,7 @@ seen = dict(enabled=monitor.enabled, layer=monitor.layer_name, moved=monitor.las
 
 
 def test_sharded_first_layer_is_gathered_so_every_rank_measures_the_whole_layer(tmp_path):
-    import json
-    import os
-    import subprocess
-    import sys
-
-    repo = Path(__file__).resolve().parents[1]
-    script = tmp_path / "sharded.py"
-    script.write_text(SHARDED_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], cwd=repo, env=env, capture_output=True, text=True, timeout=240
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    _, seen = run_script(tmp_path, SHARDED_SCRIPT)
     for rank in seen:
         assert rank["enabled"] and rank["alerts"] == [] and rank["layer"] == "net.0"
         assert rank["weight_type"] == "DTensor" and rank["local_rows"] == 16  # the rank holds half the rows

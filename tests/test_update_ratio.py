@@ -4,11 +4,7 @@ no side effects, DDP, and the sharded-norm reduction under FSDP2 on CPU."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -22,7 +18,7 @@ from torch import nn
 
 from lightning_recipe import UpdateRatioMonitor
 from lightning_recipe.diagnostics import update_ratio as ur
-from tests.ddp import REPO, run_ddp
+from tests.ddp import run_ddp, run_script
 from tests.models import MLPClassifier, cluster_data, cluster_loader, loader, trainer
 from tests.zoo import BatchNormCNN, LayerMissingFromOptimizer, LearningRate, PerStepDecay, clusters, shapes
 
@@ -464,14 +460,7 @@ FSDP_SCRIPT = textwrap.dedent(
 
 
 def test_sharded_norms_are_reduced_across_ranks_to_the_full_tensor_ratio(tmp_path):
-    script = tmp_path / "fsdp_ratio.py"
-    script.write_text(FSDP_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=180
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    _, seen = run_script(tmp_path, FSDP_SCRIPT, timeout=180)
     assert seen[0]["types"] == ["DTensor"] * 4
     assert seen[0]["local"] != seen[1]["local"]  # each rank holds a different shard
     for rank in seen:
@@ -523,14 +512,7 @@ MODEL_PARALLEL_SCRIPT = textwrap.dedent(
 
 
 def test_fsdp2_through_lightning_gives_every_rank_the_same_ratios_and_alerts(tmp_path):
-    script = tmp_path / "model_parallel.py"
-    script.write_text(MODEL_PARALLEL_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=240
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    _, seen = run_script(tmp_path, MODEL_PARALLEL_SCRIPT)
     assert seen[0]["types"] == ["DTensor"] * 4
     assert seen[0]["enabled"] and seen[1]["enabled"]
     assert seen[0]["ratios"] == seen[1]["ratios"]

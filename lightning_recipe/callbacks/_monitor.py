@@ -8,25 +8,25 @@ A monitor never raises into the training loop: :meth:`Monitor.guard` turns an in
 
 from __future__ import annotations
 
+import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_recipe import _logging
 from lightning_recipe._args import check_int
-from lightning_recipe.callbacks._preflight import snake_case
+from lightning_recipe.callbacks._base import RecipeCallback
 from lightning_recipe.diagnostics.batch import BatchAdapter, ForwardFn, InputsFn, TargetsFn
 from lightning_recipe.report import Alert, RecipeWarning, jsonable
 
 __all__ = ["Monitor"]
 
 
-class Monitor(Callback):
+class Monitor(RecipeCallback):
     """Base of the callbacks that watch a training run.
 
     Args:
@@ -48,18 +48,10 @@ class Monitor(Callback):
         self.adapter = BatchAdapter.build(inputs, targets, forward)
         self.alerts: list[Alert] = []
         self.enabled = True
+        #: wall time spent in this monitor's hooks so far: its cost to the run (TensorBoard writes itself on a
+        #: background thread, not counted here)
+        self.seconds = 0.0
         self._alerted: set[tuple[str, str]] = set()
-
-    @property
-    def name(self) -> str:
-        return type(self).__name__
-
-    @property
-    def component(self) -> str:
-        return snake_case(self.name)
-
-    def tag(self, quantity: str) -> str:
-        return _logging.tag(self.component, quantity)
 
     def due(self, step: int) -> bool:
         """Whether optimizer step ``step`` is a measuring step."""
@@ -68,7 +60,9 @@ class Monitor(Callback):
     @contextmanager
     def guard(self, trainer: pl.Trainer | None = None) -> Iterator[None]:
         """Run the body; an error in it switches the monitor off with one warning, and training goes on.
-        Hooks return early when ``self.enabled`` is false: a context manager cannot skip its body."""
+        Hooks return early when ``self.enabled`` is false: a context manager cannot skip its body. The body's
+        wall time is added to ``self.seconds``."""
+        start = time.perf_counter()
         try:
             yield
         except Exception as error:  # noqa: BLE001 - a monitor must never lose the user's run
@@ -79,6 +73,8 @@ class Monitor(Callback):
                 f"report this: {type(error).__name__}: {error}\n{traceback.format_exc(limit=-4)}",
                 category=RecipeWarning,
             )
+        finally:
+            self.seconds += time.perf_counter() - start
 
     def on_disabled(self) -> None:
         """Release what the monitor holds (hooks, copies) when it switches itself off."""

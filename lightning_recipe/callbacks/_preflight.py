@@ -7,7 +7,6 @@ the first optimizer step. Subclasses implement :meth:`PreflightCheck.run` on a :
 
 from __future__ import annotations
 
-import re
 import time
 import traceback
 from collections.abc import Iterator
@@ -17,7 +16,6 @@ from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor
@@ -26,11 +24,20 @@ from typing_extensions import override
 
 from lightning_recipe import _logging
 from lightning_recipe._args import ON_FAIL_CHOICES, check_choice
+from lightning_recipe.callbacks._base import RecipeCallback
 from lightning_recipe.diagnostics.batch import BatchAdapter, BatchNotUnderstood, ForwardFn, InputsFn, TargetsFn
 from lightning_recipe.diagnostics.state import preserved
 from lightning_recipe.report import CheckResult, CheckStatus, RecipeCheckError, RecipeWarning, jsonable
 
-__all__ = ["CheckContext", "CheckSkipped", "PreflightCheck"]
+__all__ = [
+    "CheckContext",
+    "CheckSkipped",
+    "PreflightCheck",
+    "loader_generators",
+    "peek_batches",
+    "single_loader",
+    "without_persistent_workers",
+]
 
 _SEVERITY = {CheckStatus.PASSED: 0, CheckStatus.SKIPPED: 1, CheckStatus.FAILED: 2}
 
@@ -112,13 +119,13 @@ def _ignore(*args: Any, **kwargs: Any) -> None:
     return None
 
 
-def _loader_generators(loader: DataLoader) -> list[torch.Generator]:
+def loader_generators(loader: DataLoader) -> list[torch.Generator]:
     """The ``torch.Generator`` objects that iterating ``loader`` may advance (a sampler's own)."""
     owners = [loader, loader.sampler, loader.batch_sampler, getattr(loader.batch_sampler, "sampler", None)]
     return [g for o in owners if isinstance(g := getattr(o, "generator", None), torch.Generator)]
 
 
-def _single_loader(trainer: pl.Trainer) -> DataLoader:
+def single_loader(trainer: pl.Trainer) -> DataLoader:
     loader = trainer.train_dataloader
     if not isinstance(loader, DataLoader):
         raise CheckSkipped(
@@ -131,10 +138,10 @@ def _single_loader(trainer: pl.Trainer) -> DataLoader:
 def peek_batches(trainer: pl.Trainer, count: int) -> list[Any]:
     """The first ``count`` batches of a fresh pass over the training dataloader, moved to the device the
     way Lightning moves them. The real training iterator is not touched; the caller restores the RNGs."""
-    loader = _single_loader(trainer)
+    loader = single_loader(trainer)
     if loader.persistent_workers and loader.num_workers > 0:
         # iter() on a persistent-worker loader resets the live iterator the fit loop is using
-        loader = _without_persistent_workers(loader)
+        loader = without_persistent_workers(loader)
     batches = []
     iterator = iter(loader)
     try:
@@ -151,7 +158,7 @@ def peek_batches(trainer: pl.Trainer, count: int) -> list[Any]:
     return batches
 
 
-def _without_persistent_workers(loader: DataLoader) -> DataLoader:
+def without_persistent_workers(loader: DataLoader) -> DataLoader:
     common: dict[str, Any] = dict(
         num_workers=loader.num_workers,
         collate_fn=loader.collate_fn,
@@ -184,11 +191,7 @@ def agree_across_ranks(trainer: pl.Trainer, result: CheckResult) -> CheckResult:
     return agreed
 
 
-def snake_case(name: str) -> str:
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
-
-
-class PreflightCheck(Callback):
+class PreflightCheck(RecipeCallback):
     """Base of the checks that run once before the first optimizer step of ``fit``.
 
     Args:
@@ -214,14 +217,6 @@ class PreflightCheck(Callback):
         self.on_fail = on_fail
         self.adapter = BatchAdapter.build(inputs, targets, forward)
         self.result: CheckResult | None = None
-
-    @property
-    def name(self) -> str:
-        return type(self).__name__
-
-    @property
-    def component(self) -> str:
-        return snake_case(self.name)
 
     def run(self, ctx: CheckContext) -> CheckResult:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -257,10 +252,10 @@ class PreflightCheck(Callback):
                 "the check only applies before the first step."
             )
         try:
-            loader = _single_loader(trainer)
+            loader = single_loader(trainer)
             schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
             with (
-                preserved(pl_module, trainer.optimizers, schedulers, _loader_generators(loader)),
+                preserved(pl_module, trainer.optimizers, schedulers, loader_generators(loader)),
                 silenced_logging(pl_module),
                 torch.enable_grad(),
             ):
@@ -285,7 +280,7 @@ class PreflightCheck(Callback):
     def finish(self, trainer: pl.Trainer, result: CheckResult) -> None:
         """Record, report (rank zero) and act on the verdict."""
         self.result = result
-        _logging.log_text(trainer, _logging.tag(self.component, "verdict"), result.format(), trainer.global_step)
+        _logging.log_text(trainer, self.tag("verdict"), result.format(), trainer.global_step)
         if result.status is not CheckStatus.FAILED:
             rank_zero_info(result.format())
             return

@@ -19,7 +19,7 @@ from typing_extensions import override
 from lightning_recipe import _logging
 from lightning_recipe._args import check_int, check_positive
 from lightning_recipe.callbacks._monitor import Monitor
-from lightning_recipe.callbacks._preflight import CheckSkipped, _loader_generators, _single_loader, peek_batches
+from lightning_recipe.callbacks._preflight import CheckSkipped, loader_generators, peek_batches, single_loader
 from lightning_recipe.diagnostics.batch import BatchNotUnderstood, ForwardFn, InputsFn, TargetsFn
 from lightning_recipe.diagnostics.first_layer import (
     LayerTrace,
@@ -234,7 +234,7 @@ class FirstLayerVisualizer(Monitor):
         """One watched forward pass on a peeked batch, in eval mode without gradients, leaving every mode and
         random number generator as it was. ``None`` when no batch can be read (then ``layer=`` is needed)."""
         try:
-            generators = _loader_generators(_single_loader(trainer))
+            generators = loader_generators(single_loader(trainer))
         except CheckSkipped:
             return None
         self._model_input_shape = None

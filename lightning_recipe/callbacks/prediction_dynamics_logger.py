@@ -17,7 +17,7 @@ from typing_extensions import override
 from lightning_recipe import _logging
 from lightning_recipe._args import check_choice, check_fraction, check_int, check_positive
 from lightning_recipe.callbacks._monitor import Monitor
-from lightning_recipe.callbacks._preflight import _loader_generators, _without_persistent_workers
+from lightning_recipe.callbacks._preflight import loader_generators, without_persistent_workers
 from lightning_recipe.diagnostics.batch import ForwardFn, InputsFn, TargetsFn, slice_batch
 from lightning_recipe.diagnostics.init_loss import TASKS
 from lightning_recipe.diagnostics.prediction_dynamics import (
@@ -168,9 +168,9 @@ class PredictionDynamicsLogger(Monitor):
         generators: list[torch.Generator] = []
         train = trainer.train_dataloader
         if isinstance(train, DataLoader):
-            generators += _loader_generators(train)
+            generators += loader_generators(train)
         if loader is not None:
-            generators += _loader_generators(loader)
+            generators += loader_generators(loader)
         rng = RngState.capture(generators)
         try:
             if loader is not None:
@@ -206,7 +206,7 @@ class PredictionDynamicsLogger(Monitor):
 
     def _read(self, trainer: pl.Trainer, loader: DataLoader) -> list[Any]:
         if loader.persistent_workers and loader.num_workers > 0:
-            loader = _without_persistent_workers(loader)
+            loader = without_persistent_workers(loader)
         batches: list[Any] = []
         seen = 0
         iterator = iter(loader)
