@@ -6,6 +6,9 @@ the run, log their evidence to TensorBoard and alert when it leaves the healthy 
     trainer = L.Trainer(callbacks=[InitLossCheck(), OverfitOneBatch(), BatchLeakageProbe(),
                                    UpdateRatioMonitor(), PredictionDynamicsLogger(), FirstLayerVisualizer()])
     trainer.fit(model, datamodule)   # raises RecipeCheckError with the fix, or trains as before
+
+``RecipeSuite()`` bundles them all; ``LIGHTNING_RECIPE_SANITY_RUN=1 python train.py`` then runs only the checks,
+writes a report and exits 0 or 1; ``sanity_run(model, datamodule)`` returns that report in a notebook.
 """
 
 from lightning_recipe.callbacks.batch_leakage_probe import BatchLeakageProbe
@@ -15,6 +18,7 @@ from lightning_recipe.callbacks.overfit_one_batch import OverfitOneBatch
 from lightning_recipe.callbacks.prediction_dynamics_logger import PredictionDynamicsLogger
 from lightning_recipe.callbacks.update_ratio_monitor import UpdateRatioMonitor
 from lightning_recipe.report import Alert, CheckResult, CheckStatus, RecipeCheckError, RecipeWarning, Report
+from lightning_recipe.suite import RecipeSuite, SanityRunExit, sanity_run
 
 __version__ = "0.1.0"
 
@@ -28,7 +32,10 @@ __all__ = [
     "OverfitOneBatch",
     "PredictionDynamicsLogger",
     "RecipeCheckError",
+    "RecipeSuite",
     "RecipeWarning",
     "Report",
+    "SanityRunExit",
     "UpdateRatioMonitor",
+    "sanity_run",
 ]

@@ -1,24 +1,250 @@
-"""The ``lightning-recipe`` console script. Reserved: the ``check`` command arrives with the sanity-run mode."""
+"""The ``lightning-recipe`` console script: a sanity run of a model from the command line.
+
+    lightning-recipe check my_project.models:Classifier --data my_project.data:ShapesData --report report.json
+    lightning-recipe check train.py:Net --model-args '{"width": 64}' --checks InitLossCheck OverfitOneBatch
+
+Exit status: 0 every check passed (or was skipped), 1 a check failed (or the model crashed during the run),
+2 bad usage (a message, no traceback).
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
+import inspect
+import json
 import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_recipe import __version__
+from lightning_recipe.suite import resolve_checks, sanity_run
+
+__all__ = ["main"]
+
+EXIT_PASSED, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+_DESCRIPTION = """\
+Karpathy's "Recipe for Training Neural Networks" as PyTorch Lightning callbacks.
+
+commands:
+  check   run the pre-flight checks (InitLossCheck, BatchLeakageProbe, OverfitOneBatch) on a model and its
+          data without training, print a summary table, optionally write the report; exit 0 when every check
+          passed, 1 when one failed, 2 on bad usage. `lightning-recipe check --help` lists its options.
+
+In a training script, the same sanity run is one environment variable away:
+  callbacks=[RecipeSuite()] in the Trainer, then LIGHTNING_RECIPE_SANITY_RUN=1 python train.py
+"""
+
+_CHECK_EPILOG = """\
+MODULE:NAME is a dotted module importable from the current folder (as with `python -m`) or a path to a .py
+file, and the name of a class or function in it. The model is NAME(**model_args) and must be a
+LightningModule. The data is NAME(**data_args): a LightningDataModule, a training DataLoader, or a
+(train, val) pair of DataLoaders; without --data the model's own *_dataloader methods are used.
+
+examples:
+  lightning-recipe check my_project.models:Classifier --data my_project.data:ShapesData
+  lightning-recipe check train.py:Net --model-args '{"width": 64}' --report sanity_run.json
+  lightning-recipe check my_project.models:Classifier --config config.yaml   # a LightningCLI config
+"""
+
+
+class UsageError(Exception):
+    """Bad command-line usage: reported as a one-line message with exit status 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lightning-recipe", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"lightning_recipe {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    check = commands.add_parser(
+        "check", help="run the pre-flight checks on a model without training",
+        description="Run the pre-flight checks on a model and its data, without training (a sanity run).",
+        epilog=_CHECK_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    check.add_argument("model", metavar="MODULE:Model", nargs="?", help="the LightningModule class or factory")
+    check.add_argument("--data", metavar="MODULE:Data", help="a LightningDataModule class, or a dataloader factory")
+    check.add_argument("--model-args", metavar="JSON", default="{}", help="keyword arguments of the model, as JSON")
+    check.add_argument("--data-args", metavar="JSON", default="{}", help="keyword arguments of the data, as JSON")
+    check.add_argument(
+        "--checks", nargs="+", metavar="NAME",
+        help="the checks to run (InitLossCheck, BatchLeakageProbe, OverfitOneBatch); default: all",
+    )
+    check.add_argument("--report", metavar="PATH", help="write the report as JSON to PATH and Markdown beside it")
+    check.add_argument("--config", metavar="YAML", help="a LightningCLI config (model, data, trainer sections)")
+    check.add_argument("--accelerator", default="auto", help="as for the Trainer (default: auto)")
+    check.add_argument("--devices", default="1", help="as for the Trainer (default: 1)")
+    check.add_argument("--strategy", default="auto", help="as for the Trainer, e.g. ddp (default: auto)")
+    check.add_argument("--num-nodes", type=int, default=1, help="as for the Trainer (default: 1)")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="lightning-recipe",
-        description="Karpathy's recipe for training neural networks, as PyTorch Lightning callbacks. "
-        "The `check` command (a sanity run of a model from the command line) is not available yet; "
-        "use the callbacks in your Trainer.",
+    """Entry point of ``lightning-recipe``; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return _check(args)
+    except UsageError as error:
+        print(f"lightning-recipe check: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _check(args: argparse.Namespace) -> int:
+    model_args = _json_object("--model-args", args.model_args)
+    data_args = _json_object("--data-args", args.data_args)
+    devices: Any = int(args.devices) if args.devices.isdigit() else args.devices
+    trainer_kwargs: dict[str, Any] = dict(
+        accelerator=args.accelerator, devices=devices, strategy=args.strategy, num_nodes=args.num_nodes
     )
-    parser.add_argument("--version", action="version", version=f"lightning_recipe {__version__}")
-    parser.parse_args(argv)
-    parser.print_help()
-    return 2
+    if args.model is None and args.config is None:
+        raise UsageError("expected a model as MODULE:Model (or a LightningCLI --config), but got none.")
+    try:
+        checks = resolve_checks(args.checks)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if args.config is not None:
+        from lightning_recipe._lightning_cli import from_config
+
+        model, fit_kwargs, config_trainer = from_config(args.config, args.model, args.data)
+        trainer_kwargs = {**config_trainer, **_given(args, trainer_kwargs)}
+    else:
+        model = _build_model(args.model, model_args)
+        fit_kwargs = _build_data(args.data, data_args) if args.data else {}
+    try:
+        report = sanity_run(model, checks=checks, **fit_kwargs, **trainer_kwargs)
+    except Exception:  # noqa: BLE001 - the user's code crashed: that is a failed sanity run, with its traceback
+        traceback.print_exc()
+        print(
+            "\nlightning-recipe check: the model or its data raised an error during the sanity run (above), before "
+            "the checks could give a verdict. Fix it and run again; a training run would crash the same way.",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    if args.report and rank_zero_only.rank == 0:
+        path = Path(args.report)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = {**report.to_dict(), "model": type(model).__qualname__}
+        path.write_text(json.dumps(data, indent=2) + "\n")
+        path.with_suffix(".md").write_text(report.to_markdown())
+        print(f"Report: {path} and {path.with_suffix('.md')}")
+    return EXIT_PASSED if report.passed else EXIT_FAILED
+
+
+def _given(args: argparse.Namespace, trainer_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The Trainer options given on the command line (not left at their defaults): they override a config."""
+    defaults = {"accelerator": "auto", "devices": 1, "strategy": "auto", "num_nodes": 1}
+    return {key: value for key, value in trainer_kwargs.items() if value != defaults[key]}
+
+
+def _json_object(option: str, text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UsageError(
+            f"expected {option} to be a JSON object like '{{\"width\": 64}}', but got {text!r} ({error})."
+        ) from None
+    if not isinstance(value, dict):
+        raise UsageError(f"expected {option} to be a JSON object like '{{\"width\": 64}}', but got {text!r}.")
+    return value
+
+
+def load_object(target: str, option: str) -> Any:
+    """``"package.module:Name"`` or ``"path/to/file.py:Name"`` -> the object; usage errors name ``option``."""
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise UsageError(f"expected {option} as MODULE:NAME (e.g. my_project.models:Classifier), but got {target!r}.")
+    if module_name.endswith(".py"):
+        path = Path(module_name)
+        if not path.is_file():
+            raise UsageError(f"expected {option} to name an existing .py file, but {str(path)!r} does not exist.")
+        sys.path.insert(0, str(path.resolve().parent))
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[path.stem] = module
+        spec.loader.exec_module(module)
+    else:
+        if "" not in sys.path and str(Path.cwd()) not in sys.path:
+            sys.path.insert(0, str(Path.cwd()))  # as `python -m` does: modules of the current folder
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name is not None and module_name.startswith(error.name):
+                raise UsageError(
+                    f"expected {option} to name an importable module, but {module_name!r} was not found "
+                    f"(run from the folder that holds it, or set PYTHONPATH)."
+                ) from None
+            raise  # the module exists and an import inside it failed: the user's traceback says more
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            defined = [
+                name for name, value in vars(module).items()
+                if not name.startswith("_") and callable(value) and getattr(value, "__module__", "") == module.__name__
+            ]
+            raise UsageError(
+                f"expected {option} to name a class or function in {module_name}, but {attr!r} is not there; it "
+                f"defines: {', '.join(sorted(defined)) or 'none'}."
+            )
+        obj = getattr(obj, part)
+    return obj
+
+
+def _build_model(target: str, kwargs: dict[str, Any]) -> Any:
+    obj = load_object(target, "the model")
+    model = _call(obj, kwargs, "--model-args", target)
+    if not isinstance(model, pl.LightningModule):
+        raise UsageError(f"expected {target} to be (or make) a LightningModule, but got {type(model).__name__}.")
+    return model
+
+
+def _build_data(target: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    data = _call(load_object(target, "--data"), kwargs, "--data-args", target)
+    if isinstance(data, pl.LightningDataModule):
+        return {"datamodule": data}
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        return {"train_dataloaders": data[0], "val_dataloaders": data[1]}
+    if hasattr(data, "__iter__"):
+        return {"train_dataloaders": data}
+    raise UsageError(
+        f"expected --data {target} to be (or make) a LightningDataModule, a DataLoader or a (train, val) pair, "
+        f"but got {type(data).__name__}."
+    )
+
+
+def _call(obj: Any, kwargs: dict[str, Any], option: str, target: str) -> Any:
+    if not callable(obj) or isinstance(obj, torch.nn.Module):
+        if kwargs:
+            raise UsageError(f"expected {target} to be a class or function for {option}, but it is an instance.")
+        return obj
+    try:
+        return obj(**kwargs)
+    except TypeError as error:
+        if _signature_mismatch(obj, kwargs):
+            raise UsageError(f"{target} does not take {option} {json.dumps(kwargs)}: {error}.") from None
+        raise
+
+
+def _signature_mismatch(obj: Any, kwargs: dict[str, Any]) -> bool:
+    try:
+        inspect.signature(obj).bind(**kwargs)
+    except TypeError:
+        return True
+    except ValueError:  # no signature to read
+        return False
+    return False
 
 
 if __name__ == "__main__":
