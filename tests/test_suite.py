@@ -1,0 +1,204 @@
+"""RecipeSuite and the sanity-run mode, in-process: construction, the env variable, the report files and
+TensorBoard text, the exit status, no optimizer step, and ``sanity_run()`` returning a Report."""
+
+from __future__ import annotations
+
+import json
+
+import lightning.pytorch as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from lightning_recipe import (
+    BatchLeakageProbe,
+    InitLossCheck,
+    OverfitOneBatch,
+    RecipeCheckError,
+    RecipeSuite,
+    Report,
+    SanityRunExit,
+    UpdateRatioMonitor,
+    sanity_run,
+)
+from lightning_recipe.suite import ENV_VAR, summary_table
+from tests.models import trainer
+from tests.zoo import MLP, DoubleSoftmax, clusters
+
+REPORT_KEYS = {"name", "status", "summary", "hint", "details", "duration_s"}
+
+
+class StepCounter(Callback):
+    """Counts the optimizer steps Lightning takes."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.steps += 1
+
+
+def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_untouched(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> None:
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "a sanity run changed the weights"
+
+
+@pytest.fixture(autouse=True)
+def _no_env(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+
+
+# -- construction ------------------------------------------------------------------------------------
+
+
+def test_unknown_component_names_are_refused_listing_the_valid_ones():
+    with pytest.raises(ValueError, match=r"one of \['init_loss_check', .*'first_layer_visualizer'\], but got 'overfit"):
+        RecipeSuite(overfit=None)
+
+
+def test_a_component_of_the_wrong_type_is_refused():
+    with pytest.raises(TypeError, match=r"Expected `overfit_one_batch` to be True, False, None, a dict of "):
+        RecipeSuite(overfit_one_batch=InitLossCheck())
+    with pytest.raises(ValueError, match=r"Expected `on_fail` to be one of \['raise', 'warn'\]"):
+        RecipeSuite(on_fail="ignore")
+
+
+def test_components_are_configured_removed_or_given_and_checks_run_cheap_first():
+    probe = BatchLeakageProbe(num_examples=4)
+    suite = RecipeSuite(
+        overfit_one_batch={"max_steps": 50}, batch_leakage_probe=probe, init_loss_check=True,
+        first_layer_visualizer=None, prediction_dynamics_logger=False, on_fail="warn",
+    )
+    assert [type(c) for c in suite.checks] == [InitLossCheck, BatchLeakageProbe, OverfitOneBatch]
+    assert suite.checks[1] is probe
+    assert suite.checks[2].max_steps == 50
+    assert suite.checks[0].on_fail == "warn" and suite.checks[2].on_fail == "warn"
+    assert [type(m) for m in suite.monitors] == [UpdateRatioMonitor]
+    assert not suite.sanity_run
+
+
+@pytest.mark.parametrize(("value", "expected"), [("1", True), ("true", True), ("ON", True), ("0", False), ("", False)])
+def test_the_environment_variable_turns_the_suite_into_a_sanity_run(monkeypatch, value, expected):
+    monkeypatch.setenv(ENV_VAR, value)
+    assert RecipeSuite().sanity_run is expected
+    assert RecipeSuite(sanity_run=False).sanity_run is False  # an explicit argument wins
+
+
+def test_a_bad_environment_value_is_refused_at_construction(monkeypatch):
+    monkeypatch.setenv(ENV_VAR, "maybe")
+    with pytest.raises(ValueError, match=r"LIGHTNING_RECIPE_SANITY_RUN to be 1 or 0 .* but got 'maybe'"):
+        RecipeSuite()
+
+
+# -- without sanity mode: the checks and monitors as separate callbacks --------------------------------
+
+
+def test_without_sanity_mode_a_failed_check_raises_before_any_step(tmp_path):
+    counter = StepCounter()
+    with pytest.raises(RecipeCheckError, match="OverfitOneBatch: FAILED"):
+        trainer(tmp_path, callbacks=[RecipeSuite(), counter]).fit(DoubleSoftmax(), clusters())
+    assert counter.steps == 0
+
+
+def test_without_sanity_mode_training_goes_on_and_the_monitors_watch_it(tmp_path):
+    suite = RecipeSuite(update_ratio_monitor={"every_n_steps": 1})
+    run = trainer(tmp_path, max_steps=4, callbacks=[suite])
+    run.fit(MLP(), clusters())
+    assert run.global_step == 4
+    assert [c.result.status.value for c in suite.checks] == ["passed"] * 3
+    assert all(m.seconds > 0 for m in suite.monitors), [(m.name, m.seconds) for m in suite.monitors]
+    state = suite.state_dict()
+    assert set(state) >= {m.state_key for m in suite.monitors}
+    suite.load_state_dict(state)
+
+
+# -- sanity mode ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("model", "code"), [(MLP, 0), (DoubleSoftmax, 1)], ids=["healthy", "double_softmax"])
+def test_a_sanity_run_writes_the_report_and_exits_with_the_verdict(tmp_path, capsys, model, code):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    L.seed_everything(0)
+    net, counter, suite = model(), StepCounter(), RecipeSuite(sanity_run=True)
+    before = weights(net)
+    logger = TensorBoardLogger(str(tmp_path), name="run")
+    run = trainer(tmp_path, max_steps=100, logger=logger, callbacks=[suite, counter])
+    with pytest.raises(SanityRunExit) as stopped:
+        run.fit(net, clusters())
+    assert stopped.value.code == code
+    assert stopped.value.report is suite.report
+    assert counter.steps == 0 and run.global_step == 0
+    assert_untouched(net, before)
+
+    folder = tmp_path / "run" / "version_0"
+    data = json.loads((folder / "sanity_run.json").read_text())
+    assert data["passed"] is (code == 0)
+    assert data["global_step"] == 0 and data["world_size"] == 1 and data["model"] == model.__name__
+    assert [c["name"] for c in data["checks"]] == ["InitLossCheck", "BatchLeakageProbe", "OverfitOneBatch"]
+    assert all(set(c) == REPORT_KEYS for c in data["checks"])
+    statuses = {c["name"]: c["status"] for c in data["checks"]}
+    assert statuses["OverfitOneBatch"] == ("passed" if code == 0 else "failed")
+    markdown = (folder / "sanity_run.md").read_text()
+    assert markdown == suite.report.to_markdown()
+
+    printed = capsys.readouterr().out
+    assert f"lightning_recipe sanity run: {'PASSED' if code == 0 else 'FAILED (1 of 3 checks failed)'}" in printed
+    assert f"exit status {code}" in printed and str(folder / "sanity_run.json") in printed
+
+    events = EventAccumulator(str(folder), size_guidance={"tensors": 0})
+    events.Reload()
+    assert "recipe/sanity_run/report/text_summary" in events.Tags()["tensors"]
+    text = events.Tensors("recipe/sanity_run/report/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert text == markdown
+
+
+def test_a_sanity_run_without_exit_returns_from_fit_even_with_min_steps(tmp_path):
+    suite, counter = RecipeSuite(sanity_run=True, exit_process=False, report_dir=tmp_path / "out"), StepCounter()
+    run = trainer(tmp_path, max_steps=50, min_steps=10, callbacks=[suite, counter])
+    run.fit(DoubleSoftmax(), clusters())
+    assert counter.steps == 0 and run.global_step == 0
+    assert suite.report is not None and not suite.report.passed
+    assert suite.report_paths == [tmp_path / "out" / "sanity_run.json", tmp_path / "out" / "sanity_run.md"]
+    assert all(m.seconds == 0 for m in suite.monitors)  # no monitor starts in a sanity run
+
+
+def test_sanity_run_returns_a_report_without_training_and_never_raises():
+    healthy, buggy = MLP(), DoubleSoftmax()
+    before = weights(buggy)
+    report = sanity_run(healthy, train_dataloaders=clusters(), accelerator="cpu")
+    assert isinstance(report, Report) and report.passed
+    assert [r.name for r in report.results] == ["InitLossCheck", "BatchLeakageProbe", "OverfitOneBatch"]
+
+    counter = StepCounter()
+    report = sanity_run(
+        buggy, train_dataloaders=clusters(), checks=[OverfitOneBatch(), "init_loss_check"], accelerator="cpu",
+        callbacks=[counter],
+    )
+    assert not report.passed
+    assert [(r.name, r.status.value) for r in report.results] == [("InitLossCheck", "passed"),
+                                                                   ("OverfitOneBatch", "failed")]
+    assert "softmax" in report.results[1].hint
+    assert counter.steps == 0
+    assert_untouched(buggy, before)
+    assert json.loads(report.to_json())["checks"][1]["status"] == "failed"
+
+
+def test_sanity_run_refuses_unknown_check_names():
+    with pytest.raises(ValueError, match=r"Expected a check name, one of InitLossCheck \(init_loss_check\), .* "
+                                         r"but got 'GradientCheck'"):
+        sanity_run(MLP(), train_dataloaders=clusters(), checks=["GradientCheck"])
+
+
+def test_the_summary_table_lists_every_check_and_the_fixes():
+    report = sanity_run(DoubleSoftmax(), train_dataloaders=clusters(), checks=["OverfitOneBatch"], accelerator="cpu")
+    table = summary_table(report)
+    lines = table.splitlines()
+    assert lines[0] == "lightning_recipe sanity run: FAILED (1 of 1 checks failed)"
+    assert lines[2].split()[:2] == ["OverfitOneBatch", "FAILED"]
+    assert lines[3] == "How to fix:" and lines[4].startswith("  OverfitOneBatch: Double softmax")
