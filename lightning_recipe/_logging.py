@@ -6,9 +6,12 @@ with one warning per process. Everything here is a no-op off rank zero.
 
 from __future__ import annotations
 
+import bisect
+import io
 import warnings
 from typing import TYPE_CHECKING, Any
 
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -17,7 +20,18 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from torch import Tensor
 
-__all__ = ["log_figure", "log_histogram", "log_images", "log_scalars", "log_text", "new_figure", "tag"]
+__all__ = [
+    "grid",
+    "histogram_proto",
+    "image_proto",
+    "log_figure",
+    "log_histogram",
+    "log_images",
+    "log_scalars",
+    "log_text",
+    "new_figure",
+    "tag",
+]
 
 _warned_no_tensorboard = False
 
@@ -26,13 +40,17 @@ def tag(component: str, quantity: str) -> str:
     return f"recipe/{component}/{quantity}"
 
 
+def _tensorboard_logger(trainer: pl.Trainer) -> TensorBoardLogger | None:
+    return next((logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)), None)
+
+
 def _writer(trainer: pl.Trainer) -> Any | None:
     global _warned_no_tensorboard
     if trainer.global_rank != 0:
         return None
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            return logger.experiment
+    logger = _tensorboard_logger(trainer)
+    if logger is not None:
+        return logger.experiment
     if trainer.loggers and not _warned_no_tensorboard:
         _warned_no_tensorboard = True
         warnings.warn(
@@ -85,17 +103,82 @@ def log_text(trainer: pl.Trainer, name: str, text: str, step: int) -> None:
 
 
 def log_histogram(trainer: pl.Trainer, name: str, values: Tensor, step: int, bins: Any = "tensorflow") -> None:
-    """``bins`` as for ``SummaryWriter.add_histogram``; fixed edges (a sequence) cost ~6x less than the default."""
+    """``bins`` as for ``SummaryWriter.add_histogram``. Fixed edges (a sequence) on a torch ``SummaryWriter``
+    take a fast path: counts taken in plain Python and the proto written directly, ~20x cheaper than
+    ``add_histogram`` for a few dozen values (numpy's histogram and its checks dominate there)."""
     writer = _writer(trainer)
-    if writer is not None:
-        writer.add_histogram(name, values.detach().float().cpu(), global_step=step, bins=bins)
+    if writer is None:
+        return
+    values = values.detach().float().cpu()
+    file_writer = _file_writer(_tensorboard_logger(trainer))
+    if file_writer is None or isinstance(bins, str) or values.numel() == 0:
+        writer.add_histogram(name, values, global_step=step, bins=bins)
+        return
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    proto = histogram_proto(values.reshape(-1).tolist(), [float(e) for e in bins])
+    file_writer.add_summary(Summary(value=[Summary.Value(tag=name, histo=proto)]), step)
+
+
+def histogram_proto(values: list[float], edges: list[float]) -> Any:
+    """The ``HistogramProto`` that ``torch.utils.tensorboard.summary.make_histogram(values, edges)`` builds:
+    bins ``[e_i, e_i+1)``, the last one closed, values outside the edges not counted; bucket limits are
+    right edges, trimmed to the bins that hold values plus one empty bin on the left."""
+    from tensorboard.compat.proto.summary_pb2 import HistogramProto
+
+    counts = [0] * (len(edges) - 1)
+    last = len(counts) - 1
+    for v in values:
+        if edges[0] <= v <= edges[-1]:
+            counts[min(bisect.bisect_right(edges, v) - 1, last)] += 1
+    filled = [i for i, c in enumerate(counts) if c > 0]
+    start, end = (filled[0], filled[-1] + 1) if filled else (0, 1)
+    kept = counts[start - 1 : end] if start > 0 else [0, *counts[:end]]
+    return HistogramProto(
+        min=min(values), max=max(values), num=len(values), sum=sum(values),
+        sum_squares=sum(v * v for v in values), bucket_limit=edges[start : end + 1], bucket=kept,
+    )
 
 
 def log_images(trainer: pl.Trainer, name: str, images: Tensor, step: int) -> None:
-    """``images`` is ``(N, C, H, W)`` in [0, 1]; TensorBoard draws the grid."""
+    """``images`` is ``(N, C, H, W)`` in [0, 1], ``C`` 1 or 3: drawn as one grid, 8 tiles a row (as
+    ``add_images`` draws it). On a torch ``SummaryWriter`` the grid is built in torch and the PNG written
+    with light compression, ~5x cheaper than ``add_images`` (which resamples the image and compresses hard)."""
     writer = _writer(trainer)
-    if writer is not None:
-        writer.add_images(name, images.detach().float().cpu(), global_step=step, dataformats="NCHW")
+    if writer is None:
+        return
+    images = images.detach().float().cpu()
+    file_writer = _file_writer(_tensorboard_logger(trainer))
+    if file_writer is None or images.ndim != 4 or images.shape[1] not in (1, 3) or images.shape[0] == 0:
+        writer.add_images(name, images, global_step=step, dataformats="NCHW")
+        return
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    file_writer.add_summary(Summary(value=[Summary.Value(tag=name, image=image_proto(grid(images)))]), step)
+
+
+def grid(images: Tensor, columns: int = 8) -> Tensor:
+    """``(N, C, H, W)`` floats in [0, 1] as one ``(rows * H, columns * W, C)`` uint8 image, row by row,
+    empty tiles black, as ``torch.utils.tensorboard``'s ``make_grid`` lays them out."""
+    n, c, h, w = images.shape
+    columns = min(n, columns)
+    rows = -(-n // columns)
+    canvas = torch.zeros(rows * columns, c, h, w, dtype=torch.uint8)
+    canvas[:n] = (images * 255).clamp(0, 255).to(torch.uint8)
+    return canvas.reshape(rows, columns, c, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, columns * w, c)
+
+
+def image_proto(image: Tensor) -> Any:
+    """A ``(H, W, C)`` uint8 image (C 1 or 3) as a PNG ``Summary.Image``."""
+    from PIL import Image
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    height, width, channels = image.shape
+    array = image.numpy()
+    picture = Image.fromarray(array[:, :, 0] if channels == 1 else array)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG", compress_level=1)
+    return Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=buffer.getvalue())
 
 
 def new_figure(width: float = 6.0, height: float = 4.0) -> Figure:

@@ -209,6 +209,34 @@ def test_frozen_needs_no_movement_and_no_progress():
     assert pd.judge(_history(still, learnt_then_settled), 1e-5, **JUDGE).kind is None
 
 
+def test_movement_is_computed_only_when_the_frozen_verdict_needs_it():
+    calls = []
+
+    def moved() -> float:
+        calls.append(1)
+        return 1e-5
+
+    still = [math.nan] + [0.0] * 6
+    assert pd.judge(_history(still, [1.0] * 7), moved, **JUDGE).kind == "frozen" and calls == [1]
+    learnt = [1.0, 0.5, 0.1, 0.05, 0.05, 0.05, 0.05]
+    verdict = pd.judge(_history(still, learnt), moved, **JUDGE)
+    assert verdict.kind is None and calls == [1] and verdict.evidence["window_movement"] is None
+
+
+def test_a_trimmed_history_with_the_run_extremes_judges_like_the_whole_history():
+    losses = [2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]  # learnt early, then settled
+    still = [math.nan] + [0.0] * 9
+    whole = _history(still, losses)
+    for history, movement in ((whole, 1e-5), (whole, 0.5), (_history([math.nan] + [0.2] * 9, [3.0] * 10), 0.5)):
+        trimmed = history[-JUDGE["window"] - 1 :]
+        first, best = history[0].loss, min(e.loss for e in history)
+        assert pd.judge(history, movement, **JUDGE) == pd.judge(
+            trimmed, movement, first_loss=first, best_loss=best, **JUDGE
+        )
+    assert pd.judge(whole, 1e-5, **JUDGE).kind is None  # it learnt: settled, not frozen
+    assert pd.judge(whole[-6:], 1e-5, **JUDGE).kind == "frozen"  # the window alone cannot tell
+
+
 # -- arguments ------------------------------------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 
 from lightning.pytorch.callbacks import Callback
@@ -11,6 +12,7 @@ from lightning_recipe import _logging
 __all__ = ["RecipeCallback", "snake_case"]
 
 
+@functools.cache  # tags are built on every logging step: keep the regex off that path
 def snake_case(name: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 

@@ -125,6 +125,7 @@ class PredictionDynamicsLogger(Monitor):
         self._snapshots: list[Snapshot] = []  # the last `window + 1`, for movement over the window
         self._trajectory_steps: list[int] = []
         self._trajectories: list[Tensor] = []  # (N,) per evaluation
+        self._best_loss = math.inf  # lowest loss on the batch so far (the history is not rescanned each time)
         self._last_step = -1
         self._figure_step = -1
 
@@ -297,12 +298,14 @@ class PredictionDynamicsLogger(Monitor):
                 {"step": current.step},
             )
             return
-        window_movement = None
-        if len(self._snapshots) > self.window:
-            window_movement = movement(self._snapshots[0], current)
+        oldest = self._snapshots[0] if len(self._snapshots) > self.window else None
+        losses = [e.loss for e in self.history[-1:] if math.isfinite(e.loss)]
+        self._best_loss = min([self._best_loss, *losses])
         verdict = judge(
-            self.history,
-            window_movement,
+            self.history[-self.window - 1 :],
+            (lambda: movement(oldest, current)) if oldest is not None else None,
+            first_loss=self.history[0].loss,
+            best_loss=self._best_loss,
             window=self.window,
             warmup_steps=self.warmup_steps,
             thrash_jitter=self.thrash_jitter,

@@ -127,6 +127,7 @@ class UpdateRatioMonitor(Monitor):
         self._handles: list[RemovableHandle] = []
         self._watches: list[_OptimizerWatch] = []
         self._names: dict[int, str] = {}
+        self._tags: dict[str, str] = {}  # parameter name -> its scalar's tag, built once
         self._trainer: pl.Trainer | None = None
 
     # -- wiring ------------------------------------------------------------------------------------------
@@ -254,13 +255,19 @@ class UpdateRatioMonitor(Monitor):
             return
         logs = [_log10(r) for r in ratios]
         suffix = "" if watch.index == 0 else f"_optimizer{watch.index}"
-        scalars = {self.tag(f"log10_ratio/{n}"): v for n, v in zip(names, logs, strict=True) if math.isfinite(v)}
+        scalars = {self._ratio_tag(n): v for n, v in zip(names, logs, strict=True) if math.isfinite(v)}
         if median is not None:
             scalars[self.tag(f"median_log10_ratio{suffix}")] = _log10(median)
         _logging.log_scalars(trainer, scalars, step)
         finite = [min(max(v, _LOG10_ZERO), _HIST_EDGES[-1]) for v in logs if math.isfinite(v)]
         if finite:
             _logging.log_histogram(trainer, self.tag(f"log10_ratios{suffix}"), torch.tensor(finite), step, _HIST_EDGES)
+
+    def _ratio_tag(self, name: str) -> str:
+        tag = self._tags.get(name)
+        if tag is None:
+            tag = self._tags[name] = self.tag(f"log10_ratio/{name}")
+        return tag
 
     def _check_all_in_optimizer(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         in_optimizer = {id(p) for o in trainer.optimizers for g in o.param_groups for p in g["params"]}

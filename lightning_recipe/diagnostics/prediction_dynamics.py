@@ -27,7 +27,7 @@ No Lightning here. Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,16 +119,22 @@ def snapshot(outputs: Tensor, targets: Tensor, step: int, task: str = "auto", ex
             loss = float(torch.nn.functional.nll_loss(p.clamp_min(1e-12).log(), hard))
         else:
             loss = float(standard_loss(view))
-        accuracy = float(tmf.accuracy(p, hard, task="multiclass", num_classes=view.width, average="micro"))
+        accuracy = float(
+            tmf.accuracy(p, hard, task="multiclass", num_classes=view.width, average="micro", validate_args=False)
+        )
     elif view.loss_kind == "bce":
         p = torch.sigmoid(o)
         scores = torch.where(t > 0.5, p, 1 - p)
         labels = (p > 0.5).long()
         loss = float(standard_loss(view))
         if view.task == "binary":
-            accuracy = float(tmf.accuracy(p.reshape(-1), t.reshape(-1).long(), task="binary"))
+            accuracy = float(tmf.accuracy(p.reshape(-1), t.reshape(-1).long(), task="binary", validate_args=False))
         else:
-            accuracy = float(tmf.accuracy(p, t.long(), task="multilabel", num_labels=view.width, average="micro"))
+            accuracy = float(
+                tmf.accuracy(
+                    p, t.long(), task="multilabel", num_labels=view.width, average="micro", validate_args=False
+                )
+            )
     else:
         scores, labels, accuracy = o, None, None
         loss = float(torch.nn.functional.mse_loss(o, t))
@@ -198,13 +204,15 @@ class DynamicsVerdict:
 
 def judge(
     history: Sequence[Evaluation],
-    window_movement: float | None,
+    window_movement: float | None | Callable[[], float | None],
     *,
     window: int,
     warmup_steps: int,
     thrash_jitter: float,
     frozen_movement: float,
     improvement: float = 0.1,
+    first_loss: float | None = None,
+    best_loss: float | None = None,
 ) -> DynamicsVerdict:
     """Decide on the last ``window`` evaluations of ``history``.
 
@@ -216,6 +224,11 @@ def judge(
     Frozen: ``window_movement`` (:func:`movement` between the outputs ``window`` evaluations ago and now) is
     below ``frozen_movement`` and the loss never improved by ``improvement`` over the whole run (a model
     that learnt and then settled, e.g. at the end of a cosine schedule, is not frozen).
+
+    ``window_movement`` may be a function that computes it: it is then called only when the frozen verdict
+    needs it (the loss never improved), so a run that learns never pays for it. ``first_loss`` and
+    ``best_loss`` (the first and the lowest loss of the whole run) default to scanning ``history``; a caller
+    that keeps them can pass just the last ``window + 1`` evaluations, and the cost stays flat over a long run.
     """
     if len(history) < window + 1:
         return DynamicsVerdict(None)
@@ -224,11 +237,13 @@ def judge(
     end = recent[-2:]
     loss_start = _mean([e.loss for e in start])
     loss_end = _mean([e.loss for e in end])
-    first_loss = history[0].loss
-    best_loss = min(e.loss for e in history)
+    first_loss = history[0].loss if first_loss is None else first_loss
+    best_loss = min(e.loss for e in history) if best_loss is None else best_loss
     jitters = [e.jitter for e in recent if math.isfinite(e.jitter)]
     churns = [e.churn for e in recent if e.churn is not None and math.isfinite(e.churn)]
     mean_jitter = _mean(jitters) if jitters else math.nan
+    never_improved = not (best_loss < (1 - improvement) * first_loss)
+    moved = window_movement() if callable(window_movement) and never_improved else window_movement
     evidence: dict[str, Any] = {
         "window_steps": [history[-window - 1].step, history[-1].step],
         "mean_jitter": mean_jitter,
@@ -237,15 +252,14 @@ def judge(
         "loss_window_end": loss_end,
         "first_loss": first_loss,
         "best_loss": best_loss,
-        "window_movement": window_movement,
+        "window_movement": None if callable(moved) else moved,
         "thrash_jitter": thrash_jitter,
         "frozen_movement": frozen_movement,
     }
     stalled = not (loss_end < (1 - improvement) * loss_start)
     if history[-1].step >= warmup_steps and math.isfinite(mean_jitter) and mean_jitter >= thrash_jitter and stalled:
         return DynamicsVerdict("thrashing", evidence)
-    never_improved = not (best_loss < (1 - improvement) * first_loss)
-    if window_movement is not None and window_movement < frozen_movement and never_improved:
+    if isinstance(moved, float) and moved < frozen_movement and never_improved:
         return DynamicsVerdict("frozen", evidence)
     return DynamicsVerdict(None, evidence)
 

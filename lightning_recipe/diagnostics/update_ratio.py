@@ -118,15 +118,17 @@ class UpdateRatios:
 
 
 def measure(params: Sequence[Tensor], before: Sequence[Tensor]) -> UpdateRatios:
-    """Compare the parameters now with their :func:`snapshot` from before the step; reduces across shards."""
+    """Compare the parameters now with their :func:`snapshot` from before the step; reduces across shards.
+    Consumes ``before``: the update is computed in place in the copies (no second copy of the weights)."""
     if not params:
         empty = torch.zeros(0)
         return UpdateRatios(empty, empty, empty)
     after = [local_tensor(p).detach() for p in params]
     after = [t if t.dtype == torch.float32 else t.float() for t in after]
-    deltas = torch._foreach_sub(after, list(before))
-    update = torch.stack(torch._foreach_norm(deltas))
-    weight = torch.stack(torch._foreach_norm(list(before)))
+    before = list(before)
+    weight = torch.stack(torch._foreach_norm(before))
+    torch._foreach_sub_(before, after)  # before - after: the update, negated (its norm is the same)
+    update = torch.stack(torch._foreach_norm(before))
     squared = reduce_squared_norms(params, torch.stack([update, weight]).square())
     update, weight = squared.sqrt().cpu().unbind(0)
     return UpdateRatios(update_norms=update, weight_norms=weight, ratios=update / weight)

@@ -1,0 +1,84 @@
+"""The logging seam's fast paths write exactly what torch's ``SummaryWriter`` would: histograms against
+``make_histogram``, image grids against ``make_grid``, and both read back from the event file."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.tensorboard._utils import make_grid
+from torch.utils.tensorboard.summary import make_histogram
+
+from lightning_recipe import _logging
+
+EDGES = [x / 4 for x in range(-49, 10)]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_histogram_proto_matches_tensorboards_make_histogram(seed: int):
+    rng = random.Random(seed)
+    for _ in range(200):
+        n = rng.randint(1, 40)
+        # edges themselves, the last edge (closed bin), and values outside the edges (not counted)
+        pool = [lambda: rng.uniform(-12.25, 2.25), lambda: rng.choice(EDGES), lambda: rng.uniform(-20, 10)]
+        values = [rng.choice(pool)() for _ in range(n)]
+        if not any(EDGES[0] <= v <= EDGES[-1] for v in values):
+            assert sum(_logging.histogram_proto(values, EDGES).bucket) == 0  # make_histogram raises here
+            continue
+        expected = make_histogram(np.array(values, dtype=float), EDGES)
+        got = _logging.histogram_proto(values, EDGES)
+        assert list(got.bucket) == list(expected.bucket)
+        assert list(got.bucket_limit) == list(expected.bucket_limit)
+        assert (got.num, got.min, got.max) == (expected.num, expected.min, expected.max)
+        assert got.sum == pytest.approx(expected.sum) and got.sum_squares == pytest.approx(expected.sum_squares)
+
+
+@pytest.mark.parametrize("n", [1, 3, 8, 9, 17, 64])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_grid_lays_tiles_out_as_tensorboards_make_grid(n: int, channels: int):
+    images = torch.rand(n, channels, 5, 7, generator=torch.Generator().manual_seed(n))
+    expected = (make_grid(images.numpy()).transpose(1, 2, 0) * 255).clip(0, 255).astype(np.uint8)
+    got = _logging.grid(images).numpy()
+    assert got.shape == (*expected.shape[:2], channels)
+    assert (got == expected[:, :, :channels]).all()  # make_grid repeats a grey channel three times
+
+
+class _Trainer:
+    """What the logging seam reads of a Trainer."""
+
+    global_rank = 0
+
+    def __init__(self, logger) -> None:
+        self.loggers = [logger]
+
+
+def test_fast_histogram_and_images_read_back_from_the_event_file(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    trainer = _Trainer(logger)
+    values = torch.tensor([-3.1, -3.0, -2.2, -12.0, 0.5])
+    _logging.log_histogram(trainer, "h", values, 7, EDGES)
+    gray = torch.rand(10, 1, 6, 6)
+    _logging.log_images(trainer, "gray", gray, 7)
+    _logging.log_images(trainer, "rgb", torch.rand(3, 3, 4, 4), 8)
+    logger.experiment.flush()
+    acc = EventAccumulator(logger.log_dir, size_guidance={"histograms": 0, "images": 0})
+    acc.Reload()
+    (histogram,) = acc.Histograms("h")
+    assert histogram.step == 7 and histogram.histogram_value.num == 5
+    assert histogram.histogram_value.min == pytest.approx(-12.0)
+    (image,) = acc.Images("gray")
+    assert (image.step, image.width, image.height) == (7, 8 * 6, 2 * 6)  # 8 tiles a row, two rows
+    from io import BytesIO
+
+    from PIL import Image
+
+    decoded = np.asarray(Image.open(BytesIO(image.encoded_image_string)))
+    assert decoded.shape == (12, 48)
+    assert (decoded == _logging.grid(gray).numpy()[:, :, 0]).all()  # lossless
+    (rgb,) = acc.Images("rgb")
+    assert (rgb.width, rgb.height) == (3 * 4, 4)
