@@ -24,7 +24,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_recipe import __version__
-from lightning_recipe.suite import resolve_checks, sanity_run
+from lightning_recipe.report import Report
+from lightning_recipe.suite import resolve_checks, sanity_run, sanity_suite
 
 __all__ = ["main"]
 
@@ -114,16 +115,15 @@ def _check(args: argparse.Namespace) -> int:
         checks = resolve_checks(args.checks)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    if args.config is not None:
-        from lightning_recipe._lightning_cli import from_config
-
-        model, fit_kwargs, config_trainer = from_config(args.config, args.model, args.data)
-        trainer_kwargs = {**config_trainer, **_given(args, trainer_kwargs)}
-    else:
-        model = _build_model(args.model, model_args)
-        fit_kwargs = _build_data(args.data, data_args) if args.data else {}
     try:
-        report = sanity_run(model, checks=checks, **fit_kwargs, **trainer_kwargs)
+        if args.config is not None:
+            model, report = _run_config(args, checks)
+        else:
+            model = _build_model(args.model, model_args)
+            fit_kwargs = _build_data(args.data, data_args) if args.data else {}
+            report = sanity_run(model, checks=checks, **fit_kwargs, **trainer_kwargs)
+    except UsageError:
+        raise
     except Exception:  # noqa: BLE001 - the user's code crashed: that is a failed sanity run, with its traceback
         traceback.print_exc()
         print(
@@ -142,10 +142,39 @@ def _check(args: argparse.Namespace) -> int:
     return EXIT_PASSED if report.passed else EXIT_FAILED
 
 
-def _given(args: argparse.Namespace, trainer_kwargs: dict[str, Any]) -> dict[str, Any]:
+def _run_config(args: argparse.Namespace, checks: list[Any]) -> tuple[pl.LightningModule, Report]:
+    """A sanity run of what a LightningCLI config describes: its model, data and Trainer (loggers included, so
+    the report also lands next to its logs); Trainer options given on the command line override the config."""
+    try:
+        from lightning.pytorch.cli import LightningCLI
+    except ImportError as error:  # pragma: no cover - lightning always ships it
+        raise UsageError(f"--config needs Lightning's LightningCLI: {error}") from None
+    if importlib.util.find_spec("jsonargparse") is None:
+        raise UsageError("--config reads LightningCLI configs with jsonargparse, which is not installed: "
+                         "pip install 'lightning_recipe[cli]'.")
+    if not Path(args.config).is_file():
+        raise UsageError(f"expected --config to be a YAML file, but {args.config!r} does not exist.")
+    model_class = load_object(args.model, "the model") if args.model else None
+    data_class = load_object(args.data, "--data") if args.data else None
+    overrides = [f"--trainer.{key}={value}" for key, value in _given(args).items()]
+    suite = sanity_suite(checks, report_dir=None)
+    cli = LightningCLI(
+        model_class, data_class, run=False, save_config_callback=None, trainer_defaults={"callbacks": [suite]},
+        subclass_mode_model=model_class is None, subclass_mode_data=data_class is None,
+        args=["--config", args.config, *overrides],
+    )
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    if suite.report is None:
+        raise RuntimeError("The sanity run did not reach the start of training, so no check ran.")
+    return cli.model, suite.report
+
+
+def _given(args: argparse.Namespace) -> dict[str, Any]:
     """The Trainer options given on the command line (not left at their defaults): they override a config."""
-    defaults = {"accelerator": "auto", "devices": 1, "strategy": "auto", "num_nodes": 1}
-    return {key: value for key, value in trainer_kwargs.items() if value != defaults[key]}
+    given = {"accelerator": args.accelerator, "devices": args.devices, "strategy": args.strategy,
+             "num_nodes": args.num_nodes}
+    defaults = {"accelerator": "auto", "devices": "1", "strategy": "auto", "num_nodes": 1}
+    return {key: value for key, value in given.items() if value != defaults[key]}
 
 
 def _json_object(option: str, text: str) -> dict[str, Any]:

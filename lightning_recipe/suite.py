@@ -48,6 +48,7 @@ __all__ = [
     "resolve_checks",
     "sanity_run",
     "sanity_run_requested",
+    "sanity_suite",
     "summary_table",
 ]
 
@@ -397,6 +398,18 @@ def _version() -> str:
     return __version__
 
 
+def sanity_suite(
+    checks: Iterable[str | PreflightCheck] | None, report_dir: str | os.PathLike[str] | Literal[False] | None
+) -> RecipeSuite:
+    """A suite in sanity mode that returns from ``fit`` (no exit) and holds only ``checks``."""
+    chosen = resolve_checks(checks)
+    return RecipeSuite(
+        sanity_run=True, exit_process=False, report_dir=report_dir,
+        **{name: next((c for c in chosen if isinstance(c, cls)), None) for name, cls in CHECKS.items()},
+        **{name: None for name in MONITORS},
+    )
+
+
 def sanity_run(
     model: pl.LightningModule,
     datamodule: pl.LightningDataModule | None = None,
@@ -423,12 +436,7 @@ def sanity_run(
         report = sanity_run(model, datamodule=dm)
         assert report.passed, report.to_markdown()
     """
-    chosen = resolve_checks(checks)
-    suite = RecipeSuite(
-        sanity_run=True, exit_process=False, report_dir=False,
-        **{name: next((c for c in chosen if isinstance(c, cls)), None) for name, cls in CHECKS.items()},
-        **{name: None for name in MONITORS},
-    )
+    suite = sanity_suite(checks, report_dir=False)
     if "callbacks" in trainer_kwargs:
         callbacks = trainer_kwargs.pop("callbacks")
         callbacks = [*callbacks] if isinstance(callbacks, (list, tuple)) else [callbacks]

@@ -1,0 +1,188 @@
+"""The ``lightning-recipe`` console script: exit 0 when every check passed, 1 when one failed (or the model
+crashed), 2 on bad usage with a message and no traceback. The installed script runs in subprocesses; usage
+errors are also driven in-process through ``main`` (no Trainer is built for them)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_recipe.cli import main
+from tests.ddp import REPO
+from tests.zoo import MLP
+
+SCRIPT = shutil.which("lightning-recipe", path=str(Path(sys.executable).parent)) or "lightning-recipe"
+
+
+def cli(*args: str, cwd: Path = REPO, timeout: float = 180) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.pop("LIGHTNING_RECIPE_SANITY_RUN", None)
+    return subprocess.run([SCRIPT, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_documents_the_check_command_and_the_exit_status(capsys):
+    proc = cli("--help")  # the installed console script
+    assert proc.returncode == 0
+    assert "check" in proc.stdout and "LIGHTNING_RECIPE_SANITY_RUN=1" in proc.stdout
+    assert "exit 0 when every check passed, 1 when one failed, 2 on bad usage" in " ".join(proc.stdout.split())
+    with pytest.raises(SystemExit) as stopped:
+        main(["check", "--help"])
+    assert stopped.value.code == 0
+    check_help = capsys.readouterr().out
+    for option in ("--data", "--model-args", "--data-args", "--checks", "--report", "--config", "--accelerator",
+                   "--devices"):
+        assert option in check_help
+
+
+def test_a_healthy_model_exits_0_and_writes_the_report(tmp_path):
+    report = tmp_path / "reports" / "sanity.json"
+    proc = cli("check", "tests.zoo:MLP", "--data", "tests.zoo:clusters", "--model-args", '{"hidden": 16}',
+               "--accelerator", "cpu", "--report", str(report))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "lightning_recipe sanity run: PASSED" in proc.stdout
+    data = json.loads(report.read_text())
+    assert data["passed"] is True and data["model"] == "MLP"
+    assert [c["status"] for c in data["checks"]] == ["passed"] * 3
+    assert report.with_suffix(".md").read_text().startswith("# lightning_recipe report: PASSED")
+
+
+def test_a_failing_check_exits_1_with_the_fix():
+    proc = cli("check", "tests.zoo:DoubleSoftmax", "--data", "tests.zoo:clusters", "--checks", "OverfitOneBatch",
+               "--accelerator", "cpu")
+    assert proc.returncode == 1, (proc.stdout + proc.stderr)[-4000:]
+    assert "OverfitOneBatch: Double softmax" in proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_usage_exits_2_with_a_message_and_no_traceback():
+    proc = cli("check", "tests.zoo:NoSuchModel")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("lightning-recipe check: error: expected the model to name a class or function in "
+                                  "tests.zoo, but 'NoSuchModel' is not there; it defines: ")
+    assert "Traceback" not in proc.stderr
+
+
+def test_no_command_prints_the_help_and_exits_2(capsys):
+    assert main([]) == 2
+    assert "commands:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["tests.zoo"], r"expected the model as MODULE:NAME \(e.g. my_project.models:Classifier\), but got 'tests.zoo"),
+        (["tests.no_such_module:Net"], r"'tests.no_such_module' was not found"),
+        (["no_such_file.py:Net"], r"'no_such_file.py' does not exist"),
+        (["tests.zoo:MLP", "--model-args", "[1]"], r"expected --model-args to be a JSON object .* but got '\[1\]'"),
+        (["tests.zoo:MLP", "--model-args", "{oops"], r"expected --model-args to be a JSON object"),
+        (["tests.zoo:MLP", "--model-args", '{"width": 3}'], r"tests.zoo:MLP does not take --model-args"),
+        (["tests.zoo:MLP", "--checks", "GradientCheck"], r"Expected a check name, one of InitLossCheck"),
+        (["tests.zoo:MLP", "--data", "tests.zoo:cluster_data", "--data-args", '{"n": "x"}'], None),
+        (["tests.zoo:clusters"], r"expected tests.zoo:clusters to be \(or make\) a LightningModule, but got DataLoa"),
+        (["tests.zoo:MLP", "--data", "tests.zoo:DictDataset", "--data-args", "{}"], r"does not take --data-args"),
+        (["tests.zoo:MLP", "--config", "missing.yaml"], r"expected --config to be a YAML file"),
+        ([], r"expected a model as MODULE:Model"),
+    ],
+    ids=lambda v: "-".join(v) if isinstance(v, list) else "",
+)
+def test_bad_usage_is_a_message_naming_what_to_fix(capsys, args, message):
+    code = main(["check", *args, "--accelerator", "cpu"])
+    err = capsys.readouterr().err
+    if message is None:  # the user's own code raised on its arguments: a failed run with its traceback
+        assert code == 1 and "Traceback" in err
+        return
+    assert code == 2, err
+    assert err.startswith("lightning-recipe check: error: ")
+    assert re.search(message, err), err
+
+
+class Crashes(MLP):
+    """``training_step`` raises, as a shape bug would."""
+
+    def training_step(self, batch, batch_idx):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (32x8 and 9x32)")
+
+
+def test_a_model_that_crashes_is_a_failed_run_with_its_traceback(capsys):
+    code = main(["check", "tests.test_cli:Crashes", "--data", "tests.zoo:clusters", "--accelerator", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "RuntimeError: mat1 and mat2 shapes cannot be multiplied" in err
+    assert "the model or its data raised an error during the sanity run" in err
+
+
+def test_a_model_from_a_file_path_and_a_datamodule(tmp_path, capsys):
+    source = tmp_path / "project_file.py"
+    source.write_text(textwrap.dedent("""
+        import lightning.pytorch as L
+        from torch.utils.data import DataLoader
+        from tests.zoo import MLP, cluster_data
+
+        class Clusters(L.LightningDataModule):
+            def train_dataloader(self):
+                return DataLoader(cluster_data(), batch_size=32, shuffle=True)
+    """))
+    report = tmp_path / "report.json"
+    torch.manual_seed(0)
+    code = main(["check", f"{source}:MLP", "--data", f"{source}:Clusters", "--checks", "init_loss_check",
+                 "--accelerator", "cpu", "--report", str(report)])
+    assert code == 0, capsys.readouterr().err
+    assert [c["name"] for c in json.loads(report.read_text())["checks"]] == ["InitLossCheck"]
+
+
+CONFIG = """
+trainer:
+  accelerator: cpu
+  max_epochs: 3
+  enable_progress_bar: false
+  enable_model_summary: false
+  logger:
+    class_path: lightning.pytorch.loggers.TensorBoardLogger
+    init_args:
+      save_dir: logs
+      name: run
+model:
+  class_path: tests.zoo.DoubleSoftmax
+data:
+  class_path: project_data.Clusters
+  init_args:
+    batch_size: 16
+"""
+
+DATA = """
+import lightning.pytorch as L
+from torch.utils.data import DataLoader
+from tests.zoo import cluster_data
+
+class Clusters(L.LightningDataModule):
+    def __init__(self, batch_size: int = 32):
+        super().__init__()
+        self.batch_size = batch_size
+
+    def train_dataloader(self):
+        return DataLoader(cluster_data(), batch_size=self.batch_size, shuffle=True)
+"""
+
+
+def test_a_lightning_cli_config_runs_unchanged(tmp_path):
+    pytest.importorskip("jsonargparse")
+    (tmp_path / "config.yaml").write_text(CONFIG)
+    (tmp_path / "project_data.py").write_text(DATA)
+    env_path = f"{REPO}{os.pathsep}{tmp_path}"
+    proc = subprocess.run(
+        [SCRIPT, "check", "--config", "config.yaml", "--checks", "OverfitOneBatch"], cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": env_path, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 1, (proc.stdout + proc.stderr)[-4000:]
+    data = json.loads((tmp_path / "logs" / "run" / "version_0" / "sanity_run.json").read_text())
+    assert [(c["name"], c["status"]) for c in data["checks"]] == [("OverfitOneBatch", "failed")]
