@@ -162,10 +162,28 @@ def test_datamodule_iterable_dataset_and_workers(check_cls):
         assert check.result.status is CheckStatus.PASSED, check.result.format()
 
 
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true", "64-true"])
 @pytest.mark.parametrize("check_cls", CHECKS, ids=ids)
-def test_bf16_mixed_precision(check_cls):
+def test_mixed_and_true_precisions(check_cls, precision):
+    """Under `-true` precisions the parameters are bf16/fp64: the batch must be converted as Lightning converts
+    it before `training_step`, or the model refuses the fp32 input and the check skips."""
     check = check_cls()
-    _fit(MLPClassifier(), loader(cluster_data()), check, precision="bf16-mixed")
+    _fit(MLPClassifier(), loader(cluster_data()), check, precision=precision)
+    assert check.result.status is CheckStatus.PASSED, check.result.format()
+
+
+class DictToTuple(MLPClassifier):
+    """Turns the loader's dict batches into `(x, y)` in `on_before_batch_transfer`, before the device move."""
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        return batch["pixels"], batch["answer"]
+
+
+@pytest.mark.parametrize("check_cls", CHECKS, ids=ids)
+def test_batches_go_through_on_before_batch_transfer_as_in_training(check_cls):
+    data = DictDataset(cluster_data())
+    check = check_cls()
+    _fit(DictToTuple(), DataLoader(data, batch_size=32), check)
     assert check.result.status is CheckStatus.PASSED, check.result.format()
 
 

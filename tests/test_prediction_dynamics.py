@@ -302,6 +302,17 @@ def test_train_eval_mode_of_every_submodule_is_restored():
     assert set(model.modes_seen) == {(False, True, True)}
 
 
+@pytest.mark.parametrize("precision", ["bf16-true", "64-true"])
+def test_the_fixed_batch_is_converted_to_the_parameters_precision(precision):
+    """With bf16/fp64 parameters, Lightning converts each batch before `training_step`; the fixed batch too,
+    or the model refuses it and the logger switches itself off."""
+    monitor = PredictionDynamicsLogger(every_n_steps=5)
+    trainer(max_steps=10, precision=precision, callbacks=[monitor]).fit(MLP(), loader(cluster_data()))
+    assert monitor.enabled
+    assert [e.step for e in monitor.history] == [0, 5, 10]
+    assert all(math.isfinite(e.loss) for e in monitor.history)
+
+
 def test_one_evaluation_per_optimizer_step_with_gradient_accumulation():
     monitor = PredictionDynamicsLogger(every_n_steps=2)
     trainer(max_steps=6, accumulate_grad_batches=3, callbacks=[monitor]).fit(MLP(), loader(cluster_data()))

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -35,6 +36,7 @@ __all__ = [
     "PreflightCheck",
     "loader_generators",
     "peek_batches",
+    "prepare_batch",
     "single_loader",
     "without_persistent_workers",
 ]
@@ -150,12 +152,27 @@ def peek_batches(trainer: pl.Trainer, count: int) -> list[Any]:
                 batch = next(iterator)
             except StopIteration:
                 break
-            batches.append(trainer.strategy.batch_to_device(batch))
+            batches.append(prepare_batch(trainer, batch))
     finally:
         del iterator
     if not batches:
         raise CheckSkipped("the training dataloader yielded no batch.")
     return batches
+
+
+def prepare_batch(trainer: pl.Trainer, batch: Any) -> Any:
+    """A batch from a dataloader made into what ``training_step`` receives, by the steps Lightning's fit loop
+    takes: the precision plugin's input conversion (floating tensors to bf16/fp16/fp64 under
+    ``precision="bf16-true"`` and the like), ``on_before_batch_transfer`` (the datamodule's when it defines
+    one, else the module's), and the move to the device with ``transfer_batch_to_device`` and
+    ``on_after_batch_transfer``."""
+    batch = trainer.precision_plugin.convert_input(batch)
+    datamodule = trainer.datamodule
+    if datamodule is not None and is_overridden("on_before_batch_transfer", datamodule):
+        batch = datamodule.on_before_batch_transfer(batch, 0)
+    elif trainer.lightning_module is not None:
+        batch = trainer.lightning_module.on_before_batch_transfer(batch, 0)
+    return trainer.strategy.batch_to_device(batch)
 
 
 def without_persistent_workers(loader: DataLoader) -> DataLoader:

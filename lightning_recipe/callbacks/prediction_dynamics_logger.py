@@ -17,7 +17,7 @@ from typing_extensions import override
 from lightning_recipe import _logging
 from lightning_recipe._args import check_choice, check_fraction, check_int, check_positive
 from lightning_recipe.callbacks._monitor import Monitor
-from lightning_recipe.callbacks._preflight import loader_generators, without_persistent_workers
+from lightning_recipe.callbacks._preflight import loader_generators, prepare_batch, without_persistent_workers
 from lightning_recipe.diagnostics.batch import ForwardFn, InputsFn, TargetsFn, slice_batch
 from lightning_recipe.diagnostics.init_loss import TASKS
 from lightning_recipe.diagnostics.prediction_dynamics import (
@@ -217,7 +217,7 @@ class PredictionDynamicsLogger(Monitor):
                     batch = next(iterator)
                 except StopIteration:
                     break
-                batches.append(trainer.strategy.batch_to_device(batch))
+                batches.append(prepare_batch(trainer, batch))
                 seen += self._examples(batches[-1])
         finally:
             del iterator
@@ -242,15 +242,17 @@ class PredictionDynamicsLogger(Monitor):
         return batch
 
     # -- evaluation -----------------------------------------------------------------------------------
-    def _predict(self, pl_module: pl.LightningModule) -> tuple[Tensor, Tensor]:
-        with _evaluating(pl_module):
+    def _predict(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Tensor, Tensor]:
+        # in the precision context Lightning validates in (autocast under mixed precision): the predictions
+        # are the ones validation would see, at the cost of a validation forward pass
+        with _evaluating(pl_module), trainer.precision_plugin.val_step_context():
             outputs = self.adapter.predict(pl_module, self.adapter.get_inputs(self.batch))
         return outputs.detach().float(), self.adapter.get_targets(self.batch)
 
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, figure: bool = True) -> None:
         step = int(trainer.global_step)
         self._last_step = step
-        outputs, targets = self._predict(pl_module)
+        outputs, targets = self._predict(trainer, pl_module)
         current = snapshot(outputs, targets, step, task=self.task, examples=self._examples(self.batch))
         previous = self._snapshots[-1] if self._snapshots else None
         evaluation = Evaluation(
