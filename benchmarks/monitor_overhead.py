@@ -1,7 +1,8 @@
 """Step-time overhead of each monitor, and of all three together, at default settings and when measuring
-every step, on the quick-start CNN and a ResNet-18-sized network.
+every step, on the quick-start CNN and a ResNet-18-sized network, on the CPU or a GPU.
 
     python benchmarks/monitor_overhead.py [--repeats 3] [--cnn-steps 400] [--resnet-steps 60]
+    python benchmarks/monitor_overhead.py --accelerator gpu --precision bf16-mixed --resnet-batch 256
 
 One process, one intra-op thread. For each model and configuration, runs without and with the monitors
 alternate (A B A B ...), each a fresh seeded `fit` of N steps; a run's step time is its time from the start of
@@ -10,7 +11,10 @@ counted in full. Two numbers:
 - in-hook: the time the monitors report spending in their own hooks (`monitor.seconds`) over the same steps,
   divided by the rest of the step time. Precise, but leaves out TensorBoard's background writer thread.
 - A/B: step time with the monitors / without - 1, median over repeats [min, max]. What a user waits, but noisy
-  here: identical runs on this shared VM differ by up to +-10%.
+  on a shared CPU VM: identical runs differ by up to +-10%. On a GPU the CPU-side in-hook time misses the
+  kernels the monitors queue, and A/B is the number to read.
+- floor: the part of the overhead that the prediction dynamics logger cannot avoid, its forward pass on the
+  fixed batch (timed alone, divided by its interval and the step time). Every other cost is bookkeeping.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import platform
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import lightning.pytorch as L
@@ -44,9 +49,14 @@ MONITORS = {
 }
 
 
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 class Clock(L.Callback):
     """Wall time per step from the start of step WARMUP to the end of the last step, and the monitors' own
-    time (their ``seconds``) over the same steps."""
+    time (their ``seconds``) over the same steps. On a GPU, synchronised at both ends."""
 
     def __init__(self, monitors: list[L.Callback]) -> None:
         self.monitors = monitors
@@ -56,9 +66,11 @@ class Clock(L.Callback):
 
     def on_train_batch_start(self, trainer, *args) -> None:
         if trainer.global_step == WARMUP and not hasattr(self, "start"):
+            _sync()
             self.start = (time.perf_counter(), self._spent())
 
     def on_train_end(self, trainer, *args) -> None:
+        _sync()
         steps = trainer.global_step - WARMUP
         wall = time.perf_counter() - self.start[0]
         spent = self._spent() - self.start[1]
@@ -87,28 +99,52 @@ class ResNetModule(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
 
-def _cnn():
+def _cnn(batch: int = 64):
     data = make_shapes(512)
-    return ShapesCNN, lambda: DataLoader(data, batch_size=64, shuffle=True), lambda: DataLoader(data, batch_size=64)
+    return ShapesCNN, lambda: DataLoader(data, batch_size=batch, shuffle=True), lambda: DataLoader(data, batch_size=64)
 
 
-def _resnet():
+def _resnet(batch: int = 32):
     g = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(256, 3, 32, 32, generator=g), torch.randint(0, 10, (256,), generator=g))
-    return ResNetModule, lambda: DataLoader(data, batch_size=32, shuffle=True), lambda: DataLoader(data, batch_size=32)
+    n = max(256, 4 * batch)
+    data = TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g))
+    train = lambda: DataLoader(data, batch_size=batch, shuffle=True)  # noqa: E731
+    return ResNetModule, train, lambda: DataLoader(data, batch_size=32)
 
 
-def _run(model_cls, train, val, steps: int, callbacks: list[L.Callback], logdir: Path) -> tuple[float, float]:
+def _run(
+    model_cls, train, val, steps: int, callbacks: list[L.Callback], logdir: Path, accelerator: str, precision: str
+) -> tuple[float, float, float | None]:
+    """(seconds per step, in-hook share, forward floor share or None)."""
     L.seed_everything(0, verbose=False)
     clock = Clock(callbacks)
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_steps=steps, callbacks=[clock, *callbacks],
+        accelerator=accelerator, devices=1, precision=precision, max_steps=steps, callbacks=[clock, *callbacks],
         logger=TensorBoardLogger(str(logdir)), log_every_n_steps=50,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=1,
     )
-    trainer.fit(model_cls(), train(), val())
-    return clock.per_step, clock.in_hook
+    model = model_cls()
+    trainer.fit(model, train(), val())
+    dynamics = [m for m in callbacks if isinstance(m, PredictionDynamicsLogger) and m.batch is not None]
+    floor = _forward_seconds(model, dynamics[0]) / dynamics[0].every_n_steps / clock.per_step if dynamics else None
+    return clock.per_step, clock.in_hook, floor
+
+
+def _forward_seconds(model: L.LightningModule, logger: PredictionDynamicsLogger, repeats: int = 20) -> float:
+    """Seconds of one forward pass on the logger's fixed batch, in eval mode without gradients: the
+    unavoidable part of an evaluation."""
+    inputs = logger.adapter.get_inputs(logger.batch)
+    model.eval()
+    with torch.no_grad(), model.trainer.precision_plugin.val_step_context():
+        for _ in range(3):
+            logger.adapter.predict(model, inputs)
+        _sync()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            logger.adapter.predict(model, inputs)
+        _sync()
+    return (time.perf_counter() - start) / repeats
 
 
 def _configs(every_step: bool, per_monitor: bool) -> dict[str, list]:
@@ -128,6 +164,11 @@ def main() -> None:
         "--per-monitor", nargs="*", default=["cnn"], choices=["cnn", "resnet18"],
         help="models that also get one row per monitor (the others: all three together only)",
     )
+    parser.add_argument("--settings", nargs="+", default=["default", "every step"], choices=["default", "every step"])
+    parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
+    parser.add_argument("--precision", default="32-true", help="Trainer precision, e.g. bf16-mixed on a GPU")
+    parser.add_argument("--cnn-batch", type=int, default=64)
+    parser.add_argument("--resnet-batch", type=int, default=32)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "monitor_overhead.md"))
     parser.add_argument("--logdir", default="/tmp/lightning_recipe_bench")
     args = parser.parse_args()
@@ -136,23 +177,34 @@ def main() -> None:
 
     warnings.filterwarnings("ignore")
     rows = []
+    device = torch.cuda.get_device_name(0) if args.accelerator == "gpu" else f"{platform.machine()} CPU"
+    run = partial(_run, logdir=Path(args.logdir), accelerator=args.accelerator, precision=args.precision)
     for model_name in args.models:
-        model_cls, train, val = _cnn() if model_name == "cnn" else _resnet()
+        if model_name == "cnn":
+            model_cls, train, val = _cnn(args.cnn_batch)
+        else:
+            model_cls, train, val = _resnet(args.resnet_batch)
         steps = args.cnn_steps if model_name == "cnn" else args.resnet_steps
-        for every_step in (False, True):
-            for config, make in _configs(every_step, model_name in args.per_monitor).items():
-                in_hook, wall, base_times = [], [], []
+        batch = args.cnn_batch if model_name == "cnn" else args.resnet_batch
+        run(model_cls, train, val, WARMUP + 5, [])  # first fit of a process: imports, kernels, allocator
+        for settings in args.settings:
+            for config, make in _configs(settings == "every step", model_name in args.per_monitor).items():
+                in_hook, wall, base_times, floors = [], [], [], []
                 for _ in range(args.repeats):
-                    base = _run(model_cls, train, val, steps, [], Path(args.logdir))
-                    with_monitors = _run(model_cls, train, val, steps, make(), Path(args.logdir))
+                    base = run(model_cls, train, val, steps, [])
+                    with_monitors = run(model_cls, train, val, steps, make())
                     in_hook.append(with_monitors[1])
                     wall.append(with_monitors[0] / base[0] - 1)
                     base_times.append(base[0])
+                    if with_monitors[2] is not None:
+                        floors.append(with_monitors[2] * with_monitors[0] / base[0])
                 rows.append({
-                    "model": model_name, "settings": "every step" if every_step else "default",
-                    "monitors": config, "in_hook_median": statistics.median(in_hook),
+                    "model": model_name, "batch": batch, "settings": settings, "monitors": config,
+                    "device": device, "precision": args.precision,
+                    "in_hook_median": statistics.median(in_hook),
                     "wall_overhead_median": statistics.median(wall), "wall_overhead_min": min(wall),
-                    "wall_overhead_max": max(wall), "step_ms": 1000 * statistics.median(base_times), "steps": steps,
+                    "wall_overhead_max": max(wall), "floor_median": statistics.median(floors) if floors else None,
+                    "step_ms": 1000 * statistics.median(base_times), "steps": steps,
                 })
                 print(rows[-1], flush=True)
     command = "python benchmarks/monitor_overhead.py " + " ".join(sys.argv[1:])
@@ -160,19 +212,21 @@ def main() -> None:
         "# Step-time overhead of the monitors",
         "",
         f"Command: `{command.strip()}`  ",
-        f"Machine: {platform.machine()}, torch {torch.__version__}, 1 thread, {args.repeats} interleaved repeats  ",
+        f"Machine: {device}, torch {torch.__version__}, precision {args.precision}, 1 CPU thread, "
+        f"{args.repeats} interleaved repeats  ",
         "In-hook: the monitors' own time in their hooks / the rest of the step time (median over repeats). A/B: step",
-        "time with the monitors / without - 1, median [min, max] (noisy on this shared VM: +-10% between identical",
-        "runs).",
+        "time with the monitors / without - 1, median [min, max]. Floor: the dynamics logger's forward pass on its",
+        "fixed batch alone, per step (the part of its cost no bookkeeping can remove).",
         "",
-        "| model | settings | monitors | in-hook overhead | A/B overhead | step without (ms) |",
-        "|---|---|---|---|---|---|",
+        "| model (batch) | settings | monitors | in-hook overhead | A/B overhead | floor | step without (ms) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        floor = f"{100 * r['floor_median']:.2f}%" if r["floor_median"] is not None else "-"
         lines.append(
-            f"| {r['model']} | {r['settings']} | {r['monitors']} | {100 * r['in_hook_median']:.2f}% | "
+            f"| {r['model']} ({r['batch']}) | {r['settings']} | {r['monitors']} | {100 * r['in_hook_median']:.2f}% | "
             f"{100 * r['wall_overhead_median']:+.1f}% [{100 * r['wall_overhead_min']:+.1f}, "
-            f"{100 * r['wall_overhead_max']:+.1f}] | {r['step_ms']:.1f} |"
+            f"{100 * r['wall_overhead_max']:+.1f}] | {floor} | {r['step_ms']:.1f} |"
         )
     text = "\n".join(lines) + "\n"
     Path(args.out).write_text(text)
