@@ -268,23 +268,35 @@ class RecipeSuite(RecipeCallback):
         self.report = Report(results)
         # trainer.log_dir is a collective (a broadcast from rank zero): every rank asks
         directory = None if self.report_dir is False else self.report_dir or _log_dir(trainer)
+        exits = self.exit_process and _may_exit(trainer)
         if trainer.is_global_zero:
-            if directory is not None:
-                self.report_paths = self._write(trainer, pl_module, directory)
-            _logging.log_text(trainer, self.tag("report"), self.report.to_markdown(), trainer.global_step)
-            lines = [f"\n{summary_table(self.report)}"]
-            if self.report_paths:
-                lines.append(f"Report: {' and '.join(str(p) for p in self.report_paths)}")
-            if self.exit_process:
-                lines.append(f"Sanity run: training skipped, exit status {0 if self.report.passed else 1}.")
-            print("\n".join(lines), flush=True)
+            self._publish(trainer, pl_module, directory, exits)
         trainer.strategy.barrier("lightning_recipe.sanity_run")  # the report exists before any rank exits
-        if self.exit_process and _may_exit(trainer):
+        if exits:
             raise SanityRunExit(self.report)
         trainer.should_stop = True
         # `should_stop` is obeyed only once min_epochs / min_steps are met: no training in a sanity run
         trainer.fit_loop.min_epochs = 0
         trainer.fit_loop.epoch_loop.min_steps = None
+
+    def _publish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, directory: Path | None, exits: bool) -> None:
+        """Rank zero: the files, TensorBoard's text tab, the table. Never raises: the other ranks wait at a
+        barrier, and an error here would leave them hanging."""
+        assert self.report is not None
+        lines = [f"\n{summary_table(self.report)}"]
+        try:
+            if directory is not None:
+                self.report_paths = self._write(trainer, pl_module, directory)
+                lines.append(f"Report: {' and '.join(str(p) for p in self.report_paths)}")
+            _logging.log_text(trainer, self.tag("report"), self.report.to_markdown(), trainer.global_step)
+        except Exception as error:  # noqa: BLE001 - see the docstring
+            lines.append(
+                f"Report: could not be written to {directory}: {type(error).__name__}: {error}. The table above is "
+                "the whole verdict; pass RecipeSuite(report_dir=...) to write it elsewhere."
+            )
+        if exits:
+            lines.append(f"Sanity run: training skipped, exit status {0 if self.report.passed else 1}.")
+        print("\n".join(lines), flush=True)
 
     def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, directory: Path) -> list[Path]:
         assert self.report is not None
@@ -312,6 +324,17 @@ class RecipeSuite(RecipeCallback):
                 "Please report this with your Trainer arguments."
             )
         self._forward("on_train_batch_start", trainer, pl_module, batch, batch_idx)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.sanity_run and self.report is None:
+            rank_zero_warn(
+                "lightning_recipe's sanity run checked nothing: `fit` ended before training started (no training "
+                "batches, or limit_train_batches=0), and the checks run at the start of training. Give the Trainer "
+                "a training dataloader with at least one batch.",
+                category=RecipeWarning,
+            )
+        self._forward("on_fit_end", trainer, pl_module)
 
     # -- state ------------------------------------------------------------------------------------
     @override

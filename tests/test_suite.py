@@ -17,6 +17,7 @@ from lightning_recipe import (
     OverfitOneBatch,
     RecipeCheckError,
     RecipeSuite,
+    RecipeWarning,
     Report,
     SanityRunExit,
     UpdateRatioMonitor,
@@ -202,3 +203,21 @@ def test_the_summary_table_lists_every_check_and_the_fixes():
     assert lines[0] == "lightning_recipe sanity run: FAILED (1 of 1 checks failed)"
     assert lines[2].split()[:2] == ["OverfitOneBatch", "FAILED"]
     assert lines[3] == "How to fix:" and lines[4].startswith("  OverfitOneBatch: Double softmax")
+
+
+def test_a_sanity_run_that_never_reaches_training_says_no_check_ran(tmp_path):
+    suite = RecipeSuite(sanity_run=True)
+    with pytest.warns(RecipeWarning, match="sanity run checked nothing"):
+        trainer(tmp_path, limit_train_batches=0, callbacks=[suite]).fit(MLP(), clusters())
+    assert suite.report is None
+
+
+def test_a_report_that_cannot_be_written_is_said_and_the_verdict_still_stands(tmp_path, capsys):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("")
+    with pytest.raises(SanityRunExit) as stopped:
+        trainer(tmp_path, callbacks=[RecipeSuite(sanity_run=True, report_dir=blocker)]).fit(DoubleSoftmax(), clusters())
+    assert stopped.value.code == 1
+    out = capsys.readouterr().out
+    assert f"Report: could not be written to {blocker}: FileExistsError" in out
+    assert "exit status 1" in out
