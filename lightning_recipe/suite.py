@@ -74,10 +74,6 @@ _COMPONENTS: dict[str, type[RecipeCallback]] = {**CHECKS, **MONITORS}
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
 
-#: what a component keyword of :class:`RecipeSuite` takes
-ComponentSpec = bool | None | Mapping[str, Any] | RecipeCallback
-
-
 class SanityRunExit(SystemExit):
     """Ends the process after a sanity run: ``code`` 0 when every check passed, 1 when one failed.
 
@@ -180,12 +176,12 @@ class RecipeSuite(RecipeCallback):
         on_fail: ``"raise"`` or ``"warn"``, for the checks the suite builds (ignored in sanity mode).
         report_dir: the folder a sanity run writes its report to; ``None``: next to the logs; ``False``: no files.
         exit_process: end the process after a sanity run, with its verdict as the exit status.
+        init_loss_check, batch_leakage_probe, overfit_one_batch, update_ratio_monitor,
+            prediction_dynamics_logger, first_layer_visualizer: one keyword per check or monitor: ``True``
+            (default) builds it with default arguments, a dict builds it with those keyword arguments, an
+            instance is used as it is, ``None`` or ``False`` leaves it out. Another name is refused, with the
+            valid ones listed.
         inputs, targets, forward: how to read a batch, given to every check and monitor the suite builds.
-        **components: one keyword per check or monitor, by snake_case name (``init_loss_check``,
-            ``batch_leakage_probe``, ``overfit_one_batch``, ``update_ratio_monitor``,
-            ``prediction_dynamics_logger``, ``first_layer_visualizer``): ``True`` (default) builds it with
-            default arguments, a dict builds it with those keyword arguments, an instance is used as it is,
-            ``None`` or ``False`` leaves it out.
 
     Example::
 
@@ -206,21 +202,31 @@ class RecipeSuite(RecipeCallback):
         on_fail: str = "raise",
         report_dir: str | os.PathLike[str] | Literal[False] | None = None,
         exit_process: bool = True,
+        init_loss_check: bool | dict[str, Any] | InitLossCheck | None = True,
+        batch_leakage_probe: bool | dict[str, Any] | BatchLeakageProbe | None = True,
+        overfit_one_batch: bool | dict[str, Any] | OverfitOneBatch | None = True,
+        update_ratio_monitor: bool | dict[str, Any] | UpdateRatioMonitor | None = True,
+        prediction_dynamics_logger: bool | dict[str, Any] | PredictionDynamicsLogger | None = True,
+        first_layer_visualizer: bool | dict[str, Any] | FirstLayerVisualizer | None = True,
         inputs: InputsFn | None = None,
         targets: TargetsFn | None = None,
         forward: ForwardFn | None = None,
-        **components: ComponentSpec,
+        **unknown: Any,
     ) -> None:
         check_choice("sanity_run", sanity_run, (None, True, False))
         check_choice("on_fail", on_fail, ON_FAIL_CHOICES)
         check_choice("exit_process", exit_process, (True, False))
-        unknown = [name for name in components if name not in _COMPONENTS]
-        if unknown:
+        if unknown:  # caught here rather than by Python, so the message can list the valid names
             raise ValueError(
                 f"Expected the component keywords of RecipeSuite to name checks or monitors, one of "
-                f"{list(_COMPONENTS)}, but got {unknown[0]!r}. Its other arguments are: sanity_run, on_fail, "
-                "report_dir, exit_process, inputs, targets, forward."
+                f"{list(_COMPONENTS)}, but got {next(iter(unknown))!r}. Its other arguments are: sanity_run, "
+                "on_fail, report_dir, exit_process, inputs, targets, forward."
             )
+        components = {
+            "init_loss_check": init_loss_check, "batch_leakage_probe": batch_leakage_probe,
+            "overfit_one_batch": overfit_one_batch, "update_ratio_monitor": update_ratio_monitor,
+            "prediction_dynamics_logger": prediction_dynamics_logger, "first_layer_visualizer": first_layer_visualizer,
+        }
         self.sanity_run = sanity_run_requested() if sanity_run is None else sanity_run
         self.on_fail = on_fail
         if report_dir is not None and report_dir is not False and not isinstance(report_dir, (str, os.PathLike)):
@@ -232,7 +238,7 @@ class RecipeSuite(RecipeCallback):
         adapters = {"inputs": inputs, "targets": targets, "forward": forward}
         adapters = {key: fn for key, fn in adapters.items() if fn is not None}
         built = {
-            name: _build(name, cls, components.get(name, True), adapters, on_fail)
+            name: _build(name, cls, components[name], adapters, on_fail)
             for name, cls in _COMPONENTS.items()
         }
         self.checks: list[PreflightCheck] = [c for n in CHECKS if isinstance(c := built[n], PreflightCheck)]

@@ -186,3 +186,40 @@ def test_a_lightning_cli_config_runs_unchanged(tmp_path):
     assert proc.returncode == 1, (proc.stdout + proc.stderr)[-4000:]
     data = json.loads((tmp_path / "logs" / "run" / "version_0" / "sanity_run.json").read_text())
     assert [(c["name"], c["status"]) for c in data["checks"]] == [("OverfitOneBatch", "failed")]
+
+
+SUITE_CONFIG = """
+trainer:
+  accelerator: cpu
+  max_steps: 100
+  enable_progress_bar: false
+  logger:
+    class_path: lightning.pytorch.loggers.CSVLogger
+    init_args:
+      save_dir: logs
+  callbacks:
+    - class_path: lightning_recipe.RecipeSuite
+      init_args:
+        overfit_one_batch:
+          max_steps: 300
+        first_layer_visualizer: null
+model:
+  class_path: tests.zoo.DoubleSoftmax
+data:
+  class_path: project_data.Clusters
+"""
+
+
+def test_a_lightning_cli_script_with_the_suite_in_its_config_needs_only_the_variable(tmp_path):
+    pytest.importorskip("jsonargparse")
+    (tmp_path / "config.yaml").write_text(SUITE_CONFIG)
+    (tmp_path / "project_data.py").write_text(DATA)
+    (tmp_path / "main.py").write_text("from lightning.pytorch.cli import LightningCLI\nLightningCLI()\n")
+    proc = subprocess.run(
+        [sys.executable, "main.py", "fit", "--config", "config.yaml"], cwd=tmp_path, capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{tmp_path}", "OMP_NUM_THREADS": "1",
+             "LIGHTNING_RECIPE_SANITY_RUN": "1"}, timeout=180,
+    )
+    assert proc.returncode == 1, (proc.stdout + proc.stderr)[-4000:]
+    data = json.loads((tmp_path / "logs" / "lightning_logs" / "version_0" / "sanity_run.json").read_text())
+    assert [c["status"] for c in data["checks"]] == ["passed", "passed", "failed"]
