@@ -24,8 +24,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_recipe import __version__
+from lightning_recipe.callbacks._preflight import PreflightCheck
 from lightning_recipe.report import Report
-from lightning_recipe.suite import resolve_checks, sanity_run, sanity_suite
+from lightning_recipe.suite import RecipeSuite, resolve_checks, sanity_run, sanity_suite
 
 __all__ = ["main"]
 
@@ -49,10 +50,16 @@ file, and the name of a class or function in it. The model is NAME(**model_args)
 LightningModule. The data is NAME(**data_args): a LightningDataModule, a training DataLoader, or a
 (train, val) pair of DataLoaders; without --data the model's own *_dataloader methods are used.
 
+--config runs what a LightningCLI config describes (model, data, trainer with its loggers and callbacks; the
+report then also lands next to its logs). Leave MODULE:Model and --data out when the config names class_path
+entries; give them when it was written for LightningCLI(Model, DataModule). Trainer options given here win.
+
+exit status: 0 every check passed or was skipped, 1 a check failed or the model crashed, 2 bad usage.
+
 examples:
   lightning-recipe check my_project.models:Classifier --data my_project.data:ShapesData
   lightning-recipe check train.py:Net --model-args '{"width": 64}' --report sanity_run.json
-  lightning-recipe check my_project.models:Classifier --config config.yaml   # a LightningCLI config
+  lightning-recipe check --config config.yaml --accelerator gpu --devices 1
 """
 
 
@@ -80,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
         help="the checks to run (InitLossCheck, BatchLeakageProbe, OverfitOneBatch); default: all",
     )
     check.add_argument("--report", metavar="PATH", help="write the report as JSON to PATH and Markdown beside it")
-    check.add_argument("--config", metavar="YAML", help="a LightningCLI config (model, data, trainer sections)")
+    check.add_argument("--config", metavar="YAML", help="a LightningCLI config (see below)")
     check.add_argument("--accelerator", default="auto", help="as for the Trainer (default: auto)")
     check.add_argument("--devices", default="1", help="as for the Trainer (default: 1)")
     check.add_argument("--strategy", default="auto", help="as for the Trainer, e.g. ddp (default: auto)")
@@ -159,10 +166,13 @@ def _run_config(args: argparse.Namespace, checks: list[Any]) -> tuple[pl.Lightni
     overrides = [f"--trainer.{key}={value}" for key, value in _given(args).items()]
     suite = sanity_suite(checks, report_dir=None)
     cli = LightningCLI(
-        model_class, data_class, run=False, save_config_callback=None, trainer_defaults={"callbacks": [suite]},
+        model_class, data_class, run=False, save_config_callback=None,
         subclass_mode_model=model_class is None, subclass_mode_data=data_class is None,
         args=["--config", args.config, *overrides],
     )
+    # the sanity suite replaces the config's own suite or checks (which would run again and raise per on_fail)
+    others = [c for c in cli.trainer.callbacks if not isinstance(c, (RecipeSuite, PreflightCheck))]
+    cli.trainer.callbacks = [*others, suite]
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     if suite.report is None:
         raise RuntimeError("The sanity run did not reach the start of training, so no check ran.")

@@ -173,16 +173,17 @@ class Clusters(L.LightningDataModule):
 """
 
 
-def test_a_lightning_cli_config_runs_unchanged(tmp_path):
+def in_project(tmp_path: Path, config: str, command: list[str], **env: str) -> subprocess.CompletedProcess:
+    """Run ``command`` in a folder holding ``config.yaml`` and the ``project_data`` module, as a user would."""
     pytest.importorskip("jsonargparse")
-    (tmp_path / "config.yaml").write_text(CONFIG)
+    (tmp_path / "config.yaml").write_text(config)
     (tmp_path / "project_data.py").write_text(DATA)
-    env_path = f"{REPO}{os.pathsep}{tmp_path}"
-    proc = subprocess.run(
-        [SCRIPT, "check", "--config", "config.yaml", "--checks", "OverfitOneBatch"], cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": env_path, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-        timeout=180,
-    )
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{tmp_path}", "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+
+
+def test_a_lightning_cli_config_runs_unchanged(tmp_path):
+    proc = in_project(tmp_path, CONFIG, [SCRIPT, "check", "--config", "config.yaml", "--checks", "OverfitOneBatch"])
     assert proc.returncode == 1, (proc.stdout + proc.stderr)[-4000:]
     data = json.loads((tmp_path / "logs" / "run" / "version_0" / "sanity_run.json").read_text())
     assert [(c["name"], c["status"]) for c in data["checks"]] == [("OverfitOneBatch", "failed")]
@@ -211,15 +212,16 @@ data:
 
 
 def test_a_lightning_cli_script_with_the_suite_in_its_config_needs_only_the_variable(tmp_path):
-    pytest.importorskip("jsonargparse")
-    (tmp_path / "config.yaml").write_text(SUITE_CONFIG)
-    (tmp_path / "project_data.py").write_text(DATA)
     (tmp_path / "main.py").write_text("from lightning.pytorch.cli import LightningCLI\nLightningCLI()\n")
-    proc = subprocess.run(
-        [sys.executable, "main.py", "fit", "--config", "config.yaml"], cwd=tmp_path, capture_output=True, text=True,
-        env={**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{tmp_path}", "OMP_NUM_THREADS": "1",
-             "LIGHTNING_RECIPE_SANITY_RUN": "1"}, timeout=180,
-    )
+    proc = in_project(tmp_path, SUITE_CONFIG, [sys.executable, "main.py", "fit", "--config", "config.yaml"],
+                      LIGHTNING_RECIPE_SANITY_RUN="1")
     assert proc.returncode == 1, (proc.stdout + proc.stderr)[-4000:]
     data = json.loads((tmp_path / "logs" / "lightning_logs" / "version_0" / "sanity_run.json").read_text())
     assert [c["status"] for c in data["checks"]] == ["passed", "passed", "failed"]
+
+
+def test_check_with_a_config_that_holds_the_suite_runs_only_the_checks_asked_for(tmp_path):
+    proc = in_project(tmp_path, SUITE_CONFIG, [SCRIPT, "check", "--config", "config.yaml", "--checks", "InitLossCheck"])
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    data = json.loads((tmp_path / "logs" / "lightning_logs" / "version_0" / "sanity_run.json").read_text())
+    assert [c["name"] for c in data["checks"]] == ["InitLossCheck"]
