@@ -225,3 +225,15 @@ def test_check_with_a_config_that_holds_the_suite_runs_only_the_checks_asked_for
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     data = json.loads((tmp_path / "logs" / "lightning_logs" / "version_0" / "sanity_run.json").read_text())
     assert [c["name"] for c in data["checks"]] == ["InitLossCheck"]
+
+
+@pytest.mark.slow
+def test_check_under_ddp_with_two_cpu_processes_writes_one_report(tmp_path):
+    report = tmp_path / "report.json"
+    proc = cli("check", "tests.zoo:DoubleSoftmax", "--data", "tests.zoo:clusters", "--accelerator", "cpu",
+               "--devices", "2", "--strategy", "ddp", "--report", str(report), cwd=tmp_path)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode in (1, -9), output[-4000:]  # -9: Lightning's launcher kills rank 0 after rank 1 exits 1
+    assert output.count("lightning_recipe sanity run: FAILED") == 1, output[-4000:]
+    data = json.loads(report.read_text())
+    assert not data["passed"] and all(c["details"]["world_size"] == 2 for c in data["checks"])
