@@ -169,7 +169,10 @@ class RecipeSuite(RecipeCallback):
     ``fit`` then ends before the first optimizer step, the monitors never start, and with ``exit_process=True``
     (the default) the process exits with status 0 (all passed) or 1 (a check failed) by raising
     :class:`SanityRunExit` on every rank, so nothing after ``fit`` (testing, exporting) runs on an untrained
-    model. With ``exit_process=False`` ``fit`` returns and ``suite.report`` holds the verdict.
+    model. With ``exit_process=False`` ``fit`` returns and ``suite.report`` holds the verdict. Lightning tears
+    the run down as for any exception, so loggers are finalized with status ``"failed"`` even when every check
+    passed. Under ``ddp_spawn``/``ddp_fork`` a failure fails the job (the parent process sees the workers
+    exit 1), and a pass returns from ``fit`` with a warning, since the parent would hang on a clean exit.
 
     Args:
         sanity_run: ``True``/``False`` force the mode; ``None`` reads ``LIGHTNING_RECIPE_SANITY_RUN``.
@@ -274,7 +277,7 @@ class RecipeSuite(RecipeCallback):
         self.report = Report(results)
         # trainer.log_dir is a collective (a broadcast from rank zero): every rank asks
         directory = None if self.report_dir is False else self.report_dir or _log_dir(trainer)
-        exits = self.exit_process and _may_exit(trainer)
+        exits = self.exit_process and _may_exit(self.report.passed)
         if trainer.is_global_zero:
             self._publish(trainer, pl_module, directory, exits)
         trainer.strategy.barrier("lightning_recipe.sanity_run")  # the report exists before any rank exits
@@ -407,15 +410,17 @@ def _log_dir(trainer: pl.Trainer) -> Path:
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
-def _may_exit(trainer: pl.Trainer) -> bool:
-    """Whether raising SystemExit ends the job cleanly. Not in a worker of ``ddp_spawn``/``ddp_fork``
-    (multiprocessing): its parent waits for the worker's return value and would hang on a clean exit."""
-    if multiprocessing.parent_process() is None:
+def _may_exit(passed: bool) -> bool:
+    """Whether raising SystemExit ends the job cleanly. In a worker started by multiprocessing (``ddp_spawn``,
+    ``ddp_fork``, ``ddp_notebook``, a worker pool) the parent waits for the worker's return value: a clean exit
+    would hang it, while a non-zero one fails it (which is the verdict). So there a passing run returns."""
+    if multiprocessing.parent_process() is None or not passed:
         return True
     rank_zero_warn(
-        "lightning_recipe: the sanity run ends `fit` without exiting the process under a multiprocessing "
-        "strategy (ddp_spawn, ddp_fork, ddp_notebook); the exit status does not carry the verdict there. Use "
-        "strategy='ddp' (or torchrun/srun), or read the report file.",
+        "lightning_recipe: every check passed, and this process was started by multiprocessing (ddp_spawn, "
+        "ddp_fork, ddp_notebook, or a worker pool), whose parent would hang on a clean exit: the sanity run ends "
+        "`fit` without exiting, so the code after `fit` runs. Use strategy='ddp' (or torchrun, srun) for a sanity "
+        "run that stops the script.",
         category=RecipeWarning,
     )
     return False

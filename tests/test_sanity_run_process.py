@@ -115,3 +115,35 @@ def test_under_torchrun_the_job_fails_when_a_check_fails(tmp_path):
     for folder in ("healthy", "buggy"):
         [path] = reports(tmp_path / folder)
         assert json.loads(path.read_text())["passed"] is (folder == "healthy")
+
+
+SPAWN_SCRIPT = """
+import sys
+
+import lightning.pytorch as L
+import torch
+
+from lightning_recipe import RecipeSuite
+from tests import zoo
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=50, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[RecipeSuite()],
+    )
+    trainer.fit(getattr(zoo, sys.argv[1])(), zoo.clusters())
+    print(f"after fit: global_step={trainer.global_step}")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("model", "code"), [("MLP", 0), ("DoubleSoftmax", 1)])
+def test_under_ddp_spawn_a_failure_fails_the_job_and_a_pass_returns_from_fit(tmp_path, model, code):
+    script = tmp_path / "spawn_sanity.py"
+    script.write_text(textwrap.dedent(SPAWN_SCRIPT))
+    proc = run([str(script), model], tmp_path)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == code, output[-4000:]
+    assert ("after fit: global_step=0" in proc.stdout) is (code == 0), output[-4000:]
+    assert json.loads((tmp_path / "sanity_run.json").read_text())["passed"] is (code == 0)
