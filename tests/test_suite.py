@@ -221,3 +221,53 @@ def test_a_report_that_cannot_be_written_is_said_and_the_verdict_still_stands(tm
     out = capsys.readouterr().out
     assert f"Report: could not be written to {blocker}: FileExistsError" in out
     assert "exit status 1" in out
+
+
+def test_without_sanity_mode_warn_lets_training_go_on(tmp_path):
+    suite = RecipeSuite(on_fail="warn", init_loss_check=None, batch_leakage_probe=None, update_ratio_monitor=None,
+                        prediction_dynamics_logger=None, first_layer_visualizer=None)
+    run = trainer(tmp_path, max_steps=2, callbacks=[suite])
+    with pytest.warns(RecipeWarning, match="OverfitOneBatch: FAILED"):
+        run.fit(DoubleSoftmax(), clusters())
+    assert run.global_step == 2
+
+
+def _seeded_run(callbacks: list) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    from tests.test_no_side_effects import ScheduledCNN
+    from tests.zoo import shapes
+
+    L.seed_everything(123, workers=True, verbose=False)
+    model = ScheduledCNN()
+    trainer(max_steps=6, callbacks=callbacks, deterministic=True).fit(model, shapes(), shapes())
+    return weights(model), torch.get_rng_state()
+
+
+def test_the_suite_leaves_a_seeded_run_bit_identical():
+    every_step = {"every_n_steps": 1}
+    suite = RecipeSuite(update_ratio_monitor=every_step, prediction_dynamics_logger=every_step,
+                        first_layer_visualizer=every_step)
+    plain, with_suite = _seeded_run([]), _seeded_run([suite])
+    assert all(c.result.passed for c in suite.checks) and all(m.enabled for m in suite.monitors)
+    for key, value in plain[0].items():
+        assert torch.equal(value, with_suite[0][key]), f"{key} differs"
+    assert torch.equal(plain[1], with_suite[1]), "the global RNG ended in a different state"
+
+
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
+def test_the_suite_state_is_saved_in_checkpoints_and_restored_on_resume(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    first = RecipeSuite(update_ratio_monitor={"every_n_steps": 1})
+    checkpoint = ModelCheckpoint(tmp_path, save_last=True)
+    trainer(tmp_path, max_steps=3, enable_checkpointing=True, callbacks=[first, checkpoint]).fit(MLP(), clusters())
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["callbacks"]["RecipeSuite"]
+    assert set(saved) == {"UpdateRatioMonitor", "PredictionDynamicsLogger", "FirstLayerVisualizer"}
+    resumed = RecipeSuite()
+    loaded = []
+    for monitor in resumed.monitors:
+        monitor.load_state_dict = lambda state, name=monitor.name: loaded.append((name, state))  # type: ignore
+    run = trainer(tmp_path, max_steps=5, callbacks=[resumed])
+    run.fit(MLP(), clusters(), ckpt_path=tmp_path / "last.ckpt")
+    assert run.global_step == 5
+    assert loaded == [(name, saved[name]) for name in saved]
+    assert all(c.result.status.value == "skipped" for c in resumed.checks)  # a resumed run is past its first step
