@@ -248,6 +248,13 @@ class RecipeSuite(RecipeCallback):
         self.monitors: list[Monitor] = [m for n in MONITORS if isinstance(m := built[n], Monitor)]
         self.report: Report | None = None
         self.report_paths: list[Path] = []
+        if self.sanity_run and not self.checks:
+            rank_zero_warn(
+                "lightning_recipe: RecipeSuite is in sanity-run mode with every check removed, so the sanity run "
+                "checks nothing and passes. Keep at least one of init_loss_check, batch_leakage_probe, "
+                "overfit_one_batch.",
+                category=RecipeWarning,
+            )
 
     @property
     def component(self) -> str:

@@ -271,3 +271,8 @@ def test_the_suite_state_is_saved_in_checkpoints_and_restored_on_resume(tmp_path
     assert run.global_step == 5
     assert loaded == [(name, saved[name]) for name in saved]
     assert all(c.result.status.value == "skipped" for c in resumed.checks)  # a resumed run is past its first step
+
+
+def test_a_sanity_run_without_any_check_is_warned_about():
+    with pytest.warns(RecipeWarning, match="sanity-run mode with every check removed"):
+        RecipeSuite(sanity_run=True, init_loss_check=None, batch_leakage_probe=False, overfit_one_batch=None)
