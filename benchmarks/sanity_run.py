@@ -117,9 +117,9 @@ def main() -> None:
     )
     text = f"""# Sanity run vs 100 training steps of the same script
 
-Command: `{command}`
-Machine: {result["machine"]}
-Script: `examples/slurm/train.py` (the quick-start CNN, batch 32, 1x16x16, with `RecipeSuite()`), on CPU.
+Command: `{command}`\\
+Machine: {result["machine"]}\\
+Script: `examples/slurm/train.py` (the quick-start CNN, batch 32, 1x16x16, with `RecipeSuite()`), on CPU.\\
 In-process: median of {args.repeats} interleaved repeats; fresh process: median of {args.process_repeats}.
 
 | run | wall time (s), median | min | max |
