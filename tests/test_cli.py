@@ -237,3 +237,28 @@ def test_check_under_ddp_with_two_cpu_processes_writes_one_report(tmp_path):
     assert output.count("lightning_recipe sanity run: FAILED") == 1, output[-4000:]
     data = json.loads(report.read_text())
     assert not data["passed"] and all(c["details"]["world_size"] == 2 for c in data["checks"])
+
+
+class WithLoaders(MLP):
+    """A model that brings its own training dataloader: no --data needed."""
+
+    def train_dataloader(self):
+        from tests.zoo import clusters
+
+        return clusters()
+
+
+def train_and_val():
+    from tests.zoo import clusters
+
+    return clusters(), clusters()
+
+
+@pytest.mark.filterwarnings("ignore:You passed in a `val_dataloader` but have no `validation_step`")
+@pytest.mark.parametrize("data", [[], ["--data", "tests.test_cli:train_and_val"]], ids=["model_loaders", "pair"])
+def test_data_from_the_model_or_a_train_val_pair(tmp_path, capsys, data):
+    report = tmp_path / "report.json"
+    code = main(["check", "tests.test_cli:WithLoaders", *data, "--checks", "InitLossCheck", "--accelerator", "cpu",
+                 "--report", str(report)])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads(report.read_text())["checks"][0]["status"] == "passed"
