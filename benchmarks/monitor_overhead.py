@@ -13,8 +13,8 @@ counted in full. Two numbers:
 - A/B: step time with the monitors / without - 1, median over repeats [min, max]. What a user waits, but noisy
   on a shared CPU VM: identical runs differ by up to +-10%. On a GPU the CPU-side in-hook time misses the
   kernels the monitors queue, and A/B is the number to read.
-- floor: the part of the overhead that the prediction dynamics logger cannot avoid, its forward pass on the
-  fixed batch (timed alone, divided by its interval and the step time). Every other cost is bookkeeping.
+- floor: the part of the overhead that the prediction dynamics logger cannot avoid, its forward passes on the
+  fixed batch (timed where they run, per step, over the step time). Every other cost is bookkeeping.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -124,27 +125,30 @@ def _run(
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=1,
     )
-    model = model_cls()
-    trainer.fit(model, train(), val())
-    dynamics = [m for m in callbacks if isinstance(m, PredictionDynamicsLogger) and m.batch is not None]
-    floor = _forward_seconds(model, dynamics[0]) / dynamics[0].every_n_steps / clock.per_step if dynamics else None
+    dynamics = [m for m in callbacks if isinstance(m, PredictionDynamicsLogger)]
+    forward = _TimedForward(dynamics[0]) if dynamics else None
+    trainer.fit(model_cls(), train(), val())
+    floor = forward.seconds / (trainer.global_step - WARMUP) / clock.per_step if forward is not None else None
     return clock.per_step, clock.in_hook, floor
 
 
-def _forward_seconds(model: L.LightningModule, logger: PredictionDynamicsLogger, repeats: int = 20) -> float:
-    """Seconds of one forward pass on the logger's fixed batch, in eval mode without gradients: the
-    unavoidable part of an evaluation."""
-    inputs = logger.adapter.get_inputs(logger.batch)
-    model.eval()
-    with torch.no_grad(), model.trainer.precision_plugin.val_step_context():
-        for _ in range(3):
-            logger.adapter.predict(model, inputs)
+class _TimedForward:
+    """Times the dynamics logger's forward passes where they happen, inside the training loop (a forward pass
+    timed alone in a loop runs on warm caches and takes about half as long), from step WARMUP on."""
+
+    def __init__(self, logger: PredictionDynamicsLogger) -> None:
+        self.seconds = 0.0
+        self.forward = logger.adapter.forward
+        logger.adapter = replace(logger.adapter, forward=self)
+
+    def __call__(self, module: L.LightningModule, inputs):
         _sync()
         start = time.perf_counter()
-        for _ in range(repeats):
-            logger.adapter.predict(model, inputs)
+        outputs = self.forward(module, inputs)
         _sync()
-    return (time.perf_counter() - start) / repeats
+        if module.trainer.global_step > WARMUP:  # evaluations after the clock started
+            self.seconds += time.perf_counter() - start
+        return outputs
 
 
 def _configs(every_step: bool, per_monitor: bool) -> dict[str, list]:
@@ -215,8 +219,8 @@ def main() -> None:
         f"Machine: {device}, torch {torch.__version__}, precision {args.precision}, 1 CPU thread, "
         f"{args.repeats} interleaved repeats  ",
         "In-hook: the monitors' own time in their hooks / the rest of the step time (median over repeats). A/B: step",
-        "time with the monitors / without - 1, median [min, max]. Floor: the dynamics logger's forward pass on its",
-        "fixed batch alone, per step (the part of its cost no bookkeeping can remove).",
+        "time with the monitors / without - 1, median [min, max]. Floor: the dynamics logger's forward passes on its",
+        "fixed batch, timed where they run, per step (the part of its cost no bookkeeping can remove).",
         "",
         "| model (batch) | settings | monitors | in-hook overhead | A/B overhead | floor | step without (ms) |",
         "|---|---|---|---|---|---|---|",
