@@ -58,3 +58,44 @@ def test_an_internal_error_switches_the_monitor_off_and_training_goes_on():
 def test_every_n_steps_is_checked_at_construction():
     with pytest.raises(ValueError, match=r"Expected `every_n_steps` to be an integer >= 1, but got 0"):
         Probe.__bases__[0](every_n_steps=0)
+
+
+# -- reads that wait for the device: the GPU path, forced on CPU tensors -------------------------------------
+
+
+def test_a_deferred_read_runs_at_the_next_flush_in_order_on_a_copy():
+    monitor = Probe()
+    monitor._always_defer = True
+    seen = []
+    value = torch.tensor([1.0])
+    monitor.defer([value], lambda host: seen.append(("a", host[0].item())))
+    value.add_(1)  # a later optimizer step writes to the tensor: the read must see the value at defer time
+    monitor.defer([value], lambda host: seen.append(("b", host[0].item())))
+    assert seen == []
+    monitor.flush()
+    assert seen == [("a", 1.0), ("b", 2.0)]
+    monitor._always_defer = False
+    monitor.defer([value], lambda host: seen.append(("now", host[0].item())))
+    assert seen[-1] == ("now", 2.0)  # nothing pending: read at once
+
+
+def test_a_read_behind_a_pending_one_waits_its_turn_and_the_end_drains_all():
+    monitor = Probe()
+    monitor._always_defer = True
+    seen = []
+    monitor.defer([torch.zeros(1)], lambda host: seen.append(1))
+    monitor._always_defer = False
+    monitor.defer([torch.zeros(1)], lambda host: seen.append(2))  # would be immediate, but 1 is still pending
+    assert seen == []
+    monitor.flush(wait=True)
+    assert seen == [1, 2]
+
+
+def test_an_error_in_a_deferred_read_switches_the_monitor_off_and_drops_the_rest():
+    monitor = Probe()
+    monitor._always_defer = True
+    monitor.defer([torch.zeros(1)], lambda host: 1 / 0)
+    monitor.defer([torch.zeros(1)], lambda host: pytest.fail("read after the monitor switched off"))
+    with pytest.warns(RecipeWarning, match="switched itself off.*ZeroDivisionError"), monitor.guard():
+        monitor.flush()
+    assert not monitor.enabled and not monitor._pending

@@ -379,7 +379,7 @@ def test_an_internal_error_switches_the_monitor_off_with_one_warning_and_trainin
     def boom(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(ur, "measure", boom)
+    monkeypatch.setattr(ur, "squared_norms", boom)
     t = trainer(max_steps=5, callbacks=[monitor])
     with pytest.warns(UserWarning, match="switched itself off.*boom"):
         t.fit(MLPClassifier(), cluster_loader())

@@ -4,18 +4,25 @@ it measures.
 A monitor never raises into the training loop: :meth:`Monitor.guard` turns an internal error into one
 :class:`RecipeWarning` and switches the monitor off. Each alert is recorded in ``.alerts`` and emitted once
 (per kind and key) as a ``RecipeWarning`` from rank zero, and written to TensorBoard's text tab.
+
+A monitor never makes the host wait for a GPU either: :meth:`Monitor.defer` copies what it measured to the host
+without a sync and reads it at a later hook, once the device has got there. A host sync would drain the GPU's
+queue and leave it idle while the next batch loads, a cost far larger than the measurement itself.
 """
 
 from __future__ import annotations
 
 import time
 import traceback
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
 
 from lightning_recipe import _logging
 from lightning_recipe._args import check_int
@@ -52,6 +59,8 @@ class Monitor(RecipeCallback):
         #: background thread, not counted here)
         self.seconds = 0.0
         self._alerted: set[tuple[str, str]] = set()
+        self._pending: deque[tuple[list[Tensor], Any, Callable[[list[Tensor]], None]]] = deque()
+        self._always_defer = False  # tests: queue reads of CPU tensors too, to exercise the GPU path
 
     def due(self, step: int) -> bool:
         """Whether optimizer step ``step`` is a measuring step."""
@@ -67,6 +76,7 @@ class Monitor(RecipeCallback):
             yield
         except Exception as error:  # noqa: BLE001 - a monitor must never lose the user's run
             self.enabled = False
+            self._pending.clear()
             self.on_disabled()
             rank_zero_warn(
                 f"[lightning_recipe] {self.name} hit an error and switched itself off; training goes on. Please "
@@ -79,14 +89,52 @@ class Monitor(RecipeCallback):
     def on_disabled(self) -> None:
         """Release what the monitor holds (hooks, copies) when it switches itself off."""
 
+    def defer(self, tensors: Sequence[Tensor], then: Callable[[list[Tensor]], None]) -> None:
+        """Call ``then`` with host copies of ``tensors`` once the device has computed them, without making the
+        host wait. CUDA tensors are copied with ``non_blocking=True`` behind an event, and ``then`` runs at a
+        later :meth:`flush` (the monitor's next hook); CPU tensors are read at once. Calls run in order."""
+        tensors = [t.detach() for t in tensors]
+        stream = next((torch.cuda.current_stream(t.device) for t in tensors if t.is_cuda), None)
+        if stream is None:
+            if not self._always_defer and not self._pending:
+                then(tensors)
+                return
+            self._pending.append(([t.clone() for t in tensors], None, then))  # a later step may write to them
+            return
+        host = [t.to("cpu", non_blocking=True) for t in tensors]  # into pinned memory, on the current stream
+        event = torch.cuda.Event()
+        event.record(stream)
+        self._pending.append((host, event, then))
+
+    def flush(self, wait: bool = False) -> None:
+        """Run the deferred reads whose copies have arrived, in order: called first thing in the monitor's
+        hooks, so a read runs one hook after it was queued at the earliest. ``wait=True`` runs all of them (at
+        the end of training, where waiting costs nothing)."""
+        while self._pending:
+            host, event, then = self._pending[0]
+            if event is not None:
+                if not wait and not event.query():
+                    return
+                event.synchronize()
+            self._pending.popleft()
+            then(host)
+
     def alert(
-        self, trainer: pl.Trainer, kind: str, message: str, details: dict[str, Any] | None = None, key: str = ""
+        self,
+        trainer: pl.Trainer,
+        kind: str,
+        message: str,
+        details: dict[str, Any] | None = None,
+        key: str = "",
+        step: int | None = None,
     ) -> Alert | None:
-        """Record an alert and warn once per ``(kind, key)``; returns it, or ``None`` if already raised."""
+        """Record an alert and warn once per ``(kind, key)``; returns it, or ``None`` if already raised.
+        ``step`` is the optimizer step the evidence was measured at (default: now)."""
         if (kind, key) in self._alerted:
             return None
         self._alerted.add((kind, key))
-        record = Alert(kind=kind, step=int(trainer.global_step), message=message, details=jsonable(details or {}))
+        step = int(trainer.global_step) if step is None else int(step)
+        record = Alert(kind=kind, step=step, message=message, details=jsonable(details or {}))
         self.alerts.append(record)
         text = f"[lightning_recipe] {self.name} alert `{kind}` at step {record.step}: {message}"
         rank_zero_warn(text, category=RecipeWarning)

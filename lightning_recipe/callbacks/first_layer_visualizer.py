@@ -168,7 +168,10 @@ class FirstLayerVisualizer(Monitor):
         if not self.enabled or self._module is None:
             return
         step = int(trainer.global_step)
-        if step == self._last_measured:  # gradient accumulation: several batches per optimizer step
+        if self._pending:
+            with self.guard(trainer):
+                self.flush()  # measurements whose weights have reached the host
+        if step == self._last_measured or not self.enabled:  # gradient accumulation: several batches a step
             return
         with self.guard(trainer):
             if step % self.every_n_steps == 0:
@@ -186,6 +189,7 @@ class FirstLayerVisualizer(Monitor):
                 self._log_images(trainer, step)
             if step != self._last_measured:
                 self._measure(trainer, step)
+            self.flush(wait=True)
 
     @override
     def on_disabled(self) -> None:
@@ -215,7 +219,7 @@ class FirstLayerVisualizer(Monitor):
         self.view = describe_layer(module, shapes.get(name), self._model_input_shape)
         self.layer_name = name
         self._module = module
-        self._initial = [w.clone() for w in gathered(layer_weights(module))]
+        self._initial = [w.to("cpu", copy=True) for w in gathered(layer_weights(module))]  # measured on the host
         self._start_step = int(trainer.global_step)
         score = self._score()
         self.baseline_score = score
@@ -267,24 +271,32 @@ class FirstLayerVisualizer(Monitor):
         assert self._module is not None
         return gathered(layer_weights(self._module))[0]
 
-    def _score(self) -> float | None:
+    def _score(self, weight: Tensor | None = None) -> float | None:
         if self.view is None or not self.view.image_like:
             return None
-        return noise_score(self.view.filters(self._weight()))
+        return noise_score(self.view.filters(self._weight() if weight is None else weight))
 
     def _log_images(self, trainer: pl.Trainer, step: int) -> None:
         self._last_images = step
         if self.view is None or not self.view.image_like:
             return
-        images = filter_images(self.view.filters(self._weight()), self.max_images)
-        _logging.log_images(trainer, self.tag("filters"), images, step)
+        view, max_images, tag = self.view, self.max_images, self.tag("filters")
+        self.defer(
+            [self._weight()],
+            lambda host: _logging.log_images(trainer, tag, filter_images(view.filters(host[0]), max_images), step),
+        )
 
     def _measure(self, trainer: pl.Trainer, step: int) -> None:
-        assert self._module is not None and self._initial is not None
+        """Copy the weights to the host now; measure them there when they arrive (on a GPU, at a later hook)."""
+        assert self._module is not None
         self._last_measured = step
-        moved = moved_from_init(gathered(layer_weights(self._module)), self._initial)
+        self.defer(gathered(layer_weights(self._module)), lambda host: self._measured(trainer, step, host))
+
+    def _measured(self, trainer: pl.Trainer, step: int, weights: list[Tensor]) -> None:
+        assert self._initial is not None
+        moved = moved_from_init(weights, self._initial)
         self.last_moved = moved
-        score = self._score()
+        score = self._score(weights[0])
         scalars = {self.tag("moved_from_init"): moved}
         if score is not None:
             scalars[self.tag("noise_score")] = score
@@ -320,7 +332,7 @@ class FirstLayerVisualizer(Monitor):
                 "signal. Fix: check the update ratio of this layer (UpdateRatioMonitor), raise its learning "
                 "rate, or add normalisation after it."
             )
-        self.alert(trainer, kind, message, details)
+        self.alert(trainer, kind, message, details, step=step)
 
     def _why_not_changing(self, trainer: pl.Trainer) -> str:
         assert self._module is not None

@@ -125,6 +125,7 @@ class PredictionDynamicsLogger(Monitor):
         self._snapshots: list[Snapshot] = []  # the last `window + 1`, for movement over the window
         self._trajectory_steps: list[int] = []
         self._trajectories: list[Tensor] = []  # (N,) per evaluation
+        self._targets: Tensor | None = None  # the fixed batch's targets, on the host
         self._best_loss = math.inf  # lowest loss on the batch so far (the history is not rescanned each time)
         self._last_step = -1
         self._figure_step = -1
@@ -143,6 +144,9 @@ class PredictionDynamicsLogger(Monitor):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = int(trainer.global_step)
+        if self._pending and self.enabled:
+            with self.guard(trainer):
+                self.flush()  # evaluations whose predictions have reached the host
         if not self.due(step) or step == self._last_step or self.batch is None:
             return  # with gradient accumulation several batches end on one optimizer step
         with self.guard(trainer):
@@ -155,6 +159,7 @@ class PredictionDynamicsLogger(Monitor):
         with self.guard(trainer):
             if int(trainer.global_step) != self._last_step:
                 self._evaluate(trainer, pl_module, figure=False)
+            self.flush(wait=True)
             if self._figure_step != self._last_step:
                 self._draw(trainer)
 
@@ -189,6 +194,7 @@ class PredictionDynamicsLogger(Monitor):
         finally:
             rng.restore()
         self.batch = self._fixed_batch(batches)
+        self._targets = self.adapter.get_targets(self.batch).detach().cpu()  # fixed: on the host once
         self.batch_source = "val" if loader is not None else "train"
         n = self._examples(self.batch)
         with _evaluating(pl_module):
@@ -242,17 +248,22 @@ class PredictionDynamicsLogger(Monitor):
         return batch
 
     # -- evaluation -----------------------------------------------------------------------------------
-    def _predict(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Tensor, Tensor]:
+    def _predict(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor:
         # in the precision context Lightning validates in (autocast under mixed precision): the predictions
         # are the ones validation would see, at the cost of a validation forward pass
         with _evaluating(pl_module), trainer.precision_plugin.val_step_context():
             outputs = self.adapter.predict(pl_module, self.adapter.get_inputs(self.batch))
-        return outputs.detach().float(), self.adapter.get_targets(self.batch)
+        return outputs.detach().float()
 
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, figure: bool = True) -> None:
+        """Predict now; read the predictions when they reach the host (on a GPU, at a later hook)."""
         step = int(trainer.global_step)
         self._last_step = step
-        outputs, targets = self._predict(trainer, pl_module)
+        outputs = self._predict(trainer, pl_module)
+        self.defer([outputs], lambda host: self._record(trainer, host[0], step, figure))
+
+    def _record(self, trainer: pl.Trainer, outputs: Tensor, step: int, figure: bool) -> None:
+        targets = self._targets if self._targets is not None else self.adapter.get_targets(self.batch).cpu()
         current = snapshot(outputs, targets, step, task=self.task, examples=self._examples(self.batch))
         previous = self._snapshots[-1] if self._snapshots else None
         evaluation = Evaluation(
@@ -298,6 +309,7 @@ class PredictionDynamicsLogger(Monitor):
                 "log/division of zero in the model. Fix: lower the learning rate ~10x, add gradient clipping "
                 "(`Trainer(gradient_clip_val=1.0)`), and check the loss for log(0).",
                 {"step": current.step},
+                step=current.step,
             )
             return
         oldest = self._snapshots[0] if len(self._snapshots) > self.window else None
@@ -327,6 +339,7 @@ class PredictionDynamicsLogger(Monitor):
                 "is too high, each step overshoots. Fix: lower the learning rate ~10x (or add warm-up / "
                 "gradient clipping).",
                 e,
+                step=current.step,
             )
         elif verdict.kind == "frozen":
             self.alert(
@@ -339,6 +352,7 @@ class PredictionDynamicsLogger(Monitor):
                 "trains. Fix: check that `configure_optimizers` gets the model's parameters and that they have "
                 "`requires_grad=True`, then raise the learning rate (10-100x).",
                 e,
+                step=current.step,
             )
 
     # -- figures --------------------------------------------------------------------------------------

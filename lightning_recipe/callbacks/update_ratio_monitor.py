@@ -38,7 +38,17 @@ class _OptimizerWatch:
     start_lrs: list[float] = field(default_factory=list)
     medians: list[float] = field(default_factory=list)
     zero_streak: dict[int, int] = field(default_factory=dict)  # id(param) -> measured zero updates in a row
-    pending: tuple[list[Tensor], list[Tensor]] | None = None  # (params, fp32 copies) during one step only
+    pending: tuple[_Step, list[Tensor]] | None = None  # the step and the fp32 copies, during one step only
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One measured optimizer step, as it was when it was taken (the reading may come a step later)."""
+
+    step: int  # trainer.global_step before the step
+    params: list[Tensor]
+    lrs: list[float]  # per param group, in effect for this step
+    param_lrs: list[float]  # per parameter: its group's learning rate
 
 
 class UpdateRatioMonitor(Monitor):
@@ -51,8 +61,10 @@ class UpdateRatioMonitor(Monitor):
     each optimizer's own steps (a GAN's two optimizers are each measured every n-th of their steps); the step
     logged and recorded in alerts is ``trainer.global_step`` before the step (under manual optimization with
     several optimizers it advances once per optimizer step). A step the AMP grad scaler skips calls no hook
-    and is not measured. Under sharded parameters (FSDP2 ``DTensor``) the squared norms are summed across
-    shards, so every rank sees the ratio of the full tensor and takes the same decisions.
+    and is not measured. On a GPU the norms reach the host without a sync and are read at the next optimizer
+    step (or the end of training): an alert comes a step later, recorded at the step it measured. Under
+    sharded parameters (FSDP2 ``DTensor``) the squared norms are summed across shards, so every rank sees the
+    ratio of the full tensor and takes the same decisions.
 
     The learning-rate verdict uses the median ratio over weight matrices (``ndim >= 2``): biases start at zero
     and norm-layer gains at one, so their ratios are off-scale by design (they are still logged). Healthy Adam
@@ -149,6 +161,13 @@ class UpdateRatioMonitor(Monitor):
             self._check_all_in_optimizer(trainer, pl_module)
 
     @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.enabled:
+            return
+        with self.guard(trainer):
+            self.flush(wait=True)  # the last readings
+
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
 
@@ -176,14 +195,23 @@ class UpdateRatioMonitor(Monitor):
             if not self.enabled or self._trainer is None:
                 return
             with self.guard(self._trainer), torch.no_grad():
+                self.flush()  # readings of earlier steps that have reached the host
                 # The first `window` steps are all measured: a learning rate far too high shows there, before the
                 # weights have grown so large that the ratio falls back into the band (then the network dies).
                 due = self.enabled and (watch.steps < self.window or self.due(watch.steps))
                 watch.steps += 1
                 watch.pending = None
                 if due:
-                    params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
-                    watch.pending = (params, ur.snapshot(params))
+                    trained = [(p, float(g.get("lr", math.nan))) for g in optimizer.param_groups for p in g["params"]]
+                    trained = [(p, lr) for p, lr in trained if p.requires_grad]
+                    params = [p for p, _ in trained]
+                    taken = _Step(
+                        step=int(self._trainer.global_step),
+                        params=params,
+                        lrs=self._lrs(optimizer),
+                        param_lrs=[lr for _, lr in trained],
+                    )
+                    watch.pending = (taken, ur.snapshot(params))
 
         return hook
 
@@ -191,26 +219,26 @@ class UpdateRatioMonitor(Monitor):
         def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             if not self.enabled or self._trainer is None or watch.pending is None:
                 return
-            params, before = watch.pending
+            taken, before = watch.pending
             watch.pending = None  # no copy survives the step
-            with self.guard(self._trainer), torch.no_grad():
-                measured = ur.measure(params, before)
+            trainer = self._trainer
+            with self.guard(trainer), torch.no_grad():
+                squared = ur.squared_norms(taken.params, before)
                 del before
-                self._after_measure(self._trainer, optimizer, watch, params, measured)
+                # read on the host at a later hook: waiting for the GPU here would leave it idle
+                self.defer(
+                    [squared],
+                    lambda host: self._after_measure(trainer, watch, taken, ur.UpdateRatios.from_squared(host[0])),
+                )
 
         return hook
 
     # -- evidence and verdicts ---------------------------------------------------------------------------
 
     def _after_measure(
-        self,
-        trainer: pl.Trainer,
-        optimizer: torch.optim.Optimizer,
-        watch: _OptimizerWatch,
-        params: list[Tensor],
-        measured: ur.UpdateRatios,
+        self, trainer: pl.Trainer, watch: _OptimizerWatch, taken: _Step, measured: ur.UpdateRatios
     ) -> None:
-        step = int(trainer.global_step)
+        step, params = taken.step, taken.params
         self.measured_steps.append((watch.index, step))
         names = [self._names.get(id(p), f"optimizer{watch.index}.param{i}") for i, p in enumerate(params)]
         updates, weights = measured.update_norms.tolist(), measured.weight_norms.tolist()
@@ -225,22 +253,22 @@ class UpdateRatioMonitor(Monitor):
             self.alert(
                 trainer, "non_finite",
                 f"the weights or the update of {len(bad)} parameter tensor(s) hold NaN/Inf after the "
-                f"optimizer step: {ur.format_names(bad)} (learning rate {self._lr_text(optimizer, watch)}). "
+                f"optimizer step: {ur.format_names(bad)} (learning rate {self._lr_text(taken.lrs, watch)}). "
                 "Expected finite values. Likely causes: a learning rate so high that training diverged, a loss "
                 "that produced NaN (log of 0, division by 0), or fp16 overflow. Fix: lower the learning rate, "
                 "clip gradients (`Trainer(gradient_clip_val=1.0)`), check the loss for log(0), or use bf16.",
-                {"parameters": bad, "step": step}, key=f"optimizer{watch.index}",
+                {"parameters": bad, "step": step}, key=f"optimizer{watch.index}", step=step,
             )
             return  # ratios of a diverged step say nothing more about the learning rate
 
-        self._check_not_moving(trainer, optimizer, watch, params, names, updates)
+        self._check_not_moving(trainer, watch, taken, names, updates)
         if median is None:
             return
         watch.medians = (watch.medians + [median])[-self.window :]
         if ur.sustained(watch.medians, self.max_ratio, above=True, window=self.window):
-            self._alert_too_high(trainer, optimizer, watch, names, ratios, median)
+            self._alert_too_high(trainer, watch, taken, names, ratios, median)
         elif ur.sustained(watch.medians, self.min_ratio, above=False, window=self.window):
-            self._alert_too_low(trainer, optimizer, watch, median)
+            self._alert_too_low(trainer, watch, taken, median)
 
     def _log(
         self,
@@ -287,23 +315,16 @@ class UpdateRatioMonitor(Monitor):
         )
 
     def _check_not_moving(
-        self,
-        trainer: pl.Trainer,
-        optimizer: torch.optim.Optimizer,
-        watch: _OptimizerWatch,
-        params: list[Tensor],
-        names: list[str],
-        update_norms: list[float],
+        self, trainer: pl.Trainer, watch: _OptimizerWatch, taken: _Step, names: list[str], update_norms: list[float]
     ) -> None:
         stuck: list[str] = []
         lrs: set[float] = set()
-        group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-        for p, name, norm in zip(params, names, update_norms, strict=True):
+        for p, lr, name, norm in zip(taken.params, taken.param_lrs, names, update_norms, strict=True):
             streak = watch.zero_streak.get(id(p), 0) + 1 if norm == 0.0 else 0
             watch.zero_streak[id(p)] = streak
             if ur.never_moved(streak, self.window):
                 stuck.append(name)
-                lrs.add(float(group_of[id(p)]["lr"]) if id(p) in group_of else float("nan"))
+                lrs.add(lr)
         if not stuck:
             return
         lr_text = ", ".join(ur.fmt(lr) for lr in sorted(lrs))
@@ -320,14 +341,14 @@ class UpdateRatioMonitor(Monitor):
             f"optimizer steps (every {self.every_n_steps} steps): {ur.format_names(stuck)}; learning rate in "
             f"effect {lr_text}. Expected every trainable parameter to move (update/weight ratio near "
             f"{ur.TARGET_RATIO:g}). Likely cause: {cause}.",
-            {"parameters": stuck, "lr": sorted(lrs)}, key=f"optimizer{watch.index}",
+            {"parameters": stuck, "lr": sorted(lrs)}, key=f"optimizer{watch.index}", step=taken.step,
         )
 
     def _alert_too_high(
         self,
         trainer: pl.Trainer,
-        optimizer: torch.optim.Optimizer,
         watch: _OptimizerWatch,
+        taken: _Step,
         names: list[str],
         ratios: list[float],
         median: float,
@@ -336,23 +357,21 @@ class UpdateRatioMonitor(Monitor):
         worst = [f"{names[i]} {ur.fmt(ratios[i])}" for i in order]
         factor = median / ur.TARGET_RATIO
         if watch.too_high_at is None:
-            watch.too_high_at = int(trainer.global_step)
+            watch.too_high_at = taken.step
         self.alert(
             trainer, "ratio_too_high",
             f"the median update/weight ratio ||ΔW||/||W|| of the weight matrices is {ur.fmt(median)} per step, "
             f"above {ur.fmt(self.max_ratio)} on most of the last {self.window} measurements (expected near "
             f"{ur.TARGET_RATIO:g}; 1e-3 to 1e-2 is typical). Largest: {ur.format_names(worst, 3)}. Learning "
-            f"rate in effect: {self._lr_text(optimizer, watch)}. Each step rewrites a large part of the weights: "
+            f"rate in effect: {self._lr_text(taken.lrs, watch)}. Each step rewrites a large part of the weights: "
             f"the learning rate is too high. Fix: divide the learning rate by ~{factor:.0f} to bring the median "
             f"ratio near {ur.TARGET_RATIO:g}, or add warmup.",
-            {"median_ratio": median, "history": watch.medians, "lr": self._lrs(optimizer), "factor": factor},
-            key=f"optimizer{watch.index}",
+            {"median_ratio": median, "history": watch.medians, "lr": taken.lrs, "factor": factor},
+            key=f"optimizer{watch.index}", step=taken.step,
         )
 
-    def _alert_too_low(
-        self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, watch: _OptimizerWatch, median: float
-    ) -> None:
-        lrs = self._lrs(optimizer)
+    def _alert_too_low(self, trainer: pl.Trainer, watch: _OptimizerWatch, taken: _Step, median: float) -> None:
+        lrs = taken.lrs
         decayed = [s / lr if lr > 0 else math.inf for s, lr in zip(watch.start_lrs, lrs, strict=False) if s > 0]
         fell = bool(decayed) and min(decayed) >= 10
         factor = ur.TARGET_RATIO / median if median > 0 else math.inf
@@ -380,10 +399,10 @@ class UpdateRatioMonitor(Monitor):
             trainer, "ratio_too_low",
             f"the median update/weight ratio ||ΔW||/||W|| of the weight matrices is {ur.fmt(median)} per step, "
             f"below {ur.fmt(self.min_ratio)} on most of the last {self.window} measurements (expected near "
-            f"{ur.TARGET_RATIO:g}). Learning rate in effect: {self._lr_text(optimizer, watch)}. Likely cause: "
+            f"{ur.TARGET_RATIO:g}). Learning rate in effect: {self._lr_text(taken.lrs, watch)}. Likely cause: "
             f"{cause}",
             {"median_ratio": median, "history": watch.medians, "lr": lrs, "start_lr": watch.start_lrs},
-            key=f"optimizer{watch.index}",
+            key=f"optimizer{watch.index}", step=taken.step,
         )
 
     @staticmethod
@@ -394,8 +413,7 @@ class UpdateRatioMonitor(Monitor):
     def _lr_list(lrs: list[float]) -> str:
         return ", ".join(ur.fmt(lr) for lr in lrs)
 
-    def _lr_text(self, optimizer: torch.optim.Optimizer, watch: _OptimizerWatch) -> str:
-        lrs = self._lrs(optimizer)
+    def _lr_text(self, lrs: list[float], watch: _OptimizerWatch) -> str:
         text = self._lr_list(lrs) + (" (per param group)" if len(lrs) > 1 else "")
         pairs = zip(watch.start_lrs, lrs, strict=False)  # a param group added mid-run has no start
         if any(abs(a - b) > 1e-12 * max(abs(a), abs(b)) for a, b in pairs):

@@ -33,6 +33,7 @@ __all__ = [
     "never_moved",
     "reduce_squared_norms",
     "snapshot",
+    "squared_norms",
     "sustained",
 ]
 
@@ -111,27 +112,37 @@ class UpdateRatios:
     weight_norms: Tensor
     ratios: Tensor
 
+    @classmethod
+    def from_squared(cls, squared: Tensor) -> UpdateRatios:
+        """From the ``(2, P)`` squared norms of :func:`squared_norms` (moved to the CPU)."""
+        update, weight = squared.float().sqrt().unbind(0)
+        return cls(update_norms=update, weight_norms=weight, ratios=update / weight)
+
     @property
     def non_finite(self) -> Tensor:
         """Where the weights or the update hold NaN/Inf (their norm is not finite)."""
         return ~(torch.isfinite(self.update_norms) & torch.isfinite(self.weight_norms))
 
 
-def measure(params: Sequence[Tensor], before: Sequence[Tensor]) -> UpdateRatios:
-    """Compare the parameters now with their :func:`snapshot` from before the step; reduces across shards.
+def squared_norms(params: Sequence[Tensor], before: Sequence[Tensor]) -> Tensor:
+    """``(2, P)`` squared norms of the updates and of the weights before the step, on the parameters' device,
+    summed across shards. No host sync: read them with :meth:`UpdateRatios.from_squared` once they are needed.
     Consumes ``before``: the update is computed in place in the copies (no second copy of the weights)."""
     if not params:
-        empty = torch.zeros(0)
-        return UpdateRatios(empty, empty, empty)
+        return torch.zeros(2, 0)
     after = [local_tensor(p).detach() for p in params]
     after = [t if t.dtype == torch.float32 else t.float() for t in after]
     before = list(before)
     weight = torch.stack(torch._foreach_norm(before))
     torch._foreach_sub_(before, after)  # before - after: the update, negated (its norm is the same)
     update = torch.stack(torch._foreach_norm(before))
-    squared = reduce_squared_norms(params, torch.stack([update, weight]).square())
-    update, weight = squared.sqrt().cpu().unbind(0)
-    return UpdateRatios(update_norms=update, weight_norms=weight, ratios=update / weight)
+    return reduce_squared_norms(params, torch.stack([update, weight]).square())
+
+
+def measure(params: Sequence[Tensor], before: Sequence[Tensor]) -> UpdateRatios:
+    """Compare the parameters now with their :func:`snapshot` from before the step; reduces across shards.
+    Consumes ``before``. Waits for the device: :func:`squared_norms` is the part that does not."""
+    return UpdateRatios.from_squared(squared_norms(params, before).cpu())
 
 
 def median_ratio(

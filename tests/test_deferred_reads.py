@@ -1,0 +1,49 @@
+"""On a GPU the monitors read their measurements a hook later, so the host never waits for the device. Forced on
+the CPU here: the alerts (kind, step, message) and the recorded evidence must be what the immediate reads give."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as L
+import pytest
+
+import lightning_recipe
+from tests.models import trainer
+from tests.zoo import HEALTHY, MONITOR_BUGS, MONITORS
+
+
+def _run(case_model, case_data, monitor_name: str, steps: int, deferred: bool, **kwargs):
+    L.seed_everything(0, verbose=False)
+    monitor = getattr(lightning_recipe, monitor_name)(**kwargs)
+    monitor._always_defer = deferred
+    trainer(max_steps=steps, callbacks=[monitor]).fit(case_model(), case_data())
+    assert monitor.enabled and not monitor._pending
+    return monitor
+
+
+def _evidence(monitor) -> object:
+    if isinstance(monitor, lightning_recipe.UpdateRatioMonitor):
+        return monitor.measured_steps, {k: v for k, v in monitor.last_ratios.items() if math.isfinite(v)}
+    if isinstance(monitor, lightning_recipe.PredictionDynamicsLogger):
+        return [(e.step, e.loss, e.accuracy, e.churn) for e in monitor.history]
+    return monitor.last_moved
+
+
+@pytest.mark.filterwarnings("ignore::lightning_recipe.report.RecipeWarning")
+@pytest.mark.parametrize("case", MONITOR_BUGS, ids=str)
+def test_deferred_reads_raise_the_same_alerts_at_the_same_steps(case):
+    runs = [_run(case.model, case.data, case.monitor, case.within + 20, deferred) for deferred in (False, True)]
+    immediate, deferred = ([(a.kind, a.step, a.message) for a in m.alerts] for m in runs)
+    assert case.alert in {kind for kind, _, _ in deferred}
+    assert deferred == immediate
+    assert _evidence(runs[1]) == _evidence(runs[0])
+
+
+@pytest.mark.parametrize("monitor_name", MONITORS)
+def test_deferred_reads_record_the_same_evidence_on_a_healthy_model(monitor_name):
+    case = HEALTHY[1]  # BatchNorm CNN with dropout: every monitor has something to show
+    kwargs = {"every_n_steps": 3} if monitor_name != "FirstLayerVisualizer" else {"measure_every_n_steps": 3}
+    runs = [_run(case.model, case.data, monitor_name, 30, deferred, **kwargs) for deferred in (False, True)]
+    assert runs[1].alerts == runs[0].alerts == []
+    assert _evidence(runs[1]) == _evidence(runs[0])
