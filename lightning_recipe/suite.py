@@ -74,6 +74,7 @@ _COMPONENTS: dict[str, type[RecipeCallback]] = {**CHECKS, **MONITORS}
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
 
+
 class SanityRunExit(SystemExit):
     """Ends the process after a sanity run: ``code`` 0 when every check passed, 1 when one failed.
 
