@@ -10,8 +10,9 @@ its 6th step to the end of its last, divided by the steps in between, so the per
 counted in full. Two numbers:
 - in-hook: the time the monitors report spending in their own hooks (`monitor.seconds`) over the same steps,
   divided by the rest of the step time. Precise, but leaves out TensorBoard's background writer thread.
-- A/B: step time with the monitors / without - 1, median over repeats [min, max]. What a user waits, but noisy
-  on a shared CPU VM: identical runs differ by up to +-10%. On a GPU the CPU-side in-hook time misses the
+- A/B: step time with the monitors / without - 1, median over repeats [min, max], the pairs run in alternating
+  order. What a user waits, but noisy on a shared CPU VM; the "none (A/A control)" row runs the same comparison
+  with no monitor at all, and shows how far apart identical runs land. On a GPU the CPU-side in-hook time misses the
   kernels the monitors queue, and A/B is the number to read.
 - floor: the part of the overhead that the prediction dynamics logger cannot avoid, its forward passes on the
   fixed batch (timed where they run, per step, over the step time). Every other cost is bookkeeping.
@@ -126,7 +127,7 @@ def _run(
         num_sanity_val_steps=0, limit_val_batches=1,
     )
     dynamics = [m for m in callbacks if isinstance(m, PredictionDynamicsLogger)]
-    forward = _TimedForward(dynamics[0]) if dynamics else None
+    forward = _TimedForward(dynamics[0], clock) if dynamics else None
     trainer.fit(model_cls(), train(), val())
     floor = forward.seconds / (trainer.global_step - WARMUP) / clock.per_step if forward is not None else None
     return clock.per_step, clock.in_hook, floor
@@ -134,9 +135,10 @@ def _run(
 
 class _TimedForward:
     """Times the dynamics logger's forward passes where they happen, inside the training loop (a forward pass
-    timed alone in a loop runs on warm caches and takes about half as long), from step WARMUP on."""
+    timed alone in a loop runs on warm caches and takes about half as long), while the clock runs."""
 
-    def __init__(self, logger: PredictionDynamicsLogger) -> None:
+    def __init__(self, logger: PredictionDynamicsLogger, clock: Clock) -> None:
+        self.clock = clock
         self.seconds = 0.0
         self.forward = logger.adapter.forward
         logger.adapter = replace(logger.adapter, forward=self)
@@ -146,7 +148,7 @@ class _TimedForward:
         start = time.perf_counter()
         outputs = self.forward(module, inputs)
         _sync()
-        if module.trainer.global_step > WARMUP:  # evaluations after the clock started
+        if hasattr(self.clock, "start") and not hasattr(self.clock, "per_step"):  # inside the clock's window
             self.seconds += time.perf_counter() - start
         return outputs
 
@@ -155,6 +157,8 @@ def _configs(every_step: bool, per_monitor: bool) -> dict[str, list]:
     kwargs = {"every_n_steps": 1} if every_step else {}
     configs = {name: (lambda cls=cls: [cls(**kwargs)]) for name, cls in MONITORS.items()} if per_monitor else {}
     configs["all three"] = lambda: [cls(**kwargs) for cls in MONITORS.values()]
+    if not every_step:
+        configs["none (A/A control)"] = lambda: []  # how far apart two identical runs land: the noise floor of A/B
     return configs
 
 
@@ -194,9 +198,14 @@ def main() -> None:
         for settings in args.settings:
             for config, make in _configs(settings == "every step", model_name in args.per_monitor).items():
                 in_hook, wall, base_times, floors = [], [], [], []
-                for _ in range(args.repeats):
-                    base = run(model_cls, train, val, steps, [])
-                    with_monitors = run(model_cls, train, val, steps, make())
+                for repeat in range(args.repeats):
+                    # A B, then B A: whichever runs second in a pair is not always the one with the monitors
+                    if repeat % 2 == 0:
+                        base = run(model_cls, train, val, steps, [])
+                        with_monitors = run(model_cls, train, val, steps, make())
+                    else:
+                        with_monitors = run(model_cls, train, val, steps, make())
+                        base = run(model_cls, train, val, steps, [])
                     in_hook.append(with_monitors[1])
                     wall.append(with_monitors[0] / base[0] - 1)
                     base_times.append(base[0])
