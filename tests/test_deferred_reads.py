@@ -42,7 +42,7 @@ def test_deferred_reads_raise_the_same_alerts_at_the_same_steps(case):
 
 @pytest.mark.parametrize("monitor_name", MONITORS)
 def test_deferred_reads_record_the_same_evidence_on_a_healthy_model(monitor_name):
-    case = HEALTHY[1]  # BatchNorm CNN with dropout: every monitor has something to show
+    case = next(c for c in HEALTHY if c.name == "batchnorm_dropout_cnn")  # every monitor has something to show
     kwargs = {"every_n_steps": 3} if monitor_name != "FirstLayerVisualizer" else {"measure_every_n_steps": 3}
     runs = [_run(case.model, case.data, monitor_name, 30, deferred, **kwargs) for deferred in (False, True)]
     assert runs[1].alerts == runs[0].alerts == []
