@@ -47,3 +47,35 @@ def test_deferred_reads_record_the_same_evidence_on_a_healthy_model(monitor_name
     runs = [_run(case.model, case.data, monitor_name, 30, deferred, **kwargs) for deferred in (False, True)]
     assert runs[1].alerts == runs[0].alerts == []
     assert _evidence(runs[1]) == _evidence(runs[0])
+
+
+def _logged_steps(tmp_path, deferred: bool) -> dict[str, list[int]]:
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    case = next(c for c in HEALTHY if c.name == "batchnorm_dropout_cnn")
+    L.seed_everything(0, verbose=False)
+    monitors = [
+        lightning_recipe.UpdateRatioMonitor(every_n_steps=4),
+        lightning_recipe.PredictionDynamicsLogger(every_n_steps=4, figure_every_n_steps=8),
+        lightning_recipe.FirstLayerVisualizer(every_n_steps=8, measure_every_n_steps=4),
+    ]
+    for monitor in monitors:
+        monitor._always_defer = deferred
+    logger = TensorBoardLogger(str(tmp_path), name="deferred" if deferred else "immediate")
+    trainer(max_steps=18, callbacks=monitors, logger=logger).fit(case.model(), case.data())
+    logger.experiment.flush()
+    acc = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "images": 0, "histograms": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    steps = {tag: [e.step for e in acc.Scalars(tag)] for tag in tags["scalars"] if tag.startswith("recipe/")}
+    steps.update({tag: [e.step for e in acc.Images(tag)] for tag in tags["images"]})
+    steps.update({tag: [e.step for e in acc.Histograms(tag)] for tag in tags["histograms"]})
+    return steps
+
+
+def test_deferred_reads_log_at_the_steps_they_measured(tmp_path):
+    immediate, deferred = _logged_steps(tmp_path, False), _logged_steps(tmp_path, True)
+    assert deferred == immediate
+    assert immediate["recipe/prediction_dynamics_logger/trajectories"] == [8, 16, 18]
+    assert immediate["recipe/first_layer_visualizer/filters"] == [0, 8, 16, 18]

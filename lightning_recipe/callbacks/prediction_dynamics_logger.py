@@ -387,7 +387,7 @@ class PredictionDynamicsLogger(Monitor):
             ax.set_ylim(-0.02, 1.02)
             ax.set_ylabel("p(true class)" if last.task == "multiclass" else "p(true label)")
             ax.set_title(f"{values.shape[1]} fixed {self.batch_source} examples")
-        self._figure_step = int(trainer.global_step)
+        self._figure_step = last.step  # the step drawn (a deferred read runs a hook after it)
         _logging.log_figure(trainer, self.tag("trajectories"), figure, self._figure_step)
 
 
