@@ -80,14 +80,14 @@ def log_scalars(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> No
 
 def _file_writer(logger: Any) -> Any | None:
     """The event-file writer behind a TensorBoard logger that uses torch's ``SummaryWriter``, else ``None``."""
-    if not isinstance(logger, TensorBoardLogger):
-        return None
+    return _event_file(logger.experiment) if isinstance(logger, TensorBoardLogger) else None
+
+
+def _event_file(experiment: Any) -> Any | None:
+    """The event-file writer of a torch ``SummaryWriter`` (``None`` for tensorboardX and others)."""
     from torch.utils.tensorboard import SummaryWriter  # here: importing it costs ~0.3 s
 
-    experiment = logger.experiment
-    if not isinstance(experiment, SummaryWriter):
-        return None
-    return getattr(experiment, "file_writer", None)
+    return getattr(experiment, "file_writer", None) if isinstance(experiment, SummaryWriter) else None
 
 
 def log_figure(trainer: pl.Trainer, name: str, figure: Figure, step: int) -> None:
@@ -110,7 +110,7 @@ def log_histogram(trainer: pl.Trainer, name: str, values: Tensor, step: int, bin
     if writer is None:
         return
     values = values.detach().float().cpu()
-    file_writer = _file_writer(_tensorboard_logger(trainer))
+    file_writer = _event_file(writer)  # the logger `_writer` found: no second search
     if file_writer is None or isinstance(bins, str) or values.numel() == 0:
         writer.add_histogram(name, values, global_step=step, bins=bins)
         return
@@ -148,7 +148,7 @@ def log_images(trainer: pl.Trainer, name: str, images: Tensor, step: int) -> Non
     if writer is None:
         return
     images = images.detach().float().cpu()
-    file_writer = _file_writer(_tensorboard_logger(trainer))
+    file_writer = _event_file(writer)  # the logger `_writer` found: no second search
     if file_writer is None or images.ndim != 4 or images.shape[1] not in (1, 3) or images.shape[0] == 0:
         writer.add_images(name, images, global_step=step, dataformats="NCHW")
         return
