@@ -7,8 +7,9 @@ with one warning per process. Everything here is a no-op off rank zero.
 from __future__ import annotations
 
 import bisect
-import io
+import struct
 import warnings
+import zlib
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -30,6 +31,7 @@ __all__ = [
     "log_scalars",
     "log_text",
     "new_figure",
+    "png",
     "tag",
 ]
 
@@ -142,8 +144,8 @@ def histogram_proto(values: list[float], edges: list[float]) -> Any:
 
 def log_images(trainer: pl.Trainer, name: str, images: Tensor, step: int) -> None:
     """``images`` is ``(N, C, H, W)`` in [0, 1], ``C`` 1 or 3: drawn as one grid, 8 tiles a row (as
-    ``add_images`` draws it). On a torch ``SummaryWriter`` the grid is built in torch and the PNG written
-    with light compression, ~5x cheaper than ``add_images`` (which resamples the image and compresses hard)."""
+    ``add_images`` draws it). On a torch ``SummaryWriter`` the grid is built in torch and the PNG written by
+    :func:`png`, several times cheaper than ``add_images`` (which resamples the image through PIL)."""
     writer = _writer(trainer)
     if writer is None:
         return
@@ -170,15 +172,29 @@ def grid(images: Tensor, columns: int = 8) -> Tensor:
 
 def image_proto(image: Tensor) -> Any:
     """A ``(H, W, C)`` uint8 image (C 1 or 3) as a PNG ``Summary.Image``."""
-    from PIL import Image
     from tensorboard.compat.proto.summary_pb2 import Summary
 
     height, width, channels = image.shape
-    array = image.numpy()
-    picture = Image.fromarray(array[:, :, 0] if channels == 1 else array)
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG", compress_level=1)
-    return Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=buffer.getvalue())
+    return Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=png(image))
+
+
+def png(image: Tensor, level: int = 6) -> bytes:
+    """A ``(H, W, C)`` uint8 image (C 1 or 3) as PNG bytes: 8-bit grey or RGB, rows unfiltered, one zlib stream.
+
+    Written here rather than with PIL because TensorBoard's event writer checksums every byte in pure Python
+    (~0.1 us a byte, on a thread that holds the GIL): the smallest file is the cheapest one to log. Unfiltered
+    rows compress best for our images, tiles scaled up by repeating pixels (zlib finds the repeats), ~25% smaller
+    than PIL's output at ``compress_level=1`` and about as fast to write; PIL's overhead alone is ~0.1 ms."""
+    height, width, channels = image.shape
+    rows = torch.zeros(height, width * channels + 1, dtype=torch.uint8)  # a leading 0 per row: filter "None"
+    rows[:, 1:] = image.reshape(height, width * channels)
+    header = struct.pack(">IIBBBBB", width, height, 8, 0 if channels == 1 else 2, 0, 0, 0)
+    pixels = zlib.compress(rows.numpy().tobytes(), level)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", pixels) + _png_chunk(b"IEND", b"")
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def new_figure(width: float = 6.0, height: float = 4.0) -> Figure:
