@@ -224,7 +224,7 @@ def test_linear_over_images_is_rendered_row_by_row(tmp_path):
 
 def test_first_layer_that_is_not_image_like_is_watched_for_movement(tmp_path):
     L.seed_everything(0, verbose=False)
-    monitor = FirstLayerVisualizer()
+    monitor = FirstLayerVisualizer(measure_every_n_steps=50)
     t = _tb_trainer(tmp_path, max_steps=100, callbacks=[monitor])
     t.fit(MLP(), clusters())
     acc = _events(t)

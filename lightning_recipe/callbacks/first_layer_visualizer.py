@@ -72,7 +72,8 @@ class FirstLayerVisualizer(Monitor):
         layer: name of the module to watch (as in ``model.named_modules()``); default: found by the forward
             pass. Unknown names are refused when ``fit`` sets up, with the list of modules with weights.
         every_n_steps: log images every this many optimizer steps (also at the start and at the end).
-        measure_every_n_steps: log the scalars and decide alerts every this many optimizer steps.
+        measure_every_n_steps: log the scalars and decide alerts every this many optimizer steps. At the default,
+            100, a first layer that never moves is alerted at step 100 (``not_changing_after_steps``).
         max_images: most filter images per logged grid.
         not_changing_after_steps, late_after_steps, noisy_above, noisy_moved_below: see
             :class:`~lightning_recipe.diagnostics.first_layer.Thresholds`.
@@ -98,7 +99,7 @@ class FirstLayerVisualizer(Monitor):
         layer: str | None = None,
         *,
         every_n_steps: int = 500,
-        measure_every_n_steps: int = 50,
+        measure_every_n_steps: int = 100,
         max_images: int = 64,
         not_changing_after_steps: int = 100,
         late_after_steps: int = 2000,
