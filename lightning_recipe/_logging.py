@@ -65,19 +65,36 @@ def _writer(trainer: pl.Trainer) -> Any | None:
 
 
 @rank_zero_only
-def log_scalars(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
+def log_scalars(
+    trainer: pl.Trainer,
+    metrics: dict[str, float],
+    step: int,
+    histograms: dict[str, tuple[list[float], list[float]]] | None = None,
+) -> None:
     """Every value to every logger at ``step``. A TensorBoard logger gets them as one event: about 5x cheaper
     than one ``add_scalar`` per value (0.2 vs 1.1 ms for 20 values here), which is most of what a monitor's
-    measurement costs on a small model."""
+    measurement costs on a small model.
+
+    ``histograms`` maps a tag to ``(values, bin edges)``: TensorBoard only (other loggers have no histograms),
+    written in the same event as the scalars, bins as :func:`histogram_proto` counts them."""
     for logger in trainer.loggers:
         writer = _file_writer(logger)
         if writer is None:
-            logger.log_metrics(metrics, step=step)
+            if metrics:
+                logger.log_metrics(metrics, step=step)
+            if histograms and isinstance(logger, TensorBoardLogger):  # an experiment other than torch's writer
+                for name, (values, edges) in histograms.items():
+                    if values:
+                        logger.experiment.add_histogram(name, torch.tensor(values), global_step=step, bins=edges)
             continue
         from tensorboard.compat.proto.summary_pb2 import Summary
 
         values = [Summary.Value(tag=name, simple_value=float(value)) for name, value in metrics.items()]
-        writer.add_summary(Summary(value=values), step)
+        for name, (numbers, edges) in (histograms or {}).items():
+            if numbers:
+                values.append(Summary.Value(tag=name, histo=histogram_proto(numbers, edges)))
+        if values:
+            writer.add_summary(Summary(value=values), step)
 
 
 def _file_writer(logger: Any) -> Any | None:

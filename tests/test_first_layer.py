@@ -170,6 +170,10 @@ def test_moved_from_init_and_verdicts():
     w = [torch.ones(2, 2) * 1.5, torch.zeros(1, 3)]
     assert fl.moved_from_init(w, w0) == pytest.approx(0.5)
     assert fl.moved_from_init(w0, w0) == 0.0
+    assert fl.norm(w0) == pytest.approx(2.0)
+    assert fl.moved_from_init(w, w0, initial_norm=fl.norm(w0)) == fl.moved_from_init(w, w0)
+    assert fl.moved_from_init([torch.ones(3)], [torch.zeros(3)]) == math.inf
+    assert fl.moved_from_init([torch.zeros(3)], [torch.zeros(3)]) == 0.0
     t = fl.Thresholds()
     assert fl.assess(99, 0.0, 1.0, t) == []
     assert fl.assess(100, 0.0, 1.0, t) == ["not_changing"]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -109,3 +110,25 @@ def test_png_of_scaled_up_filters_is_smaller_than_pils():
     buffer = BytesIO()
     Image.fromarray(image.numpy()).save(buffer, format="PNG", compress_level=1)
     assert len(_logging.png(image)) < 0.9 * len(buffer.getvalue())
+
+
+def test_scalars_and_histograms_logged_together_read_back_and_other_loggers_get_the_scalars(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    csv = CSVLogger(str(tmp_path), name="csv")
+    trainer = _Trainer(logger)
+    trainer.loggers.append(csv)
+    _logging.log_scalars(trainer, {"a": 1.5, "b": -2.0}, 3, histograms={"h": ([-3.1, -3.0, 0.5], EDGES)})
+    _logging.log_scalars(trainer, {"a": 2.5}, 4, histograms={"h": ([], EDGES)})  # nothing to draw: no histogram
+    logger.experiment.flush()
+    csv.save()
+    acc = EventAccumulator(logger.log_dir, size_guidance={"histograms": 0, "scalars": 0})
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("a")] == [(3, 1.5), (4, 2.5)]
+    assert [(e.step, e.value) for e in acc.Scalars("b")] == [(3, -2.0)]
+    (histogram,) = acc.Histograms("h")
+    assert histogram.step == 3 and histogram.histogram_value.num == 3
+    assert list(histogram.histogram_value.bucket) == list(_logging.histogram_proto([-3.1, -3.0, 0.5], EDGES).bucket)
+    text = (Path(csv.log_dir) / "metrics.csv").read_text()
+    assert text.splitlines()[0].split(",") == ["a", "b", "step"] and "h" not in text.splitlines()[0].split(",")

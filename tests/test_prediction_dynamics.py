@@ -175,6 +175,52 @@ def test_accuracy_equals_torchmetrics_micro_accuracy(seed: int):
     assert multilabel.task == "multilabel" and multilabel.accuracy == pytest.approx(float(reference))
 
 
+def _layouts() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 5, (4, 6), generator=g)
+    labels[0, :2] = -100  # ignored positions
+    probabilities = torch.rand(4, 3, generator=g).softmax(-1)
+    return {
+        "multiclass": (torch.randn(8, 5, generator=g), torch.randint(0, 5, (8,), generator=g)),
+        "per position (N, T, C)": (torch.randn(4, 6, 5, generator=g), labels),
+        "segmentation (N, C, H, W)": (
+            torch.randn(2, 3, 4, 4, generator=g), torch.randint(0, 3, (2, 4, 4), generator=g)
+        ),
+        "flattened (N*T, V) vs (N, T)": (torch.randn(24, 5, generator=g), labels),
+        "class probabilities": (torch.randn(4, 3, generator=g), probabilities),
+        "binary": (torch.randn(8, 1, generator=g), torch.randint(0, 2, (8, 1), generator=g).float()),
+        "multilabel": (torch.randn(8, 4, generator=g), torch.randint(0, 2, (8, 4), generator=g).float()),
+        "regression": (torch.randn(8, 2, generator=g), torch.randn(8, 2, generator=g)),
+    }
+
+
+@pytest.mark.parametrize("layout", list(_layouts()))
+def test_a_reading_resolved_once_reads_later_outputs_as_task_views_does(layout: str):
+    """The fixed batch's reading is resolved from the first outputs: later outputs of the same shape (other
+    values, some not finite) must give the very snapshot a fresh inference gives."""
+    first, targets = _layouts()[layout]
+    reading = pd.Reading.resolve(first, targets)
+    assert reading is not None and reading.shape == tuple(first.shape)
+    later = torch.randn(first.shape, generator=torch.Generator().manual_seed(1)) * 3
+    later.view(-1)[1] = math.nan
+    for outputs in (first, later):
+        fresh = pd.snapshot(outputs, targets, step=5)
+        fast = pd.snapshot(outputs, targets, step=5, reading=reading)
+        assert (fast.task, fast.finite, fast.examples) == (fresh.task, fresh.finite, fresh.examples)
+        assert torch.equal(fast.outputs, fresh.outputs) and torch.equal(fast.targets, fresh.targets)
+        assert torch.equal(fast.scores, fresh.scores)
+        assert (fast.labels is None) == (fresh.labels is None)
+        assert fast.labels is None or torch.equal(fast.labels, fresh.labels)
+        assert fast.loss == fresh.loss and fast.accuracy == fresh.accuracy
+
+
+def test_a_reading_for_another_shape_is_not_used():
+    reading = pd.Reading.resolve(torch.zeros(4, 3), torch.tensor([0, 1, 2, 0]))
+    assert reading is not None
+    snap = pd.snapshot(torch.zeros(4, 1), torch.tensor([[0.0], [1.0], [1.0], [0.0]]), step=0, reading=reading)
+    assert snap.task == "binary"  # inferred afresh: the multiclass reading was for (4, 3) outputs
+
+
 def test_regression_jitter_is_relative_to_the_target_spread():
     targets = torch.tensor([[0.0], [2.0], [4.0], [6.0]])
     before = pd.snapshot(targets.clone(), targets, step=0)
@@ -203,6 +249,9 @@ def test_movement_is_zero_when_nothing_moves_and_ignores_a_softmax_shift():
 def test_non_finite_outputs_are_flagged_not_raised():
     snap = pd.snapshot(torch.tensor([[math.nan, 0.0]]), torch.tensor([0]), step=3)
     assert not snap.finite and snap.loss == math.inf
+    assert not pd.snapshot(torch.tensor([[math.inf, -math.inf]]), torch.tensor([0]), step=3).finite
+    huge = pd.snapshot(torch.full((2, 2), 3e38), torch.tensor([0, 1]), step=3)  # finite, but the sum overflows
+    assert huge.finite and math.isfinite(huge.loss)
 
 
 def _history(jitters: list[float], losses: list[float], every: int = 20) -> list[pd.Evaluation]:

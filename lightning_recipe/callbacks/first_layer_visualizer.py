@@ -32,6 +32,7 @@ from lightning_recipe.diagnostics.first_layer import (
     layer_weights,
     moved_from_init,
     noise_score,
+    norm,
     resolve_layer,
     tensors_in,
     trace_first_layer,
@@ -136,6 +137,7 @@ class FirstLayerVisualizer(Monitor):
         self.last_moved: float | None = None  # ||W - W0|| / ||W0|| at the last measurement
         self._module: nn.Module | None = None
         self._initial: list[Tensor] | None = None
+        self._initial_norm = 0.0
         self._model_input_shape: tuple[int, ...] | None = None
         self._start_step = 0
         self._last_measured = -1
@@ -169,6 +171,9 @@ class FirstLayerVisualizer(Monitor):
         if not self.enabled or self._module is None:
             return
         step = int(trainer.global_step)
+        due = step % self.every_n_steps == 0 or step % self.measure_every_n_steps == 0
+        if not self._pending and not due:  # most steps: nothing to do, and no guard to pay for
+            return
         if self._pending:
             with self.guard(trainer):
                 self.flush()  # measurements whose weights have reached the host
@@ -221,6 +226,7 @@ class FirstLayerVisualizer(Monitor):
         self.layer_name = name
         self._module = module
         self._initial = [w.to("cpu", copy=True) for w in gathered(layer_weights(module))]  # measured on the host
+        self._initial_norm = norm(self._initial)
         self._start_step = int(trainer.global_step)
         score = self._score()
         self.baseline_score = score
@@ -295,7 +301,7 @@ class FirstLayerVisualizer(Monitor):
 
     def _measured(self, trainer: pl.Trainer, step: int, weights: list[Tensor]) -> None:
         assert self._initial is not None
-        moved = moved_from_init(weights, self._initial)
+        moved = moved_from_init(weights, self._initial, self._initial_norm)
         self.last_moved = moved
         score = self._score(weights[0])
         scalars = {self.tag("moved_from_init"): moved}

@@ -22,6 +22,7 @@ from lightning_recipe.diagnostics.batch import ForwardFn, InputsFn, TargetsFn, s
 from lightning_recipe.diagnostics.init_loss import TASKS
 from lightning_recipe.diagnostics.prediction_dynamics import (
     Evaluation,
+    Reading,
     Snapshot,
     churn,
     jitter,
@@ -129,6 +130,8 @@ class PredictionDynamicsLogger(Monitor):
         self._trajectory_steps: list[int] = []
         self._trajectories: list[Tensor] = []  # (N,) per evaluation
         self._targets: Tensor | None = None  # the fixed batch's targets, on the host
+        self._examples_in_batch = 0
+        self._reading: Reading | None = None  # how its outputs are read, resolved at the first evaluation
         self._best_loss = math.inf  # lowest loss on the batch so far (the history is not rescanned each time)
         self._last_step = -1
         self._figure_step = -1
@@ -199,7 +202,7 @@ class PredictionDynamicsLogger(Monitor):
         self.batch = self._fixed_batch(batches)
         self._targets = self.adapter.get_targets(self.batch).detach().cpu()  # fixed: on the host once
         self.batch_source = "val" if loader is not None else "train"
-        n = self._examples(self.batch)
+        n = self._examples_in_batch = self._examples(self.batch)
         with _evaluating(pl_module):
             self.adapter = self.adapter.fitted(pl_module, self.batch)
         text = f"Fixed batch of {n} examples from {where}, evaluated every {self.every_n_steps} optimizer steps."
@@ -266,8 +269,13 @@ class PredictionDynamicsLogger(Monitor):
         self.defer([outputs], lambda host: self._record(trainer, host[0], step, figure))
 
     def _record(self, trainer: pl.Trainer, outputs: Tensor, step: int, figure: bool) -> None:
-        targets = self._targets if self._targets is not None else self.adapter.get_targets(self.batch).cpu()
-        current = snapshot(outputs, targets, step, task=self.task, examples=self._examples(self.batch))
+        targets = self._targets
+        assert targets is not None  # set with the batch
+        if self._reading is None or self._reading.shape != tuple(outputs.shape):
+            self._reading = Reading.resolve(outputs, targets, self.task)  # the targets never change
+        current = snapshot(
+            outputs, targets, step, task=self.task, examples=self._examples_in_batch, reading=self._reading
+        )
         previous = self._snapshots[-1] if self._snapshots else None
         evaluation = Evaluation(
             step=step,

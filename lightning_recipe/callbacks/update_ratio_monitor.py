@@ -194,11 +194,16 @@ class UpdateRatioMonitor(Monitor):
         def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             if not self.enabled or self._trainer is None:
                 return
+            # The first `window` steps are all measured: a learning rate far too high shows there, before the
+            # weights have grown so large that the ratio falls back into the band (then the network dies).
+            due = watch.steps < self.window or watch.steps % self.every_n_steps == 0
+            if not due and not self._pending:  # most steps: count it and stay out of the way (no guard, no copy)
+                watch.steps += 1
+                watch.pending = None
+                return
             with self.guard(self._trainer), torch.no_grad():
                 self.flush()  # readings of earlier steps that have reached the host
-                # The first `window` steps are all measured: a learning rate far too high shows there, before the
-                # weights have grown so large that the ratio falls back into the band (then the network dies).
-                due = self.enabled and (watch.steps < self.window or self.due(watch.steps))
+                due = due and self.enabled  # a reading may have switched the monitor off
                 watch.steps += 1
                 watch.pending = None
                 if due:
@@ -286,10 +291,9 @@ class UpdateRatioMonitor(Monitor):
         scalars = {self._ratio_tag(n): v for n, v in zip(names, logs, strict=True) if math.isfinite(v)}
         if median is not None:
             scalars[self.tag(f"median_log10_ratio{suffix}")] = _log10(median)
-        _logging.log_scalars(trainer, scalars, step)
         finite = [min(max(v, _LOG10_ZERO), _HIST_EDGES[-1]) for v in logs if math.isfinite(v)]
-        if finite:
-            _logging.log_histogram(trainer, self.tag(f"log10_ratios{suffix}"), torch.tensor(finite), step, _HIST_EDGES)
+        histogram = {self.tag(f"log10_ratios{suffix}"): (finite, _HIST_EDGES)}
+        _logging.log_scalars(trainer, scalars, step, histograms=histogram)  # one event: each costs ~0.1 ms
 
     def _ratio_tag(self, name: str) -> str:
         tag = self._tags.get(name)

@@ -43,6 +43,7 @@ __all__ = [
     "gathered",
     "layer_weights",
     "moved_from_init",
+    "norm",
     "noise_score",
     "resolve_layer",
     "trace_first_layer",
@@ -321,18 +322,21 @@ def noise_score(filters: Tensor) -> float:
     return float(neighbours / (2 * variance))
 
 
-def moved_from_init(current: Sequence[Tensor], initial: Sequence[Tensor]) -> float:
-    """``||W - W0|| / ||W0||`` over all the given tensors together (fp32); ``inf`` if ``W0`` is all zero and
-    ``W`` is not, ``0`` if both are."""
-    diff = torch.zeros((), dtype=torch.float64)
-    base = torch.zeros((), dtype=torch.float64)
-    for now, then in zip(current, initial, strict=True):
-        now32, then32 = now.detach().float(), then.detach().float()
-        diff = diff + (now32 - then32).pow(2).sum().double().cpu()
-        base = base + then32.pow(2).sum().double().cpu()
+def moved_from_init(current: Sequence[Tensor], initial: Sequence[Tensor], initial_norm: float | None = None) -> float:
+    """``||W - W0|| / ||W0||`` over all the given tensors together (accumulated in fp64); ``inf`` if ``W0`` is
+    all zero and ``W`` is not, ``0`` if both are. ``initial_norm``: ``||W0||`` when the caller keeps it
+    (:func:`norm` of ``initial``), W0 never changes."""
+    diff = norm([now.detach().float() - then.detach().float() for now, then in zip(current, initial, strict=True)])
+    base = norm(initial) if initial_norm is None else initial_norm
     if base == 0:
-        return 0.0 if diff == 0 else float("inf")
-    return float((diff / base).sqrt())
+        return 0.0 if diff == 0 else math.inf
+    return diff / base
+
+
+def norm(tensors: Sequence[Tensor]) -> float:
+    """The Frobenius norm of all ``tensors`` together, accumulated in fp64."""
+    squares = [float(torch.linalg.vector_norm(t.detach(), dtype=torch.float64)) ** 2 for t in tensors]
+    return math.sqrt(sum(squares))
 
 
 # -- verdicts ------------------------------------------------------------------------------------
