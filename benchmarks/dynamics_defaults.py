@@ -6,7 +6,7 @@ against alert delay and false alarms. For each setting this runs, from the test 
 - a learning rate of 1e-7, seeds 0-4, 220 steps: the alerts (expected: `frozen`);
 - the healthy MLP (seeds 0-2) and every healthy zoo model (seeds 0-1), 300 steps: any alert is a false alarm.
 
-    python benchmarks/dynamics_defaults.py --every 25 --window 4 --examples 16 [--examples 32 8 ...]
+    python benchmarks/dynamics_defaults.py --every 25 --window 4 --examples 12 [16 32 8 ...]
 
 About 3 minutes per setting on one CPU thread. Results: `benchmarks/results/dynamics_defaults.md`.
 """
@@ -65,7 +65,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--every", type=int, nargs="+", default=[25])
     parser.add_argument("--window", type=int, nargs="+", default=[4])
-    parser.add_argument("--examples", type=int, nargs="+", default=[16])
+    parser.add_argument("--examples", type=int, nargs="+", default=[12])
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")

@@ -60,9 +60,10 @@ class PredictionDynamicsLogger(Monitor):
             a frozen run is alerted at step 100, a thrashing one by step ~200 (over 10 seeds of a learning rate
             100x too high, all between steps 100 and 200).
         num_examples: at most this many examples in the fixed batch. The logger's cost is one forward pass on
-            them every ``every_n_steps``: at the defaults, 16 examples every 25 steps, ~0.5% of a step on a small
-            CNN trained in batches of 64 (``benchmarks/monitor_overhead.py``). 16 examples alert as reliably as 32
-            (same 10 seeds, no false alarm on the healthy zoo) at half the cost; more give smoother trajectories.
+            them every ``every_n_steps``: at the defaults, 12 examples every 25 steps, ~0.35% of a step on a small
+            CNN trained in batches of 64 (``benchmarks/monitor_overhead.py``). 12 examples alert as reliably as 16
+            and 32 (same 10 seeds, no false alarm on the healthy zoo, ``benchmarks/dynamics_defaults.py``) at a
+            fraction of the cost; more give smoother trajectories.
         source: ``"val"`` (validation loader, falling back to training when there is none) or ``"train"``.
         figure_every_n_steps: draw the trajectory figure on evaluations at multiples of this step and at the
             end of training (a figure costs ~100 ms, an evaluation ~1-2 ms on a small model).
@@ -94,7 +95,7 @@ class PredictionDynamicsLogger(Monitor):
         self,
         *,
         every_n_steps: int = 25,
-        num_examples: int = 16,
+        num_examples: int = 12,
         source: str = "val",
         figure_every_n_steps: int = 1000,
         window: int = 4,
