@@ -177,7 +177,11 @@ def main() -> None:
     parser.add_argument("--precision", default="32-true", help="Trainer precision, e.g. bf16-mixed on a GPU")
     parser.add_argument("--cnn-batch", type=int, default=64)
     parser.add_argument("--resnet-batch", type=int, default=32)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "monitor_overhead.md"))
+    parser.add_argument(
+        "--out", default=None,
+        help="write the table here (and the rows as JSON next to it); the committed results/monitor_overhead.md "
+        "collects runs by hand, one section per machine and date, so it is not overwritten by default",
+    )
     parser.add_argument("--logdir", default="/tmp/lightning_recipe_bench")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -242,8 +246,9 @@ def main() -> None:
             f"{100 * r['wall_overhead_max']:+.1f}] | {floor} | {r['step_ms']:.1f} |"
         )
     text = "\n".join(lines) + "\n"
-    Path(args.out).write_text(text)
-    Path(args.out).with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
+    if args.out is not None:
+        Path(args.out).write_text(text)
+        Path(args.out).with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
     print(text)
 
 

@@ -60,7 +60,7 @@ class PredictionDynamicsLogger(Monitor):
             a frozen run is alerted at step 100, a thrashing one by step ~200 (over 10 seeds of a learning rate
             100x too high, all between steps 100 and 200).
         num_examples: at most this many examples in the fixed batch. The logger's cost is one forward pass on
-            them every ``every_n_steps``: at the defaults, 12 examples every 25 steps, ~0.35% of a step on a small
+            them every ``every_n_steps``: at the defaults, 12 examples every 25 steps, ~0.4% of a step on a small
             CNN trained in batches of 64 (``benchmarks/monitor_overhead.py``). 12 examples alert as reliably as 16
             and 32 (same 10 seeds, no false alarm on the healthy zoo, ``benchmarks/dynamics_defaults.py``) at a
             fraction of the cost; more give smoother trajectories.
