@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_recipe.diagnostics.init_loss import task_views
+from lightning_recipe.diagnostics.init_loss import TaskView, standard_loss, task_views
 
 __all__ = [
     "DynamicsVerdict",
@@ -118,6 +118,7 @@ class Reading:
         task, loss_kind: as in :class:`~lightning_recipe.diagnostics.init_loss.TaskView`.
         index: ``(M, C)`` positions in ``outputs.reshape(-1)`` of the view's outputs.
         targets: ``(M,)`` or ``(M, C)``, the view's targets, on the host.
+        layout: how the shapes were read, as in ``TaskView``.
     """
 
     shape: tuple[int, ...]
@@ -125,6 +126,7 @@ class Reading:
     loss_kind: str
     index: Tensor
     targets: Tensor
+    layout: str
 
     @classmethod
     def resolve(cls, outputs: Tensor, targets: Tensor, task: str = "auto") -> Reading | None:
@@ -135,11 +137,12 @@ class Reading:
             return None
         positions = torch.arange(outputs.numel(), dtype=torch.float32).reshape(outputs.shape)
         view = task_views(positions, targets.detach().cpu(), task=task)[0]
-        return cls(tuple(outputs.shape), view.task, view.loss_kind, view.outputs.long(), view.targets)
+        return cls(tuple(outputs.shape), view.task, view.loss_kind, view.outputs.long(), view.targets, view.layout)
 
-    def read(self, outputs: Tensor) -> Tensor:
-        """The view's ``(M, C)`` outputs, on the host; ``outputs`` must have :attr:`shape`."""
-        return outputs.detach().float().cpu().reshape(-1)[self.index]
+    def read(self, outputs: Tensor) -> TaskView:
+        """The view of ``outputs`` (which must have :attr:`shape`) that ``task_views`` would pick, on the host."""
+        values = outputs.detach().float().cpu().reshape(-1)[self.index]
+        return TaskView(self.task, self.loss_kind, values, self.targets, self.layout)
 
 
 def snapshot(
@@ -159,26 +162,26 @@ def snapshot(
     finite = math.isfinite(float(outputs.sum())) or bool(torch.isfinite(outputs).all())
     safe = outputs if finite else torch.nan_to_num(outputs, nan=0.0, posinf=1e4, neginf=-1e4)
     if reading is not None and reading.shape == tuple(outputs.shape):
-        task_name, loss_kind, o, t = reading.task, reading.loss_kind, reading.read(safe), reading.targets
+        view = reading.read(safe)
     else:
         view = task_views(safe, targets.detach(), task=task)[0]
-        task_name, loss_kind, o, t = view.task, view.loss_kind, view.outputs.cpu(), view.targets.cpu()
+    o, t = view.outputs.cpu(), view.targets.cpu()
     n = int(examples if examples is not None else targets.shape[0] if targets.ndim else 1)
     labels: Tensor | None
     scale = 1.0
-    if loss_kind == "cross_entropy":
+    if view.loss_kind == "cross_entropy":
         probabilities = _looks_like_probabilities(o)
         p = o if probabilities else o.softmax(-1)
         hard = t if t.ndim == 1 else t.argmax(-1)
         scores = p.gather(1, hard[:, None])
         labels = p.argmax(-1, keepdim=True)
-        loss = float(F.nll_loss(p.clamp_min(1e-12).log(), hard) if probabilities else F.cross_entropy(o, t))
+        loss = float(F.nll_loss(p.clamp_min(1e-12).log(), hard) if probabilities else standard_loss(view))
         accuracy = _accuracy(labels[:, 0], hard)
-    elif loss_kind == "bce":
+    elif view.loss_kind == "bce":
         p = torch.sigmoid(o)
         scores = torch.where(t > 0.5, p, 1 - p)
         labels = (p > 0.5).long()
-        loss = float(F.binary_cross_entropy_with_logits(o, t))
+        loss = float(standard_loss(view))
         accuracy = _accuracy(labels, t.long())
     else:
         scores, labels, accuracy = o, None, None
@@ -187,7 +190,7 @@ def snapshot(
         scale = scale if math.isfinite(scale) and scale > _EPS else 1.0
     if not finite:
         loss = math.inf
-    return Snapshot(step, task_name, o, t, scores, labels, loss, accuracy, finite, n, scale)
+    return Snapshot(step, view.task, o, t, scores, labels, loss, accuracy, finite, n, scale)
 
 
 def _accuracy(predicted: Tensor, truth: Tensor) -> float:
