@@ -12,15 +12,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_recipe import CheckStatus, InitLossCheck, RecipeCheckError, RecipeWarning
-from lightning_recipe.diagnostics.init_loss import (
-    TaskNotInferred,
-    assess,
-    choose_view,
-    output_stats,
-    references,
-    standard_loss,
-    task_views,
-)
+from lightning_recipe.diagnostics.init_loss import assess, choose_view, output_stats, references, standard_loss
+from lightning_recipe.diagnostics.task import TaskNotInferred, task_views
 from tests.ddp import run_ddp
 from tests.models import MLPClassifier, cluster_data, loader, trainer
 

@@ -16,8 +16,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_recipe import CheckStatus, OverfitOneBatch, RecipeCheckError, RecipeWarning
-from lightning_recipe.diagnostics.overfit import decode_predictions, looks_like_probabilities, overfit_batch
+from lightning_recipe.diagnostics.overfit import overfit_batch
 from lightning_recipe.diagnostics.state import TrainingState
+from lightning_recipe.diagnostics.task import decode_predictions, looks_like_probabilities
 from tests.ddp import run_ddp
 from tests.models import MLPClassifier, cluster_data, loader, trainer
 
@@ -353,7 +354,7 @@ def test_ddp_double_softmax_fails_on_both_ranks_without_hanging(tmp_path):
 
 
 def test_conflicting_labels_marks_identical_inputs_with_different_labels():
-    from lightning_recipe.diagnostics.overfit import conflicting_labels
+    from lightning_recipe.diagnostics.task import conflicting_labels
 
     x = torch.tensor([[1.0, 2.0], [1.0, 2.0], [3.0, 4.0], [3.0, 4.0]])
     assert conflicting_labels(x, torch.tensor([0, 1, 0, 0])).tolist() == [True, True, False, False]

@@ -19,22 +19,17 @@ from lightning_recipe._args import check_choice, check_int
 from lightning_recipe.callbacks._preflight import CheckContext, CheckSkipped, PreflightCheck
 from lightning_recipe.diagnostics.batch import BatchNotUnderstood, ForwardFn, InputsFn, TargetsFn, first_tensor
 from lightning_recipe.diagnostics.init_loss import (
-    IGNORE_INDEX,
     REGRESSION_LOSSES,
-    TASKS,
     Assessment,
     References,
-    TaskNotInferred,
-    TaskView,
     assess,
     choose_view,
-    merge_views,
     output_stats,
     references,
     standard_loss,
-    task_views,
     tolerance_above,
 )
+from lightning_recipe.diagnostics.task import IGNORE_INDEX, TASKS, TaskNotInferred, TaskView, merge_views, task_views
 from lightning_recipe.report import CheckResult
 
 __all__ = ["InitLossCheck"]

@@ -14,15 +14,9 @@ from lightning_recipe import _logging
 from lightning_recipe._args import check_fraction, check_int, check_positive
 from lightning_recipe.callbacks._preflight import CheckContext, CheckSkipped, PreflightCheck
 from lightning_recipe.diagnostics.batch import BatchNotUnderstood, ForwardFn, InputsFn, TargetsFn, batch_size_of
-from lightning_recipe.diagnostics.overfit import (
-    DEFAULT_LRS,
-    Attempt,
-    OverfitEvidence,
-    decode_predictions,
-    looks_like_probabilities,
-    overfit_batch,
-)
+from lightning_recipe.diagnostics.overfit import DEFAULT_LRS, Attempt, OverfitEvidence, overfit_batch
 from lightning_recipe.diagnostics.state import TrainingState
+from lightning_recipe.diagnostics.task import decode_predictions, is_binary, looks_like_probabilities
 from lightning_recipe.report import CheckResult
 
 __all__ = ["OverfitOneBatch"]
@@ -293,7 +287,8 @@ class OverfitOneBatch(PreflightCheck):
         binary_probs = (
             outputs is not None
             and targets is not None
-            and _binary_target(targets)
+            and targets.is_floating_point()
+            and is_binary(targets)
             and outputs.numel() == targets.numel()
             and bool(outputs.min() >= 0)
             and bool(outputs.max() <= 1)
@@ -423,10 +418,6 @@ def _take(value: Any, k: int, size: int) -> Any:
     if isinstance(value, (tuple, list)):
         return type(value)(_take(v, k, size) for v in value)
     return value
-
-
-def _binary_target(targets: Tensor) -> bool:
-    return targets.is_floating_point() and targets.numel() > 0 and bool(((targets == 0) | (targets == 1)).all())
 
 
 def _bounded_outputs(outputs: Tensor | None, targets: Tensor | None) -> str:

@@ -19,7 +19,6 @@ from lightning_recipe._args import check_choice, check_fraction, check_int, chec
 from lightning_recipe.callbacks._monitor import Monitor
 from lightning_recipe.callbacks._preflight import loader_generators, prepare_batch, without_persistent_workers
 from lightning_recipe.diagnostics.batch import ForwardFn, InputsFn, TargetsFn, slice_batch
-from lightning_recipe.diagnostics.init_loss import TASKS
 from lightning_recipe.diagnostics.prediction_dynamics import (
     Evaluation,
     Reading,
@@ -31,6 +30,7 @@ from lightning_recipe.diagnostics.prediction_dynamics import (
     snapshot,
 )
 from lightning_recipe.diagnostics.state import RngState
+from lightning_recipe.diagnostics.task import TASKS
 
 __all__ = ["PredictionDynamicsLogger"]
 

@@ -2,10 +2,10 @@
 
 Recipe item "verify loss @ init" and "init well": at initialisation a model knows nothing, so its loss
 should sit near *chance* (the loss of a uniform / zero output) and no lower than *prior-optimal* (the
-loss of the best input-independent constant: the label prior, the target mean). This module turns model
-outputs and targets into a :class:`TaskView` (2-D outputs, one row per prediction), computes both
-references, the final-layer bias that reaches the prior-optimal loss, the statistics of the outputs, and
-the verdict (:func:`assess`). No Lightning here.
+loss of the best input-independent constant: the label prior, the target mean). Given a
+:class:`~lightning_recipe.diagnostics.task.TaskView` (2-D outputs, one row per prediction, read in
+:mod:`lightning_recipe.diagnostics.task`), this module computes both references, the final-layer bias
+that reaches the prior-optimal loss, the statistics of the outputs, and the verdict (:func:`assess`). No Lightning here.
 
 =============  =====================  =========================  ==============================
 loss           chance                 prior-optimal              bias that reaches it
@@ -19,6 +19,7 @@ L1             ``E|y|``               ``E|y - median(y)|``       column median o
 Example::
 
     >>> import torch
+    >>> from lightning_recipe.diagnostics.task import task_views
     >>> view = choose_view(task_views(torch.zeros(8, 4), torch.arange(8) % 4))
     >>> round(references(view).chance, 4)  # ln 4
     1.3863
@@ -35,176 +36,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_recipe.diagnostics.task import TaskView
+
 __all__ = [
-    "IGNORE_INDEX",
     "LOSS_KINDS",
     "REGRESSION_LOSSES",
-    "TASKS",
     "Assessment",
     "References",
-    "TaskNotInferred",
-    "TaskView",
     "assess",
     "choose_view",
-    "merge_views",
     "output_stats",
     "references",
     "standard_loss",
-    "task_views",
     "tolerance_above",
 ]
 
-TASKS = ("auto", "multiclass", "binary", "multilabel", "regression")
 REGRESSION_LOSSES = ("auto", "mse", "l1")
 LOSS_KINDS = ("cross_entropy", "bce", "mse", "l1")
-IGNORE_INDEX = -100
 
 #: a model whose loss at init is this many times the prior-optimal MSE (or its square root for L1) is
 #: paying mostly for a wrong constant offset: the target mean is far from the zero the output starts at
 OFFSET_FACTOR = {"mse": 4.0, "l1": 2.0}
 #: labels are "imbalanced" when the uniform output costs this many nats more than the prior
 IMBALANCE_NATS = 0.1
-
-
-class TaskNotInferred(ValueError):
-    """The output and target shapes fit no known task; the message says what to pass."""
-
-
-@dataclass(frozen=True)
-class TaskView:
-    """Outputs and targets of one task, flattened to one row per prediction.
-
-    Attributes:
-        task: ``"multiclass"``, ``"binary"``, ``"multilabel"`` or ``"regression"``.
-        loss_kind: ``"cross_entropy"``, ``"bce"``, ``"mse"`` or ``"l1"``.
-        outputs: ``(M, C)`` float32: logits over C classes, K label logits, or D regression outputs.
-        targets: ``(M,)`` class indices or ``(M, C)`` class probabilities (cross-entropy); ``(M, K)`` 0/1
-            floats (BCE); ``(M, D)`` floats (regression). Ignored positions are already removed.
-        layout: how the shapes were read, e.g. ``"(N, T, C) logits vs (N, T) labels"``.
-    """
-
-    task: str
-    loss_kind: str
-    outputs: Tensor
-    targets: Tensor
-    layout: str
-
-    @property
-    def width(self) -> int:
-        """C classes, K labels or D regression outputs."""
-        return int(self.outputs.shape[1])
-
-    @property
-    def rows(self) -> int:
-        return int(self.outputs.shape[0])
-
-
-def _shape(t: Tensor) -> str:
-    return str(tuple(t.shape))
-
-
-def _is_binary(t: Tensor) -> bool:
-    return t.numel() > 0 and bool(((t == 0) | (t == 1)).all())
-
-
-def _rows_sum_to_one(t: Tensor) -> bool:
-    return t.ndim >= 2 and t.shape[-1] > 1 and bool((t >= 0).all()) and bool(
-        torch.allclose(t.sum(-1), torch.ones((), dtype=t.dtype, device=t.device), atol=1e-4)
-    )
-
-
-def _class_views(o: Tensor, t: Tensor, ignore_index: int) -> list[TaskView]:
-    """Integer class labels ``t`` against logits ``o`` with one more dimension (or flattened)."""
-    candidates: list[tuple[Tensor, Tensor, str]] = []
-    if o.ndim == t.ndim + 1 and o.shape[:-1] == t.shape:
-        candidates.append((o.reshape(-1, o.shape[-1]), t.reshape(-1), "class dim last"))
-    elif o.ndim == t.ndim + 1 and o.ndim >= 3 and o.shape[0] == t.shape[0] and o.shape[2:] == t.shape[1:]:
-        candidates.append((o.movedim(1, -1).reshape(-1, o.shape[1]), t.reshape(-1), "class dim 1"))
-    elif o.ndim == 2 and t.ndim >= 2 and o.shape[0] == t.numel():
-        candidates.append((o, t.reshape(-1), "flattened"))
-    views = []
-    for logits, labels, how in candidates:
-        keep = labels != ignore_index
-        logits, labels = logits[keep], labels[keep]
-        if labels.numel() == 0 or labels.min() < 0 or labels.max() >= logits.shape[1] or logits.shape[1] < 2:
-            continue
-        layout = f"{_shape(o)} logits vs {_shape(t)} labels ({how})"
-        views.append(TaskView("multiclass", "cross_entropy", logits, labels.long(), layout))
-    return views
-
-
-def _same_shape_views(o: Tensor, t: Tensor) -> list[TaskView]:
-    """Outputs with one value per target value: BCE labels, soft class targets, or regression."""
-    o = o.reshape(t.shape)
-    o2 = o.reshape(-1, 1) if t.ndim <= 1 else o.reshape(-1, t.shape[-1])
-    t2 = t.reshape(o2.shape).float()
-    layout = f"{_shape(o)} outputs vs {_shape(t)} targets"
-    views = []
-    if t.is_floating_point() and _rows_sum_to_one(t):
-        views.append(TaskView("multiclass", "cross_entropy", o2, t2, layout + " (class probabilities)"))
-    if _is_binary(t):
-        task = "binary" if o2.shape[1] == 1 else "multilabel"
-        # one-hot rows read as cross-entropy first; 0/1 labels otherwise read as BCE first
-        views.append(TaskView(task, "bce", o2, t2, layout + " (0/1 labels)"))
-    views += [TaskView("regression", kind, o2, t2, layout) for kind in ("mse", "l1")]
-    return views
-
-
-def task_views(
-    outputs: Tensor,
-    targets: Tensor,
-    task: str = "auto",
-    regression_loss: str = "auto",
-    ignore_index: int = IGNORE_INDEX,
-) -> list[TaskView]:
-    """Every reading of ``(outputs, targets)`` that fits their shapes and dtypes, most likely first.
-
-    Integer targets with one fewer dimension than the outputs are class labels: ``(N, C)`` vs ``(N,)``,
-    per position ``(N, T, C)`` vs ``(N, T)``, segmentation ``(N, C, H, W)`` vs ``(N, H, W)``, or flattened
-    language-model logits ``(N*T, V)`` vs ``(N, T)``; labels equal to ``ignore_index`` are left out.
-    Targets with as many values as the outputs are 0/1 labels for BCE (binary ``(N,)``/``(N, 1)``,
-    multilabel ``(N, K)``), class probabilities (rows summing to one), or regression targets (MSE, L1).
-
-    Raises:
-        TaskNotInferred: no reading fits; the message shows the shapes and what to pass.
-    """
-    o = outputs.detach().float()
-    t = targets.detach()
-    if not t.is_floating_point() and t.dtype != torch.bool and o.ndim >= 2:
-        views = _class_views(o, t, ignore_index)
-    else:
-        views = []
-    if o.numel() == t.numel() and not views:
-        views = _same_shape_views(o, t if t.dtype != torch.bool else t.float())
-    if task != "auto":
-        views = [v for v in views if v.task == task or (task in ("binary", "multilabel") and v.loss_kind == "bce")]
-    if regression_loss != "auto":
-        views = [v for v in views if v.task != "regression" or v.loss_kind == regression_loss]
-    if not views:
-        asked = "" if task == "auto" else f" as task={task!r}"
-        raise TaskNotInferred(
-            f"Expected model outputs and targets whose shapes fit a known task{asked}, but got outputs of shape "
-            f"{tuple(outputs.shape)} ({outputs.dtype}) and targets of shape {tuple(targets.shape)} "
-            f"({targets.dtype}). Pass `task=` (one of {list(TASKS[1:])}), `forward=`/`targets=` returning "
-            "the logits and labels, or `expected=` with the loss you expect at initialisation."
-        )
-    return views
-
-
-def merge_views(per_batch: Sequence[Sequence[TaskView]]) -> list[TaskView]:
-    """The readings found in every batch, with their rows concatenated across batches."""
-    if not per_batch:
-        return []
-    merged = []
-    for first in per_batch[0]:
-        key = (first.task, first.loss_kind)
-        parts = [next((v for v in views if (v.task, v.loss_kind) == key), None) for views in per_batch]
-        if any(p is None or p.width != first.width for p in parts):
-            continue
-        outputs = torch.cat([p.outputs for p in parts if p is not None])
-        targets = torch.cat([p.targets for p in parts if p is not None])
-        merged.append(TaskView(first.task, first.loss_kind, outputs, targets, first.layout))
-    return merged
 
 
 def choose_view(views: Sequence[TaskView], measured: float | None = None) -> TaskView:

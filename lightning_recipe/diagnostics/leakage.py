@@ -42,7 +42,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LeakageNotApplicable", "LeakageReport", "looks_like_next_step", "probe_batch_leakage"]
+from lightning_recipe.diagnostics.task import looks_like_next_step
+
+__all__ = ["LeakageNotApplicable", "LeakageReport", "probe_batch_leakage"]
 
 Forward = Callable[[nn.Module, Any], Tensor]
 
@@ -146,26 +148,6 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
 def _per_example(g: Tensor, dim: int) -> Tensor:
     """max |g| per example along ``dim``: shape ``(B,)``."""
     return g.detach().movedim(dim, 0).abs().reshape(g.shape[dim], -1).amax(1).float()
-
-
-def looks_like_next_step(inputs: Any, targets: Tensor | None, batch_dim: int = 0) -> bool:
-    """Whether the targets are an input shifted by one position (next-token / next-step training):
-    ``targets[:, :-1] == inputs[:, 1:]`` with the batch first, ignoring negative (ignore-index) targets."""
-    if targets is None:
-        return False
-    for x in _tensors(inputs):
-        if x.shape != targets.shape or x.ndim < 2 or x.shape[1 if batch_dim == 0 else 0] < 2:
-            continue
-        xb, yb = x.movedim(batch_dim, 0), targets.movedim(batch_dim, 0)
-        if _is_int(x) and _is_int(targets):
-            same = (yb[:, :-1] == xb[:, 1:]) | (yb[:, :-1] < 0)
-        elif x.is_floating_point() and targets.is_floating_point():
-            same = torch.isclose(yb[:, :-1], xb[:, 1:])
-        else:
-            continue
-        if bool(same.all()) and not bool((xb[:, 1:] == xb[:, :-1]).all()):
-            return True
-    return False
 
 
 # -- hypotheses about where the batch is ------------------------------------------------------------

@@ -12,6 +12,7 @@ from the same state; the first one that fits ends the search.
 Example::
 
     >>> import torch
+    >>> from lightning_recipe.diagnostics.task import decode_predictions
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
     <torch._C.Generator object at ...>
     >>> model = torch.nn.Linear(3, 2)
@@ -30,19 +31,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from lightning_recipe.diagnostics.task import Decoded
+
 __all__ = [
     "DEFAULT_LRS",
     "Attempt",
-    "Decoded",
     "OverfitEvidence",
-    "conflicting_labels",
-    "decode_predictions",
-    "looks_like_probabilities",
     "overfit_batch",
 ]
 
@@ -50,33 +49,6 @@ __all__ = [
 DEFAULT_LRS: tuple[float, ...] = (3e-3, 3e-2, 3e-4)
 
 OptimizerFactory = Callable[[list[nn.Parameter], float], torch.optim.Optimizer]
-
-
-@dataclass(frozen=True)
-class Decoded:
-    """Predicted and true labels of a classification batch, flattened to one entry per label."""
-
-    task: str  # "multiclass" | "binary"
-    predicted: Tensor
-    labels: Tensor
-    #: labels no model can predict: another example has the same input (context) and a different label
-    ambiguous: Tensor | None = None
-
-    @property
-    def correct(self) -> int:
-        """Labels predicted, counting the ambiguous ones as predicted."""
-        right = self.predicted == self.labels
-        if self.ambiguous is not None:
-            right = right | self.ambiguous
-        return int(right.sum())
-
-    @property
-    def num_ambiguous(self) -> int:
-        return 0 if self.ambiguous is None else int(self.ambiguous.sum())
-
-    @property
-    def total(self) -> int:
-        return int(self.labels.numel())
 
 
 @dataclass(frozen=True)
@@ -305,133 +277,3 @@ def _grad_norm(params: list[nn.Parameter]) -> Tensor | None:
     return torch.stack(grads).norm() if grads else None
 
 
-# -- reading predictions as labels ----------------------------------------------------------------------
-
-
-def decode_predictions(outputs: Tensor, targets: Tensor, inputs: Tensor | None = None) -> Decoded | None:
-    """Predicted vs true labels when ``targets`` are class labels, else ``None`` (regression, unknown).
-
-    Integer targets: outputs ``(N, C)`` / ``(N, T, C)`` (class last), ``(N, C, H, W)`` (class on dim 1),
-    or flattened ``(N*T, V)``; entries below 0 (``ignore_index``) are left out. Same-shape outputs with
-    0/1 targets: binary or multilabel, thresholded at 0 for logits or 0.5 for probabilities. Float one-hot
-    targets: argmax against argmax. With ``inputs``, labels that :func:`conflicting_labels` finds
-    undecidable are marked ``ambiguous``.
-    """
-    decoded = _decode(outputs.detach().float(), targets)
-    if decoded is None or inputs is None:
-        return None if decoded is None else decoded.labels_only
-    conflicts = conflicting_labels(inputs, targets.argmax(-1) if decoded.one_hot else targets)
-    if conflicts is None:
-        return decoded.labels_only
-    ambiguous = conflicts.flatten()
-    if decoded.keep is not None:
-        ambiguous = ambiguous[decoded.keep]
-    return replace(decoded.labels_only, ambiguous=ambiguous)
-
-
-@dataclass(frozen=True)
-class _Decoding:
-    labels_only: Decoded
-    keep: Tensor | None = None  # which flattened labels were kept (ignore_index dropped)
-    one_hot: bool = False
-
-
-def _decode(outputs: Tensor, targets: Tensor) -> _Decoding | None:
-    if outputs.ndim == 0:
-        return None
-    if targets.is_floating_point():
-        if not _is_binary(targets):
-            return None
-        if outputs.shape == targets.shape and targets.ndim >= 2 and _is_one_hot(targets):
-            decoded = Decoded("multiclass", outputs.argmax(-1).flatten(), targets.argmax(-1).flatten())
-            return _Decoding(decoded, one_hot=True)
-        return _binary(outputs, targets)
-    if targets.dtype == torch.bool:
-        return _binary(outputs, targets)
-    targets = targets.long()
-    class_dim = _class_dim(outputs, targets)
-    if class_dim is not None:
-        predicted = outputs.argmax(class_dim).flatten()
-        labels = targets.flatten()
-    elif outputs.ndim == 2 and outputs.shape[0] == targets.numel() and outputs.shape[1] > 1:
-        predicted, labels = outputs.argmax(-1), targets.flatten()
-    elif outputs.numel() == targets.numel() and targets.numel() > 0 and _is_binary(targets):
-        return _binary(outputs, targets)
-    else:
-        return None
-    keep = labels >= 0
-    return _Decoding(Decoded("multiclass", predicted[keep], labels[keep]), keep=keep)
-
-
-def conflicting_labels(inputs: Tensor, labels: Tensor) -> Tensor | None:
-    """Where no model can be right: ``True`` at each label of ``labels`` (shape ``(N, ...)``) for which
-    another example has the same input and a different label.
-
-    Per-position labels ``(N, T)`` of a sequence input ``(N, T, ...)`` compare the prefix up to ``t`` (a
-    causal model sees nothing else; the shared first token of language-model batches is the usual case);
-    anything else compares whole examples (duplicated inputs with different labels: label noise). ``None``
-    when ``inputs`` do not line up with ``labels`` on the batch dimension.
-    """
-    n = labels.shape[0] if labels.ndim else 0
-    if n < 2 or inputs.ndim == 0 or inputs.shape[0] != n:
-        return None
-    x = inputs.detach().reshape(n, *inputs.shape[1:])
-    per_position = labels.ndim == 2 and x.ndim >= 2 and x.shape[1] == labels.shape[1]
-    if per_position:
-        flat = x.reshape(n, x.shape[1], -1)
-        same_prefix = torch.ones(n, n, dtype=torch.bool, device=labels.device)
-        conflicts = torch.zeros_like(labels, dtype=torch.bool)
-        for t in range(labels.shape[1]):
-            step = flat[:, t]
-            same_prefix = same_prefix & (step[:, None, :] == step[None, :, :]).all(-1)
-            differs = labels[:, None, t] != labels[None, :, t]
-            conflicts[:, t] = (same_prefix & differs).any(1)
-        return conflicts
-    flat = x.reshape(n, -1)
-    same = (flat[:, None, :] == flat[None, :, :]).all(-1)  # (N, N)
-    differs = labels[:, None] != labels[None, :]  # (N, N, ...)
-    same = same.reshape(n, n, *([1] * (labels.ndim - 1)))
-    return (same & differs).any(1)
-
-
-def looks_like_probabilities(outputs: Tensor, targets: Tensor) -> bool:
-    """Whether class outputs are already probabilities: in [0, 1] and summing to 1 over the class dim."""
-    outputs = outputs.detach().float()
-    if targets.is_floating_point() or outputs.ndim == 0:
-        return False
-    dim = _class_dim(outputs, targets.long())
-    if dim is None:
-        if outputs.ndim == 2 and outputs.shape[0] == targets.numel():
-            dim = -1
-        else:
-            return False
-    in_range = bool(outputs.min() >= 0) and bool(outputs.max() <= 1)
-    return in_range and bool(torch.allclose(outputs.sum(dim), torch.ones(()), atol=1e-3))
-
-
-def _class_dim(outputs: Tensor, targets: Tensor) -> int | None:
-    if outputs.ndim != targets.ndim + 1 or outputs.numel() == 0:
-        return None
-    for dim in (-1, 1):
-        reduced = list(outputs.shape)
-        del reduced[dim]
-        if tuple(reduced) == tuple(targets.shape) and outputs.shape[dim] > 1:
-            return dim
-    return None
-
-
-def _is_binary(targets: Tensor) -> bool:
-    return targets.numel() > 0 and bool(((targets == 0) | (targets == 1)).all())
-
-
-def _is_one_hot(targets: Tensor) -> bool:
-    return bool((targets.sum(-1) == 1).all())
-
-
-def _binary(outputs: Tensor, targets: Tensor) -> _Decoding | None:
-    if outputs.numel() != targets.numel():
-        return None
-    outputs = outputs.reshape(targets.shape)
-    probabilities = bool(outputs.min() >= 0) and bool(outputs.max() <= 1)
-    threshold = 0.5 if probabilities else 0.0
-    return _Decoding(Decoded("binary", (outputs > threshold).long().flatten(), targets.long().flatten()))

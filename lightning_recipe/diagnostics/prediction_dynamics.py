@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_recipe.diagnostics.init_loss import TaskView, standard_loss, task_views
+from lightning_recipe.diagnostics.init_loss import standard_loss
+from lightning_recipe.diagnostics.task import TaskView, is_probabilities, task_views
 
 __all__ = [
     "DynamicsVerdict",
@@ -170,7 +171,7 @@ def snapshot(
     labels: Tensor | None
     scale = 1.0
     if view.loss_kind == "cross_entropy":
-        probabilities = _looks_like_probabilities(o)
+        probabilities = is_probabilities(o)
         p = o if probabilities else o.softmax(-1)
         hard = t if t.ndim == 1 else t.argmax(-1)
         scores = p.gather(1, hard[:, None])
@@ -197,16 +198,6 @@ def _accuracy(predicted: Tensor, truth: Tensor) -> float:
     """Micro accuracy: the share of labels predicted right, over every example and label. Equal to
     ``torchmetrics.functional.accuracy`` with ``average="micro"`` for the three classification tasks (tested)."""
     return int((predicted == truth).sum()) / truth.numel() if truth.numel() else math.nan
-
-
-def _looks_like_probabilities(o: Tensor) -> bool:
-    return (
-        o.shape[1] > 1
-        and o.numel() > 0
-        and float(o.min()) >= 0  # logits fail here, after one reduction
-        and float(o.max()) <= 1
-        and bool(torch.allclose(o.sum(-1), torch.ones(()), atol=1e-3))
-    )
 
 
 def churn(previous: Snapshot, current: Snapshot) -> float | None:
