@@ -374,9 +374,15 @@ def test_multilabel_bce_chance_is_ln_2():
 
 
 def test_expected_overrides_the_reference_for_a_custom_loss():
+    # a loss that no standard reading explains (10x cross-entropy) is not judged against chance: skipped,
+    # naming `expected=` and the readings it was compared with; `expected=` then checks it
     scaled = 10 * math.log(4)
-    result = _fails(InitClassifier(scale=0.1, loss_scale=10.0), loader(cluster_data()))
-    assert result.details["reason"] == "above_chance"
+    check, _ = _run(InitClassifier(scale=0.1, loss_scale=10.0), loader(cluster_data()))
+    result = check.result
+    assert result.status is CheckStatus.SKIPPED, result.format()
+    assert "not a standard loss" in result.summary and "expected=" in result.summary
+    assert "4-class cross-entropy (mean) gives 1.3" in result.summary
+    assert "targets=" not in result.summary  # the targets are read right: the loss is what is unknown
     check, _ = _run(InitClassifier(scale=0.1, loss_scale=10.0), loader(cluster_data()), expected=scaled)
     assert check.result.status is CheckStatus.PASSED, check.result.format()
     assert "(`expected=`)" in check.result.summary
