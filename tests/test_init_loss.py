@@ -454,3 +454,113 @@ def test_ddp_same_verdict_on_both_ranks(tmp_path):
     assert {r["error"] for r in ranks.values()} == {"RecipeCheckError"}
     assert len({r["result"]["summary"] for r in ranks.values()}) == 1
     assert all(r["global_step"] == 0 for r in ranks.values())
+
+
+# -- which loss the measured value is: readings, reductions, offsets ---------------------------------
+
+
+def _readings(outputs, targets, examples=None):
+    from lightning_recipe.diagnostics.init_loss import loss_readings, loss_views
+
+    n = examples if examples is not None else targets.shape[0]
+    return loss_readings([loss_views(outputs, targets)], [n])
+
+
+def _explains(outputs, targets, measured):
+    from lightning_recipe.diagnostics.init_loss import consistent_readings
+
+    found = consistent_readings(_readings(outputs, targets), measured)
+    return [(r.form, r.reduction) for r in found]
+
+
+def test_cross_entropy_summed_over_examples_is_read_as_a_sum_scaled_by_the_count():
+    logits, labels = torch.randn(32, 5), torch.arange(32) % 5
+    mean = float(F.cross_entropy(logits, labels))
+    assert _explains(logits, labels, mean)[0] == ("cross_entropy", "mean")
+    assert _explains(logits, labels, float(F.cross_entropy(logits, labels, reduction="sum")))[0] == (
+        "cross_entropy",
+        "sum",
+    )
+    (summed,) = [r for r in _readings(logits, labels) if r.reduction == "sum"]
+    assert summed.scale == 32 and summed.value == pytest.approx(32 * mean, rel=1e-5)
+
+
+def test_bce_and_mse_sums_and_per_example_sums_are_told_from_the_mean():
+    g = torch.Generator().manual_seed(1)
+    logits, y = torch.randn(16, 6, generator=g), (torch.rand(16, 6, generator=g) > 0.5).float()
+    bce = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
+    assert _explains(logits, y, float(bce.mean()))[0] == ("bce", "mean")
+    assert _explains(logits, y, float(bce.sum()))[0] == ("bce", "sum")
+    assert _explains(logits, y, float(bce.sum(1).mean()))[0] == ("bce", "per_example")
+    out, target = torch.randn(16, 6, generator=g), 3 + torch.randn(16, 6, generator=g)
+    mse = (out - target) ** 2
+    assert _explains(out, target, float(mse.mean()))[0] == ("mse", "mean")
+    assert _explains(out, target, float(mse.sum()))[0] == ("mse", "sum")
+    (summed,) = [r for r in _readings(out, target) if (r.form, r.reduction) == ("mse", "sum")]
+    assert summed.scale == 16 * 6
+
+
+def test_bce_on_probabilities_is_read_from_a_sigmoid_decoder_and_its_chance_is_ln_2_per_pixel():
+    g = torch.Generator().manual_seed(2)
+    pixels = torch.rand(8, 1, 6, 6, generator=g) ** 3  # intensities in [0, 1], mostly dark: not 0/1 labels
+    recon = torch.sigmoid(0.3 * torch.randn(8, 36, generator=g))  # a sigmoid decoder's (N, D) output
+    measured = float(F.binary_cross_entropy(recon, pixels.view(-1, 36), reduction="sum"))
+    form, reduction = _explains(recon, pixels, measured)[0]
+    assert (form, reduction) == ("bce_probabilities", "sum")
+    reading = next(r for r in _readings(recon, pixels) if (r.form, r.reduction) == (form, reduction))
+    assert reading.scale == 8 * 36 and reading.view.width == 36  # the columns of the outputs, not of the image
+    refs = references(reading.view)
+    assert refs.chance == pytest.approx(math.log(2))
+    p = pixels.view(-1, 36).double().mean(0).clamp(1e-12, 1 - 1e-12)
+    assert refs.prior_optimal == pytest.approx(float((-(p * p.log() + (1 - p) * (1 - p).log())).mean()), rel=1e-4)
+
+
+def test_an_elbo_like_loss_matches_no_reading():
+    g = torch.Generator().manual_seed(3)
+    pixels = torch.rand(8, 36, generator=g)
+    recon = torch.sigmoid(torch.randn(8, 36, generator=g))
+    # mean reconstruction + a summed KL term that dominates: no standard loss of the outputs is this
+    elbo = float(F.binary_cross_entropy(recon, pixels)) + 60.0  # nearest readings: MSE sum 40, L1 sum 89
+    assert _explains(recon, pixels, elbo) == []
+    assert _explains(recon, torch.arange(8) % 3, elbo) == []  # nor against class labels
+
+
+def test_mse_is_told_from_l1_by_the_loss_it_explains_not_by_the_nearer_reference():
+    g = torch.Generator().manual_seed(4)
+    y = 0.45 + 0.25 * torch.randn(64, 1, 8, 8, generator=g)
+    out = -0.08 + 0.2 * torch.randn(64, 1, 8, 8, generator=g)
+    measured = float(F.mse_loss(out, y))
+    views = task_views(out, y)
+    assert choose_view(views, measured).loss_kind == "l1"  # the old rule: L1's chance happens to be nearer
+    assert _explains(out, y, measured)[0] == ("mse", "mean")
+    assert _explains(out, y, float(F.l1_loss(out, y)))[0] == ("l1", "mean")
+
+
+def test_same_shape_conv_outputs_are_read_per_channel():
+    view = task_views(torch.zeros(4, 3, 5, 6), torch.randn(4, 3, 5, 6))[0]
+    assert (view.width, view.rows) == (3, 4 * 5 * 6)
+    y = torch.randn(4, 3, 5, 6) + torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1, 1)
+    refs = references(task_views(torch.zeros_like(y), y, regression_loss="mse")[0])
+    assert refs.suggested_bias == pytest.approx(y.mean((0, 2, 3)).tolist(), rel=1e-5)
+
+
+def _offset_view(stds: float):
+    g = torch.Generator().manual_seed(5)
+    y = 2.0 + 0.5 * torch.randn(512, 1, generator=g)
+    y = (y - y.mean()) / y.std(unbiased=False) * 0.5 + 2.0  # mean 2, std 0.5 exactly
+    out = 2.0 - stds * 0.5 + 0.01 * torch.randn(512, 1, generator=g)
+    out = out - out.mean() + (2.0 - stds * 0.5)
+    return choose_view(task_views(out, y, regression_loss="mse"))
+
+
+@pytest.mark.parametrize(("stds", "ok", "advice"), [(0.5, True, False), (3.0, True, True), (6.0, False, False)])
+def test_target_offset_fails_only_from_five_target_stds_and_is_advice_below(stds, ok, advice):
+    from lightning_recipe.diagnostics.init_loss import OFFSET_STDS
+
+    view = _offset_view(stds)
+    refs = references(view)
+    assert refs.extra["offset_stds"] == pytest.approx(stds, rel=1e-3)
+    verdict = assess(float(standard_loss(view)), "mse", refs)
+    assert (verdict.ok, verdict.bias_advice) == (ok, advice)
+    if not ok:
+        assert verdict.reason == "target_offset" and verdict.limit == OFFSET_STDS

@@ -23,11 +23,15 @@ from lightning_recipe.diagnostics.batch import (
     ForwardFn,
     InputsFn,
     TargetsFn,
+    default_forward,
     default_targets,
     first_tensor,
+    select_output,
 )
 from lightning_recipe.diagnostics.init_loss import (
+    CONSISTENT_RATIO,
     REGRESSION_LOSSES,
+    SECOND_PASS_RATIO,
     Assessment,
     Reading,
     References,
@@ -122,14 +126,21 @@ class InitLossCheck(PreflightCheck):
         first_inputs: Any = None
         per_channel = False
         misread = False  # the outputs have an input's size, not the targets': an autoencoder read as a classifier
+        same_pass = True  # every batch's outputs are the ones its loss was computed from
         with torch.no_grad():
             for index, batch in enumerate(ctx.batches):
+                seen: Tensor | None = None
                 if not manual:
-                    losses.append(float(ctx.training_step_loss(batch, index).detach().float()))
+                    loss, seen = self._loss_and_outputs(ctx, batch, index)
+                    losses.append(loss)
                 inputs = ctx.adapter.get_inputs(batch)
                 first_inputs = inputs if first_inputs is None else first_inputs
-                with ctx.autocast():
-                    outputs = ctx.adapter.predict(module, inputs)
+                if seen is not None:
+                    outputs = seen
+                else:
+                    same_pass = False
+                    with ctx.autocast():
+                        outputs = ctx.adapter.predict(module, inputs)
                 input_forms.append(self._forms_against_inputs(outputs, inputs))
                 per_channel = outputs.ndim >= 4
                 examples.append(int(outputs.shape[0]) if outputs.ndim else 1)
@@ -168,7 +179,9 @@ class InitLossCheck(PreflightCheck):
         }
         if not math.isfinite(measured):
             return self._non_finite(measured, details, first_inputs, readings[0].view if readings else None)
-        reading = self._reading(readings, input_forms, examples, measured, manual, details)
+        ratio = CONSISTENT_RATIO if same_pass else SECOND_PASS_RATIO
+        details["consistency_ratio"] = ratio
+        reading = self._reading(readings, input_forms, examples, measured, manual, details, ratio)
         if reading is None and self.expected is None:
             raise CheckSkipped(_unexplained(measured, readings, not_inferred, misread or not readings))
         view = reading.view if reading is not None else None
@@ -194,6 +207,27 @@ class InitLossCheck(PreflightCheck):
         self._log(ctx, details)
         return self._verdict(measured, verdict, reading, refs, details)
 
+    def _loss_and_outputs(self, ctx: CheckContext, batch: Any, index: int) -> tuple[float, Tensor | None]:
+        """The loss ``training_step`` returns on ``batch``, and the outputs that loss was computed from when
+        ``training_step`` called the module once (``self(x)``) and the default ``forward`` reads them: the same
+        dropout mask and the same VAE sample, so a standard loss of them equals the measured loss exactly.
+        ``None`` for the outputs otherwise (a second forward pass is then needed)."""
+        module = ctx.module
+        hookable = self.adapter.forward is default_forward and getattr(module, "_compiled_call_impl", None) is None
+        calls: list[Any] = []
+        handle = module.register_forward_hook(lambda _m, _a, out: calls.append(out)) if hookable else None
+        try:
+            loss = float(ctx.training_step_loss(batch, index).detach().float())
+        finally:
+            if handle is not None:
+                handle.remove()
+        if len(calls) != 1:
+            return loss, None
+        try:
+            return loss, select_output(calls[0]).detach()
+        except BatchNotUnderstood:
+            return loss, None
+
     def _forms_against_inputs(self, outputs: Tensor, inputs: Any) -> list[list[tuple[str, TaskView]]]:
         """The readings of the outputs against each input tensor: what an autoencoder's loss compares them
         with, or a loss that (by mistake) trains towards the inputs. Tried only with the default targets."""
@@ -215,19 +249,20 @@ class InitLossCheck(PreflightCheck):
         measured: float,
         manual: bool,
         details: dict[str, Any],
+        ratio: float,
     ) -> Reading | None:
         """The reading that explains the measured loss: against the targets first, else against an input
         (only with the default targets). With ``expected=`` and nothing explaining the loss, ``None``."""
         if manual:
             return next(r for r in readings if r.reduction == "mean")
-        found = consistent_readings(readings, measured)
+        found = consistent_readings(readings, measured, ratio)
         if found:
             return found[0]
         count = min((len(forms) for forms in input_forms), default=0)
         for i in range(count):
             candidates = loss_readings([forms[i] for forms in input_forms], examples, against="inputs")
             details["readings"].update({f"{r.name} vs {r.against}": r.value for r in candidates})
-            found = consistent_readings(candidates, measured)
+            found = consistent_readings(candidates, measured, ratio)
             if found:
                 return found[0]
         return None
