@@ -236,3 +236,16 @@ def test_labels_shifted_twice_are_named():
         _fit(ShiftInsideLM(), check, shift_labels=True)
     assert "input token t + 2" in caught.value.result.summary
     assert "labels = input_ids" in caught.value.result.hint
+
+
+def test_dynamics_logger_reads_its_fixed_batch_as_the_model_shifts_it():
+    from lightning_recipe import PredictionDynamicsLogger
+
+    logger = PredictionDynamicsLogger(every_n_steps=1, num_examples=8)
+    data = TokenDicts()
+    loader = DataLoader(data, batch_size=8)
+    trainer(max_steps=2, callbacks=[logger]).fit(ShiftInsideLM(), loader, loader)
+    labels = torch.stack([data[i]["labels"] for i in range(8)])
+    expected = labels[:, 1:][labels[:, 1:] != -100]
+    assert logger._alignment is not None and logger._alignment.target_shift == 1
+    assert torch.equal(logger._reading.targets, expected)
