@@ -220,7 +220,7 @@ def test_init_loss_check_passes_a_healthy_shift_inside_lm():
 def test_leakage_probe_checks_causality_when_the_model_shifts_inside_its_loss():
     result = _fit(ShiftInsideLM(), BatchLeakageProbe())
     assert result.passed and result.details["causal_checked"], result.format()
-    assert "next-token" in result.details["causal_reason"]
+    assert "input token t + 1 (the shift is inside the model)" in result.details["causal_reason"]
 
 
 def test_leakage_probe_catches_a_bidirectional_model_trained_as_a_language_model():

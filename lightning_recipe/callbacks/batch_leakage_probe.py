@@ -115,7 +115,7 @@ class BatchLeakageProbe(PreflightCheck):
         if self.causal is None and self.time_dim is None:
             alignment = ctx.alignment(batch)
             if alignment is not None and alignment.next_token:
-                next_token = f"the loss trains {alignment.describe()}: next-token training"
+                next_token = f"next-token training: {alignment.describe()}"
         try:
             report = probe_batch_leakage(
                 ctx.module, inputs, forward, targets=targets, batch_dim=self.batch_dim,

@@ -423,12 +423,13 @@ class Alignment:
         return self.input_shift is not None and self.input_shift >= 2
 
     def describe(self) -> str:
-        where = "inside the model's loss" if self.target_shift else "in the batch"
+        """In words, e.g. "position t is trained towards input token t + 1 (the shift is inside the model)"."""
+        where = "inside the model" if self.target_shift else "in the batch"
         if self.input_shift is None:
-            return "outputs read against the targets position by position" if not self.target_shift else (
-                f"outputs at t read against the targets at t + {self.target_shift} (shifted {where})"
+            return "position t is trained towards target t" if not self.target_shift else (
+                f"position t is trained towards target t + {self.target_shift} (the shift is {where})"
             )
-        return f"position t trained towards input token t + {self.input_shift} (shift {where})"
+        return f"position t is trained towards input token t + {self.input_shift} (the shift is {where})"
 
     def apply(self, outputs: Tensor, targets: Tensor, inputs: Tensor | None = None) -> tuple[Tensor, Tensor, Any]:
         """``outputs``, ``targets`` and per-position ``inputs`` cut so that position ``t`` of each faces the
