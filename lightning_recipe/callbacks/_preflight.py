@@ -11,7 +11,7 @@ import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -28,6 +28,7 @@ from lightning_recipe._args import ON_FAIL_CHOICES, check_choice
 from lightning_recipe.callbacks._base import RecipeCallback
 from lightning_recipe.diagnostics.batch import BatchAdapter, BatchNotUnderstood, ForwardFn, InputsFn, TargetsFn
 from lightning_recipe.diagnostics.state import preserved
+from lightning_recipe.diagnostics.task import Alignment, gradient_at_outputs, read_alignment
 from lightning_recipe.report import CheckResult, CheckStatus, RecipeCheckError, RecipeWarning, jsonable
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "loader_generators",
     "peek_batches",
     "prepare_batch",
+    "shifted_twice_text",
     "single_loader",
     "without_persistent_workers",
 ]
@@ -58,6 +60,7 @@ class CheckContext:
     batches: list[Any]
     adapter: BatchAdapter
     component: str
+    _alignments: dict[int, Alignment | None] = field(default_factory=dict, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -77,8 +80,55 @@ class CheckContext:
             output = step(*args)
         return loss_of(output)
 
+    def alignment(self, batch: Any) -> Alignment | None:
+        """Which target each output position of ``batch`` is trained towards, read from the gradient of the
+        user's own loss (:func:`~lightning_recipe.diagnostics.task.read_alignment`): next-token training with the
+        shift inside the model (``labels = input_ids``), labels shifted twice. ``None`` when the loss is not a
+        classification loss over integer targets, or ``training_step`` cannot be called (manual optimization).
+        Runs ``training_step`` once with gradients (none written to ``.grad``); the caller's snapshot restores
+        what it changes."""
+        key = id(batch)
+        if key not in self._alignments:
+            self._alignments[key] = self._read_alignment(batch)
+        return self._alignments[key]
+
+    def _read_alignment(self, batch: Any) -> Alignment | None:
+        if not self.module.automatic_optimization:
+            return None
+        try:
+            inputs, targets = self.adapter.get_inputs(batch), self.adapter.get_targets(batch)
+        except BatchNotUnderstood:
+            return None
+        if targets.is_floating_point() or targets.dtype == torch.bool:
+            return None
+        with torch.no_grad(), self.autocast():
+            outputs = self.adapter.predict(self.module, inputs)
+        try:
+            with torch.enable_grad():
+                grad = gradient_at_outputs(self.module, lambda: self.training_step_loss(batch), outputs.shape)
+        except CheckSkipped:
+            return None
+        return None if grad is None else read_alignment(grad, targets, inputs)
+
     def tag(self, quantity: str) -> str:
         return _logging.tag(self.component, quantity)
+
+
+def shifted_twice_text(alignment: Alignment) -> tuple[str, str]:
+    """Summary and hint for labels shifted twice, in one voice for every check that reads it."""
+    shift = alignment.input_shift
+    summary = (
+        f"labels shifted twice: the loss trains position t to predict input token t + {shift}, expected t + 1 "
+        "(next-token training). The labels in the batch are already shifted by one"
+        + (" and the model's loss shifts them again." if alignment.target_shift else ".")
+    )
+    hint = (
+        "Shift once. Models that shift inside their own loss (Hugging Face `...ForCausalLM`, litgpt with "
+        "`labels=`) take `labels = input_ids` unshifted (padding at -100); a model whose loss compares "
+        "`logits[:, t]` with `labels[:, t]` takes `labels = input_ids[:, 1:]` with `input_ids[:, :-1]` as input. "
+        "As it is, every position learns the token after next, which no causal model can predict."
+    )
+    return summary, hint
 
 
 def loss_of(output: Any) -> Tensor:

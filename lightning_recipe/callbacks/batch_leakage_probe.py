@@ -45,9 +45,11 @@ class BatchLeakageProbe(PreflightCheck):
             sequences, checked against the targets and the gradient structure).
         output_batch_dim: batch dimension of the model output. Default: found; flattened ``(N*T, ...)``
             outputs are mapped back to examples.
-        causal: check causality. ``None`` (default): when ``time_dim`` is given or the targets are the
-            inputs shifted by one position (next-token training); a model trained on other targets is not
-            held to causality unless asked.
+        causal: check causality. ``None`` (default): when ``time_dim`` is given or the model is trained on
+            next-token targets, whether the shift is in the batch (the targets are the inputs shifted by one
+            position) or inside the model's own loss (``labels = input_ids``, as Hugging Face and litgpt models
+            shift; read from the gradient of your loss); a model trained on other targets is not held to
+            causality unless asked.
         time_dim: time dimension of the inputs as the model takes them (default: the first non-batch dim).
         num_examples: examples of the batch to probe (at least 2). Eval mode makes a healthy model's
             outputs independent of the batch size, so a few are enough.
@@ -109,11 +111,16 @@ class BatchLeakageProbe(PreflightCheck):
             with ctx.autocast():
                 return ctx.adapter.predict(module, x)
 
+        next_token = None
+        if self.causal is None and self.time_dim is None:
+            alignment = ctx.alignment(batch)
+            if alignment is not None and alignment.next_token:
+                next_token = f"next-token training: {alignment.describe()}"
         try:
             report = probe_batch_leakage(
                 ctx.module, inputs, forward, targets=targets, batch_dim=self.batch_dim,
                 output_batch_dim=self.output_batch_dim, causal=self.causal, time_dim=self.time_dim,
-                num_examples=self.num_examples, tolerance=self.tolerance,
+                num_examples=self.num_examples, tolerance=self.tolerance, next_token=next_token,
             )
         except LeakageNotApplicable as reason:
             raise CheckSkipped(str(reason)) from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -12,11 +13,11 @@ from torch import Tensor, nn
 
 from lightning_recipe import _logging
 from lightning_recipe._args import check_fraction, check_int, check_positive
-from lightning_recipe.callbacks._preflight import CheckContext, CheckSkipped, PreflightCheck
+from lightning_recipe.callbacks._preflight import CheckContext, CheckSkipped, PreflightCheck, shifted_twice_text
 from lightning_recipe.diagnostics.batch import BatchNotUnderstood, ForwardFn, InputsFn, TargetsFn, batch_size_of
 from lightning_recipe.diagnostics.overfit import DEFAULT_LRS, Attempt, OverfitEvidence, overfit_batch
 from lightning_recipe.diagnostics.state import TrainingState
-from lightning_recipe.diagnostics.task import decode_predictions, is_binary, looks_like_probabilities
+from lightning_recipe.diagnostics.task import Alignment, decode_predictions, is_binary, looks_like_probabilities
 from lightning_recipe.report import CheckResult
 
 __all__ = ["OverfitOneBatch"]
@@ -127,12 +128,18 @@ class OverfitOneBatch(PreflightCheck):
             inputs = None
         # a single input tensor lets identical inputs with different labels be told apart from a failure
         plain_inputs = inputs if isinstance(inputs, Tensor) else None
+        # which label each output position is trained towards, as the loss pairs them (a shift inside the model)
+        alignment = ctx.alignment(batch) or Alignment()
+        if alignment.shifted_twice:
+            summary, hint = shifted_twice_text(alignment)
+            return self.failed(summary, hint, {"alignment": asdict(alignment)})
+        time_dim = alignment.input_time_dim if alignment.input_time_dim is not None else 1
 
         def labels() -> Any:
             outputs = None if targets is None else predict()
             if outputs is None or targets is None:
                 return None
-            return decode_predictions(outputs, targets, plain_inputs)
+            return decode_predictions(*alignment.apply(outputs, targets, plain_inputs), time_dim=time_dim)
 
         start = TrainingState.capture(module)
         evidence = overfit_batch(
@@ -145,8 +152,13 @@ class OverfitOneBatch(PreflightCheck):
             loss_fraction=self.loss_fraction,
         )
         outputs = predict() if evidence.attempts and evidence.loss_has_graph else None
+        if outputs is not None and targets is not None:
+            outputs, targets, _ = alignment.apply(outputs, targets)
         self._log(ctx, evidence, outputs, targets)
-        return self._verdict(evidence, outputs, targets, used, full, switched)
+        result = self._verdict(evidence, outputs, targets, used, full, switched)
+        if alignment.target_shift or alignment.input_shift is not None:
+            result.details["alignment"] = asdict(alignment)
+        return result
 
     def _fixed_batch(self, ctx: CheckContext) -> tuple[Any, int, bool]:
         """The first ``num_examples`` examples of the first batch; the whole batch if slicing breaks it."""

@@ -17,7 +17,14 @@ from typing_extensions import override
 from lightning_recipe import _logging
 from lightning_recipe._args import check_choice, check_fraction, check_int, check_positive
 from lightning_recipe.callbacks._monitor import Monitor
-from lightning_recipe.callbacks._preflight import loader_generators, prepare_batch, without_persistent_workers
+from lightning_recipe.callbacks._preflight import (
+    CheckContext,
+    CheckSkipped,
+    loader_generators,
+    prepare_batch,
+    silenced_logging,
+    without_persistent_workers,
+)
 from lightning_recipe.diagnostics.batch import ForwardFn, InputsFn, TargetsFn, slice_batch
 from lightning_recipe.diagnostics.prediction_dynamics import (
     Evaluation,
@@ -29,8 +36,8 @@ from lightning_recipe.diagnostics.prediction_dynamics import (
     movement,
     snapshot,
 )
-from lightning_recipe.diagnostics.state import RngState
-from lightning_recipe.diagnostics.task import TASKS
+from lightning_recipe.diagnostics.state import RngState, preserved
+from lightning_recipe.diagnostics.task import TASKS, Alignment
 
 __all__ = ["PredictionDynamicsLogger"]
 
@@ -133,6 +140,7 @@ class PredictionDynamicsLogger(Monitor):
         self._targets: Tensor | None = None  # the fixed batch's targets, on the host
         self._examples_in_batch = 0
         self._reading: Reading | None = None  # how its outputs are read, resolved at the first evaluation
+        self._alignment: Alignment | None = None  # which target each output position is trained towards
         self._best_loss = math.inf  # lowest loss on the batch so far (the history is not rescanned each time)
         self._last_step = -1
         self._figure_step = -1
@@ -206,8 +214,22 @@ class PredictionDynamicsLogger(Monitor):
         n = self._examples_in_batch = self._examples(self.batch)
         with _evaluating(pl_module):
             self.adapter = self.adapter.fitted(pl_module, self.batch)
+        self._alignment = self._read_alignment(trainer, pl_module, generators)
         text = f"Fixed batch of {n} examples from {where}, evaluated every {self.every_n_steps} optimizer steps."
         _logging.log_text(trainer, self.tag("batch"), text, int(trainer.global_step))
+
+    def _read_alignment(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, generators: list[torch.Generator]
+    ) -> Alignment | None:
+        """How the loss pairs output positions with targets (a next-token shift inside the model), read the way
+        the checks read it: one ``training_step`` on the fixed batch, everything it changes restored."""
+        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+        ctx = CheckContext(trainer, pl_module, [self.batch], self.adapter, self.component)
+        with preserved(pl_module, trainer.optimizers, schedulers, generators), silenced_logging(pl_module):
+            try:
+                return ctx.alignment(self.batch)
+            except CheckSkipped:
+                return None
 
     @staticmethod
     def _val_loader(trainer: pl.Trainer) -> DataLoader | None:
@@ -273,7 +295,8 @@ class PredictionDynamicsLogger(Monitor):
         targets = self._targets
         assert targets is not None  # set with the batch
         if self._reading is None or self._reading.shape != tuple(outputs.shape):
-            self._reading = Reading.resolve(outputs, targets, self.task)  # the targets never change
+            # the targets never change
+            self._reading = Reading.resolve(outputs, targets, self.task, self._alignment)
         current = snapshot(
             outputs, targets, step, task=self.task, examples=self._examples_in_batch, reading=self._reading
         )

@@ -292,6 +292,7 @@ def probe_batch_leakage(
     max_exact_rows: int = 16,
     max_causal_passes: int = 4,
     seed: int = 0,
+    next_token: str | None = None,
     _cast_integers: bool = True,
 ) -> LeakageReport:
     """Chart which examples (and positions) each output depends on, in eval mode.
@@ -307,6 +308,8 @@ def probe_batch_leakage(
         causal: check that output ``t`` depends on inputs ``<= t`` only. ``None``: when ``time_dim`` is
             given or the targets are the inputs shifted by one position.
         time_dim: time dimension of the inputs, as given to the model (default: the first non-batch dim).
+        next_token: how the caller knows the model is trained on next-token targets when the batch does not
+            show it (the shift is inside the model's loss); with ``causal=None`` causality is then checked.
         num_examples: how many examples of the batch to probe.
         tolerance: relative gradient below which an example counts as independent.
 
@@ -321,13 +324,15 @@ def probe_batch_leakage(
         (False, 6)
     """
     hypotheses = _input_batch_dims(inputs, targets, batch_dim)
-    wants_causal = causal if causal is not None else (time_dim is not None or any(
-        looks_like_next_step(inputs, targets, d) for d in hypotheses[:1]))
+    shifted_batch = any(looks_like_next_step(inputs, targets, d) for d in hypotheses[:1])
+    wants_causal = causal if causal is not None else (time_dim is not None or shifted_batch or bool(next_token))
     causal_reason = (
-        "asked (`causal=True`)" if causal else "asked (`time_dim` given)" if causal is None and time_dim is not None
-        else "the targets are the inputs shifted by one position (next-step training)" if wants_causal
+        "asked (`causal=True`)" if causal
         else "not asked (`causal=False`)" if causal is False
-        else "not asked, and the targets are not the inputs shifted by one position"
+        else "asked (`time_dim` given)" if time_dim is not None
+        else "the targets are the inputs shifted by one position (next-step training)" if shifted_batch
+        else str(next_token) if next_token
+        else "not asked, and the model is not trained on next-token targets"
     )
     first_report: LeakageReport | None = None
     errors: list[LeakageNotApplicable] = []
@@ -355,7 +360,7 @@ def probe_batch_leakage(
                 module, floated, forward, targets=targets, batch_dim=batch_dim, output_batch_dim=output_batch_dim,
                 causal=causal, time_dim=time_dim, num_examples=num_examples, tolerance=tolerance,
                 max_exact_rows=max_exact_rows, max_causal_passes=max_causal_passes, seed=seed,
-                _cast_integers=False,
+                next_token=next_token, _cast_integers=False,
             )
         except Exception:  # noqa: BLE001 - the model needs integers after all: the original reason stands
             raise errors[0] from None

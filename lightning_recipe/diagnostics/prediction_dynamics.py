@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_recipe.diagnostics.init_loss import standard_loss
-from lightning_recipe.diagnostics.task import TaskView, is_probabilities, task_views
+from lightning_recipe.diagnostics.task import Alignment, TaskView, is_probabilities, task_views
 
 __all__ = [
     "DynamicsVerdict",
@@ -130,14 +130,20 @@ class Reading:
     layout: str
 
     @classmethod
-    def resolve(cls, outputs: Tensor, targets: Tensor, task: str = "auto") -> Reading | None:
-        """The reading of outputs shaped like ``outputs``; ``None`` for outputs with more than 2**24 values
-        (positions are not exact in float32 there: :func:`snapshot` then infers the view at each call).
-        Raises :class:`~lightning_recipe.diagnostics.init_loss.TaskNotInferred` when no task fits."""
+    def resolve(
+        cls, outputs: Tensor, targets: Tensor, task: str = "auto", alignment: Alignment | None = None
+    ) -> Reading | None:
+        """The reading of outputs shaped like ``outputs``, positions paired with targets as ``alignment`` says
+        the loss pairs them (a next-token shift inside the model); ``None`` for outputs with more than 2**24
+        values (positions are not exact in float32 there: :func:`snapshot` then infers the view at each call).
+        Raises :class:`~lightning_recipe.diagnostics.task.TaskNotInferred` when no task fits."""
         if outputs.numel() > _MAX_INDEXED:
             return None
         positions = torch.arange(outputs.numel(), dtype=torch.float32).reshape(outputs.shape)
-        view = task_views(positions, targets.detach().cpu(), task=task)[0]
+        targets = targets.detach().cpu()
+        if alignment is not None:
+            positions, targets, _ = alignment.apply(positions, targets)
+        view = task_views(positions, targets, task=task)[0]
         return cls(tuple(outputs.shape), view.task, view.loss_kind, view.outputs.long(), view.targets, view.layout)
 
     def read(self, outputs: Tensor) -> TaskView:

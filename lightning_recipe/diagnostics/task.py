@@ -32,12 +32,12 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = [
     "IGNORE_INDEX",
@@ -48,6 +48,7 @@ __all__ = [
     "TaskView",
     "conflicting_labels",
     "decode_predictions",
+    "gradient_at_outputs",
     "is_binary",
     "is_probabilities",
     "looks_like_next_step",
@@ -261,19 +262,21 @@ class Decoded:
         return int(self.labels.numel())
 
 
-def decode_predictions(outputs: Tensor, targets: Tensor, inputs: Tensor | None = None) -> Decoded | None:
+def decode_predictions(
+    outputs: Tensor, targets: Tensor, inputs: Tensor | None = None, time_dim: int = 1
+) -> Decoded | None:
     """Predicted vs true labels when ``targets`` are class labels, else ``None`` (regression, unknown).
 
     Integer targets: outputs ``(N, C)`` / ``(N, T, C)`` (class last), ``(N, C, H, W)`` (class on dim 1),
     or flattened ``(N*T, V)``; entries below 0 (``ignore_index``) are left out. Same-shape outputs with
     0/1 targets: binary or multilabel, thresholded at 0 for logits or 0.5 for probabilities. Float one-hot
-    targets: argmax against argmax. With ``inputs``, labels that :func:`conflicting_labels` finds
-    undecidable are marked ``ambiguous``.
+    targets: argmax against argmax. With ``inputs`` (time on ``time_dim``), labels that
+    :func:`conflicting_labels` finds undecidable are marked ``ambiguous``.
     """
     decoded = _decode(outputs.detach().float(), targets)
     if decoded is None or inputs is None:
         return None if decoded is None else decoded.labels_only
-    conflicts = conflicting_labels(inputs, targets.argmax(-1) if decoded.one_hot else targets)
+    conflicts = conflicting_labels(inputs, targets.argmax(-1) if decoded.one_hot else targets, time_dim)
     if conflicts is None:
         return decoded.labels_only
     ambiguous = conflicts.flatten()
@@ -316,15 +319,20 @@ def _decode(outputs: Tensor, targets: Tensor) -> _Decoding | None:
     return _Decoding(Decoded("multiclass", predicted[keep], labels[keep]), keep=keep)
 
 
-def conflicting_labels(inputs: Tensor, labels: Tensor) -> Tensor | None:
+def conflicting_labels(inputs: Tensor, labels: Tensor, time_dim: int = 1) -> Tensor | None:
     """Where no model can be right: ``True`` at each label of ``labels`` (shape ``(N, ...)``) for which
     another example has the same input and a different label.
 
     Per-position labels ``(N, T)`` of a sequence input ``(N, T, ...)`` compare the prefix up to ``t`` (a
     causal model sees nothing else; the shared first token of language-model batches is the usual case);
     anything else compares whole examples (duplicated inputs with different labels: label noise). ``None``
-    when ``inputs`` do not line up with ``labels`` on the batch dimension.
+    when ``inputs`` do not line up with ``labels`` on the batch dimension. Time-major inputs (``time_dim=0``,
+    ``(T, N, ...)``) with labels ``(T, N)`` or flattened ``(T*N,)`` are read per position as well.
     """
+    if time_dim == 0 and inputs.ndim >= 2 and labels.numel() == inputs.shape[0] * inputs.shape[1]:
+        steps, batch = inputs.shape[0], inputs.shape[1]
+        per = conflicting_labels(inputs.transpose(0, 1), labels.reshape(steps, batch).T)
+        return None if per is None else per.T.reshape(labels.shape)
     n = labels.shape[0] if labels.ndim else 0
     if n < 2 or inputs.ndim == 0 or inputs.shape[0] != n:
         return None
@@ -422,12 +430,13 @@ class Alignment:
         return self.input_shift is not None and self.input_shift >= 2
 
     def describe(self) -> str:
-        where = "inside the model's loss" if self.target_shift else "in the batch"
+        """In words, e.g. "position t is trained towards input token t + 1 (the shift is inside the model)"."""
+        where = "inside the model" if self.target_shift else "in the batch"
         if self.input_shift is None:
-            return "outputs read against the targets position by position" if not self.target_shift else (
-                f"outputs at t read against the targets at t + {self.target_shift} (shifted {where})"
+            return "position t is trained towards target t" if not self.target_shift else (
+                f"position t is trained towards target t + {self.target_shift} (the shift is {where})"
             )
-        return f"position t trained towards input token t + {self.input_shift} (shift {where})"
+        return f"position t is trained towards input token t + {self.input_shift} (the shift is {where})"
 
     def apply(self, outputs: Tensor, targets: Tensor, inputs: Tensor | None = None) -> tuple[Tensor, Tensor, Any]:
         """``outputs``, ``targets`` and per-position ``inputs`` cut so that position ``t`` of each faces the
@@ -449,9 +458,12 @@ class Alignment:
         return cut_outputs, targets.narrow(d, s, length), cut_inputs
 
 
-#: a shift is read when at least this share of the positions with a gradient agree with it (an auxiliary
-#: term of the loss, a z-loss or label smoothing, may move a few)
+#: the loss's targets are read at a shift when at least this share of the positions with a gradient agree with
+#: it (an auxiliary term of the loss, a z-loss or label smoothing, may move a few)
 _AGREEMENT = 0.98
+#: the input tokens are read at a shift when this share agrees: padding breaks the match where a shifted
+#: position runs into it (one position per shift per padded sequence)
+_INPUT_AGREEMENT = 0.8
 
 
 def trained_classes(grad: Tensor, shape: Sequence[int]) -> Tensor | None:
@@ -469,26 +481,29 @@ def trained_classes(grad: Tensor, shape: Sequence[int]) -> Tensor | None:
     return classes.reshape(*shape)
 
 
-def _find_shift(trained: Tensor, reference: Tensor, max_shift: int, exact_tail: bool) -> tuple[int, int] | None:
-    """``(shift, dim)`` such that ``trained[t] == reference[t + shift]`` along ``dim`` wherever ``trained``
-    has a class; with ``exact_tail`` the last ``shift`` positions must have none (the loss cuts them off)."""
+def _find_shift(
+    trained: Tensor, reference: Tensor, max_shift: int, exact_tail: bool, agreement: float
+) -> tuple[int, int] | None:
+    """``(shift, dim)`` such that ``trained[t] == reference[t + shift]`` along ``dim`` for at least
+    ``agreement`` of the positions where ``trained`` has a class, the best agreeing one (the smallest shift on a
+    tie); with ``exact_tail`` the last ``shift`` positions must have none (the loss cuts them off)."""
     dims = [1, 0] if trained.ndim >= 2 else [0]
+    best: tuple[float, int, int] | None = None
     for shift in range(max_shift + 1):
         for dim in dims if shift else dims[:1]:
             length = trained.shape[dim] - shift
             if length < 1:
                 continue
             head = trained.narrow(dim, 0, length)
-            ref = reference.narrow(dim, shift, length)
             read = head >= 0
             count = int(read.sum())
             if count == 0:
                 continue
-            agree = int(((head == ref) & read).sum())
+            rate = int(((head == reference.narrow(dim, shift, length)) & read).sum()) / count
             tail_empty = not exact_tail or shift == 0 or bool((trained.narrow(dim, length, shift) < 0).all())
-            if agree >= _AGREEMENT * count and tail_empty:
-                return shift, dim
-    return None
+            if rate >= agreement and tail_empty and (best is None or rate > best[0]):
+                best = (rate, shift, dim)
+    return None if best is None else (best[1], best[2])
 
 
 def read_alignment(
@@ -502,7 +517,7 @@ def read_alignment(
     trained = trained_classes(grad, targets.shape)
     if trained is None:
         return None
-    found = _find_shift(trained, targets.long(), max_shift, exact_tail=True)
+    found = _find_shift(trained, targets.long(), max_shift, exact_tail=True, agreement=_AGREEMENT)
     if found is None:
         return None
     shift, dim = found
@@ -513,7 +528,7 @@ def read_alignment(
         tokens = trained.reshape(x.shape)
         if x.ndim >= 2 and bool((x.narrow(1, 1, x.shape[1] - 1) == x.narrow(1, 0, x.shape[1] - 1)).all()):
             continue  # constant along time: any shift matches
-        on_inputs = _find_shift(tokens, x.long(), max_shift, exact_tail=False)
+        on_inputs = _find_shift(tokens, x.long(), max_shift, exact_tail=False, agreement=_INPUT_AGREEMENT)
         if on_inputs is not None:
             return Alignment(shift, dim, on_inputs[0], matched, on_inputs[1])
     return Alignment(shift, dim, None, matched)
@@ -547,3 +562,31 @@ def _tensors(value: Any) -> list[Tensor]:
     if isinstance(value, (tuple, list)):
         return [t for item in value for t in _tensors(item)]
     return []
+
+
+def gradient_at_outputs(module: nn.Module, loss_fn: Callable[[], Tensor], shape: Sequence[int]) -> Tensor | None:
+    """The gradient of ``loss_fn()`` (the user's own loss) with respect to the logits it is computed from: the
+    last tensor of ``shape`` that ``module`` or one of its submodules returned during the call (a
+    ``nn.Linear`` head, a model's ``logits``). ``None`` when no submodule returned such a tensor or the loss does
+    not depend on one. Writes no ``.grad``: the gradient comes from :func:`torch.autograd.grad`."""
+    wanted = tuple(shape)
+    seen: dict[int, Tensor] = {}
+
+    def hook(_: nn.Module, __: Any, output: Any) -> None:
+        for t in _tensors(output if not hasattr(output, "logits") else output.logits):
+            if tuple(t.shape) == wanted and t.is_floating_point() and t.requires_grad:
+                seen.setdefault(id(t), t)
+
+    handles = [m.register_forward_hook(hook) for m in module.modules()]
+    try:
+        loss = loss_fn()
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not loss.requires_grad:
+        return None
+    for candidate in reversed(list(seen.values())):  # nearest the loss first
+        (grad,) = torch.autograd.grad(loss, candidate, retain_graph=True, allow_unused=True)
+        if grad is not None and bool(grad.ne(0).any()):
+            return grad
+    return None
