@@ -381,7 +381,7 @@ def test_expected_overrides_the_reference_for_a_custom_loss():
     result = check.result
     assert result.status is CheckStatus.SKIPPED, result.format()
     assert "not a standard loss" in result.summary and "expected=" in result.summary
-    assert "4-class cross-entropy (mean) gives 1.3" in result.summary
+    assert "cross-entropy (mean) gives 1.3" in result.summary
     assert "targets=" not in result.summary  # the targets are read right: the loss is what is unknown
     check, _ = _run(InitClassifier(scale=0.1, loss_scale=10.0), loader(cluster_data()), expected=scaled)
     assert check.result.status is CheckStatus.PASSED, check.result.format()
@@ -564,3 +564,82 @@ def test_target_offset_fails_only_from_five_target_stds_and_is_advice_below(stds
     assert (verdict.ok, verdict.bias_advice) == (ok, advice)
     if not ok:
         assert verdict.reason == "target_offset" and verdict.limit == OFFSET_STDS
+
+
+# -- classic programs and conventions through a real Trainer -----------------------------------------
+
+
+PIXELS = 14 * 14
+
+
+def blob_images(n: int = 128, seed: int = 0) -> TensorDataset:
+    """MNIST-like ``(image, label)`` pairs: a bright blob on a dark 14x14 canvas, intensities in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    grid = torch.stack(torch.meshgrid(torch.arange(14.0), torch.arange(14.0), indexing="ij"))
+    centres = 3 + 8 * torch.rand(n, 2, 1, 1, generator=g)
+    images = torch.exp(-((grid - centres) ** 2).sum(1) / 6.0).unsqueeze(1)
+    return TensorDataset(images, torch.randint(0, 10, (n,), generator=g))
+
+
+class VAE(L.LightningModule):
+    """The PyTorch example's VAE (examples/vae), shrunk: fc1 -> (fc21, fc22) -> z -> fc3 -> fc4 -> sigmoid, loss
+    ``binary_cross_entropy(recon, x, reduction="sum") + KLD``, Adam 1e-3; the label in the batch is unused."""
+
+    def __init__(self, kld_weight: float = 1.0, recon_reduction: str = "sum"):
+        super().__init__()
+        self.kld_weight, self.recon_reduction = kld_weight, recon_reduction
+        self.fc1, self.fc21, self.fc22 = nn.Linear(PIXELS, 64), nn.Linear(64, 8), nn.Linear(64, 8)
+        self.fc3, self.fc4 = nn.Linear(8, 64), nn.Linear(64, PIXELS)
+
+    def forward(self, x):
+        h = F.relu(self.fc1(x.view(-1, PIXELS)))
+        mu, logvar = self.fc21(h), self.fc22(h)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        return torch.sigmoid(self.fc4(F.relu(self.fc3(z)))), mu, logvar
+
+    def training_step(self, batch, batch_idx):
+        x, _ = batch
+        recon, mu, logvar = self(x)
+        bce = F.binary_cross_entropy(recon, x.view(-1, PIXELS), reduction=self.recon_reduction)
+        kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+        return bce + self.kld_weight * kld
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def _image_targets(batch):
+    return batch[0].view(-1, PIXELS)
+
+
+def test_vae_with_unused_labels_is_read_against_its_inputs_and_never_fails():
+    check, _ = _run(VAE(), loader(blob_images()))
+    result = check.result
+    assert result.status is not CheckStatus.FAILED, result.format()
+    if result.status is CheckStatus.SKIPPED:
+        assert "expected=" in result.summary
+    else:
+        d = result.details
+        assert (d["loss_form"], d["reduction"], d["read_against"]) == ("bce_probabilities", "sum", "inputs")
+        assert "read against the model's inputs" in result.summary
+
+
+def test_vae_with_the_image_as_targets_passes_with_the_sum_over_pixels_recognised():
+    check, _ = _run(VAE(), loader(blob_images()), targets=_image_targets)
+    result = check.result
+    d = result.details
+    assert result.status is CheckStatus.PASSED, result.format()
+    assert (d["loss_form"], d["reduction"], d["read_against"]) == ("bce_probabilities", "sum", "targets")
+    assert d["loss_scale"] == 32 * PIXELS  # the references scale by the count of summed terms
+    assert d["chance_loss"] == pytest.approx(32 * PIXELS * math.log(2))
+    assert d["measured_loss"] == pytest.approx(d["chance_loss"], rel=0.05)  # a sigmoid decoder at init: ln 2 each
+    assert f"= {d['measured_loss'] / d['loss_scale']:.4g} x {d['loss_scale']:.4g} terms" in result.summary
+
+
+def test_elbo_that_no_reading_explains_is_skipped_naming_expected_and_targets():
+    # mean reconstruction + summed KL (weighted): no standard loss of the outputs is this value
+    check, _ = _run(VAE(kld_weight=40.0, recon_reduction="mean"), loader(blob_images()))
+    result = check.result
+    assert result.status is CheckStatus.SKIPPED, result.format()
+    assert "not a standard loss" in result.summary
+    assert "expected=" in result.summary and "targets=" in result.summary

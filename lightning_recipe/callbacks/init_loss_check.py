@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ from typing_extensions import override
 
 from lightning_recipe import _logging
 from lightning_recipe._args import check_choice, check_int
-from lightning_recipe.callbacks._preflight import CheckContext, CheckSkipped, PreflightCheck
+from lightning_recipe.callbacks._preflight import CheckContext, CheckSkipped, PreflightCheck, shifted_twice_text
 from lightning_recipe.diagnostics.batch import (
     BatchNotUnderstood,
     ForwardFn,
@@ -43,7 +44,7 @@ from lightning_recipe.diagnostics.init_loss import (
     references,
     standard_loss,
 )
-from lightning_recipe.diagnostics.task import IGNORE_INDEX, TASKS, TaskNotInferred, TaskView, is_binary
+from lightning_recipe.diagnostics.task import IGNORE_INDEX, TASKS, Alignment, TaskNotInferred, TaskView, is_binary
 from lightning_recipe.report import CheckResult
 
 __all__ = ["InitLossCheck"]
@@ -127,6 +128,7 @@ class InitLossCheck(PreflightCheck):
         per_channel = False
         misread = False  # the outputs have an input's size, not the targets': an autoencoder read as a classifier
         same_pass = True  # every batch's outputs are the ones its loss was computed from
+        alignment = Alignment()
         with torch.no_grad():
             for index, batch in enumerate(ctx.batches):
                 seen: Tensor | None = None
@@ -146,6 +148,13 @@ class InitLossCheck(PreflightCheck):
                 examples.append(int(outputs.shape[0]) if outputs.ndim else 1)
                 try:
                     targets = ctx.adapter.get_targets(batch)
+                    if index == 0 and not manual:
+                        # the model's own loss may shift (labels = input_ids): read once, how the loss pairs them
+                        alignment = ctx.alignment(batch) or Alignment()
+                        if alignment.shifted_twice:
+                            summary, hint = shifted_twice_text(alignment)
+                            return self.failed(summary, hint, {"alignment": asdict(alignment)})
+                    outputs, targets, _ = alignment.apply(outputs, targets)
                     misread |= targets.numel() != outputs.numel() and any(
                         x.numel() == outputs.numel() for x in _tensors(inputs)
                     )
@@ -169,6 +178,7 @@ class InitLossCheck(PreflightCheck):
             losses = [means[0].value]
         measured = sum(losses) / len(losses)
         details: dict[str, Any] = {
+            "alignment": asdict(alignment) if alignment.target_shift or alignment.input_shift is not None else None,
             "measured_loss": measured,
             "per_batch_losses": losses,
             "loss_source": "inferred" if manual else "training_step",
@@ -181,9 +191,10 @@ class InitLossCheck(PreflightCheck):
             return self._non_finite(measured, details, first_inputs, readings[0].view if readings else None)
         ratio = CONSISTENT_RATIO if same_pass else SECOND_PASS_RATIO
         details["consistency_ratio"] = ratio
-        reading = self._reading(readings, input_forms, examples, measured, manual, details, ratio)
+        tried = list(readings)
+        reading = self._reading(readings, input_forms, examples, measured, manual, details, ratio, tried)
         if reading is None and self.expected is None:
-            raise CheckSkipped(_unexplained(measured, readings, not_inferred, misread or not readings))
+            raise CheckSkipped(_unexplained(measured, tried, not_inferred, misread or not readings))
         view = reading.view if reading is not None else None
         refs = references(view) if view is not None else None
         scale = reading.scale if reading is not None else 1.0
@@ -250,6 +261,7 @@ class InitLossCheck(PreflightCheck):
         manual: bool,
         details: dict[str, Any],
         ratio: float,
+        tried: list[Reading],
     ) -> Reading | None:
         """The reading that explains the measured loss: against the targets first, else against an input
         (only with the default targets). With ``expected=`` and nothing explaining the loss, ``None``."""
@@ -262,6 +274,7 @@ class InitLossCheck(PreflightCheck):
         for i in range(count):
             candidates = loss_readings([forms[i] for forms in input_forms], examples, against="inputs")
             details["readings"].update({f"{r.name} vs {r.against}": r.value for r in candidates})
+            tried.extend(candidates)
             found = consistent_readings(candidates, measured, ratio)
             if found:
                 return found[0]
@@ -343,7 +356,7 @@ def _describe_task(reading: Reading | None) -> str:
     if reading is None:
         return ""
     view = reading.view
-    against = " against the inputs" if reading.against == "inputs" else ""
+    against = ", read against the model's inputs" if reading.against == "inputs" else ""
     if view.loss_kind == "cross_entropy":
         return f" for {view.width}-class cross-entropy{against}"
     if view.loss_kind == "bce":
@@ -407,11 +420,13 @@ def _unexplained(measured: float, readings: list[Reading], not_inferred: TaskNot
     targets do not look like what the loss compares the outputs with."""
     if not readings and not_inferred is not None:
         return str(not_inferred)
-    nearest = sorted(readings, key=lambda r: r.distance(measured))[:6]
-    listing = "; ".join(f"{_describe_task(r)[5:]} ({r.reduction_name}) gives {r.value:.4g}" for r in nearest)
+    nearest = sorted(readings, key=lambda r: r.distance(measured))[:3]
+    listing = "; ".join(
+        f"{r.name}{' against the inputs' if r.against == 'inputs' else ''} gives {r.value:.4g}" for r in nearest
+    )
     text = (
-        f"the loss `training_step` returns ({measured:.4g}) is not a standard loss of the outputs against the "
-        f"targets (nearest readings: {listing}). It is likely a custom loss (an ELBO, a contrastive or GAN loss, a "
+        f"the loss `training_step` returns ({measured:.4g}) is not a standard loss of the outputs "
+        f"(nearest readings: {listing}). It is likely a custom loss (an ELBO, a contrastive or GAN loss, a "
         "weighted sum of terms, a scaled loss), which has no chance level this check can derive; if it should "
         "be one of these, check the loss in `training_step` (its reduction, its scale, the `dim` of any "
         "softmax). Pass `InitLossCheck(expected=...)` with the loss you expect at initialisation"
@@ -517,9 +532,10 @@ def _bias_advice(view: TaskView, refs: References, measured: float, per_channel:
             "`final.bias.data = torch.tensor(log_priors)`): training then skips the hockey stick."
         )
     if view.loss_kind == "bce":
-        rate = f"positive rate {_fmt(refs.prior)}" if narrow else f"{view.width} outputs"
+        rate = f"mean target {_fmt(refs.prior)}" if narrow else f"{view.width} outputs"
+        what = "labels are imbalanced" if is_binary(view.targets) else "targets' means are far from 0.5"
         return (
-            f"the targets are imbalanced ({rate}), and the loss at init ({measured:.4g}) sits near ln 2 rather than "
+            f"the {what} ({rate}), and the loss at init ({measured:.4g}) sits near ln 2 rather than "
             f"the prior-optimal {refs.prior_optimal:.4g}. Set the final layer's bias to {bias}: training then "
             "skips the hockey stick."
         )
