@@ -643,3 +643,140 @@ def test_elbo_that_no_reading_explains_is_skipped_naming_expected_and_targets():
     assert result.status is CheckStatus.SKIPPED, result.format()
     assert "not a standard loss" in result.summary
     assert "expected=" in result.summary and "targets=" in result.summary
+
+
+def smooth_images(n: int, size: int, mean: float, std: float, channels: int = 1, seed: int = 0) -> torch.Tensor:
+    """Smooth random images with the given per-image-set mean and std (a Y channel, a field of temperatures)."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(n, channels, size // 4, size // 4, generator=g)
+    x = F.interpolate(noise, size=(size, size), mode="bilinear", align_corners=False)
+    x = (x - x.mean((0, 2, 3), keepdim=True)) / x.std((0, 2, 3), keepdim=True)
+    return mean + std * x
+
+
+def super_resolution_loader(mean: float = 0.45, std: float = 0.25) -> DataLoader:
+    """(low-res, high-res) pairs: the high-res Y channel and its 2x average-pooled input."""
+    high = smooth_images(128, 16, mean, std)
+    return loader(TensorDataset(F.avg_pool2d(high, 2), high), shuffle=False)
+
+
+class SuperResolution(L.LightningModule):
+    """The PyTorch example's super-resolution net (examples/super_resolution), shrunk: three ReLU convs, a conv to
+    r^2 channels and a pixel shuffle; orthogonal init; MSE; Adam."""
+
+    def __init__(self, upscale: int = 2):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 16, 5, 1, 2), nn.Conv2d(16, 16, 3, 1, 1)
+        self.conv3, self.conv4 = nn.Conv2d(16, 8, 3, 1, 1), nn.Conv2d(8, upscale**2, 3, 1, 1)
+        self.shuffle = nn.PixelShuffle(upscale)
+        for conv in (self.conv1, self.conv2, self.conv3):
+            nn.init.orthogonal_(conv.weight, nn.init.calculate_gain("relu"))
+        nn.init.orthogonal_(self.conv4.weight)
+
+    def forward(self, x):
+        x = F.relu(self.conv3(F.relu(self.conv2(F.relu(self.conv1(x))))))
+        return self.shuffle(self.conv4(x))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+class FieldRegressor(L.LightningModule):
+    """Image-to-image regression onto a 3-channel field: one bias per output channel."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 3, padding=1))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def test_super_resolution_mse_passes_read_as_mse_with_the_offset_as_per_channel_advice():
+    check, _ = _run(SuperResolution(), super_resolution_loader())
+    result = check.result
+    d = result.details
+    assert result.status is CheckStatus.PASSED, result.format()
+    assert (d["loss_kind"], d["reduction"], d["num_outputs"]) == ("mse", "mean", 1)
+    assert 1.0 <= d["offset_stds"] < 5.0  # the outputs start ~2 target stds off: advice, not a failure
+    assert d["suggested_final_bias"] == pytest.approx([0.45], abs=0.02)  # one bias: one output channel
+    assert result.hint is not None and "0.45 (one per output channel) with" in result.hint
+    assert "Not a failure" in result.hint
+
+
+def test_regression_whose_target_mean_matters_fails_with_the_exact_bias_per_channel():
+    high = smooth_images(96, 12, 0.0, 1.0, channels=3) * 2.0 + torch.tensor([40.0, 50.0, 60.0]).view(1, 3, 1, 1)
+    low = smooth_images(96, 12, 0.0, 1.0, seed=1)
+    result = _fails(FieldRegressor(), loader(TensorDataset(low, high), shuffle=False))
+    d = result.details
+    assert d["reason"] == "target_offset" and d["offset_stds"] > 5.0
+    means = high.mean((0, 2, 3)).tolist()
+    assert d["suggested_final_bias"] == pytest.approx(means, rel=1e-4)  # all 96 images: the batches read
+    bias = "[" + ", ".join(f"{b:.4g}" for b in d["suggested_final_bias"]) + "]"
+    assert f"Set the final bias to {bias} (one per output channel) with" in result.hint
+    assert "final layer `net.2`" in result.hint
+
+
+@pytest.mark.parametrize("kind", ["cross_entropy", "bce", "mse"])
+@pytest.mark.parametrize("width", [3, 100, 101, 1000])
+def test_bias_hint_reads_as_one_sentence_at_every_width(kind, width):
+    from lightning_recipe.callbacks.init_loss_check import _bias_advice, _bias_values
+
+    g = torch.Generator().manual_seed(0)
+    if kind == "cross_entropy":
+        targets = torch.multinomial(torch.linspace(1.0, 50.0, width), 4 * width, replacement=True, generator=g)
+    else:
+        targets = (torch.rand(4 * width, width, generator=g) < 0.1).float() + (5.0 if kind == "mse" else 0.0)
+    (view,) = [v for v in task_views(torch.zeros(4 * width, width), targets) if v.loss_kind == kind]
+    refs = references(view)
+    phrase = _bias_values(view, refs)
+    hint = _bias_advice(view, refs, refs.chance)
+    assert f"bias to {phrase}" in hint and hint.count("log class priors") <= 1
+    assert "priors the" not in hint and "to the log class priors the" not in hint
+    if width > 100:
+        assert "too many to list" in phrase and "[" not in phrase
+    else:
+        assert phrase.count(",") == width - 1 if kind == "mse" else "[" in phrase
+
+
+def test_imbalanced_labels_over_more_than_100_classes_hint_how_to_compute_the_log_priors():
+    g = torch.Generator().manual_seed(0)
+    priors = torch.full((120,), 0.5 / 119)
+    priors[0] = 0.5
+    y = torch.multinomial(priors, 1280, replacement=True, generator=g)
+    x = torch.randn(1280, 8, generator=g)
+    check, _ = _run(InitClassifier(classes=120), loader(TensorDataset(x, y), batch_size=320, shuffle=False))
+    result = check.result
+    assert result.status is CheckStatus.PASSED, result.format()
+    assert result.hint is not None and "prior" not in result.details  # 120 values are not listed
+    assert (
+        "Set the final layer's bias to the log class priors, log(n_c / n) from the count n_c of each of the 120 "
+        "classes in your training set (too many to list" in result.hint
+    )
+
+
+def test_language_model_that_shifts_inside_its_loss_is_read_after_the_shift_and_shifted_twice_fails():
+    from tests.test_task import ShiftInsideLM, TokenDicts
+
+    data = DataLoader(TokenDicts(), batch_size=16, shuffle=False)
+    check, _ = _run(ShiftInsideLM(), data)
+    result = check.result
+    assert result.status is CheckStatus.PASSED, result.format()
+    assert result.details["alignment"]["target_shift"] == 1 and result.details["reduction"] == "mean"
+    labels = torch.stack([TokenDicts()[i]["labels"] for i in range(len(TokenDicts()))])
+    batches = min(len(TokenDicts()) // 16 + (len(TokenDicts()) % 16 > 0), 4)
+    assert result.details["rows"] == int((labels[: 16 * batches, 1:] != -100).sum())
+    with pytest.raises(RecipeCheckError, match="labels shifted twice") as caught:
+        _run(ShiftInsideLM(), DataLoader(TokenDicts(shift_labels=True), batch_size=16))
+    assert "input token t + 2" in caught.value.result.summary and "labels = input_ids" in caught.value.result.hint

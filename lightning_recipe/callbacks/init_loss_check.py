@@ -510,9 +510,11 @@ def _bias_values(view: TaskView, refs: References, per_channel: bool = False) ->
 
 def _offset_text(view: TaskView, refs: References) -> str:
     o_mean = float(view.outputs.double().mean())
+    # the spread offset_stds is measured in: within each output column (channel), not across them
+    spread = float(view.targets.double().var(0, unbiased=False).mean().sqrt()) if view.rows > 1 else float("nan")
     return (
         f"the outputs start at mean {o_mean:.4g}, {refs.extra.get('offset_stds', float('nan')):.3g} target "
-        f"standard deviations (std {refs.extra.get('target_std', float('nan')):.4g}) from the targets' mean"
+        f"standard deviations (std {spread:.4g}) from the targets' mean"
         + (f" {_fmt(refs.prior)}" if view.width <= _MAX_LISTED else "")
     )
 
@@ -540,7 +542,7 @@ def _bias_advice(view: TaskView, refs: References, measured: float, per_channel:
             "skips the hockey stick."
         )
     return (
-        f"{_offset_text(view, refs)}; setting the final bias to {bias} (`nn.init.constant_(final.bias, ...)`) or "
+        f"{_offset_text(view, refs)}; setting the final bias to {bias} with `nn.init.constant_(final.bias, ...)`, or "
         f"standardising the targets starts the loss at ~{refs.prior_optimal:.4g} instead of ~{measured:.4g}. "
         "Not a failure: an offset this small is learnt in the first steps."
     )
@@ -571,8 +573,8 @@ def _failure_text(
         hint = (
             f"{_offset_text(view, refs)}, so the first steps only learn the offset (hockey-stick loss). Set the "
             f"final bias to {_bias_values(view, refs, bool(details.get('per_channel')))} "
-            f"(`nn.init.constant_(final.bias, value)` on the final "
-            f"layer{layer}), or standardise the targets to zero mean and unit variance."
+            f"with `nn.init.constant_(final.bias, value)` on the final "
+            f"layer{layer}, or standardise the targets to zero mean and unit variance."
         )
         return summary, hint
     if reason == "below_prior":
