@@ -60,21 +60,32 @@ class InitLossCheck(PreflightCheck):
 
     The loss is what your own ``training_step`` returns (``self.log`` silenced, no gradients), averaged
     over the first ``num_batches`` training batches. The task is read from the model's outputs and the
-    targets (see :func:`~lightning_recipe.diagnostics.init_loss.task_views`) or given as ``task=``.
+    targets (see :func:`~lightning_recipe.diagnostics.task.task_views`) or given as ``task=``, after the
+    alignment the loss itself shows (a model that shifts ``labels = input_ids`` inside its loss).
+
+    A reading is used only when it explains the loss: the standard loss of the outputs under that reading
+    (cross-entropy, BCE on logits, BCE on probabilities, MSE, L1; by mean, by sum, or summed per example)
+    must agree with the measured loss (see :func:`~lightning_recipe.diagnostics.init_loss.loss_readings`). A
+    summed loss is held to the per-term references times the number of terms. With the default targets, a
+    loss that compares the outputs with the inputs (an autoencoder whose batch carries an unused label) is
+    read that way. A loss no reading explains (an ELBO, a contrastive or GAN loss, a weighted sum) is
+    ``skipped``, naming ``expected=`` (and ``targets=`` when the outputs have an input's size): never failed
+    on a misreading.
 
     Fails when the loss is far above chance (``ln C`` for softmax, ``ln 2`` per label for BCE, ``E[y^2]``
     for MSE, ``E|y|`` for L1: final layer too large, unnormalised inputs, a large bias), when a regression
-    model pays mostly for a target mean its bias does not have, and when the loss is far below the best
-    input-independent constant (labels leaking into inputs). Thresholds are in
-    :func:`~lightning_recipe.diagnostics.init_loss.tolerance_above` and ``tolerance_below``. Imbalanced
-    labels with a bias that does not express them pass, with a hint giving the exact bias values.
+    model's outputs start :data:`~lightning_recipe.diagnostics.init_loss.OFFSET_STDS` target standard
+    deviations or more from the targets' mean, when the loss is far below the best input-independent
+    constant (labels leaking into inputs), and when labels are shifted twice (by the user and again by the
+    model's loss). Thresholds are in :func:`~lightning_recipe.diagnostics.init_loss.tolerance_above` and
+    ``tolerance_below``. Imbalanced labels and smaller target offsets pass, with a hint giving the exact
+    bias values (one per class, label, output column, or output channel of an ``(N, C, H, W)`` output).
 
     Args:
         task: ``"auto"`` (default), ``"multiclass"``, ``"binary"``, ``"multilabel"`` or ``"regression"``.
         expected: the loss you expect at init (a custom loss, a pretrained or warm-started model); replaces
             chance and prior-optimal as the reference.
-        regression_loss: ``"auto"`` (MSE or L1, whichever chance is closer to the measured loss),
-            ``"mse"`` or ``"l1"``.
+        regression_loss: ``"auto"`` (MSE or L1, whichever explains the measured loss), ``"mse"`` or ``"l1"``.
         num_batches: how many training batches to average over.
         ignore_index: class label left out of classification targets (``-100``, as in PyTorch).
         on_fail, inputs, targets, forward: see :class:`~lightning_recipe.callbacks._preflight.PreflightCheck`.
