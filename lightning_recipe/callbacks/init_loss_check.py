@@ -31,6 +31,7 @@ from lightning_recipe.diagnostics.batch import (
 )
 from lightning_recipe.diagnostics.init_loss import (
     CONSISTENT_RATIO,
+    OFFSET_STDS,
     REGRESSION_LOSSES,
     SECOND_PASS_RATIO,
     Assessment,
@@ -132,7 +133,7 @@ class InitLossCheck(PreflightCheck):
         manual = not module.automatic_optimization
         losses: list[float] = []
         target_forms: list[list[tuple[str, TaskView]]] = []
-        input_forms: list[list[list[tuple[str, TaskView]]]] = []
+        seen_pairs: list[tuple[Tensor, Any]] = []  # (outputs, inputs) per batch, read against the inputs if need be
         examples: list[int] = []
         not_inferred: TaskNotInferred | None = None
         first_inputs: Any = None
@@ -154,7 +155,7 @@ class InitLossCheck(PreflightCheck):
                     same_pass = False
                     with ctx.autocast():
                         outputs = ctx.adapter.predict(module, inputs)
-                input_forms.append(self._forms_against_inputs(outputs, inputs))
+                seen_pairs.append((outputs, inputs))
                 per_channel = outputs.ndim >= 4
                 examples.append(int(outputs.shape[0]) if outputs.ndim else 1)
                 try:
@@ -203,7 +204,7 @@ class InitLossCheck(PreflightCheck):
         ratio = CONSISTENT_RATIO if same_pass else SECOND_PASS_RATIO
         details["consistency_ratio"] = ratio
         tried = list(readings)
-        reading = self._reading(readings, input_forms, examples, measured, manual, details, ratio, tried)
+        reading = self._reading(readings, seen_pairs, examples, measured, manual, details, ratio, tried)
         if reading is None and self.expected is None:
             raise CheckSkipped(_unexplained(measured, tried, not_inferred, misread or not readings))
         view = reading.view if reading is not None else None
@@ -266,7 +267,7 @@ class InitLossCheck(PreflightCheck):
     def _reading(
         self,
         readings: list[Reading],
-        input_forms: list[list[list[tuple[str, TaskView]]]],
+        seen_pairs: list[tuple[Tensor, Any]],
         examples: list[int],
         measured: float,
         manual: bool,
@@ -281,6 +282,7 @@ class InitLossCheck(PreflightCheck):
         found = consistent_readings(readings, measured, ratio)
         if found:
             return found[0]
+        input_forms = [self._forms_against_inputs(outputs, inputs) for outputs, inputs in seen_pairs]
         count = min((len(forms) for forms in input_forms), default=0)
         for i in range(count):
             candidates = loss_readings([forms[i] for forms in input_forms], examples, against="inputs")
@@ -555,7 +557,7 @@ def _bias_advice(view: TaskView, refs: References, measured: float, per_channel:
     return (
         f"{_offset_text(view, refs)}; setting the final bias to {bias} with `nn.init.constant_(final.bias, ...)`, or "
         f"standardising the targets starts the loss at ~{refs.prior_optimal:.4g} instead of ~{measured:.4g}. "
-        "Not a failure: an offset this small is learnt in the first steps."
+        f"Not a failure: an offset under {OFFSET_STDS:g} target stds is learnt in the first tens of steps."
     )
 
 
