@@ -4,15 +4,17 @@ shift is in the batch or inside the model (the Hugging Face / litgpt ``labels = 
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
+import lightning.pytorch as L
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_recipe import BatchLeakageProbe, InitLossCheck, OverfitOneBatch, RecipeCheckError
+from lightning_recipe import BatchLeakageProbe, InitLossCheck, OverfitOneBatch, RecipeCheckError, RecipeWarning
 from lightning_recipe.diagnostics.task import (
     Alignment,
     conflicting_labels,
@@ -249,3 +251,31 @@ def test_dynamics_logger_reads_its_fixed_batch_as_the_model_shifts_it():
     expected = labels[:, 1:][labels[:, 1:] != -100]
     assert logger._alignment is not None and logger._alignment.target_shift == 1
     assert torch.equal(logger._reading.targets, expected)
+
+
+class NoForwardWrapper(L.LightningModule):
+    """The way many Hugging Face users write a LightningModule: no ``forward``, ``self.model(**batch)`` in
+    ``training_step``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def training_step(self, batch, batch_idx):
+        return self.model(**batch)["loss"]
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("inner", "passes"), [(ShiftInsideLM, True), (BidirectionalShiftInsideLM, False)], ids=["causal", "bidirectional"]
+)
+def test_a_module_without_forward_is_read_through_the_model_it_wraps(inner, passes):
+    checks = [InitLossCheck(on_fail="warn"), OverfitOneBatch(on_fail="warn"), BatchLeakageProbe(on_fail="warn")]
+    loader = DataLoader(TokenDicts(), batch_size=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RecipeWarning)  # the bidirectional model's failure is warned
+        trainer(max_steps=1, callbacks=checks).fit(NoForwardWrapper(inner()), loader)
+    statuses = [c.result.status.value for c in checks]
+    assert statuses == ["passed", "passed", "passed" if passes else "failed"], [c.result.format() for c in checks]
