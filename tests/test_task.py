@@ -279,3 +279,27 @@ def test_a_module_without_forward_is_read_through_the_model_it_wraps(inner, pass
         trainer(max_steps=1, callbacks=checks).fit(NoForwardWrapper(inner()), loader)
     statuses = [c.result.status.value for c in checks]
     assert statuses == ["passed", "passed", "passed" if passes else "failed"], [c.result.format() for c in checks]
+
+
+def token_dicts_loader() -> DataLoader:
+    return DataLoader(TokenDicts(), batch_size=16)
+
+
+def shifted_twice_loader() -> DataLoader:
+    return DataLoader(TokenDicts(shift_labels=True), batch_size=16)
+
+
+@pytest.mark.parametrize(("data", "fails"), [("token_dicts_loader", None), ("shifted_twice_loader", "OverfitOneBatch")])
+def test_next_token_reading_under_ddp(tmp_path, data, fails):
+    """Every rank reads the shift from its own batch and the verdicts agree."""
+    from tests.ddp import run_ddp
+
+    checks = ["InitLossCheck", "OverfitOneBatch", "BatchLeakageProbe"]
+    code, ranks, output = run_ddp(tmp_path, model="tests.test_task:ShiftInsideLM", data=f"tests.test_task:{data}",
+                                  check=checks, check_kwargs={"on_fail": "warn"})
+    assert code == 0 and set(ranks) == {0, 1}, output
+    for rank in ranks.values():
+        statuses = {r["name"]: r["status"] for r in rank["results"]}
+        assert statuses == {c: "failed" if c == fails else "passed" for c in checks}, rank["results"]
+        causal = next(r for r in rank["results"] if r["name"] == "BatchLeakageProbe")["details"]["causal_checked"]
+        assert causal
