@@ -4,15 +4,17 @@ shift is in the batch or inside the model (the Hugging Face / litgpt ``labels = 
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
+import lightning.pytorch as L
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_recipe import BatchLeakageProbe, InitLossCheck, OverfitOneBatch, RecipeCheckError
+from lightning_recipe import BatchLeakageProbe, InitLossCheck, OverfitOneBatch, RecipeCheckError, RecipeWarning
 from lightning_recipe.diagnostics.task import (
     Alignment,
     conflicting_labels,
@@ -249,3 +251,55 @@ def test_dynamics_logger_reads_its_fixed_batch_as_the_model_shifts_it():
     expected = labels[:, 1:][labels[:, 1:] != -100]
     assert logger._alignment is not None and logger._alignment.target_shift == 1
     assert torch.equal(logger._reading.targets, expected)
+
+
+class NoForwardWrapper(L.LightningModule):
+    """The way many Hugging Face users write a LightningModule: no ``forward``, ``self.model(**batch)`` in
+    ``training_step``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def training_step(self, batch, batch_idx):
+        return self.model(**batch)["loss"]
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("inner", "passes"), [(ShiftInsideLM, True), (BidirectionalShiftInsideLM, False)], ids=["causal", "bidirectional"]
+)
+def test_a_module_without_forward_is_read_through_the_model_it_wraps(inner, passes):
+    checks = [InitLossCheck(on_fail="warn"), OverfitOneBatch(on_fail="warn"), BatchLeakageProbe(on_fail="warn")]
+    loader = DataLoader(TokenDicts(), batch_size=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RecipeWarning)  # the bidirectional model's failure is warned
+        trainer(max_steps=1, callbacks=checks).fit(NoForwardWrapper(inner()), loader)
+    statuses = [c.result.status.value for c in checks]
+    assert statuses == ["passed", "passed", "passed" if passes else "failed"], [c.result.format() for c in checks]
+
+
+def token_dicts_loader() -> DataLoader:
+    return DataLoader(TokenDicts(), batch_size=16)
+
+
+def shifted_twice_loader() -> DataLoader:
+    return DataLoader(TokenDicts(shift_labels=True), batch_size=16)
+
+
+@pytest.mark.parametrize(("data", "fails"), [("token_dicts_loader", None), ("shifted_twice_loader", "OverfitOneBatch")])
+def test_next_token_reading_under_ddp(tmp_path, data, fails):
+    """Every rank reads the shift from its own batch and the verdicts agree."""
+    from tests.ddp import run_ddp
+
+    checks = ["InitLossCheck", "OverfitOneBatch", "BatchLeakageProbe"]
+    code, ranks, output = run_ddp(tmp_path, model="tests.test_task:ShiftInsideLM", data=f"tests.test_task:{data}",
+                                  check=checks, check_kwargs={"on_fail": "warn"})
+    assert code == 0 and set(ranks) == {0, 1}, output
+    for rank in ranks.values():
+        statuses = {r["name"]: r["status"] for r in rank["results"]}
+        assert statuses == {c: "failed" if c == fails else "passed" for c in checks}, rank["results"]
+        causal = next(r for r in rank["results"] if r["name"] == "BatchLeakageProbe")["details"]["causal_checked"]
+        assert causal

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 __all__ = [
     "BatchAdapter",
     "BatchNotUnderstood",
+    "ChildForward",
     "call_with_batch",
     "batch_size_of",
     "default_forward",
@@ -168,7 +169,8 @@ class BatchAdapter:
     def fitted(self, module: nn.Module, batch: Any) -> BatchAdapter:
         """This adapter if the model can be called with it on ``batch``; else, when ``inputs=`` and
         ``forward=`` were left to their defaults, one that hands the model the whole batch (``module(batch)``,
-        as a ``forward(self, batch)`` wants). Raises :class:`BatchNotUnderstood` naming the arguments to pass
+        as a ``forward(self, batch)`` wants), or, for a module without ``forward`` that wraps one model, one that
+        calls that model (:class:`ChildForward`). Raises :class:`BatchNotUnderstood` naming the arguments to pass
         when neither works. Runs the model once or twice: call it under ``torch.no_grad()`` on a snapshot."""
         guessed = self.inputs is default_inputs and self.forward is default_forward
         first: Exception | None = None
@@ -190,6 +192,20 @@ class BatchAdapter:
                 pass
         if first is None:
             return self  # odd outputs from the default call, and no better reading: leave it to the check
+        child = _sole_model(module) if guessed and isinstance(first, NotImplementedError) else None
+        if child is not None:
+            # a LightningModule without `forward` that wraps one model (`self.model(**batch)` in training_step,
+            # as Hugging Face users write it): call that model, with the whole dict batch first (attention
+            # masks included), then with the input alone
+            candidates = [ChildForward(child, whole=True)] if isinstance(batch, Mapping) else []
+            for forward in [*candidates, ChildForward(child, whole=False)]:
+                adapter = replace(self, inputs=whole_batch, forward=forward) if forward.whole else replace(
+                    self, forward=forward)
+                try:
+                    if self._per_example(adapter.predict(module, adapter.get_inputs(batch)), batch):
+                        return adapter
+                except Exception:  # noqa: BLE001, S110 - the first error is the one worth reporting
+                    pass
         if isinstance(first, BatchNotUnderstood):
             raise first
         tried = f"`module(x)` with x = {_describe(inputs)}" if guessed else "your `inputs=` / `forward=`"
@@ -209,6 +225,27 @@ class BatchAdapter:
         except (BatchNotUnderstood, IndexError):
             return True  # no targets to compare with
         return n in output.shape or (output.ndim >= 1 and output.shape[0] >= n and output.shape[0] % n == 0)
+
+
+def _sole_model(module: nn.Module) -> str | None:
+    """The name of the one direct submodule with parameters (``self.model``), if there is exactly one."""
+    named = [name for name, child in module.named_children() if next(child.parameters(), None) is not None]
+    return named[0] if len(named) == 1 else None
+
+
+@dataclass(frozen=True)
+class ChildForward:
+    """``forward=`` that calls the submodule ``name`` of the module: ``model(**batch)`` with ``whole``, else
+    :func:`default_forward` on it. Picklable, and it follows the module to any device or process."""
+
+    name: str
+    whole: bool = False
+
+    def __call__(self, module: nn.Module, inputs: Inputs) -> Any:
+        child = getattr(module, self.name)
+        if self.whole and isinstance(inputs, Mapping):
+            return child(**inputs)
+        return default_forward(child, inputs)
 
 
 def whole_batch(batch: Any) -> Any:
