@@ -21,6 +21,7 @@ from lightning_recipe._args import check_choice, check_int
 from lightning_recipe.callbacks._preflight import CheckContext, CheckSkipped, PreflightCheck, shifted_twice_text
 from lightning_recipe.diagnostics.batch import (
     BatchNotUnderstood,
+    ChildForward,
     ForwardFn,
     InputsFn,
     TargetsFn,
@@ -232,10 +233,14 @@ class InitLossCheck(PreflightCheck):
 
     def _loss_and_outputs(self, ctx: CheckContext, batch: Any, index: int) -> tuple[float, Tensor | None]:
         """The loss ``training_step`` returns on ``batch``, and the outputs that loss was computed from when
-        ``training_step`` called the module once (``self(x)``) and the default ``forward`` reads them: the same
+        ``training_step`` called the module once (``self(x)``, or the one model a module without ``forward``
+        wraps) and the default ``forward`` reads them: the same
         dropout mask and the same VAE sample, so a standard loss of them equals the measured loss exactly.
         ``None`` for the outputs otherwise (a second forward pass is then needed)."""
-        module = ctx.module
+        module: nn.Module = ctx.module
+        forward = ctx.adapter.forward
+        if isinstance(forward, ChildForward):  # no `forward`: training_step calls the model it wraps
+            module = getattr(module, forward.name)
         hookable = self.adapter.forward is default_forward and getattr(module, "_compiled_call_impl", None) is None
         calls: list[Any] = []
         handle = module.register_forward_hook(lambda _m, _a, out: calls.append(out)) if hookable else None
