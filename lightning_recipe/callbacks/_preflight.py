@@ -27,6 +27,7 @@ from lightning_recipe import _logging
 from lightning_recipe._args import ON_FAIL_CHOICES, check_choice
 from lightning_recipe.callbacks._base import RecipeCallback
 from lightning_recipe.diagnostics.batch import BatchAdapter, BatchNotUnderstood, ForwardFn, InputsFn, TargetsFn
+from lightning_recipe.diagnostics.compiled import eager
 from lightning_recipe.diagnostics.state import ModuleAttributes, preserved
 from lightning_recipe.report import CheckResult, CheckStatus, RecipeCheckError, RecipeWarning, jsonable
 
@@ -127,6 +128,14 @@ def silenced_logging(module: pl.LightningModule) -> Iterator[None]:
                 module.__dict__.pop(name, None)
             else:
                 module.__dict__[name] = value
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    """The first line of an error's message, at most ``limit`` characters: a summary is one line, and some
+    errors (torch.compile's) carry pages of internals. The full traceback goes to ``details``."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    first = lines[0] if lines else ""
+    return first if len(first) <= limit else first[: limit - 3] + "..."
 
 
 def _ignore(*args: Any, **kwargs: Any) -> None:
@@ -286,6 +295,7 @@ class PreflightCheck(RecipeCallback):
             with (
                 preserved(pl_module, trainer.optimizers, schedulers, loader_generators(loader)) as state,
                 silenced_logging(pl_module),
+                eager(),  # a compiled model runs uncompiled: see diagnostics/compiled.py
                 torch.enable_grad(),
             ):
                 batches = peek_batches(trainer, self.num_batches)
@@ -298,11 +308,11 @@ class PreflightCheck(RecipeCallback):
         except Exception as error:  # noqa: BLE001 - a check must never lose the user's run
             rank_zero_warn(
                 f"{self.name} hit an error and was skipped; training goes on. Please report this: "
-                f"{type(error).__name__}: {error}",
+                f"{type(error).__name__}: {_one_line(error)}",
                 category=RecipeWarning,
             )
             return self.skipped(
-                f"{self.name} could not run: {type(error).__name__}: {error}",
+                f"{self.name} could not run: {type(error).__name__}: {_one_line(error)}",
                 {"traceback": traceback.format_exc(limit=-6)},
             )
 

@@ -19,6 +19,7 @@ from lightning_recipe._args import check_choice, check_fraction, check_int, chec
 from lightning_recipe.callbacks._monitor import Monitor
 from lightning_recipe.callbacks._preflight import loader_generators, prepare_batch, without_persistent_workers
 from lightning_recipe.diagnostics.batch import ForwardFn, InputsFn, TargetsFn, slice_batch
+from lightning_recipe.diagnostics.compiled import eager
 from lightning_recipe.diagnostics.init_loss import TASKS
 from lightning_recipe.diagnostics.prediction_dynamics import (
     Evaluation,
@@ -30,7 +31,7 @@ from lightning_recipe.diagnostics.prediction_dynamics import (
     movement,
     snapshot,
 )
-from lightning_recipe.diagnostics.state import RngState
+from lightning_recipe.diagnostics.state import RngState, attributes_preserved
 
 __all__ = ["PredictionDynamicsLogger"]
 
@@ -406,12 +407,14 @@ class PredictionDynamicsLogger(Monitor):
 @contextmanager
 def _evaluating(module: torch.nn.Module) -> Iterator[None]:
     """Eval mode and no gradients inside; the mode of every submodule and every RNG put back after, so a
-    stochastic forward does not shift the run and a submodule the user keeps in eval stays so."""
+    stochastic forward does not shift the run and a submodule the user keeps in eval stays so. The module's
+    plain attributes too: a forward that caches or counts must not change what training sees. A compiled
+    model runs eagerly (see :mod:`lightning_recipe.diagnostics.compiled`)."""
     modes = [(m, m.training) for m in module.modules()]
     rng = RngState.capture()
     try:
         module.eval()
-        with torch.no_grad():
+        with torch.no_grad(), attributes_preserved(module), eager():
             yield
     finally:
         for submodule, training in modes:
