@@ -110,17 +110,17 @@ def _compiled_module(backend: str):
     return make
 
 
-def _run(make_model, data, with_checks: bool, steps: int = 8):
+def _run(make_model, data, with_checks: bool, steps: int = 8, deterministic: bool = True, checks_too: bool = True):
     L.seed_everything(123, workers=True, verbose=False)
     model = make_model()
-    checks = [InitLossCheck(), OverfitOneBatch(), BatchLeakageProbe()] if with_checks else []
+    checks = [InitLossCheck(), OverfitOneBatch(), BatchLeakageProbe()] if with_checks and checks_too else []
     # the monitors measure every step: the most chances to disturb the run
     monitors = [m(every_n_steps=1) for m in (UpdateRatioMonitor, PredictionDynamicsLogger, FirstLayerVisualizer)]
-    t = trainer(max_steps=steps, callbacks=checks + (monitors if with_checks else []), deterministic=True)
+    t = trainer(max_steps=steps, callbacks=checks + (monitors if with_checks else []), deterministic=deterministic)
     t.fit(model, data(), data())
     if with_checks:
         # passed, not skipped: a check that cannot read a compiled or stateful model guarantees nothing
-        assert [c.result.status.value for c in checks] == ["passed"] * 3, [c.result.summary for c in checks]
+        assert all(c.result.status.value == "passed" for c in checks), [c.result.summary for c in checks]
         assert all(m.enabled and not m.alerts for m in monitors)
     opt = t.optimizers[0]
     scheds = [c.scheduler.state_dict() for c in t.lr_scheduler_configs]
@@ -160,11 +160,14 @@ def test_run_with_checks_ends_bit_identical_to_run_without(make_model, data):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("checks_too", [True, False], ids=["all", "monitors-only"])
 @pytest.mark.parametrize("make_model", [_compiled_submodules("inductor"), _compiled_module("inductor")],
                          ids=["submodules", "module"])
-def test_inductor_compiled_run_with_checks_ends_bit_identical(make_model):
-    """The default backend generates its own kernels: a graph compiled for one of the package's forward passes
-    (eval mode, no gradients, hooks) made dynamo recompile training's graph and the run drift."""
-    plain = _run(make_model, shapes, with_checks=False)
-    checked = _run(make_model, shapes, with_checks=True)
+def test_inductor_compiled_run_with_checks_ends_bit_identical(make_model, checks_too):
+    """The default backend generates its own kernels. A graph compiled for one of the package's forward passes
+    (eval mode, no gradients, hooks) made dynamo recompile training's graph and the run drift: seen with the
+    monitors alone, whose forward is then the first call the compiled model gets. Without `deterministic=True`, as
+    compiled models are usually trained (inductor then generates its own dropout masks)."""
+    plain = _run(make_model, shapes, with_checks=False, deterministic=False)
+    checked = _run(make_model, shapes, with_checks=True, deterministic=False, checks_too=checks_too)
     _assert_identical(plain, checked)
