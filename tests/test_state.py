@@ -127,7 +127,7 @@ def test_what_torch_owns_is_left_alone():
     m.refs = [m.child.lin.weight]  # a parameter in a plain list: TrainingState's, never cloned here
     state = ModuleAttributes.capture(m)
     assert all(t.tensor is not m.child.lin.weight for t in state.tensors)
-    recorded = {name for _, plain in state.entries for name in plain}
+    recorded = {name for _, plain, _ in state.entries for name in plain}
     assert {"_parameters", "_buffers", "_modules", "_forward_hooks", "training"}.isdisjoint(recorded)
     handle = m.register_forward_hook(lambda *a: None)
     m.register_buffer("late", torch.zeros(1))
@@ -145,7 +145,7 @@ def test_a_compile_wrapper_is_skipped_but_the_module_inside_is_restored():
     inner = Stateful()
     wrapped = torch.compile(inner, backend="eager")
     state = ModuleAttributes.capture(wrapped)
-    assert all(type(owner).__name__ != "OptimizedModule" for owner, _ in state.entries)
+    assert all(type(owner).__name__ != "OptimizedModule" for owner, _, _ in state.entries)
     inner.history.append(5.0)
     state.restore()
     assert inner.history == [1.0]
@@ -177,7 +177,7 @@ def test_what_lightning_owns_is_left_alone():
     class Probe(L.Callback):
         def on_train_start(self, trainer, pl_module):
             state = ModuleAttributes.capture(pl_module)
-            recorded.update(dict(state.entries)[pl_module])
+            recorded.update({o: p for o, p, _ in state.entries}[pl_module])
             pl_module._current_fx_name = "changed-by-lightning"
             state.restore()
             recorded["fx_after_restore"] = pl_module._current_fx_name

@@ -82,9 +82,13 @@ def _owned_names(kind: str) -> frozenset[str]:
     return frozenset(names | _OWNED_ALWAYS)
 
 
-def _is_owned(module: nn.Module, name: str) -> bool:
-    kind = "lightning" if isinstance(module, _lightning_module_type()) else "torch"
-    return name in _owned_names(kind) or name.startswith(("_torchdynamo", "_dynamo"))
+def _owned_by(module: nn.Module) -> frozenset[str]:
+    return _owned_names("lightning" if isinstance(module, _lightning_module_type()) else "torch")
+
+
+def _plain_names(module: nn.Module, names: Iterable[str]) -> list[str]:
+    """Of ``names`` (keys of ``module.__dict__``), those that are the user's plain attributes."""
+    return [k for k in names - _owned_by(module) if not k.startswith(("_torchdynamo", "_dynamo"))]  # type: ignore[operator]
 
 
 @functools.cache
@@ -137,22 +141,26 @@ class ModuleAttributes:
     safe. Parameters and buffers found in a container are left to :class:`TrainingState`.
     """
 
-    entries: list[tuple[nn.Module, dict[str, Any]]]
+    entries: list[tuple[nn.Module, dict[str, Any], frozenset[str]]]  # module, its plain attributes, all its keys
     containers: list[tuple[Any, Any]] = field(default_factory=list)
     tensors: list[_TensorValue] = field(default_factory=list)
 
     @classmethod
     def capture(cls, module: nn.Module) -> ModuleAttributes:
         state = cls(entries=[])
-        skip = {id(t) for t in _state_tensors(module)}  # parameters and buffers: TrainingState's
         seen: set[int] = set()
+        skip: set[int] | None = None  # parameters and buffers (TrainingState's), listed when first needed
         for submodule in module.modules():
             if _is_compile_wrapper(submodule):
                 continue
-            plain = {k: v for k, v in submodule.__dict__.items() if not _is_owned(submodule, k)}
-            state.entries.append((submodule, plain))
+            live = submodule.__dict__
+            plain = {k: live[k] for k in _plain_names(submodule, live.keys())}
+            state.entries.append((submodule, plain, frozenset(live)))
             for value in plain.values():
-                state._walk(value, seen, skip)
+                if isinstance(value, (Tensor, tuple, *_CONTAINERS)):
+                    if skip is None:
+                        skip = {id(t) for t in _state_tensors(module)}
+                    state._walk(value, seen, skip)
         return state
 
     def _walk(self, value: Any, seen: set[int], skip: set[int]) -> None:
@@ -176,10 +184,13 @@ class ModuleAttributes:
                 stack.extend(item)
 
     def restore(self) -> None:
-        for submodule, plain in self.entries:
+        """Cheap when nothing changed (a check calls it before every ``training_step``)."""
+        for submodule, plain, keys in self.entries:
             live = submodule.__dict__
-            for name in [k for k in live if k not in plain and not _is_owned(submodule, k)]:
-                del live[name]
+            added = live.keys() - keys
+            if added:
+                for name in _plain_names(submodule, added):
+                    del live[name]
             for name, value in plain.items():
                 if live.get(name, _MISSING) is not value:
                     live[name] = value
