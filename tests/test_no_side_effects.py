@@ -171,3 +171,23 @@ def test_inductor_compiled_run_with_checks_ends_bit_identical(make_model, checks
     plain = _run(make_model, shapes, with_checks=False, deterministic=False)
     checked = _run(make_model, shapes, with_checks=True, deterministic=False, checks_too=checks_too)
     _assert_identical(plain, checked)
+
+
+class _AttributesAtStart(L.Callback):
+    """Placed after a check: what the module's attributes are when training is about to start."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.seen = (pl_module.hidden, pl_module.calls, list(pl_module.losses))
+
+
+@pytest.mark.parametrize("check", [InitLossCheck, OverfitOneBatch, BatchLeakageProbe])
+def test_each_check_leaves_a_stateful_modules_attributes_as_it_found_them(check):
+    """Lightning's LSTM demo carries `self.hidden`: a check left it set (OverfitOneBatch: for 4 examples, so the
+    first real step crashed on a 16-example batch), its call counter advanced and its loss list grown."""
+    torch.manual_seed(0)
+    model, seen = StatefulLSTM(), _AttributesAtStart()
+    c = check()
+    trainer(max_steps=2, callbacks=[c, seen]).fit(model, stream_tokens())
+    assert c.result.status.value == "passed", c.result.summary
+    assert seen.seen == (None, 0, [])
+    assert model.calls == 2 and len(model.losses) == 2
