@@ -191,3 +191,28 @@ def test_each_check_leaves_a_stateful_modules_attributes_as_it_found_them(check)
     assert c.result.status.value == "passed", c.result.summary
     assert seen.seen == (None, 0, [])
     assert model.calls == 2 and len(model.losses) == 2
+
+
+class CachingCNN(BatchNormCNN):
+    """A forward that counts its calls and caches its last output: the monitors' own forward passes (the first
+    layer's trace, the fixed batch's predictions) must leave both as training left them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.forward_calls = 0
+        self.last_output: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.forward_calls += 1
+        self.last_output = super().forward(x)
+        return self.last_output
+
+
+def test_monitors_forward_passes_leave_the_modules_attributes_alone():
+    torch.manual_seed(0)
+    model = CachingCNN()
+    monitors = [PredictionDynamicsLogger(every_n_steps=1), FirstLayerVisualizer(every_n_steps=1)]
+    trainer(max_steps=3, callbacks=monitors).fit(model, shapes())
+    assert all(m.enabled for m in monitors) and monitors[1].layer_name is not None
+    assert model.forward_calls == 3, "only training's own forward passes count"
+    assert model.last_output is not None and model.last_output.shape[0] == 32, "training's batch, not the 12 examples"
