@@ -209,3 +209,19 @@ def test_attributes_preserved_restores_when_the_body_raises():
         m.history.clear()
         raise RuntimeError("user code")
     assert m.history == [1.0]
+
+
+def test_a_view_of_a_parameter_is_left_to_the_parameter_snapshot():
+    """`self.row = self.lin.weight[0]` shares the parameter's storage: writing it back between a check's training
+    steps would undo the training; TrainingState restores the parameter, and so the view."""
+    m = Stateful()
+    m.row = m.child.lin.weight.detach()[0]
+    before = m.child.lin.weight.detach().clone()
+    state = TrainingState.capture(m)
+    assert all(t.tensor is not m.row for t in state.attributes.tensors)
+    with torch.no_grad():
+        m.child.lin.weight.add_(1.0)
+    state.attributes.restore()
+    assert torch.equal(m.child.lin.weight, before + 1.0), "the attributes alone do not touch the parameter"
+    state.restore()
+    assert torch.equal(m.child.lin.weight, before) and torch.equal(m.row, before[0])

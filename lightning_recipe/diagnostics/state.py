@@ -120,6 +120,18 @@ class _TensorValue:
                 self.tensor.data = self.saved.clone()
 
 
+def _storage(tensor: Tensor) -> int | None:
+    """Where the tensor's data lives (shared by views); ``None`` for tensors without one storage (sparse)."""
+    try:
+        return int(tensor.untyped_storage().data_ptr()) or None  # 0: meta or empty, shared by all of those
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+
+
+def _storages(tensors: Iterable[Tensor]) -> set[int | None]:
+    return {_storage(t) for t in tensors} - {None}
+
+
 def _version(tensor: Tensor) -> int | None:
     try:
         return int(tensor._version)
@@ -159,7 +171,7 @@ class ModuleAttributes:
             for value in plain.values():
                 if isinstance(value, (Tensor, tuple, *_CONTAINERS)):
                     if skip is None:
-                        skip = {id(t) for t in _state_tensors(module)}
+                        skip = _storages(_state_tensors(module))
                     state._walk(value, seen, skip)
         return state
 
@@ -168,11 +180,13 @@ class ModuleAttributes:
         stack = [value]
         while stack:
             item = stack.pop()
-            if id(item) in seen or id(item) in skip:
+            if id(item) in seen:
                 continue
             if isinstance(item, Tensor):
                 seen.add(id(item))
-                if not isinstance(item, nn.Parameter):
+                # a parameter or buffer, or a view of one (`self.row = self.emb.weight[0]`): TrainingState puts
+                # those back; writing a view back between a check's steps would undo its training
+                if not isinstance(item, nn.Parameter) and _storage(item) not in skip:
                     self.tensors.append(_TensorValue(item, _version(item), item.detach().clone()))
             elif isinstance(item, _CONTAINERS):
                 seen.add(id(item))
