@@ -32,7 +32,8 @@ def eager() -> Iterator[None]:
     untouched). Before torch 2.6 (no ``torch.compiler.set_stance``) dynamo's ``disable`` switch does it for
     code not compiled yet (a graph compiled earlier for the very same call may still run: same function).
     Nothing changes inside a region being compiled, where the stance cannot be set."""
-    if torch.compiler.is_compiling():
+    is_compiling = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3 has it; be lenient
+    if is_compiling is not None and is_compiling():
         yield
         return
     set_stance = getattr(torch.compiler, "set_stance", None)
