@@ -26,6 +26,7 @@ from lightning_recipe.callbacks._preflight import (
     without_persistent_workers,
 )
 from lightning_recipe.diagnostics.batch import ForwardFn, InputsFn, TargetsFn, slice_batch
+from lightning_recipe.diagnostics.compiled import eager
 from lightning_recipe.diagnostics.prediction_dynamics import (
     Evaluation,
     Reading,
@@ -36,7 +37,7 @@ from lightning_recipe.diagnostics.prediction_dynamics import (
     movement,
     snapshot,
 )
-from lightning_recipe.diagnostics.state import RngState, preserved
+from lightning_recipe.diagnostics.state import RngState, attributes_preserved, preserved
 from lightning_recipe.diagnostics.task import TASKS, Alignment
 
 __all__ = ["PredictionDynamicsLogger"]
@@ -225,7 +226,11 @@ class PredictionDynamicsLogger(Monitor):
         the checks read it: one ``training_step`` on the fixed batch, everything it changes restored."""
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
         ctx = CheckContext(trainer, pl_module, [self.batch], self.adapter, self.component)
-        with preserved(pl_module, trainer.optimizers, schedulers, generators), silenced_logging(pl_module):
+        with (
+            preserved(pl_module, trainer.optimizers, schedulers, generators),
+            silenced_logging(pl_module),
+            eager(),
+        ):
             try:
                 return ctx.alignment(self.batch)
             except CheckSkipped:
@@ -429,12 +434,14 @@ class PredictionDynamicsLogger(Monitor):
 @contextmanager
 def _evaluating(module: torch.nn.Module) -> Iterator[None]:
     """Eval mode and no gradients inside; the mode of every submodule and every RNG put back after, so a
-    stochastic forward does not shift the run and a submodule the user keeps in eval stays so."""
+    stochastic forward does not shift the run and a submodule the user keeps in eval stays so. The module's
+    plain attributes too: a forward that caches or counts must not change what training sees. A compiled
+    model runs eagerly (see :mod:`lightning_recipe.diagnostics.compiled`)."""
     modes = [(m, m.training) for m in module.modules()]
     rng = RngState.capture()
     try:
         module.eval()
-        with torch.no_grad():
+        with torch.no_grad(), attributes_preserved(module), eager():
             yield
     finally:
         for submodule, training in modes:
