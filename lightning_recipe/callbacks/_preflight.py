@@ -64,8 +64,8 @@ class CheckContext:
     batches: list[Any]
     adapter: BatchAdapter
     component: str
-    _alignments: dict[int, Alignment | None] = field(default_factory=dict, repr=False)
     start: ModuleAttributes | None = field(default=None, repr=False)
+    _alignments: dict[int, Alignment | None] = field(default_factory=dict, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -349,7 +349,7 @@ class PreflightCheck(RecipeCallback):
                 torch.enable_grad(),
             ):
                 batches = peek_batches(trainer, self.num_batches)
-                ctx = CheckContext(trainer, pl_module, batches, self.adapter, self.component, state.attributes)
+                ctx = CheckContext(trainer, pl_module, batches, self.adapter, self.component, start=state.attributes)
                 with torch.no_grad(), ctx.autocast():
                     ctx.adapter = self.adapter.fitted(pl_module, batches[0])
                 return self.run(ctx)
