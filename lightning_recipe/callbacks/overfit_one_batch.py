@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -13,7 +14,15 @@ from torch import Tensor, nn
 from lightning_recipe import _logging
 from lightning_recipe._args import check_fraction, check_int, check_positive
 from lightning_recipe.callbacks._preflight import CheckContext, CheckSkipped, PreflightCheck
-from lightning_recipe.diagnostics.batch import BatchNotUnderstood, ForwardFn, InputsFn, TargetsFn, batch_size_of
+from lightning_recipe.diagnostics.batch import (
+    BatchNotUnderstood,
+    ForwardFn,
+    InputsFn,
+    TargetsFn,
+    batch_size_of,
+    graph_adjacency,
+    take_along,
+)
 from lightning_recipe.diagnostics.overfit import (
     DEFAULT_LRS,
     Attempt,
@@ -96,6 +105,7 @@ class OverfitOneBatch(PreflightCheck):
         self.max_steps = max_steps
         self.lrs = tuple(float(v) for v in lrs)
         self.loss_fraction = loss_fraction
+        self._graph_note: str | None = None  # set by _fixed_batch when the batch is one graph
 
     # -- the check --------------------------------------------------------------------------------
     def run(self, ctx: CheckContext) -> CheckResult:
@@ -152,7 +162,11 @@ class OverfitOneBatch(PreflightCheck):
         )
         outputs = predict() if evidence.attempts and evidence.loss_has_graph else None
         self._log(ctx, evidence, outputs, targets)
-        return self._verdict(evidence, outputs, targets, used, full, switched)
+        result = self._verdict(evidence, outputs, targets, used, full, switched)
+        if self._graph_note is None:
+            return result
+        return replace(result, summary=result.summary + self._graph_note,
+                       details={**result.details, "graph_nodes": used, "fitted": "whole graph"})
 
     def _fixed_batch(self, ctx: CheckContext) -> tuple[Any, int, bool]:
         """The first ``num_examples`` examples of the first batch; the whole batch if slicing breaks it."""
@@ -167,6 +181,15 @@ class OverfitOneBatch(PreflightCheck):
         if size < 2:
             raise CheckSkipped(f"the first training batch has {size} example; overfitting needs at least 2.")
         k = min(self.num_examples, size)
+        self._graph_note = None
+        if k < size and graph_adjacency(ctx.adapter.get_inputs(batch), size) is not None:
+            # the examples are the nodes of one graph: cutting nodes out cuts their edges (and the few nodes
+            # kept may hold no training label under a mask), so the graph is fitted whole, as training sees it
+            self._graph_note = (
+                f" The batch is one graph of {size} nodes (an ({size}, {size}) adjacency among the inputs): "
+                "the whole graph was fitted, since cutting nodes out would cut their edges."
+            )
+            return batch, size, True
         if k == size:
             return batch, size, True
         sliced = _take(batch, k, size)
@@ -409,12 +432,13 @@ def _stochastic_layers_off(module: nn.Module) -> int:
 
 
 def _take(value: Any, k: int, size: int) -> Any:
-    """The first ``k`` examples: tensors with ``size`` on dim 0 are cut there, else on dim 1 (time-major)."""
+    """The first ``k`` examples: tensors with ``size`` on dim 0 are cut there, else on dim 1 (time-major).
+    Sparse tensors are cut with ``index_select`` (they have no strided views)."""
     if isinstance(value, Tensor):
         if value.ndim >= 1 and value.shape[0] == size:
-            return value[:k]
+            return take_along(value, slice(0, k), 0)
         if value.ndim >= 2 and value.shape[1] == size:
-            return value[:, :k]
+            return take_along(value, slice(0, k), 1)
         return value
     if isinstance(value, Mapping):
         return type(value)({key: _take(v, k, size) for key, v in value.items()})  # type: ignore[call-arg]

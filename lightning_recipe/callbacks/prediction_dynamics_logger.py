@@ -18,7 +18,14 @@ from lightning_recipe import _logging
 from lightning_recipe._args import check_choice, check_fraction, check_int, check_positive
 from lightning_recipe.callbacks._monitor import Monitor
 from lightning_recipe.callbacks._preflight import loader_generators, prepare_batch, without_persistent_workers
-from lightning_recipe.diagnostics.batch import ForwardFn, InputsFn, TargetsFn, slice_batch
+from lightning_recipe.diagnostics.batch import (
+    ForwardFn,
+    InputsFn,
+    TargetsFn,
+    graph_adjacency,
+    is_sparse,
+    slice_batch,
+)
 from lightning_recipe.diagnostics.init_loss import TASKS
 from lightning_recipe.diagnostics.prediction_dynamics import (
     Evaluation,
@@ -201,11 +208,12 @@ class PredictionDynamicsLogger(Monitor):
         finally:
             rng.restore()
         self.batch = self._fixed_batch(batches)
-        self._targets = self.adapter.get_targets(self.batch).detach().cpu()  # fixed: on the host once
         self.batch_source = "val" if loader is not None else "train"
-        n = self._examples_in_batch = self._examples(self.batch)
         with _evaluating(pl_module):
+            # fitted first: reading `forward`'s signature can move the targets (`(x, adj, y)` batches)
             self.adapter = self.adapter.fitted(pl_module, self.batch)
+        self._targets = self.adapter.get_targets(self.batch).detach().cpu()  # fixed: on the host once
+        n = self._examples_in_batch = self._examples(self.batch)
         text = f"Fixed batch of {n} examples from {where}, evaluated every {self.every_n_steps} optimizer steps."
         _logging.log_text(trainer, self.tag("batch"), text, int(trainer.global_step))
 
@@ -420,19 +428,26 @@ def _evaluating(module: torch.nn.Module) -> Iterator[None]:
 
 
 def _uniform(batch: Any, n: int) -> bool:
-    """Whether every tensor in ``batch`` has ``n`` on dim 0 (so it can be cut and joined there)."""
+    """Whether every tensor in ``batch`` has ``n`` on dim 0 (so it can be cut and joined there), and the
+    batch is not one graph whose ``n`` examples are nodes (cutting them would cut edges)."""
+    return _rows(batch, n) and graph_adjacency(batch, n) is None
+
+
+def _rows(batch: Any, n: int) -> bool:
     if isinstance(batch, Tensor):
         return batch.ndim > 0 and batch.shape[0] == n
     if isinstance(batch, Mapping):
-        return all(_uniform(v, n) for v in batch.values())
+        return all(_rows(v, n) for v in batch.values())
     if isinstance(batch, (tuple, list)):
-        return all(_uniform(v, n) for v in batch)
+        return all(_rows(v, n) for v in batch)
     return True
 
 
 def _concat(batches: list[Any]) -> Any:
     first = batches[0]
     if isinstance(first, Tensor):
+        if any(is_sparse(b) for b in batches):  # torch.cat joins sparse COO tensors only with each other
+            return torch.cat([b.to_sparse_coo() if is_sparse(b) else b.to_sparse() for b in batches])
         return torch.cat(batches)
     if isinstance(first, Mapping):
         return type(first)({k: _concat([b[k] for b in batches]) for k in first})  # type: ignore[call-arg]

@@ -6,23 +6,31 @@ Every check and monitor accepts the same three keyword arguments, ``inputs=``, `
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 __all__ = [
     "BatchAdapter",
     "BatchNotUnderstood",
+    "all_finite",
     "call_with_batch",
     "batch_size_of",
     "default_forward",
     "default_inputs",
     "default_targets",
     "first_tensor",
+    "graph_adjacency",
+    "is_sparse",
     "select_output",
     "slice_batch",
+    "take_along",
+    "tensors_of",
+    "value_stats",
     "whole_batch",
 ]
 
@@ -181,6 +189,14 @@ class BatchAdapter:
             first = error
         except Exception as error:  # noqa: BLE001 - the user's forward on what we guessed it takes
             first = error
+        if guessed and (by_name := self._by_signature(module, batch)) is not None:
+            # `forward(self, x, adj)` fed from `(x, adj, y, ...)`, or `forward(self, x, adj)` from a dict
+            # with those keys: the batch entries the signature names are the inputs
+            try:
+                if by_name._per_example(by_name.predict(module, by_name.get_inputs(batch)), batch):
+                    return by_name
+            except Exception:  # noqa: BLE001, S110 - the first error is the one worth reporting
+                pass
         if guessed and not isinstance(batch, Tensor):
             whole = replace(self, inputs=whole_batch, forward=call_with_batch)
             try:
@@ -200,6 +216,30 @@ class BatchAdapter:
         ) from first
 
 
+    def _by_signature(self, module: nn.Module, batch: Any) -> BatchAdapter | None:
+        """An adapter whose inputs are the batch entries ``module.forward``'s signature asks for: the first
+        ``k`` items of a tuple batch for ``k`` required positional parameters (the target is then item
+        ``k``, unless ``targets=`` was given), or the keys of a dict batch that name parameters. ``None``
+        when the signature does not say more than ``module(x)`` already tried."""
+        try:
+            params = list(inspect.signature(module.forward).parameters.values())
+        except (TypeError, ValueError):
+            return None
+        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        required = [p for p in positional if p.default is p.empty]
+        if isinstance(batch, (tuple, list)) and not hasattr(batch, "_fields"):
+            k = len(required)
+            if k < 2 or k >= len(batch) or not all(isinstance(v, Tensor) for v in batch[: k + 1]):
+                return None
+            targets = self.targets if self.targets is not default_targets else _ItemAt(k)
+            return replace(self, inputs=_LeadingItems(k), targets=targets)
+        if isinstance(batch, Mapping):
+            named = tuple(p.name for p in params if p.name in batch and p.kind is not p.POSITIONAL_ONLY)
+            if not named or any(p.name not in named for p in required if p.kind is not p.POSITIONAL_ONLY):
+                return None
+            return replace(self, inputs=_Keys(named))
+        return None
+
     def _per_example(self, output: Tensor, batch: Any) -> bool:
         """Whether ``output`` can hold one prediction per example: a dimension of the targets' batch size,
         or flattened rows (``(N*T, ...)``). A forward that took a guessed input and still ran can return
@@ -209,6 +249,36 @@ class BatchAdapter:
         except (BatchNotUnderstood, IndexError):
             return True  # no targets to compare with
         return n in output.shape or (output.ndim >= 1 and output.shape[0] >= n and output.shape[0] % n == 0)
+
+
+@dataclass(frozen=True)
+class _LeadingItems:
+    """``inputs=`` taking the first ``count`` items of a tuple batch (a multi-input ``forward``)."""
+
+    count: int
+
+    def __call__(self, batch: Any) -> tuple[Any, ...]:
+        return tuple(batch[: self.count])
+
+
+@dataclass(frozen=True)
+class _ItemAt:
+    """``targets=`` taking item ``index`` of a tuple batch (the item after the inputs)."""
+
+    index: int
+
+    def __call__(self, batch: Any) -> Any:
+        return batch[self.index]
+
+
+@dataclass(frozen=True)
+class _Keys:
+    """``inputs=`` taking the entries of a dict batch that ``forward`` names as parameters."""
+
+    keys: tuple[str, ...]
+
+    def __call__(self, batch: Any) -> dict[str, Any]:
+        return {key: batch[key] for key in self.keys}
 
 
 def whole_batch(batch: Any) -> Any:
@@ -223,7 +293,8 @@ def call_with_batch(module: nn.Module, batch: Any) -> Any:
 
 def _describe(value: Any) -> str:
     if isinstance(value, Tensor):
-        return f"a tensor of shape {tuple(value.shape)}"
+        kind = "a sparse tensor" if is_sparse(value) else "a tensor"
+        return f"{kind} of shape {tuple(value.shape)}"
     if isinstance(value, Mapping):
         return f"a dict with keys {list(value)}"
     if isinstance(value, (tuple, list)):
@@ -232,9 +303,18 @@ def _describe(value: Any) -> str:
 
 
 def slice_batch(value: Any, index: Tensor | slice, batch_size: int, dim: int = 0) -> Any:
-    """Take ``index`` along ``dim`` of every tensor in ``value`` whose size there is ``batch_size``."""
+    """Take ``index`` along ``dim`` of every tensor in ``value`` whose size there is ``batch_size``.
+
+    Sparse tensors are cut with ``index_select`` (they have no strided views). A sparse ``(N, N)`` adjacency
+    of a graph batch is cut on both dimensions, so the result is the subgraph the kept nodes induce rather
+    than a ``(k, N)`` matrix no graph layer can take."""
     if isinstance(value, Tensor):
         if value.ndim > dim and value.shape[dim] == batch_size:
+            if is_sparse(value):
+                dims = (0, 1) if dim == 0 and _square_adjacency(value, batch_size) else (dim,)
+                for d in dims:
+                    value = take_along(value, index, d)
+                return value
             return value[(slice(None),) * dim + (index,)]
         return value
     if isinstance(value, Mapping):
@@ -244,5 +324,98 @@ def slice_batch(value: Any, index: Tensor | slice, batch_size: int, dim: int = 0
     if isinstance(value, (tuple, list)):
         return type(value)(slice_batch(v, index, batch_size, dim) for v in value)
     return value
+
+
+# -- sparse tensors and graph batches ----------------------------------------------------------------
+#
+# A sparse tensor (``torch.sparse_coo_tensor``, CSR, ...) has no strides: basic indexing, ``narrow``, ``view``,
+# comparisons and most reductions raise NotImplementedError on it. Everything the package does to a user's
+# batch goes through the helpers below, which read and cut sparse tensors without densifying them.
+
+
+def is_sparse(t: Tensor) -> bool:
+    """Whether ``t`` has a sparse layout (COO, CSR, CSC, BSR, BSC)."""
+    return t.layout != torch.strided
+
+
+def tensors_of(value: Any) -> list[Tensor]:
+    """Every tensor in a tensor / tuple / list / dict, depth first."""
+    if isinstance(value, Tensor):
+        return [value]
+    items = value.values() if isinstance(value, Mapping) else value if isinstance(value, (tuple, list)) else ()
+    return [t for item in items for t in tensors_of(item)]
+
+
+def take_along(t: Tensor, index: Tensor | slice, dim: int) -> Tensor:
+    """``t`` indexed by ``index`` along ``dim``, for strided and sparse tensors alike (sparse ones keep
+    their layout)."""
+    if not is_sparse(t):
+        return t[(slice(None),) * dim + (index,)]
+    positions = torch.arange(t.shape[dim])[index] if isinstance(index, slice) else index.reshape(-1)
+    positions = positions.to(device=t.device, dtype=torch.long)
+    if t.layout == torch.sparse_coo:
+        return t.index_select(dim, positions)
+    return t.to_sparse_coo().index_select(dim, positions).to_sparse(layout=t.layout)
+
+
+def value_stats(t: Tensor) -> dict[str, Any] | None:
+    """Mean, std, largest magnitude and finiteness of every element of ``t`` (the implicit zeros of a
+    sparse tensor included), in float64; ``None`` for a non-float or empty tensor."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return None
+    t = t.detach()
+    if is_sparse(t):
+        stored = t.to_sparse_coo().coalesce().values().double().reshape(-1)
+        zeros = t.numel() - stored.numel()  # hybrid tensors store dense blocks: numel counts them
+    else:
+        stored, zeros = t.double().reshape(-1), 0
+    finite = stored[torch.isfinite(stored)]
+    count = finite.numel() + zeros
+    if count < 2:
+        return {"finite": False}
+    total = finite.sum()
+    mean = total / count
+    var = ((finite - mean).square().sum() + zeros * mean.square()) / (count - 1)
+    abs_max = finite.abs().max() if finite.numel() else torch.zeros((), dtype=torch.float64)
+    return {
+        "mean": float(mean),
+        "std": float(var.sqrt()),
+        "abs_max": float(abs_max),
+        "finite": finite.numel() == stored.numel(),
+        "sparse": is_sparse(t),
+    }
+
+
+def all_finite(value: Any) -> bool:
+    """Whether every floating tensor in ``value`` holds finite numbers only (sparse ones: their stored
+    values; the implicit zeros are finite)."""
+    for t in tensors_of(value):
+        if not t.is_floating_point():
+            continue
+        stored = t.to_sparse_coo().coalesce().values() if is_sparse(t) else t
+        if not bool(torch.isfinite(stored).all()):
+            return False
+    return True
+
+
+def _square_adjacency(t: Tensor, n: int) -> bool:
+    return t.ndim == 2 and tuple(t.shape) == (n, n)
+
+
+def graph_adjacency(value: Any, n: int) -> Tensor | None:
+    """The ``(n, n)`` adjacency of a graph batch whose ``n`` examples are the nodes of one graph, or ``None``.
+
+    A sparse ``(n, n)`` matrix is one. A dense one only when a feature tensor with ``n`` rows of another
+    shape sits beside it (a lone ``(n, n)`` tensor is more likely ``n`` examples of ``n`` features). Cutting
+    examples out of such a batch cuts edges of the graph: callers keep the graph whole, or take the subgraph
+    the kept nodes induce."""
+    tensors = tensors_of(value)
+    squares = [t for t in tensors if _square_adjacency(t, n)]
+    sparse = [t for t in squares if is_sparse(t)]
+    if sparse:
+        return sparse[0]
+    features = [t for t in tensors if t.ndim >= 2 and t.shape[0] == n and not _square_adjacency(t, n)
+                and (t.is_floating_point() or is_sparse(t))]
+    return squares[0] if squares and features else None
 
 
