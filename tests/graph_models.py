@@ -22,13 +22,13 @@ from torch.utils.data import DataLoader
 
 def sbm_graph(
     n: int = 120, classes: int = 3, features: int = 48, p_in: float = 0.08, p_out: float = 0.005,
-    words: int = 6, seed: int = 0,
+    words: int = 6, labelled_every: int = 2, seed: int = 0,
 ) -> dict[str, Tensor]:
     """A stochastic block model graph with class-dependent sparse features, as ``pygcn`` prepares Cora:
     row-normalised sparse features, ``D^-1/2 (A + I) D^-1/2`` sparse adjacency, labels, a train mask.
 
     Returns a dict with ``x`` (sparse COO ``(n, features)``), ``adj`` (sparse COO ``(n, n)``), ``y`` ``(n,)``
-    and ``train_mask`` ``(n,)`` (every other node)."""
+    and ``train_mask`` ``(n,)`` (every ``labelled_every``-th node; 1: every node)."""
     g = torch.Generator().manual_seed(seed)
     y = torch.arange(n) % classes
     same = y[:, None] == y[None, :]
@@ -44,7 +44,7 @@ def sbm_graph(
     counts = torch.zeros(n, features)
     counts.scatter_(1, torch.cat([own, noise], 1), 1.0)
     x = (counts / counts.sum(1, keepdim=True)).to_sparse()
-    return {"x": x.coalesce(), "adj": adj.coalesce(), "y": y, "train_mask": torch.arange(n) % 2 == 0}
+    return {"x": x.coalesce(), "adj": adj.coalesce(), "y": y, "train_mask": torch.arange(n) % labelled_every == 0}
 
 
 class GraphConvolution(nn.Module):
