@@ -113,3 +113,27 @@ def graph_loader(batch_style: str = "tuple", **graph_kwargs) -> DataLoader:
 
 def _first(items):
     return items[0]
+
+
+class FixedGraphGCN(GCN):
+    """The same network with the graph kept in the model (a buffer), as code written for one fixed graph
+    does: ``forward(x)`` and ``(x, y, train_mask)`` batches."""
+
+    def __init__(self, adj: Tensor, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.register_buffer("adj", adj)
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        return super().forward(x, self.adj)
+
+    def training_step(self, batch, batch_idx):
+        x, y, mask = batch
+        loss = F.nll_loss(self(x)[mask], y[mask])
+        self.log("train_loss", loss)
+        return loss
+
+
+def fixed_graph_loader(**graph_kwargs) -> tuple[Tensor, DataLoader]:
+    """The adjacency (for the model) and a loader of ``(x, y, train_mask)``, the whole graph per batch."""
+    g = sbm_graph(**graph_kwargs)
+    return g["adj"], DataLoader([(g["x"], g["y"], g["train_mask"])], batch_size=None)

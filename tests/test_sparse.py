@@ -39,7 +39,8 @@ from lightning_recipe.diagnostics.batch import (
     value_stats,
 )
 from lightning_recipe.diagnostics.leakage import LeakageNotApplicable, probe_batch_leakage
-from tests.graph_models import GCN, graph_loader, sbm_graph
+from lightning_recipe.diagnostics.overfit import conflicting_labels
+from tests.graph_models import GCN, FixedGraphGCN, fixed_graph_loader, graph_loader, sbm_graph
 from tests.models import trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta state")
@@ -127,6 +128,23 @@ def test_graph_adjacency_is_a_sparse_square_or_a_dense_one_beside_node_features(
     assert graph_adjacency((g["x"].to_dense(), dense, g["y"]), 30) is dense
     assert graph_adjacency((torch.randn(30, 30), g["y"]), 30) is None  # 30 examples of 30 features
     assert graph_adjacency((g["x"], g["adj"]), 16) is None
+
+
+def test_an_adjacency_held_by_the_model_makes_the_batch_a_graph():
+    g = sbm_graph(n=30)
+    model = FixedGraphGCN(g["adj"])
+    assert graph_adjacency((g["x"], g["y"]), 30, model) is model.adj
+    assert graph_adjacency((g["x"], g["y"]), 30) is None
+    masked = nn.Module()
+    masked.register_buffer("mask", torch.ones(30, 30).tril())  # a dense (T, T) mask is not a graph
+    assert graph_adjacency((torch.randn(30, 4), g["y"]), 30, masked) is None
+
+
+def test_conflicting_labels_compare_sparse_rows():
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
+    labels = torch.tensor([0, 1, 1])
+    assert torch.equal(conflicting_labels(x.to_sparse(), labels), conflicting_labels(x, labels))
+    assert conflicting_labels(x.to_sparse(), labels).tolist() == [True, True, False]
 
 
 def test_a_multi_input_forward_is_read_from_its_signature():
@@ -224,6 +242,27 @@ def test_a_graph_whose_propagation_cannot_be_seen_is_skipped_saying_why_and_how_
         _graph_probe(EdgeListGCN(), sbm_graph())
 
 
+class MaskedAttention(nn.Module):
+    """Per-example causal self-attention whose (T, T) mask buffer has the batch size's shape (T == N)."""
+
+    def __init__(self, t: int = 8, d: int = 4) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d)
+        self.register_buffer("mask", torch.ones(t, t).tril())
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, -1)
+        att = (q @ k.transpose(1, 2)).masked_fill(self.mask == 0, float("-inf")).softmax(-1)
+        return att @ v
+
+
+def test_a_square_mask_buffer_the_size_of_the_batch_is_not_read_as_a_graph():
+    torch.manual_seed(0)
+    x = torch.randn(8, 8, 4)
+    report = probe_batch_leakage(MaskedAttention(), x, lambda m, v: m(v), targets=x, causal=True)
+    assert report.graph is None and not report.batch_leak and report.causal_checked and not report.causal_leak
+
+
 # -- through a real Trainer ---------------------------------------------------------------------------
 
 
@@ -249,6 +288,19 @@ def test_all_six_components_on_a_healthy_gcn(batch_style):
     for monitor in callbacks[3:]:
         assert monitor.enabled and monitor.alerts == [], [a.message for a in monitor.alerts]
     assert callbacks[5].layer_name == "gc1"
+
+
+def test_all_six_components_on_a_gcn_that_holds_its_graph():
+    L.seed_everything(0)
+    callbacks = _six()
+    adj, loader = fixed_graph_loader(labelled_every=1)
+    trainer(max_steps=60, callbacks=callbacks).fit(FixedGraphGCN(adj), loader)
+    init, overfit, probe = (c.result for c in callbacks[:3])
+    assert init.status is CheckStatus.PASSED, init.summary
+    assert overfit.status is CheckStatus.PASSED and "held by the model" in overfit.summary, overfit.summary
+    assert probe.status is CheckStatus.PASSED and "held by the model" in probe.summary, probe.summary
+    for monitor in callbacks[3:]:
+        assert monitor.enabled and monitor.alerts == [], [a.message for a in monitor.alerts]
 
 
 def test_checks_run_on_a_gcn_trained_on_masked_nodes():

@@ -22,6 +22,7 @@ from lightning_recipe.diagnostics.batch import (
     batch_size_of,
     graph_adjacency,
     take_along,
+    tensors_of,
 )
 from lightning_recipe.diagnostics.overfit import (
     DEFAULT_LRS,
@@ -142,7 +143,8 @@ class OverfitOneBatch(PreflightCheck):
         except BatchNotUnderstood:
             inputs = None
         # a single input tensor lets identical inputs with different labels be told apart from a failure
-        plain_inputs = inputs if isinstance(inputs, Tensor) else None
+        # (not for the nodes of a graph: equal features with different labels are told apart by the edges)
+        plain_inputs = inputs if isinstance(inputs, Tensor) and self._graph_note is None else None
 
         def labels() -> Any:
             outputs = None if targets is None else predict()
@@ -182,11 +184,14 @@ class OverfitOneBatch(PreflightCheck):
             raise CheckSkipped(f"the first training batch has {size} example; overfitting needs at least 2.")
         k = min(self.num_examples, size)
         self._graph_note = None
-        if k < size and graph_adjacency(ctx.adapter.get_inputs(batch), size) is not None:
+        inputs = ctx.adapter.get_inputs(batch)
+        adjacency = graph_adjacency(inputs, size, ctx.module) if k < size else None
+        if adjacency is not None:
             # the examples are the nodes of one graph: cutting nodes out cuts their edges (and the few nodes
             # kept may hold no training label under a mask), so the graph is fitted whole, as training sees it
+            where = "among the inputs" if any(t is adjacency for t in tensors_of(inputs)) else "held by the model"
             self._graph_note = (
-                f" The batch is one graph of {size} nodes (an ({size}, {size}) adjacency among the inputs): "
+                f" The batch is one graph of {size} nodes (an ({size}, {size}) adjacency {where}): "
                 "the whole graph was fitted, since cutting nodes out would cut their edges."
             )
             return batch, size, True

@@ -10,7 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
@@ -207,7 +207,7 @@ class PredictionDynamicsLogger(Monitor):
                 where = f"the first training batch ({why}; predictions on it also reflect memorisation)"
         finally:
             rng.restore()
-        self.batch = self._fixed_batch(batches)
+        self.batch = self._fixed_batch(batches, pl_module)
         self.batch_source = "val" if loader is not None else "train"
         with _evaluating(pl_module):
             # fitted first: reading `forward`'s signature can move the targets (`(x, adj, y)` batches)
@@ -250,11 +250,11 @@ class PredictionDynamicsLogger(Monitor):
         targets = self.adapter.get_targets(batch)
         return int(targets.shape[0]) if targets.ndim else 1
 
-    def _fixed_batch(self, batches: list[Any]) -> Any:
+    def _fixed_batch(self, batches: list[Any], module: nn.Module | None = None) -> Any:
         """The first ``num_examples`` examples: batches joined and cut along dim 0 where every tensor has the
         batch size there; otherwise (a time-major ``(T, N, F)`` batch) the first batch as it is."""
         sizes = [self._examples(b) for b in batches]
-        if not all(_uniform(b, n) for b, n in zip(batches, sizes, strict=True)):
+        if not all(_uniform(b, n, module) for b, n in zip(batches, sizes, strict=True)):
             return batches[0]
         batch = batches[0] if len(batches) == 1 else _concat(batches)
         total = sum(sizes)
@@ -427,10 +427,10 @@ def _evaluating(module: torch.nn.Module) -> Iterator[None]:
         rng.restore()
 
 
-def _uniform(batch: Any, n: int) -> bool:
+def _uniform(batch: Any, n: int, module: nn.Module | None = None) -> bool:
     """Whether every tensor in ``batch`` has ``n`` on dim 0 (so it can be cut and joined there), and the
     batch is not one graph whose ``n`` examples are nodes (cutting them would cut edges)."""
-    return _rows(batch, n) and graph_adjacency(batch, n) is None
+    return _rows(batch, n) and graph_adjacency(batch, n, module) is None
 
 
 def _rows(batch: Any, n: int) -> bool:

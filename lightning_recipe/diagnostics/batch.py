@@ -25,6 +25,7 @@ __all__ = [
     "default_targets",
     "first_tensor",
     "graph_adjacency",
+    "held_tensors",
     "is_sparse",
     "select_output",
     "slice_batch",
@@ -402,20 +403,31 @@ def _square_adjacency(t: Tensor, n: int) -> bool:
     return t.ndim == 2 and tuple(t.shape) == (n, n)
 
 
-def graph_adjacency(value: Any, n: int) -> Tensor | None:
+def held_tensors(module: nn.Module) -> list[Tensor]:
+    """The tensors a model holds besides its parameters: buffers and plain tensor attributes of every
+    submodule (code written for one fixed graph keeps the adjacency there: ``self.adj = adj``)."""
+    found: dict[int, Tensor] = {}
+    for m in module.modules():
+        for t in list(m.buffers(recurse=False)) + list(vars(m).values()):
+            if isinstance(t, Tensor) and not isinstance(t, nn.Parameter):
+                found.setdefault(id(t), t)
+    return list(found.values())
+
+
+def graph_adjacency(value: Any, n: int, module: nn.Module | None = None) -> Tensor | None:
     """The ``(n, n)`` adjacency of a graph batch whose ``n`` examples are the nodes of one graph, or ``None``.
 
-    A sparse ``(n, n)`` matrix is one. A dense one only when a feature tensor with ``n`` rows of another
-    shape sits beside it (a lone ``(n, n)`` tensor is more likely ``n`` examples of ``n`` features). Cutting
-    examples out of such a batch cuts edges of the graph: callers keep the graph whole, or take the subgraph
-    the kept nodes induce."""
+    A sparse ``(n, n)`` matrix in the batch, or held by ``module`` (a buffer or attribute), is one. A dense
+    one in the batch only when a feature tensor with ``n`` rows of another shape sits beside it (a lone
+    ``(n, n)`` tensor is more likely ``n`` examples of ``n`` features; a dense ``(n, n)`` buffer more likely a
+    mask). Cutting examples out of such a batch cuts edges of the graph: callers keep the graph whole, or
+    take the subgraph the kept nodes induce."""
     tensors = tensors_of(value)
     squares = [t for t in tensors if _square_adjacency(t, n)]
-    sparse = [t for t in squares if is_sparse(t)]
+    held = [t for t in held_tensors(module) if _square_adjacency(t, n)] if module is not None else []
+    sparse = [t for t in squares + held if is_sparse(t)]
     if sparse:
         return sparse[0]
     features = [t for t in tensors if t.ndim >= 2 and t.shape[0] == n and not _square_adjacency(t, n)
                 and (t.is_floating_point() or is_sparse(t))]
     return squares[0] if squares and features else None
-
-

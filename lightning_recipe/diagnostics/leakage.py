@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from lightning_recipe.diagnostics.batch import is_sparse, slice_batch
+from lightning_recipe.diagnostics.batch import held_tensors, is_sparse, slice_batch
 
 __all__ = ["GraphReading", "LeakageNotApplicable", "LeakageReport", "looks_like_next_step", "probe_batch_leakage"]
 
@@ -777,7 +777,7 @@ class _Propagation(TorchFunctionMode):
             self.weight[id(out)] = weight
             self.origin[id(out)] = origin
             self.alive.append(out)
-        elif out.ndim >= 1 and out.shape[0] == n and any(
+        elif product and out.ndim >= 1 and out.shape[0] == n and any(
             id(a) not in self.weight and not isinstance(a, nn.Parameter) and a.ndim >= 1 and a.shape[0] == n
             for a in arguments
         ):
@@ -788,13 +788,13 @@ class _Propagation(TorchFunctionMode):
 
 def _read_graph(module: nn.Module, inputs: Any, forward: Forward, targets: Tensor | None
                 ) -> tuple[int, list[Tensor], int, list[Tensor]] | None:
-    """``(N, adjacencies, hops, all (N, N) candidates)`` when an ``(N, N)`` input multiplies node
-    features in ``forward``; ``None`` when the batch holds no ``(N, N)`` input. Runs the model once,
-    without gradients."""
+    """``(N, adjacencies, hops, all (N, N) candidates)`` when an ``(N, N)`` input, or an ``(N, N)`` tensor the
+    model holds (a buffer: code written for one fixed graph), multiplies node features in ``forward``;
+    ``None`` when there is no ``(N, N)`` candidate. Runs the model once, without gradients."""
     n = _node_count(inputs, targets)
     if n is None or n < 2:
         return None
-    candidates = [t for t in _tensors(inputs) if t.ndim == 2 and tuple(t.shape) == (n, n)
+    candidates = [t for t in _tensors(inputs) + held_tensors(module) if t.ndim == 2 and tuple(t.shape) == (n, n)
                   and (t.is_floating_point() or is_sparse(t) or t.dtype == torch.bool)]
     if not candidates:
         return None
@@ -933,7 +933,9 @@ def _probe_graph(
     if first_leaking is not None:
         runner.allowed = allowed[first_leaking]
         first_mixing, last_clean, note = _locate_mixing(runner, recorded, int(nodes[first_leaking]), n)
-    adjacency = ", ".join(_describe_tensor(a) for a in adjacencies)
+    given = {id(t) for t in _tensors(inputs)}
+    adjacency = ", ".join(_describe_tensor(a) + ("" if id(a) in given else " held by the model")
+                          for a in adjacencies)
     reading = GraphReading(n, adjacency, hops, nodes.tolist(), allowed.sum(1).tolist(), within)
     return LeakageReport(
         num_examples=b, input_batch_dim=0, output_layout=f"{layout} (nodes)", probed=[p.name for p in leaves],

@@ -375,7 +375,8 @@ def conflicting_labels(inputs: Tensor, labels: Tensor) -> Tensor | None:
     n = labels.shape[0] if labels.ndim else 0
     if n < 2 or inputs.ndim == 0 or inputs.shape[0] != n:
         return None
-    x = inputs.detach().reshape(n, *inputs.shape[1:])
+    x = inputs.detach()
+    x = (x.to_dense() if x.layout != torch.strided else x).reshape(n, *inputs.shape[1:])  # sparse rows too
     per_position = labels.ndim == 2 and x.ndim >= 2 and x.shape[1] == labels.shape[1]
     if per_position:
         flat = x.reshape(n, x.shape[1], -1)
