@@ -137,3 +137,35 @@ def fixed_graph_loader(**graph_kwargs) -> tuple[Tensor, DataLoader]:
     """The adjacency (for the model) and a loader of ``(x, y, train_mask)``, the whole graph per batch."""
     g = sbm_graph(**graph_kwargs)
     return g["adj"], DataLoader([(g["x"], g["y"], g["train_mask"])], batch_size=None)
+
+
+class EdgeListGCN(GCN):
+    """The same network with message passing along an edge list (``edge_index``, ``(2, E)``) instead of an
+    adjacency matrix, as PyG-free code ported from PyG writes it: ``(x, edge_index, y, train_mask)`` batches,
+    ``nn.Linear`` layers, mean aggregation over neighbours with ``index_add``."""
+
+    def __init__(self, features: int = 48, hidden: int = 16, classes: int = 3, **kwargs) -> None:
+        super().__init__(features, hidden, classes, **kwargs)
+        self.gc1 = nn.Linear(features, hidden)
+        self.gc2 = nn.Linear(hidden, classes)
+
+    def forward(self, x: Tensor, edge_index: Tensor) -> Tensor:  # type: ignore[override]
+        x = x.to_dense() if x.is_sparse else x
+        h = F.relu(self._propagate(self.gc1(x), edge_index))
+        h = F.dropout(h, self.dropout, training=self.training)
+        h = self._propagate(self.gc2(h), edge_index)
+        return F.log_softmax(h, dim=0 if self.bug == "softmax_over_nodes" else 1)
+
+    @staticmethod
+    def _propagate(h: Tensor, edge_index: Tensor) -> Tensor:
+        src, dst = edge_index
+        total = torch.zeros_like(h).index_add(0, dst, h[src])
+        count = torch.zeros(h.shape[0], device=h.device).index_add(0, dst, torch.ones_like(dst, dtype=h.dtype))
+        return total / count.clamp_min(1)[:, None]
+
+
+def edge_list_loader(**graph_kwargs) -> DataLoader:
+    """``(x, edge_index, y, train_mask)``, the whole graph per batch; edges both ways, self-loops included."""
+    g = sbm_graph(**graph_kwargs)
+    edge_index = g["adj"].indices()
+    return DataLoader([(g["x"], edge_index, g["y"], g["train_mask"])], batch_size=1, collate_fn=_first)

@@ -34,13 +34,23 @@ from lightning_recipe.diagnostics.batch import (
     BatchAdapter,
     all_finite,
     graph_adjacency,
+    is_edge_list,
     slice_batch,
     take_along,
     value_stats,
 )
 from lightning_recipe.diagnostics.leakage import LeakageNotApplicable, probe_batch_leakage
 from lightning_recipe.diagnostics.overfit import conflicting_labels
-from tests.graph_models import GCN, FixedGraphGCN, fixed_graph_loader, graph_loader, sbm_graph
+from lightning_recipe.diagnostics.state import preserved
+from tests.graph_models import (
+    GCN,
+    EdgeListGCN,
+    FixedGraphGCN,
+    edge_list_loader,
+    fixed_graph_loader,
+    graph_loader,
+    sbm_graph,
+)
 from tests.models import trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta state")
@@ -140,6 +150,29 @@ def test_an_adjacency_held_by_the_model_makes_the_batch_a_graph():
     assert graph_adjacency((torch.randn(30, 4), g["y"]), 30, masked) is None
 
 
+def test_an_edge_list_beside_node_features_makes_the_batch_a_graph():
+    g = sbm_graph(n=30)
+    edges = g["adj"].indices()
+    assert is_edge_list(edges, 30)
+    assert not is_edge_list(edges, 20)  # node indices out of range
+    assert not is_edge_list(torch.randint(0, 30, (2, 30)), 30)  # (2, N): two rows of N examples
+    assert graph_adjacency((g["x"], edges, g["y"]), 30) is edges
+    assert graph_adjacency((edges, g["y"]), 30) is None  # no node features beside it
+
+
+def test_a_snapshot_restores_a_sparse_buffer_changed_in_place_or_rebound():
+    module = nn.Module()
+    adj = torch.eye(4).to_sparse().coalesce()
+    module.register_buffer("adj", adj)
+    before = adj.to_dense().clone()
+    with preserved(module):
+        module.adj._values().mul_(3)
+    assert module.adj is adj and torch.equal(module.adj.to_dense(), before)
+    with preserved(module):
+        module.adj = (module.adj * 2).coalesce()
+    assert module.adj is adj and torch.equal(module.adj.to_dense(), before)
+
+
 def test_conflicting_labels_compare_sparse_rows():
     x = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
     labels = torch.tensor([0, 1, 1])
@@ -222,8 +255,9 @@ def test_graph_false_holds_nodes_to_independence_on_a_consistent_subgraph():
     assert report.batch_leak == bool(edges.any())  # neighbours inside the subgraph are the "leaks" asked for
 
 
-class EdgeListGCN(nn.Module):
-    """Message passing by gathering along the adjacency's edge list: no product the probe can count."""
+class GatherGCN(nn.Module):
+    """Message passing by gathering along a sparse adjacency's stored entries: no product the probe can
+    count."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -239,7 +273,7 @@ class EdgeListGCN(nn.Module):
 def test_a_graph_whose_propagation_cannot_be_seen_is_skipped_saying_why_and_how_to_probe_anyway():
     with pytest.raises(LeakageNotApplicable, match=r"nodes of one graph.*not held to per-example independence.*"
                        r"`graph=False`"):
-        _graph_probe(EdgeListGCN(), sbm_graph())
+        _graph_probe(GatherGCN(), sbm_graph())
 
 
 class MaskedAttention(nn.Module):
@@ -261,6 +295,19 @@ def test_a_square_mask_buffer_the_size_of_the_batch_is_not_read_as_a_graph():
     x = torch.randn(8, 8, 4)
     report = probe_batch_leakage(MaskedAttention(), x, lambda m, v: m(v), targets=x, causal=True)
     assert report.graph is None and not report.batch_leak and report.causal_checked and not report.causal_leak
+
+
+def test_an_edge_list_graph_is_skipped_saying_why_and_graph_false_probes_its_induced_subgraph():
+    torch.manual_seed(0)
+    g = sbm_graph()
+    batch = (g["x"], g["adj"].indices())
+    with pytest.raises(LeakageNotApplicable, match=r"edge list over the 120 examples \(\(2, \d+\) int64\).*"
+                       r"not held to per-example independence.*`graph=False`"):
+        probe_batch_leakage(EdgeListGCN(), batch, lambda m, x: m(*x), targets=g["y"])
+    report = probe_batch_leakage(EdgeListGCN(), batch, lambda m, x: m(*x), targets=g["y"], graph=False)
+    edges = g["adj"].to_dense()[:16, :16] != 0
+    edges.fill_diagonal_(False)
+    assert report.graph is None and report.batch_leak == bool(edges.any())
 
 
 # -- through a real Trainer ---------------------------------------------------------------------------
@@ -299,6 +346,18 @@ def test_all_six_components_on_a_gcn_that_holds_its_graph():
     assert init.status is CheckStatus.PASSED, init.summary
     assert overfit.status is CheckStatus.PASSED and "held by the model" in overfit.summary, overfit.summary
     assert probe.status is CheckStatus.PASSED and "held by the model" in probe.summary, probe.summary
+    for monitor in callbacks[3:]:
+        assert monitor.enabled and monitor.alerts == [], [a.message for a in monitor.alerts]
+
+
+def test_all_six_components_on_an_edge_list_gcn():
+    L.seed_everything(0)
+    callbacks = _six()
+    trainer(max_steps=60, callbacks=callbacks).fit(EdgeListGCN(), edge_list_loader(labelled_every=1))
+    init, overfit, probe = (c.result for c in callbacks[:3])
+    assert init.status is CheckStatus.PASSED, init.summary
+    assert overfit.status is CheckStatus.PASSED and "edge list" in overfit.summary, overfit.summary
+    assert probe.status is CheckStatus.SKIPPED and "`graph=False`" in probe.summary, probe.summary
     for monitor in callbacks[3:]:
         assert monitor.enabled and monitor.alerts == [], [a.message for a in monitor.alerts]
 

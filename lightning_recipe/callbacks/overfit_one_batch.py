@@ -190,8 +190,10 @@ class OverfitOneBatch(PreflightCheck):
             # the examples are the nodes of one graph: cutting nodes out cuts their edges (and the few nodes
             # kept may hold no training label under a mask), so the graph is fitted whole, as training sees it
             where = "among the inputs" if any(t is adjacency for t in tensors_of(inputs)) else "held by the model"
+            what = (f"a {tuple(adjacency.shape)} edge list" if tuple(adjacency.shape) != (size, size)
+                    else f"an ({size}, {size}) adjacency")
             self._graph_note = (
-                f" The batch is one graph of {size} nodes (an ({size}, {size}) adjacency {where}): "
+                f" The batch is one graph of {size} nodes ({what} {where}): "
                 "the whole graph was fitted, since cutting nodes out would cut their edges."
             )
             return batch, size, True

@@ -26,6 +26,7 @@ __all__ = [
     "first_tensor",
     "graph_adjacency",
     "held_tensors",
+    "is_edge_list",
     "is_sparse",
     "select_output",
     "slice_batch",
@@ -414,8 +415,19 @@ def held_tensors(module: nn.Module) -> list[Tensor]:
     return list(found.values())
 
 
+def is_edge_list(t: Tensor, n: int) -> bool:
+    """Whether ``t`` is an edge list over ``n`` nodes, as message-passing code without an adjacency matrix
+    carries it (``edge_index``): integers of shape ``(2, E)``, every entry a node index in ``[0, n)``."""
+    return (
+        n > 2 and t.ndim == 2 and t.shape[0] == 2 and t.shape[1] not in (0, n) and not is_sparse(t)
+        and not t.is_floating_point() and t.dtype != torch.bool
+        and bool((t >= 0).all()) and bool((t < n).all())
+    )
+
+
 def graph_adjacency(value: Any, n: int, module: nn.Module | None = None) -> Tensor | None:
-    """The ``(n, n)`` adjacency of a graph batch whose ``n`` examples are the nodes of one graph, or ``None``.
+    """The ``(n, n)`` adjacency (or ``(2, E)`` edge list) of a graph batch whose ``n`` examples are the nodes
+    of one graph, or ``None``.
 
     A sparse ``(n, n)`` matrix in the batch, or held by ``module`` (a buffer or attribute), is one. A dense
     one in the batch only when a feature tensor with ``n`` rows of another shape sits beside it (a lone
@@ -430,4 +442,8 @@ def graph_adjacency(value: Any, n: int, module: nn.Module | None = None) -> Tens
         return sparse[0]
     features = [t for t in tensors if t.ndim >= 2 and t.shape[0] == n and not _square_adjacency(t, n)
                 and (t.is_floating_point() or is_sparse(t))]
-    return squares[0] if squares and features else None
+    if squares and features:
+        return squares[0]
+    # an edge list beside node features (message passing by `index_add` / `scatter`)
+    edges = [t for t in tensors if is_edge_list(t, n)]
+    return edges[0] if edges and features else None

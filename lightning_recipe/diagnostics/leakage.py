@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from lightning_recipe.diagnostics.batch import held_tensors, is_sparse, slice_batch
+from lightning_recipe.diagnostics.batch import held_tensors, is_edge_list, is_sparse, slice_batch
 
 __all__ = ["GraphReading", "LeakageNotApplicable", "LeakageReport", "looks_like_next_step", "probe_batch_leakage"]
 
@@ -139,6 +139,11 @@ def _probe_leaf(t: Tensor) -> tuple[Tensor, Tensor]:
     probe = t.detach().to_dense().requires_grad_(True)
     fed = probe.to_sparse() if t.layout == torch.sparse_coo else probe.to_sparse(layout=t.layout)
     return probe, fed
+
+
+def _edges_within(edges: Tensor, b: int) -> Tensor:
+    """The edges of a ``(2, E)`` edge list between the first ``b`` nodes: the induced subgraph's."""
+    return edges[:, (edges < b).all(0)]
 
 
 def _tensors(value: Any) -> list[Tensor]:
@@ -381,7 +386,7 @@ def probe_batch_leakage(
             if adjacencies and hops > 0:
                 return _probe_graph(module, inputs, forward, n, adjacencies, hops, output_batch_dim,
                                     num_examples, tolerance, seed)
-            if graph or any(is_sparse(t) for t in candidates):
+            if graph or any(is_sparse(t) or is_edge_list(t, n) for t in candidates):
                 raise _not_a_graph_model(n, candidates)
             # a dense (N, N) input that never multiplies node features: N examples of N features
         elif graph:
@@ -441,6 +446,7 @@ def _probe_with_batch_dim(
         # `slice_batch` cuts a sparse (n, n) adjacency on both dims (the induced subgraph) and sparse tensors
         # with index_select; it only runs here for a graph when asked to (`graph=False`)
         inputs = slice_batch(inputs, slice(0, b), n, in_dim)
+        inputs = _map_tensors(inputs, lambda t: _edges_within(t, b) if is_edge_list(t, n) else t)
     probe_inputs, leaves = _make_leaves(inputs, b, in_dim)
     int_shapes = {tuple(t.shape) for t in _tensors(inputs) if _is_int(t) and t.ndim > in_dim
                   and t.shape[in_dim] == b}
@@ -736,7 +742,9 @@ class GraphReading:
 
 
 def _describe_tensor(t: Tensor) -> str:
-    return f"{'sparse' if is_sparse(t) else 'dense'} {tuple(t.shape)}"
+    if is_sparse(t):
+        return f"sparse {tuple(t.shape)}"
+    return f"dense {tuple(t.shape)}" if t.is_floating_point() else f"{tuple(t.shape)} {str(t.dtype)[6:]}"
 
 
 def _node_count(inputs: Any, targets: Tensor | None) -> int | None:
@@ -797,6 +805,10 @@ def _read_graph(module: nn.Module, inputs: Any, forward: Forward, targets: Tenso
     candidates = [t for t in _tensors(inputs) + held_tensors(module) if t.ndim == 2 and tuple(t.shape) == (n, n)
                   and (t.is_floating_point() or is_sparse(t) or t.dtype == torch.bool)]
     if not candidates:
+        edges = [t for t in _tensors(inputs) if is_edge_list(t, n)]
+        if edges and any(t.is_floating_point() or is_sparse(t) for t in _tensors(inputs) if t.ndim >= 1
+                         and t.shape[0] == n):
+            return n, [], 0, edges  # an edge list: how far messages travel through it cannot be counted
         return None
     mode = _Propagation(candidates, n)
     with torch.no_grad(), mode:
@@ -838,13 +850,18 @@ class _GraphRunner(_Runner):
 
 def _not_a_graph_model(n: int, candidates: list[Tensor]) -> LeakageNotApplicable:
     seen = ", ".join(_describe_tensor(t) for t in candidates)
+    if all(tuple(t.shape) != (n, n) for t in candidates):
+        what = f"an edge list over the {n} examples ({seen})"
+        unseen = "how far messages travel along an edge list cannot be counted from `forward`"
+    else:
+        what = f"an ({n}, {n}) matrix over the {n} examples ({seen})"
+        unseen = ("`forward` did not multiply node features by it where the probe can see (`adj @ h`, "
+                  "`torch.sparse.mm(adj, h)`)")
     return LeakageNotApplicable(
-        f"the inputs hold an ({n}, {n}) matrix over the {n} examples ({seen}): they look like the nodes of one "
-        "graph, and a node depends on its neighbours by design, so they are not held to per-example "
-        "independence; `forward` did not multiply node features by it where the probe can see (`adj @ h`, "
-        "`torch.sparse.mm(adj, h)`), so the neighbourhood each node may depend on is unknown and was not "
-        f"checked. To probe the nodes as independent examples anyway (on the subgraph of the first "
-        "`num_examples` nodes), pass `graph=False`."
+        f"the inputs hold {what}: they look like the nodes of one graph, and a node depends on its neighbours "
+        f"by design, so they are not held to per-example independence; {unseen}, so the neighbourhood each "
+        "node may depend on is unknown and was not checked. To probe the nodes as independent examples "
+        "anyway (on the subgraph of the first `num_examples` nodes), pass `graph=False`."
     )
 
 
