@@ -19,6 +19,12 @@ of any other example. Done naively that is one backward pass per example; here e
   positions ``> c_e`` is a violation. ``B`` cuts per pass, ``ceil((T - 1) / B)`` passes (bounded; the cuts
   are then spread over the sequence). Targeted passes from single positions name the offending pairs.
 
+* **Graphs.** When the examples are the nodes of one graph (full-batch node classification: an ``(N, N)``
+  adjacency, sparse or dense, in the batch or held by the model), a node depends on its neighbours by
+  design. The probe counts how often ``forward`` multiplies node features by the adjacency (``k``), and
+  holds each of a sample of nodes to its ``k``-hop neighbourhood instead of to independence; a graph it
+  cannot read that way (an edge list) is skipped, saying so. See the section at the end of this file.
+
 The model runs in eval mode (BatchNorm uses running statistics and is per example; dropout is off), in its
 own dtype. Integer token inputs carry no gradient, so they are probed at the output of the ``nn.Embedding``
 that reads them. "Non-zero" is relative, per probed tensor: gradient on an example counts when it exceeds
@@ -43,7 +49,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from lightning_recipe.diagnostics.batch import held_tensors, is_edge_list, is_sparse, slice_batch
+from lightning_recipe.diagnostics.batch import graph_adjacency, held_tensors, is_edge_list, is_sparse, slice_batch
 
 __all__ = ["GraphReading", "LeakageNotApplicable", "LeakageReport", "looks_like_next_step", "probe_batch_leakage"]
 
@@ -443,8 +449,10 @@ def _probe_with_batch_dim(
         )
     b = _choose_num_examples(tensors, in_dim, n, num_examples)
     if b < n:
-        # `slice_batch` cuts a sparse (n, n) adjacency on both dims (the induced subgraph) and sparse tensors
-        # with index_select; it only runs here for a graph when asked to (`graph=False`)
+        # a graph is cut to the subgraph the first b nodes induce (adjacency on both dims, edges between
+        # them); it only gets here when asked to (`graph=False`). Sparse tensors are cut with index_select.
+        adjacency = graph_adjacency(inputs, n) if in_dim == 0 else None
+        inputs = _map_tensors(inputs, lambda t: t[:b, :b] if t is adjacency and not is_sparse(t) else t)
         inputs = slice_batch(inputs, slice(0, b), n, in_dim)
         inputs = _map_tensors(inputs, lambda t: _edges_within(t, b) if is_edge_list(t, n) else t)
     probe_inputs, leaves = _make_leaves(inputs, b, in_dim)
