@@ -9,7 +9,6 @@ runs with all six components on a full-batch GCN (tests/graph_models.py).
 from __future__ import annotations
 
 import math
-import warnings
 
 import lightning.pytorch as L
 import pytest
@@ -33,6 +32,7 @@ from lightning_recipe.callbacks.prediction_dynamics_logger import _concat, _unif
 from lightning_recipe.diagnostics.batch import (
     BatchAdapter,
     all_finite,
+    examples_in_loss,
     graph_adjacency,
     is_edge_list,
     slice_batch,
@@ -171,6 +171,23 @@ def test_a_snapshot_restores_a_sparse_buffer_changed_in_place_or_rebound():
     with preserved(module):
         module.adj = (module.adj * 2).coalesce()
     assert module.adj is adj and torch.equal(module.adj.to_dense(), before)
+
+
+@pytest.mark.parametrize("select", ["mask", "index", "all"])
+def test_examples_in_loss_are_the_rows_the_loss_reads(select):
+    g = sbm_graph(n=30)
+    model = GCN()
+    out_mask = g["train_mask"] if select != "all" else torch.ones(30, dtype=torch.bool)
+    index = out_mask.nonzero().flatten()
+
+    def loss():
+        out = model(g["x"], g["adj"])
+        rows = index if select == "index" else out_mask
+        return F.nll_loss(out[rows], g["y"][rows])
+
+    read = examples_in_loss(model, loss, 30)
+    assert read is not None and torch.equal(read, out_mask)
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_conflicting_labels_compare_sparse_rows():
@@ -367,19 +384,20 @@ def test_all_six_components_on_an_edge_list_gcn():
         assert monitor.enabled and monitor.alerts == [], [a.message for a in monitor.alerts]
 
 
-def test_checks_run_on_a_gcn_trained_on_masked_nodes():
-    """Half the nodes carry a training label. InitLossCheck and the probe pass; OverfitOneBatch fits the
-    whole graph and never crashes (which labels it holds the predictions to is the label reading's job)."""
+def test_all_six_components_on_a_gcn_trained_on_masked_nodes():
+    """Half the nodes carry a training label: OverfitOneBatch fits the whole graph and holds the predictions
+    to the labels the loss reads, not to the labels of nodes it never trains on."""
     L.seed_everything(0)
-    callbacks = _six(on_fail="warn")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a masked-label verdict of OverfitOneBatch is not this test's subject
-        trainer(max_steps=5, callbacks=callbacks).fit(GCN(), graph_loader("tuple"))
+    callbacks = _six()
+    trainer(max_steps=200, callbacks=callbacks).fit(GCN(), graph_loader("tuple"))
     init, overfit, probe = (c.result for c in callbacks[:3])
     assert init.status is CheckStatus.PASSED, init.summary
-    assert probe.status is CheckStatus.PASSED, probe.summary
-    assert "please report" not in overfit.summary.lower() and "traceback" not in overfit.details
+    assert overfit.status is CheckStatus.PASSED, overfit.summary
+    assert "The loss reads 60 of the 120 node labels" in overfit.summary
     assert overfit.details["graph_nodes"] == 120
+    assert probe.status is CheckStatus.PASSED, probe.summary
+    for monitor in callbacks[3:]:
+        assert monitor.enabled and monitor.alerts == [], [a.message for a in monitor.alerts]
 
 
 def test_the_probe_stops_a_gcn_that_normalises_over_the_nodes():

@@ -20,10 +20,12 @@ from lightning_recipe.diagnostics.batch import (
     InputsFn,
     TargetsFn,
     batch_size_of,
+    examples_in_loss,
     graph_adjacency,
     take_along,
     tensors_of,
 )
+from lightning_recipe.diagnostics.init_loss import IGNORE_INDEX
 from lightning_recipe.diagnostics.overfit import (
     DEFAULT_LRS,
     Attempt,
@@ -128,6 +130,8 @@ class OverfitOneBatch(PreflightCheck):
             targets = ctx.adapter.get_targets(batch)
         except BatchNotUnderstood:
             targets = None  # the loss criterion still applies; no label check
+        if self._graph_note is not None and targets is not None:
+            targets = self._labelled_nodes(module, loss_fn, targets)
 
         def predict() -> Tensor | None:
             # the labels are a second opinion on the loss: a model whose forward the adapter cannot call
@@ -208,6 +212,21 @@ class OverfitOneBatch(PreflightCheck):
         except Exception:  # noqa: BLE001 - the batch layout was not what we guessed: fit the whole batch
             return batch, size, True
         return sliced, k, False
+
+    def _labelled_nodes(self, module: nn.Module, loss_fn: Any, targets: Tensor) -> Tensor:
+        """The node labels with the nodes the loss never reads (outside a train mask) set to the ignore
+        index, so the label check holds the fitted graph to the labels it was trained on."""
+        if targets.is_floating_point() or targets.ndim < 1:
+            return targets
+        read = examples_in_loss(module, loss_fn, int(targets.shape[0]))
+        if read is None or bool(read.all()) or not bool(read.any()):
+            return targets
+        self._graph_note = (self._graph_note or "") + (
+            f" The loss reads {int(read.sum())} of the {len(read)} node labels (a train mask): predictions "
+            "were compared with those."
+        )
+        shape = (-1,) + (1,) * (targets.ndim - 1)
+        return targets.masked_fill(~read.to(targets.device).reshape(shape), IGNORE_INDEX)
 
     # -- verdict ----------------------------------------------------------------------------------
     def _verdict(

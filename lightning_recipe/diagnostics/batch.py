@@ -23,6 +23,7 @@ __all__ = [
     "default_forward",
     "default_inputs",
     "default_targets",
+    "examples_in_loss",
     "first_tensor",
     "graph_adjacency",
     "held_tensors",
@@ -447,3 +448,36 @@ def graph_adjacency(value: Any, n: int, module: nn.Module | None = None) -> Tens
     # an edge list beside node features (message passing by `index_add` / `scatter`)
     edges = [t for t in tensors if is_edge_list(t, n)]
     return edges[0] if edges and features else None
+
+
+def examples_in_loss(module: nn.Module, loss_fn: Callable[[], Tensor], n: int) -> Tensor | None:
+    """Which of ``n`` examples the loss reads: ``(n,)`` bool, True where the model's output row of the
+    example receives a gradient from ``loss_fn()``. ``None`` when no output with ``n`` rows was seen.
+
+    Full-batch graph training predicts every node and computes the loss on the labelled ones only
+    (``loss(out[train_mask], y[train_mask])`` or ``out[idx_train]``): the other nodes' labels are never
+    trained on, and comparing predictions with them tells nothing about fitting. Their output rows get an
+    exactly zero gradient, whatever form the mask takes. Runs ``loss_fn`` once with a backward pass through
+    autograd (no ``.grad`` is written): call it on a snapshot."""
+    captured: list[Tensor] = []
+
+    def hook(mod: nn.Module, args: Any, out: Any) -> None:
+        t = out if isinstance(out, Tensor) else first_tensor(out)
+        if t is not None and t.requires_grad and t.ndim >= 1 and t.shape[0] == n and not is_sparse(t):
+            captured.append(t)
+
+    handles = [m.register_forward_hook(hook) for m in module.modules()]
+    try:
+        with torch.enable_grad():
+            loss = loss_fn()
+    finally:
+        for h in handles:
+            h.remove()
+    if not captured or not loss.requires_grad:
+        return None
+    output = captured[-1]  # the last module to finish: the model itself, or the one training_step called
+    (grad,) = torch.autograd.grad(loss, output, allow_unused=True)
+    if grad is None:
+        return None
+    return grad.detach().reshape(n, -1).ne(0).any(1)
+
