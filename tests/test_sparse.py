@@ -408,17 +408,18 @@ def test_the_probe_stops_a_gcn_that_normalises_over_the_nodes():
     assert "log_softmax(x, dim=0)" in caught.value.result.hint
 
 
-def _final_weights(callbacks, steps=30):
+def _final_weights(callbacks, labelled_every, steps=30):
     L.seed_everything(0)
     model = GCN()
-    loader = graph_loader("tuple", labelled_every=1)
+    loader = graph_loader("tuple", labelled_every=labelled_every)
     trainer(max_steps=steps, deterministic=True, callbacks=callbacks).fit(model, loader)
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def test_a_seeded_gcn_run_ends_bit_identical_with_and_without_the_components():
-    without = _final_weights([])
-    with_them = _final_weights(_six())
+@pytest.mark.parametrize("labelled_every", [1, 2])
+def test_a_seeded_gcn_run_ends_bit_identical_with_and_without_the_components(labelled_every):
+    without = _final_weights([], labelled_every)
+    with_them = _final_weights(_six(), labelled_every)
     assert without.keys() == with_them.keys()
     for key in without:
         assert torch.equal(without[key], with_them[key]), key
