@@ -819,8 +819,11 @@ def _read_graph(module: nn.Module, inputs: Any, forward: Forward, targets: Tenso
             return n, [], 0, edges  # an edge list: how far messages travel through it cannot be counted
         return None
     mode = _Propagation(candidates, n)
-    with torch.no_grad(), mode:
-        forward(module, inputs)
+    try:
+        with torch.no_grad(), mode:
+            forward(module, inputs)
+    except Exception:  # noqa: BLE001 - e.g. a compiled forward refusing the mode: the per-example probe runs
+        return None  # the forward again, and a user's error surfaces there, unchanged
     used = [t for t in candidates if id(t) in mode.used]
     return n, used, mode.hops, candidates
 
