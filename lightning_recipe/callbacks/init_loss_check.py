@@ -17,7 +17,15 @@ from typing_extensions import override
 from lightning_recipe import _logging
 from lightning_recipe._args import check_choice, check_int
 from lightning_recipe.callbacks._preflight import CheckContext, CheckSkipped, PreflightCheck
-from lightning_recipe.diagnostics.batch import BatchNotUnderstood, ForwardFn, InputsFn, TargetsFn, first_tensor
+from lightning_recipe.diagnostics.batch import (
+    BatchNotUnderstood,
+    ForwardFn,
+    InputsFn,
+    TargetsFn,
+    all_finite,
+    first_tensor,
+    value_stats,
+)
 from lightning_recipe.diagnostics.init_loss import (
     REGRESSION_LOSSES,
     Assessment,
@@ -203,8 +211,7 @@ class InitLossCheck(PreflightCheck):
     def _non_finite(
         self, measured: float, details: dict[str, Any], inputs: Any, view: TaskView | None
     ) -> CheckResult:
-        x = first_tensor(inputs)
-        if x is not None and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        if not all_finite(inputs):
             cause = "the inputs contain NaN or inf: clean the data (or the transform that produces them)"
         elif view is not None and not bool(torch.isfinite(view.outputs).all()):
             cause = (
@@ -272,19 +279,9 @@ def _view_details(view: TaskView, refs: References) -> dict[str, Any]:
 
 
 def _input_stats(inputs: Any) -> dict[str, Any] | None:
+    """Statistics of the first input tensor, sparse ones included (their implicit zeros count)."""
     x = first_tensor(inputs)
-    if x is None or not x.is_floating_point() or x.numel() == 0:
-        return None
-    x = x.detach().double()
-    finite = x[torch.isfinite(x)]
-    if finite.numel() < 2:
-        return {"finite": False}
-    return {
-        "mean": float(finite.mean()),
-        "std": float(finite.std()),
-        "abs_max": float(finite.abs().max()),
-        "finite": finite.numel() == x.numel(),
-    }
+    return None if x is None else value_stats(x)
 
 
 def _final_layer(module: nn.Module, width: int) -> dict[str, Any] | None:
