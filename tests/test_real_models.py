@@ -172,7 +172,8 @@ def _plain_attributes(model: torch.nn.Module) -> dict[str, Any]:
             if isinstance(value, Tensor) or (
                 isinstance(value, tuple) and value and all(isinstance(v, Tensor) for v in value)
             ):
-                out[f"{prefix}.{key}"] = copy.deepcopy(value)
+                out[f"{prefix}.{key}"] = tuple(v.detach().clone() for v in value) if isinstance(value, tuple) \
+                    else value.detach().clone()
     return out
 
 
