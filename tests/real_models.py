@@ -899,8 +899,9 @@ class RealCase:
     ``catches`` is empty for a healthy model (every check passes, no monitor alerts). For a bug it names the
     components any one of which must catch it (fail, before the first optimizer step), and ``cause`` holds words
     of which at least one must appear in the failing result's summary or hint (case-insensitive).
-    ``may_skip`` maps a check to a word its ``skipped`` summary must contain where skipping is a right answer (the
-    check cannot apply to this model, and says so), e.g. a module without ``forward``.
+    ``may_skip`` maps a check to words one of which its ``skipped`` summary must contain where skipping is a right
+    answer (the check cannot apply to this model and says why, or names the argument to pass), e.g. a module
+    without ``forward``.
     ``requires`` names the importable libraries the case needs (the tests ``pytest.importorskip`` them).
     """
 
@@ -911,7 +912,7 @@ class RealCase:
     requires: tuple[str, ...] = ()
     catches: tuple[str, ...] = ()
     cause: tuple[str, ...] = ()
-    may_skip: dict[str, str] = field(default_factory=dict)
+    may_skip: dict[str, tuple[str, ...]] = field(default_factory=dict)
     check_kwargs: dict[str, Any] = field(default_factory=dict)
     trainer_kwargs: dict[str, Any] = field(default_factory=dict)
     note: str = ""
@@ -946,21 +947,21 @@ HEALTHY = [
     RealCase("litgpt_pretrain_lm", LitGPTPretrain, shifted_data, shifted_val, ("litgpt",)),
     RealCase("torch_transformer_time_major_lm", TimeMajorTransformerLM, time_major_data, time_major_val),
     RealCase("lightning_demo_lstm", DemoLSTM, None, None,
-             may_skip={name: "forward" for name in CHECKS},
+             may_skip={name: ("forward",) for name in CHECKS},
              note="LightningLSTM has no forward (training_step calls self.model) and carries self.hidden: a check "
                   "that needs forward skips, naming forward="),
     RealCase("lightning_demo_lstm_forward_adapter", DemoLSTM, None, None,
              check_kwargs={"forward": _demo_lstm_forward},
              note="the same demo with the forward= adapter its missing forward calls for"),
     RealCase("pytorch_examples_vae", VAE, vae_data, vae_val,
-             may_skip={"InitLossCheck": "expected=", "OverfitOneBatch": "targets="},
+             may_skip={"InitLossCheck": ("expected=",), "OverfitOneBatch": ("targets=", "expected=")},
              note="(image, label) batches, label unused; summed BCE + KLD: not a standard task loss"),
     RealCase("pytorch_examples_super_resolution", SuperResolution, super_resolution_data, super_resolution_val),
     RealCase("pytorch_examples_word_lm_time_major", WordLanguageModel, bptt_data, None,
              trainer_kwargs={"gradient_clip_val": 0.25},
              note="(35, 20) time-major batches, (700,) flattened targets, carried self.hidden"),
     RealCase("pytorch_examples_gcn_sparse", GCN, graph_data, None,
-             may_skip={"BatchLeakageProbe": "graph"},
+             may_skip={"BatchLeakageProbe": ("graph", "adjacency", "node", "neighbo")},
              check_kwargs={"inputs": _graph_inputs, "targets": _graph_targets},
              note="full-batch graph; the adapters say which tensors are inputs (features, adj) and the labels"),
     RealCase("pytorch_examples_polynomial_regression", PolynomialRegression, polynomial_data, None),

@@ -118,7 +118,8 @@ def test_healthy_real_model_passes_every_check(case: RealCase):
         result = check.result
         assert result is not None, f"{check.__class__.__name__} did not run"
         if result.status is CheckStatus.SKIPPED and result.name in case.may_skip:
-            assert case.may_skip[result.name].lower() in result.summary.lower(), result.format()
+            words = case.may_skip[result.name]
+            assert any(w.lower() in result.summary.lower() for w in words), f"want one of {words}: {result.format()}"
             continue
         assert result.status is CheckStatus.PASSED, result.format()
     assert t.global_step == 1
