@@ -899,9 +899,9 @@ class RealCase:
     ``catches`` is empty for a healthy model (every check passes, no monitor alerts). For a bug it names the
     components any one of which must catch it (fail, before the first optimizer step), and ``cause`` holds words
     of which at least one must appear in the failing result's summary or hint (case-insensitive).
-    ``may_skip`` maps a check to words one of which its ``skipped`` summary must contain where skipping is a right
-    answer (the check cannot apply to this model and says why, or names the argument to pass), e.g. a module
-    without ``forward``.
+    ``may_skip`` maps a check or monitor to words one of which its ``skipped`` summary (for a monitor: the one
+    warning with which it switches itself off) must contain where skipping is a right answer (it cannot apply to
+    this model and says why, or names the argument to pass), e.g. a module without ``forward``.
     ``requires`` names the importable libraries the case needs (the tests ``pytest.importorskip`` them).
     """
 
@@ -935,6 +935,7 @@ class RealCase:
 
 
 HF = ("transformers",)
+GRAPH_WORDS = ("graph", "adjacency", "node", "neighbo")
 
 HEALTHY = [
     RealCase("hf_gpt2_causal_lm", GPT2LM, hf_lm_data, hf_lm_val, HF,
@@ -947,9 +948,9 @@ HEALTHY = [
     RealCase("litgpt_pretrain_lm", LitGPTPretrain, shifted_data, shifted_val, ("litgpt",)),
     RealCase("torch_transformer_time_major_lm", TimeMajorTransformerLM, time_major_data, time_major_val),
     RealCase("lightning_demo_lstm", DemoLSTM, None, None,
-             may_skip={name: ("forward",) for name in CHECKS},
+             may_skip={name: ("forward",) for name in (*CHECKS, "PredictionDynamicsLogger", "FirstLayerVisualizer")},
              note="LightningLSTM has no forward (training_step calls self.model) and carries self.hidden: a check "
-                  "that needs forward skips, naming forward="),
+                  "or monitor that needs forward skips (switches itself off), naming forward="),
     RealCase("lightning_demo_lstm_forward_adapter", DemoLSTM, None, None,
              check_kwargs={"forward": _demo_lstm_forward},
              note="the same demo with the forward= adapter its missing forward calls for"),
@@ -961,7 +962,11 @@ HEALTHY = [
              trainer_kwargs={"gradient_clip_val": 0.25},
              note="(35, 20) time-major batches, (700,) flattened targets, carried self.hidden"),
     RealCase("pytorch_examples_gcn_sparse", GCN, graph_data, None,
-             may_skip={"BatchLeakageProbe": ("graph", "adjacency", "node", "neighbo")},
+             may_skip={
+                 "BatchLeakageProbe": GRAPH_WORDS,
+                 "PredictionDynamicsLogger": (*GRAPH_WORDS, "sparse", "inputs=", "forward="),
+                 "FirstLayerVisualizer": (*GRAPH_WORDS, "sparse", "inputs=", "forward="),
+             },
              check_kwargs={"inputs": _graph_inputs, "targets": _graph_targets},
              note="full-batch graph; the adapters say which tensors are inputs (features, adj) and the labels"),
     RealCase("pytorch_examples_polynomial_regression", PolynomialRegression, polynomial_data, None),

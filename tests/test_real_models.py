@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import random
+import warnings
 from typing import Any
 
 import lightning.pytorch as L
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor
 
 import lightning_recipe
-from lightning_recipe import CheckStatus, RecipeCheckError
+from lightning_recipe import CheckStatus, RecipeCheckError, RecipeWarning
 from tests.models import trainer
 from tests.real_models import ALL, BUGS, CHECKS, HEALTHY, MONITORS, RealCase
 
@@ -39,7 +40,7 @@ def test_the_catalogue_covers_the_issue():
     for case in BUGS:
         assert case.catches and set(case.catches) <= set(CHECKS) and case.cause, case.name
     for case in HEALTHY:
-        assert set(case.may_skip) <= set(CHECKS), case.name
+        assert set(case.may_skip) <= set(CHECKS + MONITORS), case.name
 
 
 # -- the bugs are real (independent of the package) -----------------------------------------------------------------
@@ -146,18 +147,25 @@ def test_real_bug_is_caught_before_the_first_step_with_its_cause(case: RealCase)
 
 
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore::lightning_recipe.report.RecipeWarning")  # alerts are asserted on below
 @pytest.mark.parametrize("case", HEALTHY, ids=str)
 def test_healthy_real_model_raises_no_alert_in_300_steps(case: RealCase):
     _require(case)
     monitors = _make(MONITORS, case)
     L.seed_everything(0, verbose=False)
     t = trainer(max_steps=300, callbacks=monitors, **case.trainer_kwargs)
-    t.fit(case.model(), **case.loaders())
+    with warnings.catch_warnings(record=True) as caught:  # alerts and switch-offs are asserted on below
+        warnings.simplefilter("always", RecipeWarning)
+        t.fit(case.model(), **case.loaders())
+    said = [str(w.message) for w in caught if issubclass(w.category, RecipeWarning)]
     assert t.global_step == 300
+    assert not [m for m in said if "please report" in m.lower()], said
     for monitor in monitors:
-        assert monitor.enabled, f"{monitor.name} switched itself off"
         assert monitor.alerts == [], f"{monitor.name}: {[(a.kind, a.step, a.message) for a in monitor.alerts]}"
+        if not monitor.enabled:
+            words = case.may_skip.get(monitor.name)
+            assert words, f"{monitor.name} switched itself off: {said}"
+            mine = [m for m in said if monitor.name in m]
+            assert any(w.lower() in m.lower() for m in mine for w in words), f"want one of {words}: {mine}"
 
 
 # -- no side effects ------------------------------------------------------------------------------------------------
