@@ -47,8 +47,9 @@ def run_case(case: RealCase, steps: int) -> dict:
     monitors = [getattr(lightning_recipe, name)(**case.check_kwargs) for name in MONITORS]
     start = time.perf_counter()
     error = None
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("ignore")
+        warnings.simplefilter("always", lightning_recipe.RecipeWarning)
         try:
             t = trainer(max_steps=steps, callbacks=checks + monitors, **case.trainer_kwargs)
             t.fit(case.model(), **case.loaders())
@@ -58,6 +59,7 @@ def run_case(case: RealCase, steps: int) -> dict:
         "checks": [(name, c.result) for name, c in zip(CHECKS, checks, strict=True)],
         "monitors": [(name, m) for name, m in zip(MONITORS, monitors, strict=True)],
         "error": error,
+        "internal_errors": [str(w.message) for w in caught if "please report" in str(w.message).lower()],
         "seconds": time.perf_counter() - start,
     }
 
@@ -72,7 +74,7 @@ def verdict(case: RealCase, out: dict) -> str:
     """OK when the row is what the case requires (the same rule as the tests), else what is wrong."""
     if out.get("error"):
         return "CRASH"
-    problems = []
+    problems = [f"{len(out['internal_errors'])} 'please report this' warning(s)"] if out["internal_errors"] else []
     failed = [(n, r) for n, r in out["checks"] if r is not None and r.status.value == "failed"]
     if case.healthy:
         for name, result in out["checks"]:
@@ -80,8 +82,10 @@ def verdict(case: RealCase, out: dict) -> str:
                 problems.append(f"{name} did not run")
             elif result.status.value == "failed":
                 problems.append(f"{name} false alarm")
-            elif result.status.value == "skipped" and name not in case.may_skip:
-                problems.append(f"{name} skipped")
+            elif result.status.value == "skipped" and not any(
+                w.lower() in result.summary.lower() for w in case.may_skip.get(name, ())
+            ):
+                problems.append(f"{name} skipped" + (" without saying why" if name in case.may_skip else ""))
         for name, monitor in out["monitors"]:
             if monitor.alerts:
                 problems.append(f"{name} alerted")
@@ -123,6 +127,8 @@ def main() -> None:
             row = [f"## {case.name}  [{v}]  ({out['seconds']:.1f} s)", f"expected: {expected(case)}"]
             if out["error"]:
                 row.append(f"run ended: {_short(out['error'], args.width)}")
+            for message in out["internal_errors"]:
+                row.append(f"- internal error: {_short(message, args.width)}")
             for name, result in out["checks"]:
                 if result is None:
                     row.append(f"- {name}: did not run")
