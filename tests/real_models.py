@@ -907,6 +907,8 @@ class RealCase:
     ``may_skip`` maps a check or monitor to words one of which its ``skipped`` summary (for a monitor: the one
     warning with which it switches itself off) must contain where skipping is a right answer (it cannot apply to
     this model and says why, or names the argument to pass), e.g. a module without ``forward``.
+    ``reads`` maps a check to words one of which its passing summary must contain: how the task must be read (an
+    MSE loss is not an L1 one, even where the L1 reference happens to lie nearer the measured loss).
     ``requires`` names the importable libraries the case needs (the tests ``pytest.importorskip`` them).
     """
 
@@ -918,6 +920,7 @@ class RealCase:
     catches: tuple[str, ...] = ()
     cause: tuple[str, ...] = ()
     may_skip: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    reads: dict[str, tuple[str, ...]] = field(default_factory=dict)
     check_kwargs: dict[str, Any] = field(default_factory=dict)
     trainer_kwargs: dict[str, Any] = field(default_factory=dict)
     note: str = ""
@@ -962,7 +965,9 @@ HEALTHY = [
     RealCase("pytorch_examples_vae", VAE, vae_data, vae_val,
              may_skip={"InitLossCheck": ("expected=",), "OverfitOneBatch": ("targets=", "expected=")},
              note="(image, label) batches, label unused; summed BCE + KLD: not a standard task loss"),
-    RealCase("pytorch_examples_super_resolution", SuperResolution, super_resolution_data, super_resolution_val),
+    RealCase("pytorch_examples_super_resolution", SuperResolution, super_resolution_data, super_resolution_val,
+             reads={"InitLossCheck": ("mse", "l2", "squared")},
+             note="nn.MSELoss on [0, 1] images: InitLossCheck must read the loss as MSE"),
     RealCase("pytorch_examples_word_lm_time_major", WordLanguageModel, bptt_data, None,
              trainer_kwargs={"gradient_clip_val": 0.25},
              note="(35, 20) time-major batches, (700,) flattened targets, carried self.hidden"),

@@ -41,6 +41,7 @@ def test_the_catalogue_covers_the_issue():
         assert case.catches and set(case.catches) <= set(CHECKS) and case.cause, case.name
     for case in HEALTHY:
         assert set(case.may_skip) <= set(CHECKS + MONITORS), case.name
+        assert set(case.reads) <= set(CHECKS), case.name
 
 
 # -- the bugs are real (independent of the package) -----------------------------------------------------------------
@@ -123,6 +124,9 @@ def test_healthy_real_model_passes_every_check(case: RealCase):
             assert any(w.lower() in result.summary.lower() for w in words), f"want one of {words}: {result.format()}"
             continue
         assert result.status is CheckStatus.PASSED, result.format()
+        if result.name in case.reads:
+            words = case.reads[result.name]
+            assert any(w.lower() in result.summary.lower() for w in words), f"want one of {words}: {result.format()}"
     assert t.global_step == 1
 
 
