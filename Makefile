@@ -8,10 +8,18 @@ PY := $(VENV)/bin/python
 
 .PHONY: quickstart test test-all bench clean
 
-$(VENV)/.installed: pyproject.toml
+# The test-only libraries (transformers, x-transformers, torchdata; litgpt without its dependencies) are installed
+# against $(VENV)/constraints.txt: constraints.txt plus a pin on the torch that was just installed, whatever TORCH
+# named, so none of them can replace it (a plain `torch` requirement would resolve to a multi-GB CUDA build).
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet '$(TORCH)'
-	$(PY) -m pip install --quiet -e '.[test]'
+	cp constraints.txt $(VENV)/constraints.txt
+	$(PY) -W ignore -c 'import torch; print("torch==" + torch.__version__)' >> $(VENV)/constraints.txt
+	$(PY) -m pip install --quiet -c $(VENV)/constraints.txt -e '.[test,real]'
+	$(PY) -m pip install --quiet -c $(VENV)/constraints.txt --no-deps litgpt
+	$(PY) -W ignore -c 'import sys, torch; pin = open("$(VENV)/constraints.txt").read().split("\ntorch==")[-1].strip(); \
+	    sys.exit(0 if torch.__version__ == pin else f"torch changed during the install: {pin} -> {torch.__version__}")'
 	touch $@
 
 quickstart: $(VENV)/.installed

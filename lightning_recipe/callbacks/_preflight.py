@@ -27,7 +27,8 @@ from lightning_recipe import _logging
 from lightning_recipe._args import ON_FAIL_CHOICES, check_choice
 from lightning_recipe.callbacks._base import RecipeCallback
 from lightning_recipe.diagnostics.batch import BatchAdapter, BatchNotUnderstood, ForwardFn, InputsFn, TargetsFn
-from lightning_recipe.diagnostics.state import preserved
+from lightning_recipe.diagnostics.compiled import eager
+from lightning_recipe.diagnostics.state import ModuleAttributes, preserved
 from lightning_recipe.diagnostics.task import Alignment, gradient_at_outputs, read_alignment
 from lightning_recipe.report import CheckResult, CheckStatus, RecipeCheckError, RecipeWarning, jsonable
 
@@ -53,13 +54,17 @@ class CheckSkipped(Exception):
 @dataclass
 class CheckContext:
     """What a check works with: the trainer, the (unwrapped) module, a few training batches already on
-    the device, and the user's batch adapter."""
+    the device, and the user's batch adapter.
+
+    ``start`` holds the module's plain attributes as the check found them: every ``training_step`` the check
+    calls starts from them (see :meth:`training_step_loss`)."""
 
     trainer: pl.Trainer
     module: pl.LightningModule
     batches: list[Any]
     adapter: BatchAdapter
     component: str
+    start: ModuleAttributes | None = field(default=None, repr=False)
     _alignments: dict[int, Alignment | None] = field(default_factory=dict, repr=False)
 
     @property
@@ -72,7 +77,15 @@ class CheckContext:
         return plugin.train_step_context() if plugin is not None else nullcontext()
 
     def training_step_loss(self, batch: Any, batch_idx: int = 0) -> Tensor:
-        """The loss the user's own ``training_step`` returns on ``batch`` (``self.log`` is silenced)."""
+        """The loss the user's own ``training_step`` returns on ``batch`` (``self.log`` is silenced).
+
+        Each call starts from the plain attributes the module had when the check began: a ``training_step``
+        that carries state (an RNN hidden state, a counter) sees what the first real step will see, and a
+        check that repeats one batch (OverfitOneBatch) fits one fixed function, not a moving one. The state
+        a call leaves is the module's from the batch just run, which training would carry to the *next*
+        batch; the check's batches are not consecutive training batches."""
+        if self.start is not None:
+            self.start.restore()
         step = self.module.training_step
         # as Lightning does: `batch_idx` only when the signature takes it
         args = (batch, batch_idx) if is_param_in_hook_signature(step, "batch_idx", min_args=2) else (batch,)
@@ -165,6 +178,14 @@ def silenced_logging(module: pl.LightningModule) -> Iterator[None]:
                 module.__dict__.pop(name, None)
             else:
                 module.__dict__[name] = value
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    """The first line of an error's message, at most ``limit`` characters: a summary is one line, and some
+    errors (torch.compile's) carry pages of internals. The full traceback goes to ``details``."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    first = lines[0] if lines else ""
+    return first if len(first) <= limit else first[: limit - 3] + "..."
 
 
 def _ignore(*args: Any, **kwargs: Any) -> None:
@@ -322,12 +343,13 @@ class PreflightCheck(RecipeCallback):
             loader = single_loader(trainer)
             schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
             with (
-                preserved(pl_module, trainer.optimizers, schedulers, loader_generators(loader)),
+                preserved(pl_module, trainer.optimizers, schedulers, loader_generators(loader)) as state,
                 silenced_logging(pl_module),
+                eager(),  # a compiled model runs uncompiled: see diagnostics/compiled.py
                 torch.enable_grad(),
             ):
                 batches = peek_batches(trainer, self.num_batches)
-                ctx = CheckContext(trainer, pl_module, batches, self.adapter, self.component)
+                ctx = CheckContext(trainer, pl_module, batches, self.adapter, self.component, start=state.attributes)
                 with torch.no_grad(), ctx.autocast():
                     ctx.adapter = self.adapter.fitted(pl_module, batches[0])
                 return self.run(ctx)
@@ -336,11 +358,11 @@ class PreflightCheck(RecipeCallback):
         except Exception as error:  # noqa: BLE001 - a check must never lose the user's run
             rank_zero_warn(
                 f"{self.name} hit an error and was skipped; training goes on. Please report this: "
-                f"{type(error).__name__}: {error}",
+                f"{type(error).__name__}: {_one_line(error)}",
                 category=RecipeWarning,
             )
             return self.skipped(
-                f"{self.name} could not run: {type(error).__name__}: {error}",
+                f"{self.name} could not run: {type(error).__name__}: {_one_line(error)}",
                 {"traceback": traceback.format_exc(limit=-6)},
             )
 

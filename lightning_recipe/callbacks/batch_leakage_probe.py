@@ -9,6 +9,7 @@ With a time dimension the same trick checks causality: the output at ``t`` may d
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -55,6 +56,11 @@ class BatchLeakageProbe(PreflightCheck):
             outputs independent of the batch size, so a few are enough.
         tolerance: relative gradient (to the largest on the same tensor in the same pass) above which an
             example or position counts as a dependency.
+        graph: whether the examples are the nodes of one graph (full-batch node classification: an
+            ``(N, N)`` adjacency, sparse or dense, among the inputs). ``None`` (default): found; a node is then
+            held to the neighbourhood the adjacency products in ``forward`` reach, not to independence.
+            ``False``: probe the nodes as independent examples (on the subgraph of the first
+            ``num_examples`` nodes).
         on_fail, inputs, targets, forward: see :class:`~lightning_recipe.callbacks._preflight.PreflightCheck`.
 
     Example::
@@ -75,6 +81,7 @@ class BatchLeakageProbe(PreflightCheck):
         time_dim: int | None = None,
         num_examples: int = 16,
         tolerance: float = 1e-5,
+        graph: bool | None = None,
         on_fail: str = "raise",
         inputs: InputsFn | None = None,
         targets: TargetsFn | None = None,
@@ -85,6 +92,7 @@ class BatchLeakageProbe(PreflightCheck):
         _check_optional_dim("output_batch_dim", output_batch_dim)
         _check_optional_dim("time_dim", time_dim)
         check_choice("causal", causal, (None, True, False))
+        check_choice("graph", graph, (None, True, False))
         check_int("num_examples", num_examples, 2)
         check_fraction("tolerance", tolerance)
         if time_dim is not None and batch_dim is not None and time_dim == batch_dim:
@@ -97,6 +105,7 @@ class BatchLeakageProbe(PreflightCheck):
         self.time_dim = time_dim
         self.num_examples = num_examples
         self.tolerance = tolerance
+        self.graph = graph
 
     @override
     def run(self, ctx: CheckContext) -> CheckResult:
@@ -120,7 +129,7 @@ class BatchLeakageProbe(PreflightCheck):
             report = probe_batch_leakage(
                 ctx.module, inputs, forward, targets=targets, batch_dim=self.batch_dim,
                 output_batch_dim=self.output_batch_dim, causal=self.causal, time_dim=self.time_dim,
-                num_examples=self.num_examples, tolerance=self.tolerance, next_token=next_token,
+                num_examples=self.num_examples, tolerance=self.tolerance, next_token=next_token, graph=self.graph,
             )
         except LeakageNotApplicable as reason:
             raise CheckSkipped(str(reason)) from None
@@ -132,6 +141,8 @@ class BatchLeakageProbe(PreflightCheck):
         details = _details(r)
         b = r.num_examples
         passes = r.total_backward_passes
+        if r.graph is not None:
+            return self._graph_verdict(r, details)
         if r.batch_leak:
             i, j = r.leaking_pairs[0]
             where = _where(r)
@@ -169,6 +180,38 @@ class BatchLeakageProbe(PreflightCheck):
                     details,
                 )
         return self.passed(summary, details)
+
+    def _graph_verdict(self, r: LeakageReport, details: dict[str, Any]) -> CheckResult:
+        """Nodes of one graph: held to the neighbourhood the model's propagations reach."""
+        g = r.graph
+        assert g is not None
+        seen = (
+            f"the examples are the {g.num_nodes} nodes of one graph (adjacency: {g.adjacency}; `forward` "
+            f"propagates through it {g.hops} time{'s' if g.hops != 1 else ''}), so each node may depend on "
+            f"its {g.hops}-hop neighbourhood by design"
+        )
+        if not r.batch_leak:
+            return self.passed(
+                f"{seen}; none of {len(g.probed_nodes)} probed nodes depends on a node outside it "
+                f"({g.dependencies_within} dependencies inside, {r.total_backward_passes} backward passes in "
+                "eval mode). Causality not checked: a graph has no time order.",
+                details,
+            )
+        i, j = r.leaking_pairs[0]
+        nodes = {i for i, _ in r.leaking_pairs}
+        summary = (
+            f"node outputs reach beyond the graph: {len(nodes)} of {len(g.probed_nodes)} probed nodes depend "
+            f"on nodes outside their {g.hops}-hop neighbourhood ({len(r.leaking_pairs)} such pairs), e.g. the "
+            f"output of node {i} depends on node {j}; {seen}, and nothing further{_where(r)}."
+        )
+        hint = (
+            "Something mixes nodes outside the message passing: a softmax or normalisation over the node "
+            "dimension (`log_softmax(x, dim=0)` instead of `dim=1`), statistics over dim 0 (`x - x.mean(0)`, "
+            "`x / x.norm(dim=0)`), or a `view`/`reshape` that scrambles the node axis. Reduce over the feature "
+            "dim instead. If every node is meant to see the whole graph (a global readout, a virtual node), "
+            "this check does not apply: leave BatchLeakageProbe out for this model."
+        )
+        return self.failed(summary, hint, details)
 
     def _log(self, ctx: CheckContext, r: LeakageReport) -> None:
         _logging.log_scalars(
@@ -211,6 +254,7 @@ def _details(r: LeakageReport) -> dict[str, Any]:
         "backward_passes": r.backward_passes,
         "total_backward_passes": r.total_backward_passes,
         "tolerance": r.tolerance,
+        "graph": None if r.graph is None else dataclasses.asdict(r.graph),
     }
 
 

@@ -21,6 +21,7 @@ from lightning_recipe._args import check_int, check_positive
 from lightning_recipe.callbacks._monitor import Monitor
 from lightning_recipe.callbacks._preflight import CheckSkipped, loader_generators, peek_batches, single_loader
 from lightning_recipe.diagnostics.batch import BatchNotUnderstood, ForwardFn, InputsFn, TargetsFn
+from lightning_recipe.diagnostics.compiled import eager
 from lightning_recipe.diagnostics.first_layer import (
     LayerTrace,
     LayerView,
@@ -38,7 +39,7 @@ from lightning_recipe.diagnostics.first_layer import (
     trace_first_layer,
     weighted_modules,
 )
-from lightning_recipe.diagnostics.state import RngState
+from lightning_recipe.diagnostics.state import RngState, attributes_preserved
 from lightning_recipe.report import RecipeWarning
 
 __all__ = ["FirstLayerVisualizer"]
@@ -254,7 +255,7 @@ class FirstLayerVisualizer(Monitor):
         try:
             batch = peek_batches(trainer, 1)[0]
             pl_module.eval()
-            with torch.no_grad():
+            with torch.no_grad(), attributes_preserved(pl_module), eager():
                 adapter = self.adapter
                 try:
                     return self._trace_with(pl_module, adapter, batch)

@@ -25,10 +25,12 @@ from lightning_recipe.diagnostics.batch import (
     ForwardFn,
     InputsFn,
     TargetsFn,
+    all_finite,
     default_forward,
     default_targets,
     first_tensor,
     select_output,
+    value_stats,
 )
 from lightning_recipe.diagnostics.init_loss import (
     CONSISTENT_RATIO,
@@ -342,8 +344,7 @@ class InitLossCheck(PreflightCheck):
     def _non_finite(
         self, measured: float, details: dict[str, Any], inputs: Any, view: TaskView | None
     ) -> CheckResult:
-        x = first_tensor(inputs)
-        if x is not None and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        if not all_finite(inputs):
             cause = "the inputs contain NaN or inf: clean the data (or the transform that produces them)"
         elif view is not None and not bool(torch.isfinite(view.outputs).all()):
             cause = (
@@ -424,8 +425,9 @@ def _view_details(view: TaskView, refs: References, reading: Reading) -> dict[st
 
 
 def _tensors(value: Any) -> list[Tensor]:
+    """The dense tensors in ``value`` (sparse inputs, a graph's adjacency, are never read as targets)."""
     if isinstance(value, Tensor):
-        return [value]
+        return [value] if value.layout == torch.strided else []
     if isinstance(value, Mapping):
         value = list(value.values())
     if isinstance(value, (tuple, list)):
@@ -458,19 +460,9 @@ def _unexplained(measured: float, readings: list[Reading], not_inferred: TaskNot
 
 
 def _input_stats(inputs: Any) -> dict[str, Any] | None:
+    """Statistics of the first input tensor, sparse ones included (their implicit zeros count)."""
     x = first_tensor(inputs)
-    if x is None or not x.is_floating_point() or x.numel() == 0:
-        return None
-    x = x.detach().double()
-    finite = x[torch.isfinite(x)]
-    if finite.numel() < 2:
-        return {"finite": False}
-    return {
-        "mean": float(finite.mean()),
-        "std": float(finite.std()),
-        "abs_max": float(finite.abs().max()),
-        "finite": finite.numel() == x.numel(),
-    }
+    return None if x is None else value_stats(x)
 
 
 def _final_layer(module: nn.Module, width: int) -> dict[str, Any] | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
@@ -14,10 +14,26 @@ from torch import Tensor, nn
 from lightning_recipe import _logging
 from lightning_recipe._args import check_fraction, check_int, check_positive
 from lightning_recipe.callbacks._preflight import CheckContext, CheckSkipped, PreflightCheck, shifted_twice_text
-from lightning_recipe.diagnostics.batch import BatchNotUnderstood, ForwardFn, InputsFn, TargetsFn, batch_size_of
+from lightning_recipe.diagnostics.batch import (
+    BatchNotUnderstood,
+    ForwardFn,
+    InputsFn,
+    TargetsFn,
+    batch_size_of,
+    examples_in_loss,
+    graph_adjacency,
+    take_along,
+    tensors_of,
+)
 from lightning_recipe.diagnostics.overfit import DEFAULT_LRS, Attempt, OverfitEvidence, overfit_batch
 from lightning_recipe.diagnostics.state import TrainingState
-from lightning_recipe.diagnostics.task import Alignment, decode_predictions, is_binary, looks_like_probabilities
+from lightning_recipe.diagnostics.task import (
+    IGNORE_INDEX,
+    Alignment,
+    decode_predictions,
+    is_binary,
+    looks_like_probabilities,
+)
 from lightning_recipe.report import CheckResult
 
 __all__ = ["OverfitOneBatch"]
@@ -91,6 +107,7 @@ class OverfitOneBatch(PreflightCheck):
         self.max_steps = max_steps
         self.lrs = tuple(float(v) for v in lrs)
         self.loss_fraction = loss_fraction
+        self._graph_note: str | None = None  # set by _fixed_batch when the batch is one graph
 
     # -- the check --------------------------------------------------------------------------------
     def run(self, ctx: CheckContext) -> CheckResult:
@@ -112,6 +129,8 @@ class OverfitOneBatch(PreflightCheck):
             targets = ctx.adapter.get_targets(batch)
         except BatchNotUnderstood:
             targets = None  # the loss criterion still applies; no label check
+        if self._graph_note is not None and targets is not None:
+            targets = self._labelled_nodes(module, loss_fn, targets)
 
         def predict() -> Tensor | None:
             # the labels are a second opinion on the loss: a model whose forward the adapter cannot call
@@ -127,7 +146,8 @@ class OverfitOneBatch(PreflightCheck):
         except BatchNotUnderstood:
             inputs = None
         # a single input tensor lets identical inputs with different labels be told apart from a failure
-        plain_inputs = inputs if isinstance(inputs, Tensor) else None
+        # (not for the nodes of a graph: equal features with different labels are told apart by the edges)
+        plain_inputs = inputs if isinstance(inputs, Tensor) and self._graph_note is None else None
         # which label each output position is trained towards, as the loss pairs them (a shift inside the model)
         alignment = ctx.alignment(batch) or Alignment()
         if alignment.shifted_twice:
@@ -158,7 +178,10 @@ class OverfitOneBatch(PreflightCheck):
         result = self._verdict(evidence, outputs, targets, used, full, switched)
         if alignment.target_shift or alignment.input_shift is not None:
             result.details["alignment"] = asdict(alignment)
-        return result
+        if self._graph_note is None:
+            return result
+        return replace(result, summary=result.summary + self._graph_note,
+                       details={**result.details, "graph_nodes": used, "fitted": "whole graph"})
 
     def _fixed_batch(self, ctx: CheckContext) -> tuple[Any, int, bool]:
         """The first ``num_examples`` examples of the first batch; the whole batch if slicing breaks it."""
@@ -173,6 +196,20 @@ class OverfitOneBatch(PreflightCheck):
         if size < 2:
             raise CheckSkipped(f"the first training batch has {size} example; overfitting needs at least 2.")
         k = min(self.num_examples, size)
+        self._graph_note = None
+        inputs = ctx.adapter.get_inputs(batch)
+        adjacency = graph_adjacency(inputs, size, ctx.module) if k < size else None
+        if adjacency is not None:
+            # the examples are the nodes of one graph: cutting nodes out cuts their edges (and the few nodes
+            # kept may hold no training label under a mask), so the graph is fitted whole, as training sees it
+            where = "among the inputs" if any(t is adjacency for t in tensors_of(inputs)) else "held by the model"
+            what = (f"a {tuple(adjacency.shape)} edge list" if tuple(adjacency.shape) != (size, size)
+                    else f"an ({size}, {size}) adjacency")
+            self._graph_note = (
+                f" The batch is one graph of {size} nodes ({what} {where}): "
+                "the whole graph was fitted, since cutting nodes out would cut their edges."
+            )
+            return batch, size, True
         if k == size:
             return batch, size, True
         sliced = _take(batch, k, size)
@@ -184,6 +221,21 @@ class OverfitOneBatch(PreflightCheck):
         except Exception:  # noqa: BLE001 - the batch layout was not what we guessed: fit the whole batch
             return batch, size, True
         return sliced, k, False
+
+    def _labelled_nodes(self, module: nn.Module, loss_fn: Any, targets: Tensor) -> Tensor:
+        """The node labels with the nodes the loss never reads (outside a train mask) set to the ignore
+        index, so the label check holds the fitted graph to the labels it was trained on."""
+        if targets.is_floating_point() or targets.ndim < 1:
+            return targets
+        read = examples_in_loss(module, loss_fn, int(targets.shape[0]))
+        if read is None or bool(read.all()) or not bool(read.any()):
+            return targets
+        self._graph_note = (self._graph_note or "") + (
+            f" The loss reads {int(read.sum())} of the {len(read)} node labels (a train mask): predictions "
+            "were compared with those."
+        )
+        shape = (-1,) + (1,) * (targets.ndim - 1)
+        return targets.masked_fill(~read.to(targets.device).reshape(shape), IGNORE_INDEX)
 
     # -- verdict ----------------------------------------------------------------------------------
     def _verdict(
@@ -416,12 +468,13 @@ def _stochastic_layers_off(module: nn.Module) -> int:
 
 
 def _take(value: Any, k: int, size: int) -> Any:
-    """The first ``k`` examples: tensors with ``size`` on dim 0 are cut there, else on dim 1 (time-major)."""
+    """The first ``k`` examples: tensors with ``size`` on dim 0 are cut there, else on dim 1 (time-major).
+    Sparse tensors are cut with ``index_select`` (they have no strided views)."""
     if isinstance(value, Tensor):
         if value.ndim >= 1 and value.shape[0] == size:
-            return value[:k]
+            return take_along(value, slice(0, k), 0)
         if value.ndim >= 2 and value.shape[1] == size:
-            return value[:, :k]
+            return take_along(value, slice(0, k), 1)
         return value
     if isinstance(value, Mapping):
         return type(value)({key: _take(v, k, size) for key, v in value.items()})  # type: ignore[call-arg]

@@ -10,7 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
@@ -25,7 +25,15 @@ from lightning_recipe.callbacks._preflight import (
     silenced_logging,
     without_persistent_workers,
 )
-from lightning_recipe.diagnostics.batch import ForwardFn, InputsFn, TargetsFn, slice_batch
+from lightning_recipe.diagnostics.batch import (
+    ForwardFn,
+    InputsFn,
+    TargetsFn,
+    graph_adjacency,
+    is_sparse,
+    slice_batch,
+)
+from lightning_recipe.diagnostics.compiled import eager
 from lightning_recipe.diagnostics.prediction_dynamics import (
     Evaluation,
     Reading,
@@ -36,7 +44,7 @@ from lightning_recipe.diagnostics.prediction_dynamics import (
     movement,
     snapshot,
 )
-from lightning_recipe.diagnostics.state import RngState, preserved
+from lightning_recipe.diagnostics.state import RngState, attributes_preserved, preserved
 from lightning_recipe.diagnostics.task import TASKS, Alignment
 
 __all__ = ["PredictionDynamicsLogger"]
@@ -208,12 +216,13 @@ class PredictionDynamicsLogger(Monitor):
                 where = f"the first training batch ({why}; predictions on it also reflect memorisation)"
         finally:
             rng.restore()
-        self.batch = self._fixed_batch(batches)
-        self._targets = self.adapter.get_targets(self.batch).detach().cpu()  # fixed: on the host once
+        self.batch = self._fixed_batch(batches, pl_module)
         self.batch_source = "val" if loader is not None else "train"
-        n = self._examples_in_batch = self._examples(self.batch)
         with _evaluating(pl_module):
+            # fitted first: reading `forward`'s signature can move the targets (`(x, adj, y)` batches)
             self.adapter = self.adapter.fitted(pl_module, self.batch)
+        self._targets = self.adapter.get_targets(self.batch).detach().cpu()  # fixed: on the host once
+        n = self._examples_in_batch = self._examples(self.batch)
         self._alignment = self._read_alignment(trainer, pl_module, generators)
         text = f"Fixed batch of {n} examples from {where}, evaluated every {self.every_n_steps} optimizer steps."
         _logging.log_text(trainer, self.tag("batch"), text, int(trainer.global_step))
@@ -225,7 +234,11 @@ class PredictionDynamicsLogger(Monitor):
         the checks read it: one ``training_step`` on the fixed batch, everything it changes restored."""
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
         ctx = CheckContext(trainer, pl_module, [self.batch], self.adapter, self.component)
-        with preserved(pl_module, trainer.optimizers, schedulers, generators), silenced_logging(pl_module):
+        with (
+            preserved(pl_module, trainer.optimizers, schedulers, generators),
+            silenced_logging(pl_module),
+            eager(),
+        ):
             try:
                 return ctx.alignment(self.batch)
             except CheckSkipped:
@@ -264,11 +277,11 @@ class PredictionDynamicsLogger(Monitor):
         targets = self.adapter.get_targets(batch)
         return int(targets.shape[0]) if targets.ndim else 1
 
-    def _fixed_batch(self, batches: list[Any]) -> Any:
+    def _fixed_batch(self, batches: list[Any], module: nn.Module | None = None) -> Any:
         """The first ``num_examples`` examples: batches joined and cut along dim 0 where every tensor has the
         batch size there; otherwise (a time-major ``(T, N, F)`` batch) the first batch as it is."""
         sizes = [self._examples(b) for b in batches]
-        if not all(_uniform(b, n) for b, n in zip(batches, sizes, strict=True)):
+        if not all(_uniform(b, n, module) for b, n in zip(batches, sizes, strict=True)):
             return batches[0]
         batch = batches[0] if len(batches) == 1 else _concat(batches)
         total = sum(sizes)
@@ -429,12 +442,14 @@ class PredictionDynamicsLogger(Monitor):
 @contextmanager
 def _evaluating(module: torch.nn.Module) -> Iterator[None]:
     """Eval mode and no gradients inside; the mode of every submodule and every RNG put back after, so a
-    stochastic forward does not shift the run and a submodule the user keeps in eval stays so."""
+    stochastic forward does not shift the run and a submodule the user keeps in eval stays so. The module's
+    plain attributes too: a forward that caches or counts must not change what training sees. A compiled
+    model runs eagerly (see :mod:`lightning_recipe.diagnostics.compiled`)."""
     modes = [(m, m.training) for m in module.modules()]
     rng = RngState.capture()
     try:
         module.eval()
-        with torch.no_grad():
+        with torch.no_grad(), attributes_preserved(module), eager():
             yield
     finally:
         for submodule, training in modes:
@@ -442,20 +457,27 @@ def _evaluating(module: torch.nn.Module) -> Iterator[None]:
         rng.restore()
 
 
-def _uniform(batch: Any, n: int) -> bool:
-    """Whether every tensor in ``batch`` has ``n`` on dim 0 (so it can be cut and joined there)."""
+def _uniform(batch: Any, n: int, module: nn.Module | None = None) -> bool:
+    """Whether every tensor in ``batch`` has ``n`` on dim 0 (so it can be cut and joined there), and the
+    batch is not one graph whose ``n`` examples are nodes (cutting them would cut edges)."""
+    return _rows(batch, n) and graph_adjacency(batch, n, module) is None
+
+
+def _rows(batch: Any, n: int) -> bool:
     if isinstance(batch, Tensor):
         return batch.ndim > 0 and batch.shape[0] == n
     if isinstance(batch, Mapping):
-        return all(_uniform(v, n) for v in batch.values())
+        return all(_rows(v, n) for v in batch.values())
     if isinstance(batch, (tuple, list)):
-        return all(_uniform(v, n) for v in batch)
+        return all(_rows(v, n) for v in batch)
     return True
 
 
 def _concat(batches: list[Any]) -> Any:
     first = batches[0]
     if isinstance(first, Tensor):
+        if any(is_sparse(b) for b in batches):  # torch.cat joins sparse COO tensors only with each other
+            return torch.cat([b.to_sparse_coo() if is_sparse(b) else b.to_sparse() for b in batches])
         return torch.cat(batches)
     if isinstance(first, Mapping):
         return type(first)({k: _concat([b[k] for b in batches]) for k in first})  # type: ignore[call-arg]

@@ -6,24 +6,35 @@ Every check and monitor accepts the same three keyword arguments, ``inputs=``, `
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 __all__ = [
     "BatchAdapter",
     "BatchNotUnderstood",
     "ChildForward",
+    "all_finite",
     "call_with_batch",
     "batch_size_of",
     "default_forward",
     "default_inputs",
     "default_targets",
+    "examples_in_loss",
     "first_tensor",
+    "graph_adjacency",
+    "held_tensors",
+    "is_edge_list",
+    "is_sparse",
     "select_output",
     "slice_batch",
+    "take_along",
+    "tensors_of",
+    "value_stats",
     "whole_batch",
 ]
 
@@ -183,6 +194,14 @@ class BatchAdapter:
             first = error
         except Exception as error:  # noqa: BLE001 - the user's forward on what we guessed it takes
             first = error
+        if guessed and (by_name := self._by_signature(module, batch)) is not None:
+            # `forward(self, x, adj)` fed from `(x, adj, y, ...)`, or `forward(self, x, adj)` from a dict
+            # with those keys: the batch entries the signature names are the inputs
+            try:
+                if by_name._per_example(by_name.predict(module, by_name.get_inputs(batch)), batch):
+                    return by_name
+            except Exception:  # noqa: BLE001, S110 - the first error is the one worth reporting
+                pass
         if guessed and not isinstance(batch, Tensor):
             whole = replace(self, inputs=whole_batch, forward=call_with_batch)
             try:
@@ -216,6 +235,30 @@ class BatchAdapter:
         ) from first
 
 
+    def _by_signature(self, module: nn.Module, batch: Any) -> BatchAdapter | None:
+        """An adapter whose inputs are the batch entries ``module.forward``'s signature asks for: the first
+        ``k`` items of a tuple batch for ``k`` required positional parameters (the target is then item
+        ``k``, unless ``targets=`` was given), or the keys of a dict batch that name parameters. ``None``
+        when the signature does not say more than ``module(x)`` already tried."""
+        try:
+            params = list(inspect.signature(module.forward).parameters.values())
+        except (TypeError, ValueError):
+            return None
+        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        required = [p for p in positional if p.default is p.empty]
+        if isinstance(batch, (tuple, list)) and not hasattr(batch, "_fields"):
+            k = len(required)
+            if k < 2 or k >= len(batch) or not all(isinstance(v, Tensor) for v in batch[: k + 1]):
+                return None
+            targets = self.targets if self.targets is not default_targets else _ItemAt(k)
+            return replace(self, inputs=_LeadingItems(k), targets=targets)
+        if isinstance(batch, Mapping):
+            named = tuple(p.name for p in params if p.name in batch and p.kind is not p.POSITIONAL_ONLY)
+            if not named or any(p.name not in named for p in required if p.kind is not p.POSITIONAL_ONLY):
+                return None
+            return replace(self, inputs=_Keys(named))
+        return None
+
     def _per_example(self, output: Tensor, batch: Any) -> bool:
         """Whether ``output`` can hold one prediction per example: a dimension of the targets' batch size,
         or flattened rows (``(N*T, ...)``). A forward that took a guessed input and still ran can return
@@ -248,6 +291,36 @@ class ChildForward:
         return default_forward(child, inputs)
 
 
+@dataclass(frozen=True)
+class _LeadingItems:
+    """``inputs=`` taking the first ``count`` items of a tuple batch (a multi-input ``forward``)."""
+
+    count: int
+
+    def __call__(self, batch: Any) -> tuple[Any, ...]:
+        return tuple(batch[: self.count])
+
+
+@dataclass(frozen=True)
+class _ItemAt:
+    """``targets=`` taking item ``index`` of a tuple batch (the item after the inputs)."""
+
+    index: int
+
+    def __call__(self, batch: Any) -> Any:
+        return batch[self.index]
+
+
+@dataclass(frozen=True)
+class _Keys:
+    """``inputs=`` taking the entries of a dict batch that ``forward`` names as parameters."""
+
+    keys: tuple[str, ...]
+
+    def __call__(self, batch: Any) -> dict[str, Any]:
+        return {key: batch[key] for key in self.keys}
+
+
 def whole_batch(batch: Any) -> Any:
     """``inputs=`` for models whose ``forward`` takes the whole batch."""
     return batch
@@ -260,7 +333,8 @@ def call_with_batch(module: nn.Module, batch: Any) -> Any:
 
 def _describe(value: Any) -> str:
     if isinstance(value, Tensor):
-        return f"a tensor of shape {tuple(value.shape)}"
+        kind = "a sparse tensor" if is_sparse(value) else "a tensor"
+        return f"{kind} of shape {tuple(value.shape)}"
     if isinstance(value, Mapping):
         return f"a dict with keys {list(value)}"
     if isinstance(value, (tuple, list)):
@@ -269,9 +343,18 @@ def _describe(value: Any) -> str:
 
 
 def slice_batch(value: Any, index: Tensor | slice, batch_size: int, dim: int = 0) -> Any:
-    """Take ``index`` along ``dim`` of every tensor in ``value`` whose size there is ``batch_size``."""
+    """Take ``index`` along ``dim`` of every tensor in ``value`` whose size there is ``batch_size``.
+
+    Sparse tensors are cut with ``index_select`` (they have no strided views). A sparse ``(N, N)`` adjacency
+    of a graph batch is cut on both dimensions, so the result is the subgraph the kept nodes induce rather
+    than a ``(k, N)`` matrix no graph layer can take."""
     if isinstance(value, Tensor):
         if value.ndim > dim and value.shape[dim] == batch_size:
+            if is_sparse(value):
+                dims = (0, 1) if dim == 0 and _square_adjacency(value, batch_size) else (dim,)
+                for d in dims:
+                    value = take_along(value, index, d)
+                return value
             return value[(slice(None),) * dim + (index,)]
         return value
     if isinstance(value, Mapping):
@@ -282,4 +365,156 @@ def slice_batch(value: Any, index: Tensor | slice, batch_size: int, dim: int = 0
         return type(value)(slice_batch(v, index, batch_size, dim) for v in value)
     return value
 
+
+# -- sparse tensors and graph batches ----------------------------------------------------------------
+#
+# A sparse tensor (``torch.sparse_coo_tensor``, CSR, ...) has no strides: basic indexing, ``narrow``, ``view``,
+# comparisons and most reductions raise NotImplementedError on it. Everything the package does to a user's
+# batch goes through the helpers below, which read and cut sparse tensors without densifying them.
+
+
+def is_sparse(t: Tensor) -> bool:
+    """Whether ``t`` has a sparse layout (COO, CSR, CSC, BSR, BSC)."""
+    return t.layout != torch.strided
+
+
+def tensors_of(value: Any) -> list[Tensor]:
+    """Every tensor in a tensor / tuple / list / dict, depth first."""
+    if isinstance(value, Tensor):
+        return [value]
+    items = value.values() if isinstance(value, Mapping) else value if isinstance(value, (tuple, list)) else ()
+    return [t for item in items for t in tensors_of(item)]
+
+
+def take_along(t: Tensor, index: Tensor | slice, dim: int) -> Tensor:
+    """``t`` indexed by ``index`` along ``dim``, for strided and sparse tensors alike (sparse ones keep
+    their layout)."""
+    if not is_sparse(t):
+        return t[(slice(None),) * dim + (index,)]
+    positions = torch.arange(t.shape[dim])[index] if isinstance(index, slice) else index.reshape(-1)
+    positions = positions.to(device=t.device, dtype=torch.long)
+    if t.layout == torch.sparse_coo:
+        return t.index_select(dim, positions)
+    return t.to_sparse_coo().index_select(dim, positions).to_sparse(layout=t.layout)
+
+
+def value_stats(t: Tensor) -> dict[str, Any] | None:
+    """Mean, std, largest magnitude and finiteness of every element of ``t`` (the implicit zeros of a
+    sparse tensor included), in float64; ``None`` for a non-float or empty tensor."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return None
+    t = t.detach()
+    if is_sparse(t):
+        stored = t.to_sparse_coo().coalesce().values().double().reshape(-1)
+        zeros = t.numel() - stored.numel()  # hybrid tensors store dense blocks: numel counts them
+    else:
+        stored, zeros = t.double().reshape(-1), 0
+    finite = stored[torch.isfinite(stored)]
+    count = finite.numel() + zeros
+    if count < 2:
+        return {"finite": False}
+    total = finite.sum()
+    mean = total / count
+    var = ((finite - mean).square().sum() + zeros * mean.square()) / (count - 1)
+    abs_max = finite.abs().max() if finite.numel() else torch.zeros((), dtype=torch.float64)
+    return {
+        "mean": float(mean),
+        "std": float(var.sqrt()),
+        "abs_max": float(abs_max),
+        "finite": finite.numel() == stored.numel(),
+        "sparse": is_sparse(t),
+    }
+
+
+def all_finite(value: Any) -> bool:
+    """Whether every floating tensor in ``value`` holds finite numbers only (sparse ones: their stored
+    values; the implicit zeros are finite)."""
+    for t in tensors_of(value):
+        if not t.is_floating_point():
+            continue
+        stored = t.to_sparse_coo().coalesce().values() if is_sparse(t) else t
+        if not bool(torch.isfinite(stored).all()):
+            return False
+    return True
+
+
+def _square_adjacency(t: Tensor, n: int) -> bool:
+    return t.ndim == 2 and tuple(t.shape) == (n, n)
+
+
+def held_tensors(module: nn.Module) -> list[Tensor]:
+    """The tensors a model holds besides its parameters: buffers and plain tensor attributes of every
+    submodule (code written for one fixed graph keeps the adjacency there: ``self.adj = adj``)."""
+    found: dict[int, Tensor] = {}
+    for m in module.modules():
+        for t in list(m.buffers(recurse=False)) + list(vars(m).values()):
+            if isinstance(t, Tensor) and not isinstance(t, nn.Parameter):
+                found.setdefault(id(t), t)
+    return list(found.values())
+
+
+def is_edge_list(t: Tensor, n: int) -> bool:
+    """Whether ``t`` is an edge list over ``n`` nodes, as message-passing code without an adjacency matrix
+    carries it (``edge_index``): integers of shape ``(2, E)``, every entry a node index in ``[0, n)``."""
+    return (
+        n > 2 and t.ndim == 2 and t.shape[0] == 2 and t.shape[1] not in (0, n) and not is_sparse(t)
+        and not t.is_floating_point() and t.dtype != torch.bool
+        and bool((t >= 0).all()) and bool((t < n).all())
+    )
+
+
+def graph_adjacency(value: Any, n: int, module: nn.Module | None = None) -> Tensor | None:
+    """The ``(n, n)`` adjacency (or ``(2, E)`` edge list) of a graph batch whose ``n`` examples are the nodes
+    of one graph, or ``None``.
+
+    A sparse ``(n, n)`` matrix in the batch, or held by ``module`` (a buffer or attribute), is one. A dense
+    one in the batch only when a feature tensor with ``n`` rows of another shape sits beside it (a lone
+    ``(n, n)`` tensor is more likely ``n`` examples of ``n`` features; a dense ``(n, n)`` buffer more likely a
+    mask). Cutting examples out of such a batch cuts edges of the graph: callers keep the graph whole, or
+    take the subgraph the kept nodes induce."""
+    tensors = tensors_of(value)
+    squares = [t for t in tensors if _square_adjacency(t, n)]
+    held = [t for t in held_tensors(module) if _square_adjacency(t, n)] if module is not None else []
+    sparse = [t for t in squares + held if is_sparse(t)]
+    if sparse:
+        return sparse[0]
+    features = [t for t in tensors if t.ndim >= 2 and t.shape[0] == n and not _square_adjacency(t, n)
+                and (t.is_floating_point() or is_sparse(t))]
+    if squares and features:
+        return squares[0]
+    # an edge list beside node features (message passing by `index_add` / `scatter`)
+    edges = [t for t in tensors if is_edge_list(t, n)]
+    return edges[0] if edges and features else None
+
+
+def examples_in_loss(module: nn.Module, loss_fn: Callable[[], Tensor], n: int) -> Tensor | None:
+    """Which of ``n`` examples the loss reads: ``(n,)`` bool, True where the model's output row of the
+    example receives a gradient from ``loss_fn()``. ``None`` when no output with ``n`` rows was seen.
+
+    Full-batch graph training predicts every node and computes the loss on the labelled ones only
+    (``loss(out[train_mask], y[train_mask])`` or ``out[idx_train]``): the other nodes' labels are never
+    trained on, and comparing predictions with them tells nothing about fitting. Their output rows get an
+    exactly zero gradient, whatever form the mask takes. Runs ``loss_fn`` once with a backward pass through
+    autograd (no ``.grad`` is written): call it on a snapshot."""
+    captured: list[Tensor] = []
+
+    def hook(mod: nn.Module, args: Any, out: Any) -> None:
+        t = out if isinstance(out, Tensor) else first_tensor(out)
+        if t is not None and t.requires_grad and t.ndim >= 1 and t.shape[0] == n and not is_sparse(t):
+            captured.append(t)
+
+    handles = [m.register_forward_hook(hook) for m in module.modules()]
+    try:
+        with torch.enable_grad():
+            loss = loss_fn()
+    finally:
+        for h in handles:
+            h.remove()
+    if not captured or not loss.requires_grad:
+        return None
+    output = captured[-1]  # the last module to finish: the model itself, or the one training_step called
+    (grad,) = torch.autograd.grad(loss, output, allow_unused=True)
+    if grad is None:
+        return None
+    return grad.detach().reshape(n, -1).ne(0).any(1)
 

@@ -19,6 +19,12 @@ of any other example. Done naively that is one backward pass per example; here e
   positions ``> c_e`` is a violation. ``B`` cuts per pass, ``ceil((T - 1) / B)`` passes (bounded; the cuts
   are then spread over the sequence). Targeted passes from single positions name the offending pairs.
 
+* **Graphs.** When the examples are the nodes of one graph (full-batch node classification: an ``(N, N)``
+  adjacency, sparse or dense, in the batch or held by the model), a node depends on its neighbours by
+  design. The probe counts how often ``forward`` multiplies node features by the adjacency (``k``), and
+  holds each of a sample of nodes to its ``k``-hop neighbourhood instead of to independence; a graph it
+  cannot read that way (an edge list) is skipped, saying so. See the section at the end of this file.
+
 The model runs in eval mode (BatchNorm uses running statistics and is per example; dropout is off), in its
 own dtype. Integer token inputs carry no gradient, so they are probed at the output of the ``nn.Embedding``
 that reads them. "Non-zero" is relative, per probed tensor: gradient on an example counts when it exceeds
@@ -41,10 +47,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
+from lightning_recipe.diagnostics.batch import graph_adjacency, held_tensors, is_edge_list, is_sparse, slice_batch
 from lightning_recipe.diagnostics.task import looks_like_next_step
 
-__all__ = ["LeakageNotApplicable", "LeakageReport", "probe_batch_leakage"]
+__all__ = ["GraphReading", "LeakageNotApplicable", "LeakageReport", "probe_batch_leakage"]
 
 Forward = Callable[[nn.Module, Any], Tensor]
 
@@ -75,6 +83,8 @@ class LeakageReport:
         cuts_checked: the cuts ``c`` that were checked.
         backward_passes: every backward pass run, by purpose.
         dependency: ``(B, B)`` matrix, 1 where output ``i`` depends on input ``j != i``; diagonal not probed.
+        graph: set when the examples are the nodes of one graph: what was read, and the allowed neighbourhood
+            the dependencies were held to (``leaking_pairs`` then lists nodes outside it, by node index).
     """
 
     num_examples: int
@@ -95,6 +105,7 @@ class LeakageReport:
     backward_passes: dict[str, int]
     tolerance: float
     dependency: Tensor = field(repr=False)
+    graph: GraphReading | None = None
 
     @property
     def batch_leak(self) -> bool:
@@ -122,6 +133,24 @@ def _map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     if isinstance(value, (tuple, list)):
         return type(value)(_map_tensors(v, fn) for v in value)
     return value
+
+
+def _probe_leaf(t: Tensor) -> tuple[Tensor, Tensor]:
+    """A leaf that requires grad in place of input ``t``, and what the model is fed instead of ``t``: a
+    clone of the leaf (not a leaf, so in-place ops in the model stay legal), or for a sparse ``t`` a
+    sparse tensor of the same layout made from a dense leaf (sparse tensors carry no per-row gradient to
+    read, and the model may need them sparse: ``torch.sparse.mm``)."""
+    if not is_sparse(t):
+        probe = t.detach().clone().requires_grad_(True)
+        return probe, probe.clone()
+    probe = t.detach().to_dense().requires_grad_(True)
+    fed = probe.to_sparse() if t.layout == torch.sparse_coo else probe.to_sparse(layout=t.layout)
+    return probe, fed
+
+
+def _edges_within(edges: Tensor, b: int) -> Tensor:
+    """The edges of a ``(2, E)`` edge list between the first ``b`` nodes: the induced subgraph's."""
+    return edges[:, (edges < b).all(0)]
 
 
 def _tensors(value: Any) -> list[Tensor]:
@@ -269,9 +298,9 @@ def _make_leaves(inputs: Any, b: int, in_dim: int) -> tuple[Any, list[_Probe]]:
 
     def leaf(t: Tensor) -> Tensor:
         if t.is_floating_point() and t.ndim > in_dim and t.shape[in_dim] == b:
-            probe = t.detach().clone().requires_grad_(True)
-            leaves.append(_Probe(f"input {tuple(t.shape)}", probe, in_dim))
-            return probe.clone()  # not a leaf: in-place ops in the model stay legal
+            probe, fed = _probe_leaf(t)
+            leaves.append(_Probe(f"input {tuple(t.shape)}{' (sparse)' if is_sparse(t) else ''}", probe, in_dim))
+            return fed
         return t
 
     return _map_tensors(inputs, leaf), leaves
@@ -293,6 +322,7 @@ def probe_batch_leakage(
     max_causal_passes: int = 4,
     seed: int = 0,
     next_token: str | None = None,
+    graph: bool | None = None,
     _cast_integers: bool = True,
 ) -> LeakageReport:
     """Chart which examples (and positions) each output depends on, in eval mode.
@@ -312,6 +342,10 @@ def probe_batch_leakage(
             show it (the shift is inside the model's loss); with ``causal=None`` causality is then checked.
         num_examples: how many examples of the batch to probe.
         tolerance: relative gradient below which an example counts as independent.
+        graph: whether the examples are the nodes of one graph (an ``(N, N)`` adjacency among the inputs that
+            ``forward`` multiplies node features by). ``None``: found. Then each node is held to the
+            neighbourhood the propagations reach, not to independence; ``False`` probes the nodes as
+            independent examples (on the subgraph the first ``num_examples`` nodes induce).
 
     Raises:
         LeakageNotApplicable: fewer than two examples, nothing to probe, or no batch dim in the output.
@@ -337,6 +371,20 @@ def probe_batch_leakage(
     first_report: LeakageReport | None = None
     errors: list[LeakageNotApplicable] = []
     with _eval_mode(module):
+        found = None if graph is False else _read_graph(module, inputs, forward, targets)
+        if found is not None:
+            n, adjacencies, hops, candidates = found
+            if adjacencies and hops > 0:
+                return _probe_graph(module, inputs, forward, n, adjacencies, hops, output_batch_dim,
+                                    num_examples, tolerance, seed)
+            if graph or any(is_sparse(t) or is_edge_list(t, n) for t in candidates):
+                raise _not_a_graph_model(n, candidates)
+            # a dense (N, N) input that never multiplies node features: N examples of N features
+        elif graph:
+            raise LeakageNotApplicable(
+                "`graph=True`, but no input is an (N, N) adjacency over the N examples of the batch; pass "
+                "`inputs=` returning the node features and the adjacency."
+            )
         for in_dim in hypotheses:
             try:
                 report = _probe_with_batch_dim(
@@ -359,7 +407,7 @@ def probe_batch_leakage(
             report = probe_batch_leakage(
                 module, floated, forward, targets=targets, batch_dim=batch_dim, output_batch_dim=output_batch_dim,
                 causal=causal, time_dim=time_dim, num_examples=num_examples, tolerance=tolerance,
-                max_exact_rows=max_exact_rows, max_causal_passes=max_causal_passes, seed=seed,
+                max_exact_rows=max_exact_rows, max_causal_passes=max_causal_passes, seed=seed, graph=graph,
                 next_token=next_token, _cast_integers=False,
             )
         except Exception:  # noqa: BLE001 - the model needs integers after all: the original reason stands
@@ -386,8 +434,12 @@ def _probe_with_batch_dim(
         )
     b = _choose_num_examples(tensors, in_dim, n, num_examples)
     if b < n:
-        inputs = _map_tensors(inputs, lambda t: t.narrow(in_dim, 0, b) if t.ndim > in_dim and t.shape[in_dim] == n
-                              else t)
+        # a graph is cut to the subgraph the first b nodes induce (adjacency on both dims, edges between
+        # them); it only gets here when asked to (`graph=False`). Sparse tensors are cut with index_select.
+        adjacency = graph_adjacency(inputs, n) if in_dim == 0 else None
+        inputs = _map_tensors(inputs, lambda t: t[:b, :b] if t is adjacency and not is_sparse(t) else t)
+        inputs = slice_batch(inputs, slice(0, b), n, in_dim)
+        inputs = _map_tensors(inputs, lambda t: _edges_within(t, b) if is_edge_list(t, n) else t)
     probe_inputs, leaves = _make_leaves(inputs, b, in_dim)
     int_shapes = {tuple(t.shape) for t in _tensors(inputs) if _is_int(t) and t.ndim > in_dim
                   and t.shape[in_dim] == b}
@@ -642,3 +694,267 @@ def _causal_passes(
                 violations.append((t, late))
     return dict(causal_checked=True, causal_reason=reason, causal_violations=violations,
                 violating_cuts=violating, cuts_checked=all_cuts, sequence_length=length)
+
+
+# -- graph batches: the examples are the nodes of one graph -------------------------------------------
+#
+# Full-batch node classification feeds the whole graph as one batch: node features ``(N, F)`` and an
+# ``(N, N)`` adjacency (sparse or dense). A node's output depends on its neighbours by design, so the batch
+# test above would call every healthy graph network leaky. What a node may depend on is known, though: a
+# model that multiplies node features by the adjacency ``k`` times in ``forward`` (``adj @ h``,
+# ``torch.sparse.mm(adj, h)``) reaches the ``k``-hop neighbourhood, and nothing else. The probe counts those
+# propagations in one forward pass (a TorchFunctionMode watches which calls take the adjacency or a tensor
+# derived from it), then holds a sample of nodes to their neighbourhood: a dependency on a node outside it
+# (a softmax or statistics over the node axis) is a leak.
+
+_PRODUCTS = frozenset({"mm", "matmul", "__matmul__", "__rmatmul__", "spmm", "_sparse_mm", "bmm", "addmm",
+                       "sparse_mm", "mv", "einsum"})
+
+
+@dataclass(frozen=True)
+class GraphReading:
+    """How a batch was read as one graph.
+
+    Attributes:
+        num_nodes: ``N``, the examples of the batch.
+        adjacency: the adjacency input(s), e.g. ``"sparse (120, 120)"``.
+        hops: propagations through the adjacency ``forward`` makes: each node may depend on its
+            ``hops``-hop neighbourhood (edges followed in both directions).
+        probed_nodes: the nodes whose dependencies were charted.
+        neighbourhood_sizes: size of each probed node's allowed neighbourhood, itself included.
+        dependencies_within: (probed node, other node) dependencies seen inside the neighbourhoods: the
+            evidence that the probe saw the message passing at all.
+    """
+
+    num_nodes: int
+    adjacency: str
+    hops: int
+    probed_nodes: list[int]
+    neighbourhood_sizes: list[int]
+    dependencies_within: int
+
+
+def _describe_tensor(t: Tensor) -> str:
+    if is_sparse(t):
+        return f"sparse {tuple(t.shape)}"
+    return f"dense {tuple(t.shape)}" if t.is_floating_point() else f"{tuple(t.shape)} {str(t.dtype)[6:]}"
+
+
+def _node_count(inputs: Any, targets: Tensor | None) -> int | None:
+    if targets is not None and targets.ndim >= 1:
+        return int(targets.shape[0])
+    squares = [t for t in _tensors(inputs) if t.ndim == 2 and t.shape[0] == t.shape[1]]
+    return int(squares[0].shape[0]) if squares else None
+
+
+class _Propagation(TorchFunctionMode):
+    """Counts, during one forward pass, the calls that multiply node features by an adjacency candidate
+    (or by a tensor derived from one: ``adj.t()``, ``adj.coalesce()``, an attention matrix masked by it)."""
+
+    def __init__(self, candidates: list[Tensor], n: int) -> None:
+        super().__init__()
+        self.n = n
+        self.weight: dict[int, int] = {id(t): 1 for t in candidates}  # hops one product by it advances
+        self.origin: dict[int, int] = {id(t): id(t) for t in candidates}
+        self.alive: list[Tensor] = list(candidates)  # keeps ids unique while tracked
+        self.hops = 0
+        self.used: set[int] = set()
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not isinstance(out, Tensor):
+            return out
+        arguments = _tensors(list(args)) + _tensors(list(kwargs.values()))
+        tracked = [a for a in arguments if id(a) in self.weight]
+        if not tracked:
+            return out
+        product = getattr(func, "__name__", "") in _PRODUCTS
+        weights = [self.weight[id(a)] for a in tracked]
+        weight = sum(weights) if product else max(weights)
+        origin = self.origin[id(tracked[0])]
+        n = self.n
+        if out.ndim == 2 and tuple(out.shape) == (n, n):
+            self.weight[id(out)] = weight
+            self.origin[id(out)] = origin
+            self.alive.append(out)
+        elif product and out.ndim >= 1 and out.shape[0] == n and any(
+            id(a) not in self.weight and not isinstance(a, nn.Parameter) and a.ndim >= 1 and a.shape[0] == n
+            for a in arguments
+        ):
+            self.hops += weight
+            self.used.update(self.origin[id(a)] for a in tracked)
+        return out
+
+
+def _read_graph(module: nn.Module, inputs: Any, forward: Forward, targets: Tensor | None
+                ) -> tuple[int, list[Tensor], int, list[Tensor]] | None:
+    """``(N, adjacencies, hops, all (N, N) candidates)`` when an ``(N, N)`` input, or an ``(N, N)`` tensor the
+    model holds (a buffer: code written for one fixed graph), multiplies node features in ``forward``;
+    ``None`` when there is no ``(N, N)`` candidate. Runs the model once, without gradients."""
+    n = _node_count(inputs, targets)
+    if n is None or n < 2:
+        return None
+    candidates = [t for t in _tensors(inputs) + held_tensors(module) if t.ndim == 2 and tuple(t.shape) == (n, n)
+                  and (t.is_floating_point() or is_sparse(t) or t.dtype == torch.bool)]
+    if not candidates:
+        edges = [t for t in _tensors(inputs) if is_edge_list(t, n)]
+        if edges and any(t.is_floating_point() or is_sparse(t) for t in _tensors(inputs) if t.ndim >= 1
+                         and t.shape[0] == n):
+            return n, [], 0, edges  # an edge list: how far messages travel through it cannot be counted
+        return None
+    mode = _Propagation(candidates, n)
+    try:
+        with torch.no_grad(), mode:
+            forward(module, inputs)
+    except Exception:  # noqa: BLE001 - e.g. a compiled forward refusing the mode: the per-example probe runs
+        return None  # the forward again, and a user's error surfaces there, unchanged
+    used = [t for t in candidates if id(t) in mode.used]
+    return n, used, mode.hops, candidates
+
+
+def _neighbourhoods(adjacencies: list[Tensor], n: int, hops: int, nodes: Tensor) -> Tensor:
+    """``(len(nodes), N)``: True where a node is within ``hops`` edges of a probed node, edges of every
+    adjacency followed both ways (a model may propagate with ``adj`` or ``adj.T``)."""
+    rows, cols = [], []
+    for a in adjacencies:
+        index = a.to_sparse_coo().coalesce().indices() if is_sparse(a) else a.nonzero().T
+        rows.append(index[0].cpu())
+        cols.append(index[1].cpu())
+    src = torch.cat(rows + cols)
+    dst = torch.cat(cols + rows)
+    reach = torch.zeros(len(nodes), n, dtype=torch.bool)
+    reach[torch.arange(len(nodes)), nodes] = True
+    for _ in range(hops):
+        step = reach.clone()
+        hit = reach[:, src]  # (nodes, edges): the edge leaves a reached node
+        where = hit.nonzero()
+        step[where[:, 0], dst[where[:, 1]]] = True
+        reach = step
+    return reach
+
+
+class _GraphRunner(_Runner):
+    """A runner whose leaks are dependencies outside the allowed neighbourhood of the node being probed."""
+
+    allowed: Tensor | None = None
+
+    def leaks(self, rel: Tensor) -> Tensor:
+        leaked = rel > self.tolerance
+        return leaked if self.allowed is None else leaked & ~self.allowed.to(leaked.device)
+
+
+def _not_a_graph_model(n: int, candidates: list[Tensor]) -> LeakageNotApplicable:
+    seen = ", ".join(_describe_tensor(t) for t in candidates)
+    if all(tuple(t.shape) != (n, n) for t in candidates):
+        what = f"an edge list over the {n} examples ({seen})"
+        unseen = "how far messages travel along an edge list cannot be counted from `forward`"
+    else:
+        what = f"an ({n}, {n}) matrix over the {n} examples ({seen})"
+        unseen = ("`forward` did not multiply node features by it where the probe can see (`adj @ h`, "
+                  "`torch.sparse.mm(adj, h)`)")
+    return LeakageNotApplicable(
+        f"the inputs hold {what}: they look like the nodes of one graph, and a node depends on its neighbours "
+        f"by design, so they are not held to per-example independence; {unseen}, so the neighbourhood each "
+        "node may depend on is unknown and was not checked. To probe the nodes as independent examples "
+        "anyway (on the subgraph of the first `num_examples` nodes), pass `graph=False`."
+    )
+
+
+def _probe_graph(
+    module: nn.Module, inputs: Any, forward: Forward, n: int, adjacencies: list[Tensor], hops: int,
+    output_batch_dim: int | None, num_examples: int, tolerance: float, seed: int,
+) -> LeakageReport:
+    skip = {id(a) for a in adjacencies}
+    leaves: list[_Probe] = []
+
+    def leaf(t: Tensor) -> Tensor:
+        if id(t) not in skip and t.is_floating_point() and t.ndim >= 1 and t.shape[0] == n:
+            probe, fed = _probe_leaf(t)
+            leaves.append(_Probe(f"node input {_describe_tensor(t)}", probe, 0))
+            return fed
+        return t
+
+    probe_inputs = _map_tensors(inputs, leaf)
+    if not leaves:
+        raise NoGradientPath(
+            f"the examples are the {n} nodes of one graph, but no floating-point input has a row per node, so "
+            "there is nowhere to read a gradient. Pass `inputs=` returning the node feature matrix and the "
+            "adjacency."
+        )
+    names = {m: name for name, m in module.named_modules()}
+    recorded: list[tuple[str, str, Tensor, int]] = []
+
+    def record_hook(mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        t = out if isinstance(out, Tensor) else next(iter(_tensors(out)), None)
+        if t is not None and t.is_floating_point() and t.requires_grad and not is_sparse(t) \
+                and t.ndim >= 1 and t.shape[0] == n:
+            recorded.append((names.get(mod, "?"), _describe_module(mod), t, 0))
+
+    handles = [m.register_forward_hook(record_hook) for m in module.modules()
+               if m is not module and not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict))]
+    try:
+        raw = forward(module, probe_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    if not isinstance(raw, Tensor):
+        raise LeakageNotApplicable(
+            f"Expected the forward to return a tensor, but got {type(raw).__name__}. Pass "
+            "`forward=lambda module, x: ...` returning the prediction tensor."
+        )
+    views = _output_views(raw, n, 0, output_batch_dim)
+    if not views or not views[0][0].startswith("dim"):
+        raise LeakageNotApplicable(
+            f"the examples are the {n} nodes of one graph, but the output of shape {tuple(raw.shape)} has no "
+            f"dimension of size {n}, so outputs cannot be mapped to nodes. Pass `output_batch_dim=`, or "
+            "`forward=` returning one prediction per node."
+        )
+    if not torch.isfinite(raw.detach()).all():
+        raise LeakageNotApplicable(
+            "the model's outputs are not finite at initialisation, so gradients cannot be compared; fix the "
+            "non-finite outputs first."
+        )
+    layout, out = views[0]
+    b = min(num_examples, n)
+    nodes = torch.linspace(0, n - 1, b).round().long().unique()
+    b = len(nodes)
+    allowed = _neighbourhoods(adjacencies, n, hops, nodes)
+    runner = _GraphRunner(leaves, out, tolerance, seed)
+    pairs: list[tuple[int, int]] = []
+    dependency = torch.zeros(b, b)
+    any_gradient = False
+    within = 0
+    first_leaking: int | None = None
+    for row, i in enumerate(nodes.tolist()):
+        rel = runner.example_gradient((torch.arange(n) == i).to(out.device), "graph nodes").cpu()
+        any_gradient = any_gradient or bool((rel > 0).any())
+        depends = rel > tolerance
+        depends[i] = False
+        dependency[row] = depends[nodes].float()
+        outside = depends & ~allowed[row]
+        within += int((depends & allowed[row]).sum())
+        if bool(outside.any()) and first_leaking is None:
+            first_leaking = row
+        pairs += [(i, j) for j in outside.nonzero().flatten().tolist()]
+    if not any_gradient:
+        raise _NoGradient(
+            "no gradient reaches the node inputs from the outputs (detached or constant outputs), so "
+            "dependencies cannot be charted."
+        )
+    first_mixing = last_clean = note = None
+    if first_leaking is not None:
+        runner.allowed = allowed[first_leaking]
+        first_mixing, last_clean, note = _locate_mixing(runner, recorded, int(nodes[first_leaking]), n)
+    given = {id(t) for t in _tensors(inputs)}
+    adjacency = ", ".join(_describe_tensor(a) + ("" if id(a) in given else " held by the model")
+                          for a in adjacencies)
+    reading = GraphReading(n, adjacency, hops, nodes.tolist(), allowed.sum(1).tolist(), within)
+    return LeakageReport(
+        num_examples=b, input_batch_dim=0, output_layout=f"{layout} (nodes)", probed=[p.name for p in leaves],
+        leaking_pairs=pairs, pairs_exact=True, first_mixing_module=first_mixing, last_clean_module=last_clean,
+        mixing_module_note=note, causal_checked=False,
+        causal_reason="the examples are nodes of a graph, which has no time order", causal_violations=[],
+        violating_cuts=[], cuts_checked=[], sequence_length=None, backward_passes=dict(runner.passes),
+        tolerance=tolerance, dependency=dependency, graph=reading,
+    )

@@ -91,6 +91,10 @@ def _is_int(t: Tensor) -> bool:
     return not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
 
 
+def _is_sparse(t: Tensor) -> bool:
+    return t.layout != torch.strided
+
+
 def _shape(t: Tensor) -> str:
     return str(tuple(t.shape))
 
@@ -336,7 +340,8 @@ def conflicting_labels(inputs: Tensor, labels: Tensor, time_dim: int = 1) -> Ten
     n = labels.shape[0] if labels.ndim else 0
     if n < 2 or inputs.ndim == 0 or inputs.shape[0] != n:
         return None
-    x = inputs.detach().reshape(n, *inputs.shape[1:])
+    x = inputs.detach()
+    x = (x.to_dense() if _is_sparse(x) else x).reshape(n, *inputs.shape[1:])  # sparse rows too
     per_position = labels.ndim == 2 and x.ndim >= 2 and x.shape[1] == labels.shape[1]
     if per_position:
         flat = x.reshape(n, x.shape[1], -1)
@@ -540,7 +545,8 @@ def looks_like_next_step(inputs: Any, targets: Tensor | None, batch_dim: int = 0
     if targets is None:
         return False
     for x in _tensors(inputs):
-        if x.shape != targets.shape or x.ndim < 2 or x.shape[1 if batch_dim == 0 else 0] < 2:
+        if _is_sparse(x) or _is_sparse(targets) or x.shape != targets.shape or x.ndim < 2 \
+                or x.shape[1 if batch_dim == 0 else 0] < 2:
             continue
         xb, yb = x.movedim(batch_dim, 0), targets.movedim(batch_dim, 0)
         if _is_int(x) and _is_int(targets):
