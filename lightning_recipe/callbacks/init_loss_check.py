@@ -389,7 +389,7 @@ def _describe_task(reading: Reading | None) -> str:
 def _chance_name(view: TaskView) -> str:
     return {
         "cross_entropy": f"chance: ln {view.width}",
-        "bce": "chance: ln 2 per label",
+        "bce": "chance: ln 2 per label" if is_binary(view.targets) else "chance: ln 2 per output",
         "mse": "chance: E[y^2]",
         "l1": "chance: E|y|",
     }[view.loss_kind]
