@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_recipe import CheckStatus, OverfitOneBatch, RecipeCheckError, RecipeWarning
 from lightning_recipe.diagnostics.overfit import overfit_batch
@@ -259,7 +259,10 @@ def test_double_softmax_fails_naming_the_floor_and_the_fix():
     assert "Remove the `.softmax()`" in result.hint
     assert result.details["accuracy"] == 1.0
     assert result.details["best_loss"] > 0.5 * result.details["start_loss"]
-    assert result.details["lrs_tried"] == [3e-3, 3e-2, 3e-4]
+    # every Adam learning rate, then the run's own optimizer (the model's Adam at 1e-2): a floor fails at all
+    assert result.details["lrs_tried"] == [3e-3, 3e-2, 3e-4, 1e-2]
+    assert [a["optimizer"] for a in result.details["attempts"]] == ["Adam", "Adam", "Adam", "your Adam"]
+    assert "and your Adam at lr 0.01" in result.summary
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
 
@@ -386,3 +389,35 @@ def test_language_model_with_a_shared_bos_token_passes():
     trainer(max_steps=1, callbacks=[check]).fit(CausalLM(), DataLoader(BosDataset(), batch_size=16, shuffle=True))
     assert check.result.status is CheckStatus.PASSED, check.result.format()
     assert "undecidable" in check.result.summary
+
+
+class FarOffsetRegression(L.LightningModule):
+    """pytorch/examples' polynomial regression: 5 parameters, smooth L1, SGD at 0.1, targets far from 0. Adam moves
+    the bias ~lr per step, too slowly for the offset at every default learning rate; the run's SGD fits it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.fc(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.smooth_l1_loss(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_the_runs_own_optimizer_is_tried_when_no_adam_learning_rate_fits():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1, generator=g)
+    features = torch.cat([x**i for i in range(1, 5)], 1)
+    y = features @ (torch.randn(4, 1, generator=g) * 5) - 12.0
+    check = OverfitOneBatch()
+    trainer(max_steps=1, callbacks=[check]).fit(FarOffsetRegression(), loader(TensorDataset(features, y)))
+    result = check.result
+    assert result.passed, result.format()
+    assert result.details["attempts"][-1]["optimizer"] == "your SGD"
+    assert "your SGD at lr 0.1" in result.summary

@@ -51,15 +51,17 @@ class OverfitOneBatch(PreflightCheck):
     that turns NaN.
 
     How: the first ``num_examples`` examples of the first training batch, the loss from your own
-    ``training_step``, and a fresh Adam of our own on the trainable parameters (your optimizer, its
-    learning rate and its schedule do not matter). Each learning rate in ``lrs`` is tried from the same
-    starting point until one fits; an attempt stops early as soon as the batch is fitted, or when the loss
-    has plateaued. The model runs in eval mode, so dropout (attention dropout too) is off: a regulariser,
+    ``training_step``, and a fresh Adam of our own on the trainable parameters. Each learning rate in ``lrs``
+    is tried from the same starting point until one fits; when none does, a fresh copy of your own optimizer
+    (its class and settings, not its state or schedule) gets one more attempt: Adam moves a parameter by about
+    its learning rate per step, too slowly for a bias that must travel far, where the optimizer the model was
+    tuned with may not be. An attempt stops early as soon as the batch is fitted, or when the loss has
+    plateaued. The model runs in eval mode, so dropout (attention dropout too) is off: a regulariser,
     not part of what must fit; BatchNorm
     stays in train mode, as in training, and predictions are read in that same mode. Everything
     (weights, buffers, optimizer, RNGs, modes) is restored afterwards.
 
-    Cost: at most ``len(lrs) * max_steps`` training steps on ``num_examples`` examples; a healthy model
+    Cost: at most ``(len(lrs) + 1) * max_steps`` training steps on ``num_examples`` examples; a healthy model
     usually fits within the first learning rate in a few dozen steps, a broken one stops at a plateau.
 
     Args:
@@ -170,6 +172,7 @@ class OverfitOneBatch(PreflightCheck):
             lrs=self.lrs,
             max_steps=self.max_steps,
             loss_fraction=self.loss_fraction,
+            fallback=_own_optimizer(ctx.trainer.optimizers),
         )
         outputs = predict() if evidence.attempts and evidence.loss_has_graph else None
         if outputs is not None and targets is not None:
@@ -312,7 +315,7 @@ class OverfitOneBatch(PreflightCheck):
             labels = _label_text(decisive)
             return self.passed(
                 f"Fitted {used} examples: loss {start:.4g} -> {decisive.final_loss:.4g} (<= {frac} of its "
-                f"start) in {decisive.steps} steps at lr {decisive.lr:g}{labels}.{frozen_note}",
+                f"start) in {decisive.steps} steps at {decisive.setting}{labels}.{frozen_note}",
                 details,
             )
         return self._failure(ev, decisive, outputs, targets, details, frozen_note)
@@ -327,10 +330,11 @@ class OverfitOneBatch(PreflightCheck):
         frozen_note: str,
     ) -> CheckResult:
         start = ev.start_loss
-        lrs = ", ".join(f"{a.lr:g}" for a in ev.attempts)
+        lrs = ", ".join(f"{a.lr:g}" for a in ev.attempts if a.optimizer == "Adam")
+        lrs += "".join(f" and {a.setting}" for a in ev.attempts if a.optimizer != "Adam")
         steps = ev.total_steps
         if all(a.stop == "nonfinite" for a in ev.attempts):
-            where = ", ".join(f"step {a.nonfinite_step} at lr {a.lr:g}" for a in ev.attempts)
+            where = ", ".join(f"step {a.nonfinite_step} at {a.setting}" for a in ev.attempts)
             return self.failed(
                 f"The loss became non-finite while fitting one batch at every learning rate tried ({where}); "
                 f"it started at {start:.4g}.",
@@ -441,6 +445,26 @@ class OverfitOneBatch(PreflightCheck):
 # -- helpers ----------------------------------------------------------------------------------------
 
 
+def _own_optimizer(optimizers: Sequence[torch.optim.Optimizer]) -> tuple[str, float, Any] | None:
+    """The run's first optimizer as an attempt of its own: same class and settings, fresh state, on the
+    trainable parameters. ``None`` when there is none or it has no learning rate."""
+    if not optimizers or not isinstance(optimizers[0], torch.optim.Optimizer):
+        return None
+    if isinstance(optimizers[0], torch.optim.LBFGS):
+        return None  # its step needs a closure
+    opt = optimizers[0]
+    defaults = dict(opt.defaults)
+    lr = defaults.get("lr")
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
+        return None
+    kind = type(opt)
+
+    def make(params: list[nn.Parameter], rate: float) -> torch.optim.Optimizer:
+        return kind(params, **{**defaults, "lr": rate})
+
+    return f"your {kind.__name__}", float(lr), make
+
+
 def _label_text(attempt: Attempt) -> str:
     if attempt.total is None:
         return ""
@@ -525,6 +549,7 @@ def _details(ev: OverfitEvidence, used: int, full: bool, switched: int) -> dict[
     attempts = [
         {
             "lr": a.lr,
+            "optimizer": a.optimizer,
             "start_loss": a.start_loss,
             "final_loss": a.final_loss,
             "best_loss": a.best_loss,
@@ -563,7 +588,7 @@ def _loss_figure(ev: OverfitEvidence) -> Any:
     ax = figure.add_subplot()
     for attempt in ev.attempts:
         values = [v if math.isfinite(v) and v > 0 else float("nan") for v in attempt.curve]
-        ax.plot(range(len(values)), values, label=f"lr {attempt.lr:g} ({attempt.stop})")
+        ax.plot(range(len(values)), values, label=f"{attempt.setting} ({attempt.stop})")
     ax.axhline(ev.target_loss, color="gray", linestyle="--", label=f"{ev.loss_fraction:.0%} of start")
     if ev.target_loss > 0:
         ax.set_yscale("log")

@@ -68,6 +68,12 @@ class Attempt:
     total: int | None
     final_grad_norm: float | None
     ambiguous: int = 0
+    optimizer: str = "Adam"
+
+    @property
+    def setting(self) -> str:
+        """``"lr 0.003"``, or ``"your SGD at lr 0.1"`` for the run's own optimizer."""
+        return f"lr {self.lr:g}" if self.optimizer == "Adam" else f"{self.optimizer} at lr {self.lr:g}"
 
     @property
     def start_loss(self) -> float:
@@ -144,6 +150,7 @@ def overfit_batch(
     patience: int = 50,
     min_improvement: float = 0.01,
     optimizer: OptimizerFactory | None = None,
+    fallback: tuple[str, float, OptimizerFactory] | None = None,
 ) -> OverfitEvidence:
     """Train on one fixed batch until the loss is ``loss_fraction`` of its start and every label is
     predicted, trying each learning rate in ``lrs`` from the same starting state.
@@ -162,6 +169,10 @@ def overfit_batch(
             of the starting loss over the last ``patience`` steps (a plateau). Once the loss target is
             reached and only labels are left to line up, the attempt runs to ``max_steps``.
         optimizer: ``(params, lr) -> Optimizer``; default ``torch.optim.Adam``.
+        fallback: ``(name, lr, factory)``, one more attempt when no learning rate in ``lrs`` fits: the run's own
+            optimizer. Adam moves each parameter by about ``lr`` per step, so a parameter that must travel far (a
+            bias towards targets of mean -5) cannot get there in ``max_steps`` at any of them, where the
+            optimizer the model was tuned with can.
     """
     make_optimizer = optimizer or (lambda params, lr: torch.optim.Adam(params, lr=lr))
     named = list(named_parameters)
@@ -187,11 +198,17 @@ def overfit_batch(
     if not params:
         return OverfitEvidence(attempts=(), no_grad_params=(), **common)  # type: ignore[arg-type]
 
-    for index, lr in enumerate(lrs):
+    plan = [("Adam", lr, make_optimizer) for lr in lrs] + ([fallback] if fallback is not None else [])
+    for index, (name, lr, factory) in enumerate(plan):
         reset()
         for p in params:
             p.grad = None
-        opt = make_optimizer(params, lr)
+        try:
+            opt = factory(params, lr)
+        except Exception:  # noqa: BLE001 - the run's own optimizer may not take a plain parameter list
+            if name == "Adam":
+                raise
+            break
         curve: list[float] = []
         stop, nonfinite_step, decoded, grad_norm = "max_steps", None, None, None
         best, best_at_window_start = math.inf, math.inf
@@ -243,6 +260,7 @@ def overfit_batch(
                 total=None if decoded is None else decoded.total,
                 final_grad_norm=None if grad_norm is None else float(grad_norm),
                 ambiguous=0 if decoded is None else decoded.num_ambiguous,
+                optimizer=name,
             )
         )
         if not loss_has_graph or not math.isfinite(curve[0]) or curve[0] <= 0 or reached:
