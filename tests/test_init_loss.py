@@ -374,9 +374,15 @@ def test_multilabel_bce_chance_is_ln_2():
 
 
 def test_expected_overrides_the_reference_for_a_custom_loss():
+    # a loss that no standard reading explains (10x cross-entropy) is not judged against chance: skipped,
+    # naming `expected=` and the readings it was compared with; `expected=` then checks it
     scaled = 10 * math.log(4)
-    result = _fails(InitClassifier(scale=0.1, loss_scale=10.0), loader(cluster_data()))
-    assert result.details["reason"] == "above_chance"
+    check, _ = _run(InitClassifier(scale=0.1, loss_scale=10.0), loader(cluster_data()))
+    result = check.result
+    assert result.status is CheckStatus.SKIPPED, result.format()
+    assert "not a standard loss" in result.summary and "expected=" in result.summary
+    assert "cross-entropy (mean) gives 1.3" in result.summary
+    assert "targets=" not in result.summary  # the targets are read right: the loss is what is unknown
     check, _ = _run(InitClassifier(scale=0.1, loss_scale=10.0), loader(cluster_data()), expected=scaled)
     assert check.result.status is CheckStatus.PASSED, check.result.format()
     assert "(`expected=`)" in check.result.summary
@@ -448,3 +454,329 @@ def test_ddp_same_verdict_on_both_ranks(tmp_path):
     assert {r["error"] for r in ranks.values()} == {"RecipeCheckError"}
     assert len({r["result"]["summary"] for r in ranks.values()}) == 1
     assert all(r["global_step"] == 0 for r in ranks.values())
+
+
+# -- which loss the measured value is: readings, reductions, offsets ---------------------------------
+
+
+def _readings(outputs, targets, examples=None):
+    from lightning_recipe.diagnostics.init_loss import loss_readings, loss_views
+
+    n = examples if examples is not None else targets.shape[0]
+    return loss_readings([loss_views(outputs, targets)], [n])
+
+
+def _explains(outputs, targets, measured):
+    from lightning_recipe.diagnostics.init_loss import consistent_readings
+
+    found = consistent_readings(_readings(outputs, targets), measured)
+    return [(r.form, r.reduction) for r in found]
+
+
+def test_cross_entropy_summed_over_examples_is_read_as_a_sum_scaled_by_the_count():
+    logits, labels = torch.randn(32, 5), torch.arange(32) % 5
+    mean = float(F.cross_entropy(logits, labels))
+    assert _explains(logits, labels, mean)[0] == ("cross_entropy", "mean")
+    assert _explains(logits, labels, float(F.cross_entropy(logits, labels, reduction="sum")))[0] == (
+        "cross_entropy",
+        "sum",
+    )
+    (summed,) = [r for r in _readings(logits, labels) if r.reduction == "sum"]
+    assert summed.scale == 32 and summed.value == pytest.approx(32 * mean, rel=1e-5)
+
+
+def test_bce_and_mse_sums_and_per_example_sums_are_told_from_the_mean():
+    g = torch.Generator().manual_seed(1)
+    logits, y = torch.randn(16, 6, generator=g), (torch.rand(16, 6, generator=g) > 0.5).float()
+    bce = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
+    assert _explains(logits, y, float(bce.mean()))[0] == ("bce", "mean")
+    assert _explains(logits, y, float(bce.sum()))[0] == ("bce", "sum")
+    assert _explains(logits, y, float(bce.sum(1).mean()))[0] == ("bce", "per_example")
+    out, target = torch.randn(16, 6, generator=g), 3 + torch.randn(16, 6, generator=g)
+    mse = (out - target) ** 2
+    assert _explains(out, target, float(mse.mean()))[0] == ("mse", "mean")
+    assert _explains(out, target, float(mse.sum()))[0] == ("mse", "sum")
+    (summed,) = [r for r in _readings(out, target) if (r.form, r.reduction) == ("mse", "sum")]
+    assert summed.scale == 16 * 6
+
+
+def test_bce_on_probabilities_is_read_from_a_sigmoid_decoder_and_its_chance_is_ln_2_per_pixel():
+    g = torch.Generator().manual_seed(2)
+    pixels = torch.rand(8, 1, 6, 6, generator=g) ** 3  # intensities in [0, 1], mostly dark: not 0/1 labels
+    recon = torch.sigmoid(0.3 * torch.randn(8, 36, generator=g))  # a sigmoid decoder's (N, D) output
+    measured = float(F.binary_cross_entropy(recon, pixels.view(-1, 36), reduction="sum"))
+    form, reduction = _explains(recon, pixels, measured)[0]
+    assert (form, reduction) == ("bce_probabilities", "sum")
+    reading = next(r for r in _readings(recon, pixels) if (r.form, r.reduction) == (form, reduction))
+    assert reading.scale == 8 * 36 and reading.view.width == 36  # the columns of the outputs, not of the image
+    refs = references(reading.view)
+    assert refs.chance == pytest.approx(math.log(2))
+    p = pixels.view(-1, 36).double().mean(0).clamp(1e-12, 1 - 1e-12)
+    assert refs.prior_optimal == pytest.approx(float((-(p * p.log() + (1 - p) * (1 - p).log())).mean()), rel=1e-4)
+
+
+def test_an_elbo_like_loss_matches_no_reading():
+    g = torch.Generator().manual_seed(3)
+    pixels = torch.rand(8, 36, generator=g)
+    recon = torch.sigmoid(torch.randn(8, 36, generator=g))
+    # mean reconstruction + a summed KL term that dominates: no standard loss of the outputs is this
+    elbo = float(F.binary_cross_entropy(recon, pixels)) + 60.0  # nearest readings: MSE sum 40, L1 sum 89
+    assert _explains(recon, pixels, elbo) == []
+    assert _explains(recon, torch.arange(8) % 3, elbo) == []  # nor against class labels
+
+
+def test_mse_is_told_from_l1_by_the_loss_it_explains_not_by_the_nearer_reference():
+    g = torch.Generator().manual_seed(4)
+    y = 0.45 + 0.25 * torch.randn(64, 1, 8, 8, generator=g)
+    out = -0.08 + 0.2 * torch.randn(64, 1, 8, 8, generator=g)
+    measured = float(F.mse_loss(out, y))
+    views = task_views(out, y)
+    assert choose_view(views, measured).loss_kind == "l1"  # the old rule: L1's chance happens to be nearer
+    assert _explains(out, y, measured)[0] == ("mse", "mean")
+    assert _explains(out, y, float(F.l1_loss(out, y)))[0] == ("l1", "mean")
+
+
+def test_same_shape_conv_outputs_are_read_per_channel():
+    view = task_views(torch.zeros(4, 3, 5, 6), torch.randn(4, 3, 5, 6))[0]
+    assert (view.width, view.rows) == (3, 4 * 5 * 6)
+    y = torch.randn(4, 3, 5, 6) + torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1, 1)
+    refs = references(task_views(torch.zeros_like(y), y, regression_loss="mse")[0])
+    assert refs.suggested_bias == pytest.approx(y.mean((0, 2, 3)).tolist(), rel=1e-5)
+
+
+def _offset_view(stds: float):
+    g = torch.Generator().manual_seed(5)
+    y = 2.0 + 0.5 * torch.randn(512, 1, generator=g)
+    y = (y - y.mean()) / y.std(unbiased=False) * 0.5 + 2.0  # mean 2, std 0.5 exactly
+    out = 2.0 - stds * 0.5 + 0.01 * torch.randn(512, 1, generator=g)
+    out = out - out.mean() + (2.0 - stds * 0.5)
+    return choose_view(task_views(out, y, regression_loss="mse"))
+
+
+@pytest.mark.parametrize(("stds", "ok", "advice"), [(0.5, True, False), (3.0, True, True), (6.0, False, False)])
+def test_target_offset_fails_only_from_five_target_stds_and_is_advice_below(stds, ok, advice):
+    from lightning_recipe.diagnostics.init_loss import OFFSET_STDS
+
+    view = _offset_view(stds)
+    refs = references(view)
+    assert refs.extra["offset_stds"] == pytest.approx(stds, rel=1e-3)
+    verdict = assess(float(standard_loss(view)), "mse", refs)
+    assert (verdict.ok, verdict.bias_advice) == (ok, advice)
+    if not ok:
+        assert verdict.reason == "target_offset" and verdict.limit == OFFSET_STDS
+
+
+# -- classic programs and conventions through a real Trainer -----------------------------------------
+
+
+PIXELS = 14 * 14
+
+
+def blob_images(n: int = 128, seed: int = 0) -> TensorDataset:
+    """MNIST-like ``(image, label)`` pairs: a bright blob on a dark 14x14 canvas, intensities in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    grid = torch.stack(torch.meshgrid(torch.arange(14.0), torch.arange(14.0), indexing="ij"))
+    centres = 3 + 8 * torch.rand(n, 2, 1, 1, generator=g)
+    images = torch.exp(-((grid - centres) ** 2).sum(1) / 6.0).unsqueeze(1)
+    return TensorDataset(images, torch.randint(0, 10, (n,), generator=g))
+
+
+class VAE(L.LightningModule):
+    """The PyTorch example's VAE (examples/vae), shrunk: fc1 -> (fc21, fc22) -> z -> fc3 -> fc4 -> sigmoid, loss
+    ``binary_cross_entropy(recon, x, reduction="sum") + KLD``, Adam 1e-3; the label in the batch is unused."""
+
+    def __init__(self, kld_weight: float = 1.0, recon_reduction: str = "sum"):
+        super().__init__()
+        self.kld_weight, self.recon_reduction = kld_weight, recon_reduction
+        self.fc1, self.fc21, self.fc22 = nn.Linear(PIXELS, 64), nn.Linear(64, 8), nn.Linear(64, 8)
+        self.fc3, self.fc4 = nn.Linear(8, 64), nn.Linear(64, PIXELS)
+
+    def forward(self, x):
+        h = F.relu(self.fc1(x.view(-1, PIXELS)))
+        mu, logvar = self.fc21(h), self.fc22(h)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        return torch.sigmoid(self.fc4(F.relu(self.fc3(z)))), mu, logvar
+
+    def training_step(self, batch, batch_idx):
+        x, _ = batch
+        recon, mu, logvar = self(x)
+        bce = F.binary_cross_entropy(recon, x.view(-1, PIXELS), reduction=self.recon_reduction)
+        kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+        return bce + self.kld_weight * kld
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def _image_targets(batch):
+    return batch[0].view(-1, PIXELS)
+
+
+def test_vae_with_unused_labels_is_read_against_its_inputs_and_never_fails():
+    check, _ = _run(VAE(), loader(blob_images()))
+    result = check.result
+    assert result.status is not CheckStatus.FAILED, result.format()
+    if result.status is CheckStatus.SKIPPED:
+        assert "expected=" in result.summary
+    else:
+        d = result.details
+        assert (d["loss_form"], d["reduction"], d["read_against"]) == ("bce_probabilities", "sum", "inputs")
+        assert "read against the model's inputs" in result.summary
+
+
+def test_vae_with_the_image_as_targets_passes_with_the_sum_over_pixels_recognised():
+    check, _ = _run(VAE(), loader(blob_images()), targets=_image_targets)
+    result = check.result
+    d = result.details
+    assert result.status is CheckStatus.PASSED, result.format()
+    assert (d["loss_form"], d["reduction"], d["read_against"]) == ("bce_probabilities", "sum", "targets")
+    assert d["loss_scale"] == 32 * PIXELS  # the references scale by the count of summed terms
+    assert d["chance_loss"] == pytest.approx(32 * PIXELS * math.log(2))
+    assert d["measured_loss"] == pytest.approx(d["chance_loss"], rel=0.05)  # a sigmoid decoder at init: ln 2 each
+    assert f"= {d['measured_loss'] / d['loss_scale']:.4g} x {d['loss_scale']:.4g} terms" in result.summary
+
+
+def test_elbo_that_no_reading_explains_is_skipped_naming_expected_and_targets():
+    # mean reconstruction + summed KL (weighted): no standard loss of the outputs is this value
+    check, _ = _run(VAE(kld_weight=40.0, recon_reduction="mean"), loader(blob_images()))
+    result = check.result
+    assert result.status is CheckStatus.SKIPPED, result.format()
+    assert "not a standard loss" in result.summary
+    assert "expected=" in result.summary and "targets=" in result.summary
+
+
+def smooth_images(n: int, size: int, mean: float, std: float, channels: int = 1, seed: int = 0) -> torch.Tensor:
+    """Smooth random images with the given per-image-set mean and std (a Y channel, a field of temperatures)."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(n, channels, size // 4, size // 4, generator=g)
+    x = F.interpolate(noise, size=(size, size), mode="bilinear", align_corners=False)
+    x = (x - x.mean((0, 2, 3), keepdim=True)) / x.std((0, 2, 3), keepdim=True)
+    return mean + std * x
+
+
+def super_resolution_loader(mean: float = 0.45, std: float = 0.25) -> DataLoader:
+    """(low-res, high-res) pairs: the high-res Y channel and its 2x average-pooled input."""
+    high = smooth_images(128, 16, mean, std)
+    return loader(TensorDataset(F.avg_pool2d(high, 2), high), shuffle=False)
+
+
+class SuperResolution(L.LightningModule):
+    """The PyTorch example's super-resolution net (examples/super_resolution), shrunk: three ReLU convs, a conv to
+    r^2 channels and a pixel shuffle; orthogonal init; MSE; Adam."""
+
+    def __init__(self, upscale: int = 2):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 16, 5, 1, 2), nn.Conv2d(16, 16, 3, 1, 1)
+        self.conv3, self.conv4 = nn.Conv2d(16, 8, 3, 1, 1), nn.Conv2d(8, upscale**2, 3, 1, 1)
+        self.shuffle = nn.PixelShuffle(upscale)
+        for conv in (self.conv1, self.conv2, self.conv3):
+            nn.init.orthogonal_(conv.weight, nn.init.calculate_gain("relu"))
+        nn.init.orthogonal_(self.conv4.weight)
+
+    def forward(self, x):
+        x = F.relu(self.conv3(F.relu(self.conv2(F.relu(self.conv1(x))))))
+        return self.shuffle(self.conv4(x))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+class FieldRegressor(L.LightningModule):
+    """Image-to-image regression onto a 3-channel field: one bias per output channel."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 3, padding=1))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def test_super_resolution_mse_passes_read_as_mse_with_the_offset_as_per_channel_advice():
+    check, _ = _run(SuperResolution(), super_resolution_loader())
+    result = check.result
+    d = result.details
+    assert result.status is CheckStatus.PASSED, result.format()
+    assert (d["loss_kind"], d["reduction"], d["num_outputs"]) == ("mse", "mean", 1)
+    assert 1.0 <= d["offset_stds"] < 5.0  # the outputs start ~2 target stds off: advice, not a failure
+    assert d["suggested_final_bias"] == pytest.approx([0.45], abs=0.02)  # one bias: one output channel
+    assert result.hint is not None and "0.45 (one per output channel) with" in result.hint
+    assert "Not a failure" in result.hint
+
+
+def test_regression_whose_target_mean_matters_fails_with_the_exact_bias_per_channel():
+    high = smooth_images(96, 12, 0.0, 1.0, channels=3) * 2.0 + torch.tensor([40.0, 50.0, 60.0]).view(1, 3, 1, 1)
+    low = smooth_images(96, 12, 0.0, 1.0, seed=1)
+    result = _fails(FieldRegressor(), loader(TensorDataset(low, high), shuffle=False))
+    d = result.details
+    assert d["reason"] == "target_offset" and d["offset_stds"] > 5.0
+    means = high.mean((0, 2, 3)).tolist()
+    assert d["suggested_final_bias"] == pytest.approx(means, rel=1e-4)  # all 96 images: the batches read
+    bias = "[" + ", ".join(f"{b:.4g}" for b in d["suggested_final_bias"]) + "]"
+    assert f"Set the final bias to {bias} (one per output channel) with" in result.hint
+    assert "final layer `net.2`" in result.hint
+
+
+@pytest.mark.parametrize("kind", ["cross_entropy", "bce", "mse"])
+@pytest.mark.parametrize("width", [3, 100, 101, 1000])
+def test_bias_hint_reads_as_one_sentence_at_every_width(kind, width):
+    from lightning_recipe.callbacks.init_loss_check import _bias_advice, _bias_values
+
+    g = torch.Generator().manual_seed(0)
+    if kind == "cross_entropy":
+        targets = torch.multinomial(torch.linspace(1.0, 50.0, width), 4 * width, replacement=True, generator=g)
+    else:
+        targets = (torch.rand(4 * width, width, generator=g) < 0.1).float() + (5.0 if kind == "mse" else 0.0)
+    (view,) = [v for v in task_views(torch.zeros(4 * width, width), targets) if v.loss_kind == kind]
+    refs = references(view)
+    phrase = _bias_values(view, refs)
+    hint = _bias_advice(view, refs, refs.chance)
+    assert f"bias to {phrase}" in hint and hint.count("log class priors") <= 1
+    assert "priors the" not in hint and "to the log class priors the" not in hint
+    if width > 100:
+        assert "too many to list" in phrase and "[" not in phrase
+    else:
+        assert phrase.count(",") == width - 1 if kind == "mse" else "[" in phrase
+
+
+def test_imbalanced_labels_over_more_than_100_classes_hint_how_to_compute_the_log_priors():
+    g = torch.Generator().manual_seed(0)
+    priors = torch.full((120,), 0.5 / 119)
+    priors[0] = 0.5
+    y = torch.multinomial(priors, 1280, replacement=True, generator=g)
+    x = torch.randn(1280, 8, generator=g)
+    check, _ = _run(InitClassifier(classes=120), loader(TensorDataset(x, y), batch_size=320, shuffle=False))
+    result = check.result
+    assert result.status is CheckStatus.PASSED, result.format()
+    assert result.hint is not None and "prior" not in result.details  # 120 values are not listed
+    assert (
+        "Set the final layer's bias to the log class priors, log(n_c / n) from the count n_c of each of the 120 "
+        "classes in your training set (too many to list" in result.hint
+    )
+
+
+def test_language_model_that_shifts_inside_its_loss_is_read_after_the_shift_and_shifted_twice_fails():
+    from tests.test_task import ShiftInsideLM, TokenDicts
+
+    data = DataLoader(TokenDicts(), batch_size=16, shuffle=False)
+    check, _ = _run(ShiftInsideLM(), data)
+    result = check.result
+    assert result.status is CheckStatus.PASSED, result.format()
+    assert result.details["alignment"]["target_shift"] == 1 and result.details["reduction"] == "mean"
+    labels = torch.stack([TokenDicts()[i]["labels"] for i in range(len(TokenDicts()))])
+    batches = min(len(TokenDicts()) // 16 + (len(TokenDicts()) % 16 > 0), 4)
+    assert result.details["rows"] == int((labels[: 16 * batches, 1:] != -100).sum())
+    with pytest.raises(RecipeCheckError, match="labels shifted twice") as caught:
+        _run(ShiftInsideLM(), DataLoader(TokenDicts(shift_labels=True), batch_size=16))
+    assert "input token t + 2" in caught.value.result.summary and "labels = input_ids" in caught.value.result.hint

@@ -156,13 +156,20 @@ def _class_views(o: Tensor, t: Tensor, ignore_index: int) -> list[TaskView]:
 
 
 def _same_shape_views(o: Tensor, t: Tensor) -> list[TaskView]:
-    """Outputs with one value per target value: BCE labels, soft class targets, or regression."""
-    o = o.reshape(t.shape)
-    o2 = o.reshape(-1, 1) if t.ndim <= 1 else o.reshape(-1, t.shape[-1])
-    t2 = t.reshape(o2.shape).float()
+    """Outputs with one value per target value: BCE labels, soft class targets, or regression.
+
+    The columns of the rows follow the outputs, where the final layer's bias is: ``(N, D)`` and ``(N, T, D)``
+    give D columns, ``(N, C, H, W)`` (a conv output) gives one column per channel C."""
     layout = f"{_shape(o)} outputs vs {_shape(t)} targets"
+    tt = t.reshape(o.shape)
+    if o.ndim >= 4:
+        o2 = o.movedim(1, -1).reshape(-1, o.shape[1])
+        t2 = tt.movedim(1, -1).reshape(o2.shape).float()
+    else:
+        o2 = o.reshape(-1, 1) if o.ndim <= 1 else o.reshape(-1, o.shape[-1])
+        t2 = tt.reshape(o2.shape).float()
     views = []
-    if t.is_floating_point() and t.ndim >= 2 and is_probabilities(t, atol=1e-4):
+    if t.is_floating_point() and t.ndim >= 2 and o2.shape[1] == t.shape[-1] and is_probabilities(t, atol=1e-4):
         views.append(TaskView("multiclass", "cross_entropy", o2, t2, layout + " (class probabilities)"))
     if is_binary(t):
         task = "binary" if o2.shape[1] == 1 else "multilabel"
