@@ -421,3 +421,45 @@ def test_the_runs_own_optimizer_is_tried_when_no_adam_learning_rate_fits():
     assert result.passed, result.format()
     assert result.details["attempts"][-1]["optimizer"] == "your SGD"
     assert "your SGD at lr 0.1" in result.summary
+
+
+class PixelAutoencoder(L.LightningModule):
+    """A sigmoid decoder trained with summed BCE against its own grey-level inputs; the labels in the batch are
+    never read (pytorch/examples' VAE without the sampling). BCE against intensities in (0, 1) cannot fall below
+    their entropy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 16))
+
+    def forward(self, x):
+        return torch.sigmoid(self.net(x))
+
+    def training_step(self, batch, batch_idx):
+        x, _ = batch
+        return F.binary_cross_entropy(self(x), x, reduction="sum")
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def test_a_loss_against_the_inputs_is_fitted_to_its_floor_not_to_the_unused_labels():
+    from lightning_recipe.diagnostics.init_loss import Reading, loss_floor
+    from lightning_recipe.diagnostics.task import TaskView
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 16, generator=g) * 0.8 + 0.1
+    check = OverfitOneBatch()
+    data = loader(TensorDataset(x, torch.arange(64) % 10), shuffle=False)
+    trainer(max_steps=1, callbacks=[check]).fit(PixelAutoencoder(), data)
+    result = check.result
+    assert result.passed, result.format()
+    assert result.details["loss_reading"] == "BCE on probabilities (summed) vs the inputs"
+    assert result.details["accuracy"] is None  # the labels are not what the loss reads
+    first = x[:4]
+    expected = float(-(first * first.log() + (1 - first) * (1 - first).log()).sum())
+    assert result.details["loss_floor"] == pytest.approx(expected, rel=1e-4)
+    assert "the entropy of the soft targets" in result.summary
+    # the floor of hard labels and regression is 0
+    view = TaskView("regression", "mse", torch.zeros(4, 2), torch.ones(4, 2), "")
+    assert loss_floor(Reading("mse", "mean", view, 1.0, 1.0)) == 0.0

@@ -233,6 +233,35 @@ class InitLossCheck(PreflightCheck):
         self._log(ctx, details)
         return self._verdict(measured, verdict, reading, refs, details)
 
+    def explain(self, ctx: CheckContext, batch: Any) -> Reading | None:
+        """The reading that explains the loss ``training_step`` returns on ``batch`` (against the targets, else
+        an input), found as :meth:`run` finds it; ``None`` when none does, or the model optimizes manually.
+        OverfitOneBatch asks it which targets the loss compares and how low the loss can go."""
+        if not ctx.module.automatic_optimization:
+            return None
+        with torch.no_grad():
+            measured, seen = self._loss_and_outputs(ctx, batch, 0)
+            inputs = ctx.adapter.get_inputs(batch)
+            if seen is None:
+                with ctx.autocast():
+                    seen_outputs = ctx.adapter.predict(ctx.module, inputs)
+            else:
+                seen_outputs = seen
+            examples = [int(seen_outputs.shape[0]) if seen_outputs.ndim else 1]
+            forms: list[list[tuple[str, TaskView]]] = []
+            try:
+                targets = ctx.adapter.get_targets(batch)
+                outputs, targets, _ = (ctx.alignment(batch) or Alignment()).apply(seen_outputs, targets)
+                examples = [int(targets.shape[0]) if targets.ndim else 1]
+                forms = [loss_views(outputs, targets, self.task, self.regression_loss, self.ignore_index)]
+            except (TaskNotInferred, BatchNotUnderstood):
+                pass
+        readings = loss_readings(forms, examples) if forms else []
+        ratio = CONSISTENT_RATIO if seen is not None else SECOND_PASS_RATIO
+        return self._reading(
+            readings, [(seen_outputs, inputs)], examples, measured, False, {"readings": {}}, ratio, []
+        )
+
     def _loss_and_outputs(self, ctx: CheckContext, batch: Any, index: int) -> tuple[float, Tensor | None]:
         """The loss ``training_step`` returns on ``batch``, and the outputs that loss was computed from when
         ``training_step`` called the module once (``self(x)``, or the one model a module without ``forward``

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from lightning_recipe import _logging
 from lightning_recipe._args import check_fraction, check_int, check_positive
 from lightning_recipe.callbacks._preflight import CheckContext, CheckSkipped, PreflightCheck, shifted_twice_text
+from lightning_recipe.callbacks.init_loss_check import InitLossCheck
 from lightning_recipe.diagnostics.batch import (
     BatchNotUnderstood,
     ForwardFn,
@@ -25,6 +26,7 @@ from lightning_recipe.diagnostics.batch import (
     take_along,
     tensors_of,
 )
+from lightning_recipe.diagnostics.init_loss import loss_floor
 from lightning_recipe.diagnostics.overfit import DEFAULT_LRS, Attempt, OverfitEvidence, overfit_batch
 from lightning_recipe.diagnostics.state import TrainingState
 from lightning_recipe.diagnostics.task import (
@@ -156,6 +158,14 @@ class OverfitOneBatch(PreflightCheck):
             summary, hint = shifted_twice_text(alignment)
             return self.failed(summary, hint, {"alignment": asdict(alignment)})
         time_dim = alignment.input_time_dim if alignment.input_time_dim is not None else 1
+        # what the loss compares, and how low it can go: a VAE's loss reads its inputs (its labels are unused),
+        # and BCE against pixel intensities cannot fall below their entropy
+        user = self.adapter
+        explainer = InitLossCheck(inputs=user.inputs, targets=user.targets, forward=user.forward)
+        reading = explainer.explain(ctx, batch)
+        floor = loss_floor(reading) if reading is not None else 0.0
+        if reading is not None and reading.against == "inputs":
+            targets = None  # predictions are held to what the loss compares, not to labels it never reads
 
         def labels() -> Any:
             outputs = None if targets is None else predict()
@@ -173,6 +183,7 @@ class OverfitOneBatch(PreflightCheck):
             max_steps=self.max_steps,
             loss_fraction=self.loss_fraction,
             fallback=_own_optimizer(ctx.trainer.optimizers),
+            floor=floor,
         )
         outputs = predict() if evidence.attempts and evidence.loss_has_graph else None
         if outputs is not None and targets is not None:
@@ -181,6 +192,8 @@ class OverfitOneBatch(PreflightCheck):
         result = self._verdict(evidence, outputs, targets, used, full, switched)
         if alignment.target_shift or alignment.input_shift is not None:
             result.details["alignment"] = asdict(alignment)
+        if reading is not None:
+            result.details.update(loss_reading=f"{reading.name} vs the {reading.against}", loss_floor=floor)
         if self._graph_note is None:
             return result
         return replace(result, summary=result.summary + self._graph_note,
@@ -314,8 +327,8 @@ class OverfitOneBatch(PreflightCheck):
         if ev.passed:
             labels = _label_text(decisive)
             return self.passed(
-                f"Fitted {used} examples: loss {start:.4g} -> {decisive.final_loss:.4g} (<= {frac} of its "
-                f"start) in {decisive.steps} steps at {decisive.setting}{labels}.{frozen_note}",
+                f"Fitted {used} examples: loss {start:.4g} -> {decisive.final_loss:.4g} ({_goal_text(ev)}) "
+                f"in {decisive.steps} steps at {decisive.setting}{labels}.{frozen_note}",
                 details,
             )
         return self._failure(ev, decisive, outputs, targets, details, frozen_note)
@@ -347,7 +360,7 @@ class OverfitOneBatch(PreflightCheck):
         seen = (
             f"loss {start:.4g} -> best {best.best_loss:.4g} ({best.best_loss / start:.0%} of its start), final "
             f"{best.final_loss:.4g}, after {steps} steps at lr {lrs}; it must reach {ev.target_loss:.4g} "
-            f"({ev.loss_fraction:.0%})"
+            f"({_goal_text(ev)})"
         )
         labels_ok = best.all_match
         label_text = _label_text(best)
@@ -463,6 +476,16 @@ def _own_optimizer(optimizers: Sequence[torch.optim.Optimizer]) -> tuple[str, fl
         return kind(params, **{**defaults, "lr": rate})
 
     return f"your {kind.__name__}", float(lr), make
+
+
+def _goal_text(ev: OverfitEvidence) -> str:
+    """How low the loss must go, in words: a fraction of its start, or of the way down to its floor."""
+    if ev.floor > 0:
+        return (
+            f"<= {ev.loss_fraction:.0%} of the way from its floor {ev.floor:.4g}, the entropy of the soft "
+            "targets, to its start"
+        )
+    return f"<= {ev.loss_fraction:.0%} of its start"
 
 
 def _label_text(attempt: Attempt) -> str:

@@ -58,6 +58,7 @@ __all__ = [
     "assess",
     "choose_view",
     "consistent_readings",
+    "loss_floor",
     "element_count",
     "loss_readings",
     "loss_views",
@@ -256,6 +257,21 @@ def consistent_readings(
     order of ``readings``, most likely first)."""
     close = [r for r in readings if r.distance(measured) <= math.log(ratio)]
     return sorted(close, key=lambda r: r.distance(measured))
+
+
+def loss_floor(reading: Reading) -> float:
+    """The lowest value the loss of ``reading`` can take, a perfect prediction of every target, in the units
+    of the measured loss (its reduction included): 0 for hard labels and regression, the entropy of the
+    targets for soft ones (class probabilities, BCE against pixel intensities), which no model goes below."""
+    view = reading.view
+    t = view.targets.double()
+    if view.loss_kind == "cross_entropy" and t.ndim == 2:
+        per_element = float(-(t * t.clamp_min(1e-30).log()).sum(-1).mean())
+    elif view.loss_kind == "bce":
+        per_element = float(_binary_entropy(t).mean())
+    else:
+        per_element = 0.0
+    return per_element * reading.scale
 
 
 # -- references -------------------------------------------------------------------------------------

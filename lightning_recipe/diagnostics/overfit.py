@@ -69,6 +69,7 @@ class Attempt:
     final_grad_norm: float | None
     ambiguous: int = 0
     optimizer: str = "Adam"
+    floor: float = 0.0
 
     @property
     def setting(self) -> str:
@@ -89,7 +90,7 @@ class Attempt:
         return min(finite) if finite else math.nan
 
     def loss_fraction_met(self, fraction: float) -> bool:
-        return math.isfinite(self.best_loss) and self.best_loss <= fraction * self.start_loss
+        return math.isfinite(self.best_loss) and self.best_loss <= goal(self.start_loss, fraction, self.floor)
 
     @property
     def all_match(self) -> bool | None:
@@ -109,6 +110,7 @@ class OverfitEvidence:
     trainable_numel: int = 0
     frozen_numel: int = 0
     loss_has_graph: bool = True
+    floor: float = 0.0
 
     @property
     def passed(self) -> bool:
@@ -120,7 +122,7 @@ class OverfitEvidence:
 
     @property
     def target_loss(self) -> float:
-        return self.loss_fraction * self.start_loss
+        return goal(self.start_loss, self.loss_fraction, self.floor)
 
     @property
     def decisive(self) -> Attempt | None:
@@ -151,6 +153,7 @@ def overfit_batch(
     min_improvement: float = 0.01,
     optimizer: OptimizerFactory | None = None,
     fallback: tuple[str, float, OptimizerFactory] | None = None,
+    floor: float = 0.0,
 ) -> OverfitEvidence:
     """Train on one fixed batch until the loss is ``loss_fraction`` of its start and every label is
     predicted, trying each learning rate in ``lrs`` from the same starting state.
@@ -169,6 +172,8 @@ def overfit_batch(
             of the starting loss over the last ``patience`` steps (a plateau). Once the loss target is
             reached and only labels are left to line up, the attempt runs to ``max_steps``.
         optimizer: ``(params, lr) -> Optimizer``; default ``torch.optim.Adam``.
+        floor: the lowest loss any model can reach on the batch (the entropy of soft targets; 0 for hard
+            labels): the loss must close ``1 - loss_fraction`` of the gap between its start and the floor.
         fallback: ``(name, lr, factory)``, one more attempt when no learning rate in ``lrs`` fits: the run's own
             optimizer. Adam moves each parameter by about ``lr`` per step, so a parameter that must travel far (a
             bias towards targets of mean -5) cannot get there in ``max_steps`` at any of them, where the
@@ -194,6 +199,7 @@ def overfit_batch(
         trainable_numel=sum(p.numel() for p in params),
         frozen_numel=sum(p.numel() for _, p in frozen),
         loss_fraction=loss_fraction,
+        floor=floor,
     )
     if not params:
         return OverfitEvidence(attempts=(), no_grad_params=(), **common)  # type: ignore[arg-type]
@@ -222,9 +228,9 @@ def overfit_batch(
                 stop, nonfinite_step = "nonfinite", step
                 break
             start = curve[0]
-            if start <= 0:
+            if start <= floor:
                 break  # nothing to take a fraction of; the caller reports it
-            if value <= loss_fraction * start:
+            if value <= goal(start, loss_fraction, floor):
                 decoded = labels() if labels is not None else None
                 if decoded is None or decoded.correct == decoded.total:
                     reached, stop = True, "fit"
@@ -241,7 +247,7 @@ def overfit_batch(
             opt.step()
             best = min(best, value)
             # a plateau is judged only above the loss target: below it the labels may still be aligning
-            if step % patience == 0 and best > loss_fraction * start:
+            if step % patience == 0 and best > goal(start, loss_fraction, floor):
                 if step > 0 and best_at_window_start - best < min_improvement * start:
                     stop = "plateau"
                     break
@@ -261,6 +267,7 @@ def overfit_batch(
                 final_grad_norm=None if grad_norm is None else float(grad_norm),
                 ambiguous=0 if decoded is None else decoded.num_ambiguous,
                 optimizer=name,
+                floor=floor,
             )
         )
         if not loss_has_graph or not math.isfinite(curve[0]) or curve[0] <= 0 or reached:
@@ -278,6 +285,11 @@ def overfit_batch(
         loss_has_graph=loss_has_graph,
         **common,  # type: ignore[arg-type]
     )
+
+
+def goal(start: float, fraction: float, floor: float = 0.0) -> float:
+    """The loss an attempt must reach: ``fraction`` of the way from ``floor`` to ``start``."""
+    return floor + fraction * (start - floor)
 
 
 def _note_gradients(params: list[nn.Parameter], got_grad: list[bool]) -> None:
