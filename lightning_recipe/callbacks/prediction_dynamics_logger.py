@@ -21,6 +21,7 @@ from lightning_recipe.callbacks._preflight import loader_generators, prepare_bat
 from lightning_recipe.diagnostics.batch import ForwardFn, InputsFn, TargetsFn, slice_batch
 from lightning_recipe.diagnostics.init_loss import TASKS
 from lightning_recipe.diagnostics.prediction_dynamics import (
+    SETTLED_FLIP_RATE,
     Evaluation,
     Reading,
     Snapshot,
@@ -49,8 +50,10 @@ class PredictionDynamicsLogger(Monitor):
 
     Alerts (each once, as a :class:`~lightning_recipe.RecipeWarning` and in ``.alerts``):
 
-    - ``thrashing``: past ``warmup_steps``, predictions keep jumping (mean jitter over ``window``
-      evaluations >= ``thrash_jitter``) while the loss on the batch does not improve: learning rate too high.
+    - ``thrashing``: past ``warmup_steps``, predictions keep jumping (jitter >= ``thrash_jitter`` at more than
+      half of ``window`` evaluations, and more label flips than a settled model makes by chance at this many
+      examples) while the loss on the batch does not improve: learning rate too high. One bad step (a loss
+      spike of a converged transformer under Adam) is one evaluation, not thrashing.
     - ``frozen``: the outputs moved less than ``frozen_movement`` (relative) over ``window`` evaluations and
       the loss never improved: learning rate far too low, or nothing trains.
     - ``non_finite``: the predictions on the batch became NaN or infinite.
@@ -284,6 +287,7 @@ class PredictionDynamicsLogger(Monitor):
             accuracy=current.accuracy,
             churn=churn(previous, current) if previous is not None else None,
             jitter=jitter(previous, current) if previous is not None else math.nan,
+            labels=current.labels.numel() if current.labels is not None else None,
         )
         self.history.append(evaluation)
         self._snapshots = [*self._snapshots[-self.window :], current]
@@ -340,14 +344,21 @@ class PredictionDynamicsLogger(Monitor):
         e = verdict.evidence
         what = "p(true class)" if current.task != "regression" else "prediction / target std"
         if verdict.kind == "thrashing":
-            churn_text = f", {e['mean_churn']:.0%} of predicted labels flip" if e["mean_churn"] is not None else ""
+            flips = e["flips"]
+            churn_text = (
+                f"; {flips} of {e['flip_trials']} predicted labels flipped (a settled model flips about "
+                f"{SETTLED_FLIP_RATE:.0%}, {flips / max(e['flip_trials'], 1):.0%} is beyond chance at this batch size)"
+                if flips is not None
+                else ""
+            )
             self.alert(
                 trainer,
                 "thrashing",
                 f"predictions on the fixed batch thrash: over steps {e['window_steps'][0]}-{e['window_steps'][1]} "
-                f"the mean change of {what} between evaluations is {e['mean_jitter']:.3f}{churn_text}, while the "
-                f"loss went from {e['loss_window_start']:.4g} to {e['loss_window_end']:.4g} (expected: jitter "
-                f"below {self.thrash_jitter} after warm-up, or a falling loss). Likely cause: the learning rate "
+                f"{e['wobbling_evaluations']} of {self.window} evaluations moved {what} by {self.thrash_jitter} or "
+                f"more (mean change {e['mean_jitter']:.3f}){churn_text}, while the loss went from "
+                f"{e['loss_window_start']:.4g} to {e['loss_window_end']:.4g} (expected after warm-up: calm "
+                "predictions, or a falling loss). Likely cause: the learning rate "
                 "is too high, each step overshoots. Fix: lower the learning rate ~10x (or add warm-up / "
                 "gradient clipping).",
                 e,

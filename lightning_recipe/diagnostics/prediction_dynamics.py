@@ -43,6 +43,7 @@ __all__ = [
     "Reading",
     "Snapshot",
     "churn",
+    "flips_beyond_chance",
     "jitter",
     "judge",
     "movement",
@@ -239,13 +240,41 @@ def movement(previous: Snapshot, current: Snapshot) -> float:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """The numbers of one evaluation, compared with the one before it (``nan`` at the first)."""
+    """The numbers of one evaluation, compared with the one before it (``nan`` at the first). ``labels``: how
+    many predicted labels ``churn`` is a fraction of (rows x label columns), ``None`` when unknown."""
 
     step: int
     loss: float
     accuracy: float | None
     churn: float | None
     jitter: float
+    labels: int | None = None
+
+
+SETTLED_FLIP_RATE = 0.05
+"""The chance a settled, healthy model flips one predicted label between two evaluations: borderline held-out
+examples move across the boundary now and then. The null model of :func:`flips_beyond_chance`."""
+
+
+def flips_beyond_chance(flips: int, trials: int, rate: float = SETTLED_FLIP_RATE, alpha: float = 0.01) -> bool:
+    """Whether ``flips`` label changes out of ``trials`` (labels x evaluations) are more than a settled model
+    makes: ``P[Binomial(trials, rate) >= flips] < alpha``. With 12 examples and 4 evaluations (48 trials) that
+    takes 8 flips or more; one bad step that flips 3 of 12 examples is noise at that size, a third of the labels
+    flipping at every evaluation is not. Exact upper tail in log space (any ``trials``)."""
+    if trials <= 0 or flips <= 0:
+        return False
+    if flips > trials:
+        return True
+    log_p, log_q = math.log(rate), math.log1p(-rate)
+
+    def log_pmf(k: int) -> float:
+        return (
+            math.lgamma(trials + 1) - math.lgamma(k + 1) - math.lgamma(trials - k + 1) + k * log_p
+            + (trials - k) * log_q
+        )
+
+    tail = sum(math.exp(log_pmf(k)) for k in range(flips, trials + 1))
+    return tail < alpha
 
 
 @dataclass(frozen=True)
@@ -268,13 +297,22 @@ def judge(
     improvement: float = 0.1,
     first_loss: float | None = None,
     best_loss: float | None = None,
+    flip_rate: float = SETTLED_FLIP_RATE,
+    alpha: float = 0.01,
 ) -> DynamicsVerdict:
     """Decide on the last ``window`` evaluations of ``history``.
 
-    Thrashing: past ``warmup_steps``, the mean jitter over the window is at least ``thrash_jitter`` and the
-    loss did not improve by ``improvement`` (relative) from the start of the window to its end (each end
-    the mean of two evaluations, so one lucky evaluation does not decide). Early training moves
-    predictions a lot too, but there the loss falls.
+    Thrashing is a wobble that persists and is larger than noise at this many examples, all three of:
+
+    - *sustained*: past ``warmup_steps``, more than half of the window's evaluations moved p(true class) by
+      ``thrash_jitter`` or more on average (one bad step, e.g. an Adam spike on a converged model, is one
+      evaluation; a learning rate too high wobbles at every one);
+    - *significant* (classification): the predicted labels that flipped over the window are more than a
+      settled model flips by chance (:func:`flips_beyond_chance`: a binomial null with ``flip_rate`` per label
+      per evaluation, level ``alpha``), so 3 flips among 12 examples are not read as thrashing;
+    - *stalled*: the loss did not improve by ``improvement`` (relative) from the start of the window to its end
+      (each end the mean of two evaluations, so one lucky evaluation does not decide). Early training moves
+      predictions a lot too, but there the loss falls.
 
     Frozen: ``window_movement`` (:func:`movement` between the outputs ``window`` evaluations ago and now) is
     below ``frozen_movement`` and the loss never improved by ``improvement`` over the whole run (a model
@@ -297,6 +335,12 @@ def judge(
     jitters = [e.jitter for e in recent if math.isfinite(e.jitter)]
     churns = [e.churn for e in recent if e.churn is not None and math.isfinite(e.churn)]
     mean_jitter = _mean(jitters) if jitters else math.nan
+    wobbling = sum(j >= thrash_jitter for j in jitters)
+    sustained = 2 * wobbling > window
+    counted = [e for e in recent if e.churn is not None and e.labels and math.isfinite(e.churn)]
+    flips = sum(round(e.churn * e.labels) for e in counted)  # type: ignore[operator]
+    trials = sum(e.labels for e in counted)  # type: ignore[misc]
+    significant = not counted or flips_beyond_chance(flips, trials, flip_rate, alpha)
     never_improved = not (best_loss < (1 - improvement) * first_loss)
     moved = window_movement() if callable(window_movement) and never_improved else window_movement
     evidence: dict[str, Any] = {
@@ -308,11 +352,14 @@ def judge(
         "first_loss": first_loss,
         "best_loss": best_loss,
         "window_movement": None if callable(moved) else moved,
+        "wobbling_evaluations": wobbling,
+        "flips": flips if counted else None,
+        "flip_trials": trials if counted else None,
         "thrash_jitter": thrash_jitter,
         "frozen_movement": frozen_movement,
     }
     stalled = not (loss_end < (1 - improvement) * loss_start)
-    if history[-1].step >= warmup_steps and math.isfinite(mean_jitter) and mean_jitter >= thrash_jitter and stalled:
+    if history[-1].step >= warmup_steps and sustained and significant and stalled:
         return DynamicsVerdict("thrashing", evidence)
     if isinstance(moved, float) and moved < frozen_movement and never_improved:
         return DynamicsVerdict("frozen", evidence)
