@@ -534,3 +534,92 @@ def test_ddp_both_ranks_evaluate_and_only_rank_zero_writes(tmp_path):
     acc.Reload()
     assert [e.step for e in acc.Scalars(TAG + "loss")] == [0, 2, 4, 6]
     assert len(acc.Images(TAG + "trajectories")) >= 3
+
+
+# -- a statistical thrashing verdict: noise at this batch size is not thrashing (issue 10) ------------------------
+
+
+def test_label_flips_are_beyond_chance_from_the_binomial_upper_tail():
+    # 12 labels x 4 evaluations under a 5% flip rate: P[X >= 7] = 0.0036, P[X >= 6] = 0.013 (alpha 0.01)
+    assert pd.flips_beyond_chance(7, 48) and not pd.flips_beyond_chance(6, 48)
+    assert pd.flips_beyond_chance(4, 12) and not pd.flips_beyond_chance(3, 12)  # one evaluation: P[X >= 4] = 0.002
+    assert not pd.flips_beyond_chance(0, 48) and not pd.flips_beyond_chance(3, 0)
+    assert pd.flips_beyond_chance(60, 768) and not pd.flips_beyond_chance(45, 768)  # 12 x 16 positions x 4: mean 38
+
+
+def _flipping(churns: list[float | None], jitters: list[float], losses: list[float]) -> list[pd.Evaluation]:
+    return [
+        pd.Evaluation(i * 25, loss, None, c, j, labels=12)
+        for i, (c, j, loss) in enumerate(zip(churns, jitters, losses, strict=True))
+    ]
+
+
+def test_one_loss_spike_of_a_converged_model_is_not_thrashing():
+    # the tiny BERT at lr 1e-3 (seed 3): converged, then one Adam spike flips 3 of 12 labels and back
+    churns = [None, 1.0, 0.75, 0, 0, 0, 0, 0, 0, 0, 0, 0.25, 0.25]
+    jitters = [math.nan, 0.1, 0.5, 0.006, 0.004, 0.006, 0.002, 0.001, 0.001, 0.0, 0.0, 0.227, 0.229]
+    losses = [0.69, 0.74, 0.013, 0.01, 0.01, 0.004, 0.002, 0.002, 0.001, 0.001, 0.001, 0.949, 0.005]
+    for end in range(6, len(losses) + 1):
+        verdict = pd.judge(_flipping(churns[:end], jitters[:end], losses[:end]), 0.5, **THRASH_JUDGE)
+        assert verdict.kind is None, (end, verdict.evidence)
+
+
+def test_labels_flipping_again_and_again_on_a_stalled_loss_are_thrashing():
+    # the MLP at Adam 0.3 (seed 9): p(true class) barely moves, but 7 of 12 labels flip every other evaluation
+    churns = [None, 0.67, 0.58, 0.0, 0.0, 0.0, 1 / 12, 7 / 12]
+    jitters = [math.nan, 0.38, 0.2, 0.011, 0.025, 0.02, 0.076, 0.029]
+    losses = [1.36, 0.96, 0.73, 0.76, 0.63, 0.72, 0.71, 0.74]
+    verdict = pd.judge(_flipping(churns, jitters, losses), 0.5, **THRASH_JUDGE)
+    assert verdict.kind == "thrashing" and verdict.evidence["flips"] == 8 and verdict.evidence["flip_trials"] == 48
+    # the same flips on a falling loss are learning
+    falling = [1.36, 0.96, 0.73, 0.6, 0.5, 0.4, 0.3, 0.2]
+    assert pd.judge(_flipping(churns, jitters, falling), 0.5, **THRASH_JUDGE).kind is None
+
+
+THRASH_JUDGE = dict(window=4, warmup_steps=50, thrash_jitter=0.05, frozen_movement=5e-3)
+
+
+class NoForward(L.LightningModule):
+    """A LightningModule without `forward`: `training_step` calls its network itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(8, 4)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class NeedsMask(NoForward):
+    """`forward(x, attention_mask)`: the default call `module(x)` cannot work."""
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.net(x * attention_mask)
+
+
+@pytest.mark.parametrize("model", [NoForward, NeedsMask], ids=["no_forward", "forward_needs_attention_mask"])
+def test_a_batch_it_cannot_read_gets_one_warning_naming_the_adapter_not_please_report(model):
+    monitor = PredictionDynamicsLogger(every_n_steps=2)
+    t = trainer(max_steps=6, callbacks=[monitor])
+    with pytest.warns(RecipeWarning) as record:
+        t.fit(model(), loader(cluster_data()))
+    texts = [str(w.message) for w in record if issubclass(w.category, RecipeWarning)]
+    assert len(texts) == 1, texts
+    assert "`inputs=" in texts[0] and "`forward=" in texts[0] and "switched itself off" in texts[0]
+    assert "report" not in texts[0].lower() and "Traceback" not in texts[0]
+    assert t.global_step == 6 and not monitor.enabled and monitor.alerts == []
+
+
+def test_a_tiny_bert_classifier_that_spikes_once_raises_no_thrashing_alert():
+    pytest.importorskip("transformers")
+    from tests.real_models import BertClassifier, marker_loaders
+
+    L.seed_everything(1, verbose=False)  # alerted `thrashing` at step 250 before the verdict was statistical
+    monitor = PredictionDynamicsLogger()
+    train, val = marker_loaders(1)
+    trainer(max_steps=300, callbacks=[monitor], limit_val_batches=0).fit(BertClassifier(lr=1e-3), train, val)
+    assert monitor.enabled and monitor.alerts == [], [a.message for a in monitor.alerts]

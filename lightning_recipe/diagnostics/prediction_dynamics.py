@@ -259,7 +259,8 @@ examples move across the boundary now and then. The null model of :func:`flips_b
 def flips_beyond_chance(flips: int, trials: int, rate: float = SETTLED_FLIP_RATE, alpha: float = 0.01) -> bool:
     """Whether ``flips`` label changes out of ``trials`` (labels x evaluations) are more than a settled model
     makes: ``P[Binomial(trials, rate) >= flips] < alpha``. With 12 examples and 4 evaluations (48 trials) that
-    takes 8 flips or more; one bad step that flips 3 of 12 examples is noise at that size, a third of the labels
+    takes 7 flips or more (one evaluation alone: 4 of 12); one bad step that flips 3 of 12 examples and back is
+    noise at that size, a third of the labels
     flipping at every evaluation is not. Exact upper tail in log space (any ``trials``)."""
     if trials <= 0 or flips <= 0:
         return False
@@ -304,9 +305,10 @@ def judge(
 
     Thrashing is a wobble that persists and is larger than noise at this many examples, all three of:
 
-    - *sustained*: past ``warmup_steps``, more than half of the window's evaluations moved p(true class) by
-      ``thrash_jitter`` or more on average (one bad step, e.g. an Adam spike on a converged model, is one
-      evaluation; a learning rate too high wobbles at every one);
+    - *sustained*: past ``warmup_steps``, at least half of the window's evaluations wobble: p(true class) moved
+      by ``thrash_jitter`` or more on average, or more labels flipped than chance allows at that one evaluation
+      (one bad step, e.g. an Adam spike on a converged model, moves one evaluation and its way back the next; a
+      learning rate too high wobbles again and again);
     - *significant* (classification): the predicted labels that flipped over the window are more than a
       settled model flips by chance (:func:`flips_beyond_chance`: a binomial null with ``flip_rate`` per label
       per evaluation, level ``alpha``), so 3 flips among 12 examples are not read as thrashing;
@@ -335,12 +337,16 @@ def judge(
     jitters = [e.jitter for e in recent if math.isfinite(e.jitter)]
     churns = [e.churn for e in recent if e.churn is not None and math.isfinite(e.churn)]
     mean_jitter = _mean(jitters) if jitters else math.nan
-    wobbling = sum(j >= thrash_jitter for j in jitters)
-    sustained = 2 * wobbling > window
     counted = [e for e in recent if e.churn is not None and e.labels and math.isfinite(e.churn)]
-    flips = sum(round(e.churn * e.labels) for e in counted)  # type: ignore[operator]
+    flips = sum(_flips(e) for e in counted)
     trials = sum(e.labels for e in counted)  # type: ignore[misc]
     significant = not counted or flips_beyond_chance(flips, trials, flip_rate, alpha)
+    wobbling = sum(
+        (math.isfinite(e.jitter) and e.jitter >= thrash_jitter)
+        or (e in counted and flips_beyond_chance(_flips(e), e.labels or 0, flip_rate, alpha))
+        for e in recent
+    )
+    sustained = 2 * wobbling >= window
     never_improved = not (best_loss < (1 - improvement) * first_loss)
     moved = window_movement() if callable(window_movement) and never_improved else window_movement
     evidence: dict[str, Any] = {
@@ -364,6 +370,10 @@ def judge(
     if isinstance(moved, float) and moved < frozen_movement and never_improved:
         return DynamicsVerdict("frozen", evidence)
     return DynamicsVerdict(None, evidence)
+
+
+def _flips(e: Evaluation) -> int:
+    return round((e.churn or 0.0) * (e.labels or 0))
 
 
 def _mean(values: Sequence[float]) -> float:
