@@ -30,10 +30,12 @@ from lightning_recipe.diagnostics.first_layer import (
     filter_images,
     gathered,
     layer_weights,
+    looks_random,
     moved_from_init,
     noise_score,
     norm,
     resolve_layer,
+    spectral_excess,
     tensors_in,
     trace_first_layer,
     weighted_modules,
@@ -135,6 +137,8 @@ class FirstLayerVisualizer(Monitor):
         self.view: LayerView | None = None
         self.baseline_score: float | None = None
         self.last_moved: float | None = None  # ||W - W0|| / ||W0|| at the last measurement
+        #: set when the layer is frozen with pretrained structure (no alert then), in words
+        self.note: str | None = None
         self._module: nn.Module | None = None
         self._initial: list[Tensor] | None = None
         self._initial_norm = 0.0
@@ -309,7 +313,29 @@ class FirstLayerVisualizer(Monitor):
             scalars[self.tag("noise_score")] = score
         _logging.log_scalars(trainer, scalars, step)
         for kind in assess(step - self._start_step, moved, score, self.thresholds):
+            if kind == "not_changing" and self._frozen_on_purpose(weights[0], score):
+                self._note_frozen(trainer, step, score)
+                continue
             self._raise(trainer, kind, step, moved, score)
+
+    def _frozen_on_purpose(self, weight: Tensor, score: float | None) -> bool:
+        """A layer with ``requires_grad=False`` whose weights have structure (smooth filters, a spectrum no
+        random matrix has): pretrained and frozen on purpose. Frozen at its random init is the bug."""
+        assert self._module is not None
+        frozen = not any(w.requires_grad for w in layer_weights(self._module))
+        return frozen and not looks_random(weight, score, self.thresholds.noisy_above)
+
+    def _note_frozen(self, trainer: pl.Trainer, step: int, score: float | None) -> None:
+        if self.note is not None:
+            return
+        shown = f"noise score {score:.2f}; " if score is not None else ""
+        excess = spectral_excess(self._initial[0]) if self._initial else float("nan")
+        self.note = (
+            f"the first layer `{self.layer_name}` is frozen (requires_grad=False) and does not move; its weights "
+            f"have structure ({shown}largest singular value {excess:.2f}x a random matrix's), so it looks "
+            "pretrained and frozen on purpose: no alert."
+        )
+        _logging.log_text(trainer, self.tag("notes"), f"[lightning_recipe] {self.name} note: {self.note}", step)
 
     def _raise(self, trainer: pl.Trainer, kind: str, step: int, moved: float, score: float | None) -> None:
         name = self.layer_name
