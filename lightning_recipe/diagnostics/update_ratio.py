@@ -186,7 +186,8 @@ def cancelled_biases(
     A bias right before a BatchNorm / LayerNorm is shifted away by the mean subtraction, so its gradient is ~0
     by construction (only rounding remains), and plain SGD then leaves it exactly where it is. The numerical
     signature: it has a gradient (it is in the graph: not detached, not an unused branch), that gradient is
-    below ``CANCELLED_GRADIENT`` of the gradient of ``<layer>.weight``, and that weight moved at this step."""
+    rounding-sized (not exactly 0, which says the loss does not depend on it) and below ``CANCELLED_GRADIENT``
+    of the gradient of ``<layer>.weight``, and that weight moved at this step."""
     index = {name: i for i, name in enumerate(names)}
     found: dict[str, str] = {}
     for i, name in enumerate(names):
@@ -196,7 +197,7 @@ def cancelled_biases(
         j = index.get(weight)
         if j is None or not has_grad[j] or not update_norms[j] > 0:
             continue
-        if gradient_norms[i] <= CANCELLED_GRADIENT * gradient_norms[j]:
+        if 0.0 < gradient_norms[i] <= CANCELLED_GRADIENT * gradient_norms[j]:
             found[name] = weight
     return found
 
