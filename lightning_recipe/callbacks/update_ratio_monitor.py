@@ -77,7 +77,16 @@ class UpdateRatioMonitor(Monitor):
     The learning-rate verdict uses the median ratio over weight matrices (``ndim >= 2``): biases start at zero
     and norm-layer gains at one, so their ratios are off-scale by design (they are still logged). Healthy Adam
     runs often sit between 1e-3 and 1e-2 with single steps above 1e-2, so the verdict needs more than half of
-    the last ``window`` measurements out of band.
+    the last ``window`` regular measurements (every ``every_n_steps``) out of band. The first ``window`` steps
+    are judged apart: large relative steps at the very start of a small model are normal (SGD at 0.1 on a
+    5-parameter regression: ratios 0.1-1.3, then it converges), so there only steps that explode (median above
+    1) or overshoot (median above ``max_ratio`` while the training loss rose 5x above its first value) alert.
+
+    A step that carried no gradient at all (``training_step`` returned None: Lightning skips the batch but the
+    optimizer still steps) says nothing about the learning rate: it is not measured (``skipped_steps``), and
+    the next step is measured instead. A bias that does not move because a normalisation right after its layer
+    cancels it (gradient ~0 by construction while the layer's weight trains: plain SGD leaves it in place) is
+    a harmless redundancy: it gets a note (``notes``, TensorBoard text ``notes``), not ``not_moving``.
 
     Alerts (``.alerts``, each also one ``RecipeWarning``):
         ``ratio_too_high``: the median ratio above ``max_ratio`` for a window: learning rate too high.
@@ -89,7 +98,7 @@ class UpdateRatioMonitor(Monitor):
 
     Args:
         every_n_steps: measure every n-th step of each optimizer, and each of its first ``window`` steps (a
-            learning rate far too high shows there, before the weights grow and pull the ratio back). The default
+            learning rate that explodes shows there, before the weights grow and pull the ratio back). The default
             keeps the cost well under 1% of a training step and a lasting problem alerted within 200 steps.
         window: how many measurements a verdict needs (more than half out of band; ``not_moving``: all).
         max_ratio: the median ratio above which the learning rate is called too high.
@@ -100,6 +109,8 @@ class UpdateRatioMonitor(Monitor):
     Attributes:
         alerts: the alerts raised (``kind``, ``step``, ``message``, ``details``).
         measured_steps: ``(optimizer index, global step)`` of every measurement.
+        skipped_steps: ``(optimizer index, global step)`` of measuring steps without gradients (not measured).
+        notes: what was seen and is not a problem, in words (a bias cancelled by a normalisation).
         last_ratios: parameter name -> its ratio at its latest measurement.
 
     Example::
