@@ -4,7 +4,8 @@ measurements (``benchmarks/false_alarms.py``) and tests.
 - :class:`BertClassifier`: ``transformers.BertForSequenceClassification`` (hidden 64, 2 layers, 2 heads, vocab
   100) on dict batches ``{"input_ids", "attention_mask", "labels"}`` with right padding; AdamW.
 - :class:`EncoderLM`: ``nn.TransformerEncoder`` with a causal mask as a next-token language model, ``(x, y)``
-  batches with ``y`` = ``x`` shifted by one (the shift in the batch); AdamW.
+  batches with ``y`` = ``x`` shifted by one (the shift in the batch); AdamW. :class:`GPT2LM`: the same with a
+  tiny Hugging Face ``GPT2LMHeadModel``.
 
 Both tasks are learnable: a healthy run reaches high validation accuracy in a few hundred steps.
 """
@@ -144,5 +145,24 @@ class EncoderLM(L.LightningModule):
         x, y = batch
         return F.cross_entropy(self(x).flatten(0, 1), y.flatten())
 
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.training_step(batch, batch_idx)
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=self.lr)
+
+
+class GPT2LM(EncoderLM):
+    """A tiny random-init Hugging Face ``GPT2LMHeadModel`` (2 layers, d 64, 2 heads) trained on the same
+    next-token batches (the shift in the batch; the model's own ``labels=`` shift is another helper's part)."""
+
+    def __init__(self, vocab: int = 32, length: int = 16, lr: float = 1e-3) -> None:
+        L.LightningModule.__init__(self)
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        config = GPT2Config(vocab_size=vocab, n_positions=length, n_embd=64, n_layer=2, n_head=2)
+        self.model = GPT2LMHeadModel(config)
+        self.lr = lr
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=tokens).logits

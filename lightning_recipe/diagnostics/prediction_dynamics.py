@@ -300,21 +300,30 @@ def judge(
     best_loss: float | None = None,
     flip_rate: float = SETTLED_FLIP_RATE,
     alpha: float = 0.01,
+    thrash_churn: float = 0.25,
+    loss_jump: float = 0.05,
 ) -> DynamicsVerdict:
     """Decide on the last ``window`` evaluations of ``history``.
 
     Thrashing is a wobble that persists and is larger than noise at this many examples, all three of:
 
     - *sustained*: past ``warmup_steps``, at least half of the window's evaluations wobble: p(true class) moved
-      by ``thrash_jitter`` or more on average, or more labels flipped than chance allows at that one evaluation
-      (one bad step, e.g. an Adam spike on a converged model, moves one evaluation and its way back the next; a
-      learning rate too high wobbles again and again);
+      by ``thrash_jitter`` or more on average, or at least ``thrash_churn`` of the labels flipped at once, more
+      than chance allows at that one evaluation (a language model at its entropy floor flips 5-10% of its
+      near-tie positions at every evaluation with p(true class) still: that is not thrashing; a learning rate
+      too high flips a large share in unison, again and again; one bad step, e.g. an Adam spike on a converged
+      model, moves one evaluation and its way back the next);
     - *significant* (classification): the predicted labels that flipped over the window are more than a
       settled model flips by chance (:func:`flips_beyond_chance`: a binomial null with ``flip_rate`` per label
       per evaluation, level ``alpha``), so 3 flips among 12 examples are not read as thrashing;
-    - *stalled*: the loss did not improve by ``improvement`` (relative) from the start of the window to its end
-      (each end the mean of two evaluations, so one lucky evaluation does not decide). Early training moves
-      predictions a lot too, but there the loss falls.
+    - *stalled and jumping*: the loss did not improve by ``improvement`` (relative) from the start of the window
+      to its end (each end the mean of two evaluations, so one lucky evaluation does not decide), and it jumps:
+      its mean change between evaluations is at least ``loss_jump`` of its mean over the window. Early training
+      moves predictions a lot too, but there the loss falls; a model at its noise floor (a language model at
+      the entropy of its data: p(true class) moves ~0.05 per evaluation under AdamW's minibatch noise) keeps a
+      steady loss (changes of 1-2%), a learning rate too high makes it jump (9-65% on the MLP at Adam 0.3). An
+      evaluation that sets the run's best loss is never stalled (a transformer that learns in spikes: 0.28,
+      1.19, then 0.007).
 
     Frozen: ``window_movement`` (:func:`movement` between the outputs ``window`` evaluations ago and now) is
     below ``frozen_movement`` and the loss never improved by ``improvement`` over the whole run (a model
@@ -343,7 +352,11 @@ def judge(
     significant = not counted or flips_beyond_chance(flips, trials, flip_rate, alpha)
     wobbling = sum(
         (math.isfinite(e.jitter) and e.jitter >= thrash_jitter)
-        or (e in counted and flips_beyond_chance(_flips(e), e.labels or 0, flip_rate, alpha))
+        or (
+            e in counted
+            and (e.churn or 0.0) >= thrash_churn
+            and flips_beyond_chance(_flips(e), e.labels or 0, flip_rate, alpha)
+        )
         for e in recent
     )
     sustained = 2 * wobbling >= window
@@ -364,7 +377,12 @@ def judge(
         "thrash_jitter": thrash_jitter,
         "frozen_movement": frozen_movement,
     }
-    stalled = not (loss_end < (1 - improvement) * loss_start)
+    losses = [e.loss for e in history[-window - 1 :]]
+    level = _mean(losses)
+    jump = _mean([abs(b - a) for a, b in zip(losses[:-1], losses[1:], strict=True)]) / level if level > 0 else 0.0
+    evidence["loss_jump"] = jump
+    record = history[-1].loss <= best_loss  # the best loss of the run just now: it is learning
+    stalled = not (loss_end < (1 - improvement) * loss_start) and jump >= loss_jump and not record
     if history[-1].step >= warmup_steps and sustained and significant and stalled:
         return DynamicsVerdict("thrashing", evidence)
     if isinstance(moved, float) and moved < frozen_movement and never_improved:
