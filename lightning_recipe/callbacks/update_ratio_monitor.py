@@ -180,7 +180,8 @@ class UpdateRatioMonitor(Monitor):
             return
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, Tensor) and loss.numel() == 1:
-            self._early_losses.append(float(loss.detach()))
+            with self.guard(trainer):  # the mean over ranks (every rank is here): every rank decides alike
+                self._early_losses.append(float(trainer.strategy.reduce(loss.detach().float(), reduce_op="mean")))
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
