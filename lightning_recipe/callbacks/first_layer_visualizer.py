@@ -65,6 +65,10 @@ class FirstLayerVisualizer(Monitor):
 
     - ``not_changing``: from step ``not_changing_after_steps`` on, the weights moved at most 1e-7 of their
       norm since the start: frozen by mistake, missing from the optimizer, or no gradient reaches them.
+      A layer frozen on purpose (``requires_grad=False``) whose weights have structure (pretrained: a noise
+      score below ``noisy_above`` for image-like layers, otherwise a largest singular value at least 1.5x a
+      random matrix's) is not alerted: ``.note`` and the TensorBoard text ``notes`` say why. Frozen at its random
+      initialisation is the bug, and is alerted.
     - ``noisy``: from step ``late_after_steps`` on, the noise score is at least ``noisy_above`` (i.i.d.
       noise scores ~1) *and* the weights moved less than ``noisy_moved_below`` of their norm. Looks alone
       mislead early (healthy filters look noisy for hundreds of steps), so movement must agree.
