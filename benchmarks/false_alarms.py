@@ -3,9 +3,10 @@ default settings (issue 10).
 
 Every healthy run trains 300 optimizer steps with all three monitors (UpdateRatioMonitor,
 PredictionDynamicsLogger, FirstLayerVisualizer) at their defaults; any alert is a false alarm. Healthy models:
-- a tiny Hugging Face BERT classifier (``BertForSequenceClassification``, AdamW 1e-3, dict batches with attention
-  masks, a validation loader), a transformer LM (``nn.TransformerEncoder`` with a causal mask, AdamW 1e-3) and a
-  tiny Hugging Face GPT-2 LM (``tests/real_models.py``);
+- a tiny Hugging Face BERT classifier (``BertForSequenceClassification``, AdamW at 1e-3, 5e-4 and 3e-4, the
+  learning rates issue 10 saw false alarms at; dict batches with attention masks, a validation loader), a
+  transformer LM (``nn.TransformerEncoder`` with a causal mask, AdamW 1e-3) and a tiny Hugging Face GPT-2 LM
+  (``tests/real_models.py``);
 - the classic cases issue 10 found: a 5-parameter polynomial regression at SGD 0.1, an MLP whose
   ``training_step`` skips every other batch, a Linear + BatchNorm MLP under SGD, a CNN whose first conv is
   pretrained-looking and frozen on purpose;
@@ -55,6 +56,8 @@ def _healthy() -> dict[str, Run]:
     """name -> (model, seed -> fit loaders, monitor kwargs, trainer kwargs)."""
     runs: dict[str, Run] = {
         "bert_classifier (HF, AdamW 1e-3)": (BertClassifier, lambda s: marker_loaders(s), {}, {}),
+        "bert_classifier (HF, AdamW 5e-4)": (lambda: BertClassifier(lr=5e-4), lambda s: marker_loaders(s), {}, {}),
+        "bert_classifier (HF, AdamW 3e-4)": (lambda: BertClassifier(lr=3e-4), lambda s: marker_loaders(s), {}, {}),
         "encoder_lm (nn.TransformerEncoder, causal)": (EncoderLM, lambda s: lm_loaders(s), {}, {}),
         "gpt2_lm (HF, shift in the batch)": (GPT2LM, lambda s: lm_loaders(s), {}, {}),
         "polynomial_regression (SGD 0.1)": (PolynomialRegression, lambda s: (polynomial_loader(s),), {}, {}),
