@@ -305,7 +305,7 @@ def test_a_trimmed_history_with_the_run_extremes_judges_like_the_whole_history()
     still = [math.nan] + [0.0] * 9
     whole = _history(still, losses)
     for history, movement in ((whole, 1e-5), (whole, 0.5), (_history([math.nan] + [0.2] * 9, [3.0] * 10), 0.5)):
-        trimmed = history[-JUDGE["window"] - 1 :]
+        trimmed = history[-2 * JUDGE["window"] - 1 :]  # the window and as many before it (the trend)
         first, best = history[0].loss, min(e.loss for e in history)
         assert pd.judge(history, movement, **JUDGE) == pd.judge(
             trimmed, movement, first_loss=first, best_loss=best, **JUDGE

@@ -336,7 +336,7 @@ class PredictionDynamicsLogger(Monitor):
         losses = [e.loss for e in self.history[-1:] if math.isfinite(e.loss)]
         self._best_loss = min([self._best_loss, *losses])
         verdict = judge(
-            self.history[-self.window - 1 :],
+            self.history[-2 * self.window - 1 :],  # the window, and as many before it for the trend
             (lambda: movement(oldest, current)) if oldest is not None else None,
             first_loss=self.history[0].loss,
             best_loss=self._best_loss,

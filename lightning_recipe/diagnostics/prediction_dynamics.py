@@ -251,6 +251,10 @@ class Evaluation:
     labels: int | None = None
 
 
+TRENDING = 0.25
+"""A window whose median loss is below this fraction of the median of the evaluations before it is learning,
+however jumpy."""
+
 SETTLED_FLIP_RATE = 0.05
 """The chance a settled, healthy model flips one predicted label between two evaluations: borderline held-out
 examples move across the boundary now and then. The null model of :func:`flips_beyond_chance`."""
@@ -307,7 +311,8 @@ def judge(
 
     Thrashing is a wobble that persists and is larger than noise at this many examples, all three of:
 
-    - *sustained*: past ``warmup_steps``, at least half of the window's evaluations wobble: p(true class) moved
+    - *sustained*: past ``warmup_steps``, at least half of the window's evaluations (more than half for
+      regression, which has no labels to count flips of) wobble: p(true class) moved
       by ``thrash_jitter`` or more on average, or at least ``thrash_churn`` of the labels flipped at once, more
       than chance allows at that one evaluation (a language model at its entropy floor flips 5-10% of its
       near-tie positions at every evaluation with p(true class) still: that is not thrashing; a learning rate
@@ -316,14 +321,16 @@ def judge(
     - *significant* (classification): the predicted labels that flipped over the window are more than a
       settled model flips by chance (:func:`flips_beyond_chance`: a binomial null with ``flip_rate`` per label
       per evaluation, level ``alpha``), so 3 flips among 12 examples are not read as thrashing;
-    - *stalled and jumping*: the loss did not improve by ``improvement`` (relative) from the start of the window
+    - *stalled and jumping* (needs up to ``2 * window + 1`` evaluations for the trend; fewer are fine):
+      the loss did not improve by ``improvement`` (relative) from the start of the window
       to its end (each end the mean of two evaluations, so one lucky evaluation does not decide), and it jumps:
       its mean change between evaluations is at least ``loss_jump`` of its mean over the window. Early training
       moves predictions a lot too, but there the loss falls; a model at its noise floor (a language model at
       the entropy of its data: p(true class) moves ~0.05 per evaluation under AdamW's minibatch noise) keeps a
       steady loss (changes of 1-2%), a learning rate too high makes it jump (9-65% on the MLP at Adam 0.3). An
       evaluation that sets the run's best loss is never stalled (a transformer that learns in spikes: 0.28,
-      1.19, then 0.007).
+      1.19, then 0.007), nor one whose median loss over the window is below ``TRENDING`` (1/4) of the median of
+      the evaluations before it (a jumpy run still on its way down).
 
     Frozen: ``window_movement`` (:func:`movement` between the outputs ``window`` evaluations ago and now) is
     below ``frozen_movement`` and the loss never improved by ``improvement`` over the whole run (a model
@@ -332,7 +339,7 @@ def judge(
     ``window_movement`` may be a function that computes it: it is then called only when the frozen verdict
     needs it (the loss never improved), so a run that learns never pays for it. ``first_loss`` and
     ``best_loss`` (the first and the lowest loss of the whole run) default to scanning ``history``; a caller
-    that keeps them can pass just the last ``window + 1`` evaluations, and the cost stays flat over a long run.
+    that keeps them can pass just the last ``2 * window + 1`` evaluations, and the cost stays flat over a long run.
     """
     if len(history) < window + 1:
         return DynamicsVerdict(None)
@@ -359,7 +366,9 @@ def judge(
         )
         for e in recent
     )
-    sustained = 2 * wobbling >= window
+    # with labels, the flip count tells a spike (there and back: two evaluations) from a persistent wobble; without
+    # (regression) only the count of wobbling evaluations can, so it must be a strict majority there
+    sustained = 2 * wobbling >= window if counted else 2 * wobbling > window
     never_improved = not (best_loss < (1 - improvement) * first_loss)
     moved = window_movement() if callable(window_movement) and never_improved else window_movement
     evidence: dict[str, Any] = {
@@ -382,7 +391,13 @@ def judge(
     jump = _mean([abs(b - a) for a, b in zip(losses[:-1], losses[1:], strict=True)]) / level if level > 0 else 0.0
     evidence["loss_jump"] = jump
     record = history[-1].loss <= best_loss  # the best loss of the run just now: it is learning
-    stalled = not (loss_end < (1 - improvement) * loss_start) and jump >= loss_jump and not record
+    # the trend across windows: a jumpy run that cuts its typical loss 4x from one window to the next is learning
+    # (SGD near its stability edge on a polynomial regression: 980 -> 170 -> 20, with jumps of 14x between; a
+    # learning rate too high on the MLP goes from ~1.1 to ~0.5 between its first windows, then stays)
+    before = [e.loss for e in history[-2 * window - 1 : -window - 1]]
+    trending = len(before) >= 2 and _median(losses) < TRENDING * _median(before)
+    evidence["loss_median_before_window"] = _median(before) if len(before) >= 2 else None
+    stalled = not (loss_end < (1 - improvement) * loss_start) and jump >= loss_jump and not record and not trending
     if history[-1].step >= warmup_steps and sustained and significant and stalled:
         return DynamicsVerdict("thrashing", evidence)
     if isinstance(moved, float) and moved < frozen_movement and never_improved:
@@ -392,6 +407,12 @@ def judge(
 
 def _flips(e: Evaluation) -> int:
     return round((e.churn or 0.0) * (e.labels or 0))
+
+
+def _median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    n = len(ordered)
+    return float(ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2) if n else math.nan
 
 
 def _mean(values: Sequence[float]) -> float:
