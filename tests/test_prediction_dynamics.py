@@ -642,3 +642,21 @@ def test_a_language_model_at_its_noise_floor_is_not_thrashing():
     jumping = [*losses[:-4], 1.9, 1.4, 2.0, 1.5]
     history = [replace(e, loss=loss) for e, loss in zip(history, jumping, strict=True)]
     assert pd.judge(history, 0.5, **THRASH_JUDGE).kind == "thrashing"
+
+
+def test_regression_has_no_flips_to_count_so_a_thrash_needs_most_of_the_window():
+    losses = [3.0, 2.0, 1.5, 1.0, 3.0, 1.2, 2.8, 1.1]  # stalls and jumps between 1 and 3 from step 75 on
+    spike = [math.nan, 0.5, 0.3, 0.01, 0.2, 0.2, 0.01, 0.01]  # two wobbling evaluations of the last four
+    steady = [math.nan, 0.5, 0.3, 0.01, 0.2, 0.2, 0.2, 0.01]  # three
+    assert pd.judge(_flipping([None] * 8, spike, losses), 0.5, **THRASH_JUDGE).kind is None
+    assert pd.judge(_flipping([None] * 8, steady, losses), 0.5, **THRASH_JUDGE).kind == "thrashing"
+
+
+def test_a_jumpy_run_whose_loss_falls_4x_from_one_window_to_the_next_is_learning():
+    # SGD at 0.1 on the polynomial regression (seed 4): 14x jumps between evaluations, yet 980 -> 170 -> 20
+    losses = [862.0, 1107.0, 2359.0, 557.0, 166.6, 207.9, 154.4, 34.3, 471.2]
+    jitters = [math.nan, 1.1, 0.47, 0.52, 0.22, 0.06, 0.051, 0.136, 0.34]
+    verdict = pd.judge(_flipping([None] * 9, jitters, losses), 0.5, **THRASH_JUDGE)
+    assert verdict.kind is None and verdict.evidence["loss_median_before_window"] == pytest.approx(1107.0)
+    flat_before = [300.0] * 4 + losses[4:]  # the same window after a plateau: thrashing
+    assert pd.judge(_flipping([None] * 9, jitters, flat_before), 0.5, **THRASH_JUDGE).kind == "thrashing"
