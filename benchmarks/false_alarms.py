@@ -117,7 +117,8 @@ def main() -> None:
         line = f"| {name} | {args.seeds} | {'; '.join(alarms) or 0} | {time.perf_counter() - start:.0f} |"
         lines.append(line)
         print(line, flush=True)
-    lines += ["", f"**{total_alarms} false alarms in {total_runs} healthy runs.**", ""]
+    noun = "false alarm" if total_alarms == 1 else "false alarms"
+    lines += ["", f"**{total_alarms} {noun} in {total_runs} healthy runs.**", ""]
     print("\n".join(lines[-3:]), flush=True)
     if not args.no_bugs:
         header = ["| bug | monitor | expected alert | alerted at step (per seed) | within 200 |",
