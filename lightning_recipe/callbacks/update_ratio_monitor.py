@@ -57,6 +57,7 @@ class _Step:
     regular: bool = True  # a measuring step of the schedule (every n-th step, or the retry of a skipped one)
     early: bool = False  # one of the optimizer's first `window` steps
     has_grad: tuple[bool, ...] = ()  # per parameter: whether it had a gradient at this step
+    adaptive: bool = False  # the optimizer normalises its steps by a second-moment estimate (Adam, RMSprop, ...)
 
 
 class UpdateRatioMonitor(Monitor):
@@ -78,9 +79,11 @@ class UpdateRatioMonitor(Monitor):
     and norm-layer gains at one, so their ratios are off-scale by design (they are still logged). Healthy Adam
     runs often sit between 1e-3 and 1e-2 with single steps above 1e-2, so the verdict needs more than half of
     the last ``window`` regular measurements (every ``every_n_steps``) out of band. The first ``window`` steps
-    are judged apart: large relative steps at the very start of a small model are normal (SGD at 0.1 on a
-    5-parameter regression: ratios 0.1-1.3, then it converges), so there only steps that explode (median above
-    1) or overshoot (median above ``max_ratio`` while the training loss rose 5x above its first value) alert.
+    are judged apart: large relative steps at the very start of a small model are normal under plain SGD, whose
+    steps scale with the gradient (SGD at 0.1 on a 5-parameter regression: ratios 0.1-1.5, then it converges).
+    There only steps that explode (median above 1), or a median above ``max_ratio`` from an adaptive optimizer
+    (Adam, RMSprop, Adagrad: its steps are ~lr per entry whatever the gradient, so the ratio is the learning rate
+    over the weights' scale) or while the training loss rose 5x above its first value, alert.
 
     A step that carried no gradient at all (``training_step`` returned None: Lightning skips the batch but the
     optimizer still steps) says nothing about the learning rate: it is not measured (``skipped_steps``), and
@@ -276,7 +279,9 @@ class UpdateRatioMonitor(Monitor):
                 squared = ur.squared_norms(taken.params, before)
                 del before
                 gradients = ur.gradient_squared_norms(taken.params)
-                taken = replace(taken, has_grad=tuple(p.grad is not None for p in taken.params))
+                taken = replace(
+                    taken, has_grad=tuple(p.grad is not None for p in taken.params), adaptive=_adaptive(optimizer)
+                )
                 # read on the host at a later hook: waiting for the GPU here would leave it idle
                 self.defer(
                     [squared, gradients],
@@ -335,8 +340,10 @@ class UpdateRatioMonitor(Monitor):
             # than the weights themselves on most of them is an explosion worth an alert this early
             watch.early_medians.append(median)
             exploding = ur.sustained(watch.early_medians, self.explode_ratio, above=True, window=self.window)
+            # an adaptive optimizer's first steps are ~lr per entry whatever the gradient (Adam's first step is
+            # lr * sign(g)): there the ratio is the learning rate over the weights' scale, not a large gradient
             overshooting = ur.sustained(watch.early_medians, self.max_ratio, above=True, window=self.window) and (
-                ur.loss_diverged(self._early_losses)
+                taken.adaptive or ur.loss_diverged(self._early_losses)
             )
             if exploding or overshooting:
                 self._alert_too_high(trainer, watch, taken, names, ratios, median, early=True)
@@ -467,9 +474,13 @@ class UpdateRatioMonitor(Monitor):
             trainer, "ratio_too_high",
             f"the median update/weight ratio ||ΔW||/||W|| of the weight matrices is {ur.fmt(median)} per step, "
             + (
-                f"above {ur.fmt(self.max_ratio)} on most of the first {self.window} optimizer steps while the "
-                f"training loss rose {ur.loss_rise(self._early_losses):.3g}x above its first value (steps that "
-                "overshoot) "
+                f"above {ur.fmt(self.max_ratio)} on most of the first {self.window} optimizer steps "
+                + (
+                    "of an adaptive optimizer (its steps are ~lr per entry, whatever the gradient) "
+                    if taken.adaptive
+                    else f"while the training loss rose {ur.loss_rise(self._early_losses):.3g}x above its first "
+                    "value (steps that overshoot) "
+                )
                 if early
                 else f"above {ur.fmt(self.max_ratio)} on most of the last {self.window} measurements "
             )
@@ -531,6 +542,14 @@ class UpdateRatioMonitor(Monitor):
         if any(abs(a - b) > 1e-12 * max(abs(a), abs(b)) for a, b in pairs):
             text += f", changed by a scheduler from {self._lr_list(watch.start_lrs)} at the start"
         return text
+
+
+_SECOND_MOMENTS = ("exp_avg_sq", "square_avg", "sum", "exp_inf")  # Adam(W)/NAdam/RAdam, RMSprop, Adagrad, Adamax
+
+
+def _adaptive(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer divides its steps by a running second moment of the gradient (its state says so)."""
+    return any(key in state for state in optimizer.state.values() for key in _SECOND_MOMENTS)
 
 
 def _start_lr(group: dict[str, Any]) -> float:
