@@ -408,3 +408,81 @@ def test_sharded_first_layer_is_gathered_so_every_rank_measures_the_whole_layer(
         assert rank["initial_shape"] == [32, 8]  # ... and the visualizer the whole layer
         assert rank["moved"] > 0
     assert seen[0]["moved"] == seen[1]["moved"]
+
+
+# -- a first layer frozen on purpose (pretrained) is not the bug; a frozen random one is (issue 10) -----------
+
+
+def _smooth_filters(filters: int, channels: int, size: int) -> torch.Tensor:
+    """Gaussian blobs and oriented ramps, like pretrained first-layer filters (noise score well below 1)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.linspace(-1, 1, size)
+    yy, xx = torch.meshgrid(x, x, indexing="ij")
+    out = []
+    for _ in range(filters * channels):
+        angle, width = float(torch.rand((), generator=g)) * math.pi, 0.3 + float(torch.rand((), generator=g))
+        ramp = math.cos(angle) * xx + math.sin(angle) * yy
+        out.append(torch.exp(-(xx**2 + yy**2) / width) * ramp)
+    return torch.stack(out).reshape(filters, channels, size, size) * 0.3
+
+
+class PretrainedFrozenConv(BatchNormCNN):
+    """The first conv loaded with smooth (pretrained-looking) filters and frozen on purpose."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        conv = self.features[0]
+        with torch.no_grad():
+            conv.weight.copy_(_smooth_filters(*conv.weight.shape[:3]))
+        conv.requires_grad_(False)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+
+
+class FrozenEmbeddingsMLP(MLP):
+    """A first Linear over plain vectors, frozen; ``pretrained`` gives it low-rank structure."""
+
+    def __init__(self, pretrained: bool) -> None:
+        super().__init__()
+        first = self.net[0]
+        if pretrained:
+            g = torch.Generator().manual_seed(0)
+            rows, cols = first.weight.shape
+            low_rank = torch.randn(rows, 2, generator=g) @ torch.randn(2, cols, generator=g)
+            with torch.no_grad():
+                first.weight.copy_(0.3 * low_rank + 0.02 * torch.randn(first.weight.shape, generator=g))
+        first.requires_grad_(False)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+
+
+def test_random_init_is_told_from_structure_by_noise_score_and_spectrum():
+    for layer in (nn.Conv2d(3, 16, 5), nn.Linear(16, 32), nn.Linear(256, 64), nn.Embedding(100, 64)):
+        assert 0.7 < fl.spectral_excess(layer.weight) < fl.STRUCTURED_SPECTRUM, layer
+        assert fl.looks_random(layer.weight, None, 0.8)
+    smooth = _smooth_filters(16, 3, 5)
+    assert not fl.looks_random(smooth, fl.noise_score(smooth), 0.8)
+    low_rank = torch.randn(32, 2) @ torch.randn(2, 16)
+    assert fl.spectral_excess(low_rank) > fl.STRUCTURED_SPECTRUM and not fl.looks_random(low_rank, None, 0.8)
+    assert fl.looks_random(torch.ones(4, 4), None, 0.8)  # constant: no structure to speak of
+
+
+@pytest.mark.parametrize("model", [PretrainedFrozenConv, lambda: FrozenEmbeddingsMLP(True)], ids=["conv", "linear"])
+def test_a_pretrained_first_layer_frozen_on_purpose_raises_no_alert(model):
+    L.seed_everything(0, verbose=False)
+    monitor = FirstLayerVisualizer()
+    data = shapes() if model is PretrainedFrozenConv else clusters()
+    trainer(max_steps=220, callbacks=[monitor]).fit(model(), data)
+    assert monitor.enabled and monitor.alerts == [], [a.message for a in monitor.alerts]
+    assert monitor.note is not None and "frozen on purpose" in monitor.note
+
+
+@pytest.mark.filterwarnings("ignore::lightning_recipe.report.RecipeWarning")
+def test_a_first_layer_frozen_at_its_random_init_is_still_alerted():
+    L.seed_everything(0, verbose=False)
+    monitor = FirstLayerVisualizer()
+    trainer(max_steps=120, callbacks=[monitor]).fit(FrozenEmbeddingsMLP(False), clusters())
+    (alert,) = monitor.alerts
+    assert alert.kind == "not_changing" and "requires_grad=False" in alert.message and monitor.note is None

@@ -517,3 +517,107 @@ def test_fsdp2_through_lightning_gives_every_rank_the_same_ratios_and_alerts(tmp
     assert seen[0]["enabled"] and seen[1]["enabled"]
     assert seen[0]["ratios"] == seen[1]["ratios"]
     assert seen[0]["alerts"] == seen[1]["alerts"] == [["ratio_too_low", 4]]
+
+
+# -- healthy runs that used to raise false alarms (issue 10) ---------------------------------------------------
+
+
+def test_a_step_without_gradients_is_recognised_from_the_gradient_norms():
+    assert ur.no_gradient([0.0, 0.0], [False, False]) and ur.no_gradient([0.0, 0.0], [True, True])
+    assert not ur.no_gradient([0.0, 1e-12], [True, True])
+    params = [nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(2, 2))]
+    params[1].grad = torch.full((2, 2), 2.0)
+    assert ur.gradient_squared_norms(params).tolist() == [0.0, 16.0]
+
+
+def test_a_bias_cancelled_by_a_normalisation_is_told_from_a_starved_one():
+    names = ["fc.weight", "fc.bias", "head.weight", "head.bias"]
+    updates = [0.1, 0.0, 0.1, 0.0]
+    grads = [1.0, 1e-9, 1.0, 0.0]
+    assert ur.cancelled_biases(names, updates, grads, [True, True, True, True]) == {"fc.bias": "fc.weight"}
+    assert ur.cancelled_biases(names, updates, grads, [True, False, True, False]) == {}  # no gradient: starved
+    assert ur.cancelled_biases(names, [0.0, 0.0, 0.1, 0.0], grads, [True] * 4) == {}  # its weight does not move
+
+
+def test_the_first_steps_alert_only_when_the_loss_diverges():
+    assert ur.loss_diverged([1.5, 12.3, 18.3, 2.1])  # Adam at 0.3 on the MLP
+    assert not ur.loss_diverged([16.2, 16.3, 45.6, 11.3, 5.6])  # SGD at 0.1 on a polynomial: noisy, converging
+    assert ur.loss_diverged([1.0, math.inf]) and not ur.loss_diverged([1.0]) and not ur.loss_diverged([0.0, 5.0])
+
+
+class SkipsEveryOtherBatch(MLPClassifier):
+    """`training_step` returns None on odd batches: Lightning's documented way to skip a batch."""
+
+    def training_step(self, batch, batch_idx):
+        return None if batch_idx % 2 else super().training_step(batch, batch_idx)
+
+
+@pytest.mark.filterwarnings("ignore:`training_step` returned `None`")
+def test_skipped_batches_are_not_measured_and_raise_no_alert():
+    L.seed_everything(0, verbose=False)
+    monitor = UpdateRatioMonitor()
+    t = trainer(max_steps=300, callbacks=[monitor])
+    t.fit(SkipsEveryOtherBatch(), cluster_loader())
+    assert monitor.alerts == [], [a.message for a in monitor.alerts]
+    assert monitor.skipped_steps, "the skipped steps were measured"
+    measured = {s for _, s in monitor.measured_steps}
+    skipped = {s for _, s in monitor.skipped_steps}
+    assert not measured & skipped
+    # every regular measuring step that landed on a skipped batch was made up for at the next step
+    for s in skipped:
+        if s % 50 == 0:
+            assert s + 1 in measured, (s, sorted(measured))
+
+
+class BiasBeforeBatchNorm(MLPClassifier):
+    """Linear (with bias) -> BatchNorm1d -> ReLU -> Linear, plain SGD: the first bias gets ~0 gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 4))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_bias_before_batchnorm_under_sgd_is_a_note_not_an_alert():
+    L.seed_everything(0, verbose=False)
+    monitor = UpdateRatioMonitor()
+    trainer(max_steps=300, callbacks=[monitor]).fit(BiasBeforeBatchNorm(), cluster_loader())
+    assert monitor.alerts == [], [a.message for a in monitor.alerts]
+    assert len(monitor.notes) == 1 and "net.0.bias" in monitor.notes[0] and "normalisation" in monitor.notes[0]
+
+
+class PolynomialRegression(L.LightningModule):
+    """PyTorch's `examples/regression`: 5 parameters fit a degree-4 polynomial with SGD at 0.1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.fc(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.smooth_l1_loss(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def polynomial_loader(seed: int) -> torch.utils.data.DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    w, b = torch.randn(4, 1, generator=g) * 5, torch.randn(1, generator=g) * 5
+    x = torch.randn(3200, generator=g)[:, None]
+    features = torch.cat([x**i for i in range(1, 5)], 1)
+    return loader(torch.utils.data.TensorDataset(features, features @ w + b), batch_size=32)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_large_first_steps_of_a_tiny_model_that_converges_raise_no_alert(seed):
+    L.seed_everything(seed, verbose=False)
+    monitor = UpdateRatioMonitor()
+    model = PolynomialRegression()
+    trainer(max_steps=300, callbacks=[monitor]).fit(model, polynomial_loader(seed))
+    assert monitor.alerts == [], [a.message for a in monitor.alerts]

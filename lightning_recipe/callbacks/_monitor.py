@@ -27,10 +27,14 @@ from torch import Tensor
 from lightning_recipe import _logging
 from lightning_recipe._args import check_int
 from lightning_recipe.callbacks._base import RecipeCallback
-from lightning_recipe.diagnostics.batch import BatchAdapter, ForwardFn, InputsFn, TargetsFn
+from lightning_recipe.diagnostics.batch import BatchAdapter, BatchNotUnderstood, ForwardFn, InputsFn, TargetsFn
+from lightning_recipe.diagnostics.task import TaskNotInferred
 from lightning_recipe.report import Alert, RecipeWarning, jsonable
 
-__all__ = ["Monitor"]
+__all__ = ["NEEDS_ADAPTER", "Monitor"]
+
+#: errors that mean "pass `inputs=` / `targets=` / `forward=` / `task=`": their message names the argument
+NEEDS_ADAPTER = (BatchNotUnderstood, TaskNotInferred)
 
 
 class Monitor(RecipeCallback):
@@ -74,6 +78,17 @@ class Monitor(RecipeCallback):
         start = time.perf_counter()
         try:
             yield
+        except NEEDS_ADAPTER as error:
+            # the user's setup needs an adapter: one warning naming the argument to pass, as the checks skip
+            # with; not an internal error, so no "please report this" and no traceback
+            self.enabled = False
+            self._pending.clear()
+            self.on_disabled()
+            rank_zero_warn(
+                f"[lightning_recipe] {self.name} cannot read this run's batches or outputs and switched itself "
+                f"off; training goes on. {error}",
+                category=RecipeWarning,
+            )
         except Exception as error:  # noqa: BLE001 - a monitor must never lose the user's run
             self.enabled = False
             self._pending.clear()

@@ -31,10 +31,12 @@ from lightning_recipe.diagnostics.first_layer import (
     filter_images,
     gathered,
     layer_weights,
+    looks_random,
     moved_from_init,
     noise_score,
     norm,
     resolve_layer,
+    spectral_excess,
     tensors_in,
     trace_first_layer,
     weighted_modules,
@@ -64,6 +66,10 @@ class FirstLayerVisualizer(Monitor):
 
     - ``not_changing``: from step ``not_changing_after_steps`` on, the weights moved at most 1e-7 of their
       norm since the start: frozen by mistake, missing from the optimizer, or no gradient reaches them.
+      A layer frozen on purpose (``requires_grad=False``) whose weights have structure (pretrained: a noise
+      score below ``noisy_above`` for image-like layers, otherwise a largest singular value at least 1.5x a
+      random matrix's) is not alerted: ``.note`` and the TensorBoard text ``notes`` say why. Frozen at its random
+      initialisation is the bug, and is alerted.
     - ``noisy``: from step ``late_after_steps`` on, the noise score is at least ``noisy_above`` (i.i.d.
       noise scores ~1) *and* the weights moved less than ``noisy_moved_below`` of their norm. Looks alone
       mislead early (healthy filters look noisy for hundreds of steps), so movement must agree.
@@ -136,6 +142,8 @@ class FirstLayerVisualizer(Monitor):
         self.view: LayerView | None = None
         self.baseline_score: float | None = None
         self.last_moved: float | None = None  # ||W - W0|| / ||W0|| at the last measurement
+        #: set when the layer is frozen with pretrained structure (no alert then), in words
+        self.note: str | None = None
         self._module: nn.Module | None = None
         self._initial: list[Tensor] | None = None
         self._initial_norm = 0.0
@@ -310,7 +318,29 @@ class FirstLayerVisualizer(Monitor):
             scalars[self.tag("noise_score")] = score
         _logging.log_scalars(trainer, scalars, step)
         for kind in assess(step - self._start_step, moved, score, self.thresholds):
+            if kind == "not_changing" and self._frozen_on_purpose(weights[0], score):
+                self._note_frozen(trainer, step, score)
+                continue
             self._raise(trainer, kind, step, moved, score)
+
+    def _frozen_on_purpose(self, weight: Tensor, score: float | None) -> bool:
+        """A layer with ``requires_grad=False`` whose weights have structure (smooth filters, a spectrum no
+        random matrix has): pretrained and frozen on purpose. Frozen at its random init is the bug."""
+        assert self._module is not None
+        frozen = not any(w.requires_grad for w in layer_weights(self._module))
+        return frozen and not looks_random(weight, score, self.thresholds.noisy_above)
+
+    def _note_frozen(self, trainer: pl.Trainer, step: int, score: float | None) -> None:
+        if self.note is not None:
+            return
+        shown = f"noise score {score:.2f}; " if score is not None else ""
+        excess = spectral_excess(self._initial[0]) if self._initial else float("nan")
+        self.note = (
+            f"the first layer `{self.layer_name}` is frozen (requires_grad=False) and does not move; its weights "
+            f"have structure ({shown}largest singular value {excess:.2f}x a random matrix's), so it looks "
+            "pretrained and frozen on purpose: no alert."
+        )
+        _logging.log_text(trainer, self.tag("notes"), f"[lightning_recipe] {self.name} note: {self.note}", step)
 
     def _raise(self, trainer: pl.Trainer, kind: str, step: int, moved: float, score: float | None) -> None:
         name = self.layer_name

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import lightning.pytorch as pl
@@ -20,6 +20,9 @@ from lightning_recipe.diagnostics.batch import ForwardFn, InputsFn, TargetsFn
 
 __all__ = ["UpdateRatioMonitor"]
 
+EXPLODE_RATIO = 1.0
+"""In the first steps, a median update larger than the weights themselves (ratio above 1) on most of them is an
+explosion; anything below is judged on the sustained window only."""
 _LOG10_ZERO = -12.0  # where a parameter that did not move is drawn (log10 of 0 is -inf)
 _HIST_EDGES = [x / 4 for x in range(-49, 10)]  # log10 ratio from -12.25 to 2.25; fixed edges are ~6x cheaper
 
@@ -36,7 +39,9 @@ class _OptimizerWatch:
     steps: int = 0  # this optimizer's own step count: what `every_n_steps` counts
     too_high_at: int | None = None  # global step of this optimizer's ratio_too_high alert
     start_lrs: list[float] = field(default_factory=list)
-    medians: list[float] = field(default_factory=list)
+    medians: list[float] = field(default_factory=list)  # regular measurements (every n-th step): the verdicts
+    early_medians: list[float] = field(default_factory=list)  # the first `window` steps: only an explosion counts
+    retry: bool = False  # a regular measuring step carried no gradient: measure the next step instead
     zero_streak: dict[int, int] = field(default_factory=dict)  # id(param) -> measured zero updates in a row
     pending: tuple[_Step, list[Tensor]] | None = None  # the step and the fp32 copies, during one step only
 
@@ -49,6 +54,10 @@ class _Step:
     params: list[Tensor]
     lrs: list[float]  # per param group, in effect for this step
     param_lrs: list[float]  # per parameter: its group's learning rate
+    regular: bool = True  # a measuring step of the schedule (every n-th step, or the retry of a skipped one)
+    early: bool = False  # one of the optimizer's first `window` steps
+    has_grad: tuple[bool, ...] = ()  # per parameter: whether it had a gradient at this step
+    adaptive: bool = False  # the optimizer normalises its steps by a second-moment estimate (Adam, RMSprop, ...)
 
 
 class UpdateRatioMonitor(Monitor):
@@ -69,7 +78,18 @@ class UpdateRatioMonitor(Monitor):
     The learning-rate verdict uses the median ratio over weight matrices (``ndim >= 2``): biases start at zero
     and norm-layer gains at one, so their ratios are off-scale by design (they are still logged). Healthy Adam
     runs often sit between 1e-3 and 1e-2 with single steps above 1e-2, so the verdict needs more than half of
-    the last ``window`` measurements out of band.
+    the last ``window`` regular measurements (every ``every_n_steps``) out of band. The first ``window`` steps
+    are judged apart: large relative steps at the very start of a small model are normal under plain SGD, whose
+    steps scale with the gradient (SGD at 0.1 on a 5-parameter regression: ratios 0.1-1.5, then it converges).
+    There only steps that explode (median above 1), or a median above ``max_ratio`` from an adaptive optimizer
+    (Adam, RMSprop, Adagrad: its steps are ~lr per entry whatever the gradient, so the ratio is the learning rate
+    over the weights' scale) or while the training loss rose 5x above its first value, alert.
+
+    A step that carried no gradient at all (``training_step`` returned None: Lightning skips the batch but the
+    optimizer still steps) says nothing about the learning rate: it is not measured (``skipped_steps``), and
+    the next step is measured instead. A bias that does not move because a normalisation right after its layer
+    cancels it (gradient ~0 by construction while the layer's weight trains: plain SGD leaves it in place) is
+    a harmless redundancy: it gets a note (``notes``, TensorBoard text ``notes``), not ``not_moving``.
 
     Alerts (``.alerts``, each also one ``RecipeWarning``):
         ``ratio_too_high``: the median ratio above ``max_ratio`` for a window: learning rate too high.
@@ -81,7 +101,7 @@ class UpdateRatioMonitor(Monitor):
 
     Args:
         every_n_steps: measure every n-th step of each optimizer, and each of its first ``window`` steps (a
-            learning rate far too high shows there, before the weights grow and pull the ratio back). The default
+            learning rate that explodes shows there, before the weights grow and pull the ratio back). The default
             keeps the cost well under 1% of a training step and a lasting problem alerted within 200 steps.
         window: how many measurements a verdict needs (more than half out of band; ``not_moving``: all).
         max_ratio: the median ratio above which the learning rate is called too high.
@@ -92,6 +112,8 @@ class UpdateRatioMonitor(Monitor):
     Attributes:
         alerts: the alerts raised (``kind``, ``step``, ``message``, ``details``).
         measured_steps: ``(optimizer index, global step)`` of every measurement.
+        skipped_steps: ``(optimizer index, global step)`` of measuring steps without gradients (not measured).
+        notes: what was seen and is not a problem, in words (a bias cancelled by a normalisation).
         last_ratios: parameter name -> its ratio at its latest measurement.
 
     Example::
@@ -134,7 +156,15 @@ class UpdateRatioMonitor(Monitor):
         self.max_ratio = float(max_ratio)
         self.min_ratio = float(min_ratio)
         self.min_weight_norm = float(min_weight_norm)
+        self.explode_ratio = EXPLODE_RATIO
         self.measured_steps: list[tuple[int, int]] = []  # (optimizer index, global step) of each measurement
+        #: (optimizer index, global step) of measuring steps that carried no gradient (a skipped batch): not
+        #: measured, the next step is measured instead
+        self.skipped_steps: list[tuple[int, int]] = []
+        #: what was seen and is not a problem (a bias cancelled by the normalisation after it), in words
+        self.notes: list[str] = []
+        self._noted: set[str] = set()
+        self._early_losses: list[float] = []  # training loss of the first `window + 1` batches
         self.last_ratios: dict[str, float] = {}  # parameter name -> ratio at its latest measurement
         self._handles: list[RemovableHandle] = []
         self._watches: list[_OptimizerWatch] = []
@@ -143,6 +173,18 @@ class UpdateRatioMonitor(Monitor):
         self._trainer: pl.Trainer | None = None
 
     # -- wiring ------------------------------------------------------------------------------------------
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # the training loss of the first steps only (one host read each): whether large first steps overshoot
+        if not self.enabled or len(self._early_losses) > self.window:
+            return
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, Tensor) and loss.numel() == 1:
+            with self.guard(trainer):  # the mean over ranks (every rank is here): every rank decides alike
+                self._early_losses.append(float(trainer.strategy.reduce(loss.detach().float(), reduce_op="mean")))
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -194,16 +236,20 @@ class UpdateRatioMonitor(Monitor):
         def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             if not self.enabled or self._trainer is None:
                 return
-            # The first `window` steps are all measured: a learning rate far too high shows there, before the
-            # weights have grown so large that the ratio falls back into the band (then the network dies).
-            due = watch.steps < self.window or watch.steps % self.every_n_steps == 0
+            # The first `window` steps are all measured: a learning rate so high that it explodes shows there,
+            # before the weights have grown so large that the ratio falls back into the band (then the network
+            # dies). They are judged apart from the regular, sustained window (large first steps are normal).
+            early = watch.steps < self.window
+            due = early or watch.steps % self.every_n_steps == 0 or watch.retry
             if not due and not self._pending:  # most steps: count it and stay out of the way (no guard, no copy)
                 watch.steps += 1
                 watch.pending = None
                 return
             with self.guard(self._trainer), torch.no_grad():
-                self.flush()  # readings of earlier steps that have reached the host
-                due = due and self.enabled  # a reading may have switched the monitor off
+                self.flush()  # readings of earlier steps that have reached the host (may set `retry`)
+                regular = watch.steps % self.every_n_steps == 0 or watch.retry
+                due = (early or regular) and self.enabled  # a reading may have switched the monitor off
+                watch.retry = False
                 watch.steps += 1
                 watch.pending = None
                 if due:
@@ -215,6 +261,8 @@ class UpdateRatioMonitor(Monitor):
                         params=params,
                         lrs=self._lrs(optimizer),
                         param_lrs=[lr for _, lr in trained],
+                        regular=regular,
+                        early=early,
                     )
                     watch.pending = (taken, ur.snapshot(params))
 
@@ -230,10 +278,16 @@ class UpdateRatioMonitor(Monitor):
             with self.guard(trainer), torch.no_grad():
                 squared = ur.squared_norms(taken.params, before)
                 del before
+                gradients = ur.gradient_squared_norms(taken.params)
+                taken = replace(
+                    taken, has_grad=tuple(p.grad is not None for p in taken.params), adaptive=_adaptive(optimizer)
+                )
                 # read on the host at a later hook: waiting for the GPU here would leave it idle
                 self.defer(
-                    [squared],
-                    lambda host: self._after_measure(trainer, watch, taken, ur.UpdateRatios.from_squared(host[0])),
+                    [squared, gradients],
+                    lambda host: self._after_measure(
+                        trainer, watch, taken, ur.UpdateRatios.from_squared(host[0]), host[1].sqrt().tolist()
+                    ),
                 )
 
         return hook
@@ -241,9 +295,20 @@ class UpdateRatioMonitor(Monitor):
     # -- evidence and verdicts ---------------------------------------------------------------------------
 
     def _after_measure(
-        self, trainer: pl.Trainer, watch: _OptimizerWatch, taken: _Step, measured: ur.UpdateRatios
+        self,
+        trainer: pl.Trainer,
+        watch: _OptimizerWatch,
+        taken: _Step,
+        measured: ur.UpdateRatios,
+        gradient_norms: list[float],
     ) -> None:
         step, params = taken.step, taken.params
+        if ur.no_gradient(gradient_norms, taken.has_grad):
+            # `training_step` returned None (Lightning's way to skip a batch) and the optimizer stepped without
+            # gradients: this step says nothing about the learning rate. Measure the next one instead.
+            watch.retry = watch.retry or taken.regular
+            self.skipped_steps.append((watch.index, step))
+            return
         self.measured_steps.append((watch.index, step))
         names = [self._names.get(id(p), f"optimizer{watch.index}.param{i}") for i, p in enumerate(params)]
         updates, weights = measured.update_norms.tolist(), measured.weight_norms.tolist()
@@ -266,8 +331,27 @@ class UpdateRatioMonitor(Monitor):
             )
             return  # ratios of a diverged step say nothing more about the learning rate
 
-        self._check_not_moving(trainer, watch, taken, names, updates)
+        self._check_not_moving(trainer, watch, taken, names, updates, gradient_norms)
         if median is None:
+            return
+        if taken.early:
+            # the first steps of a tiny model rewrite a large part of its weights by design (SGD at 0.1 on a
+            # 5-parameter regression: ratio ~0.1 for a few steps, then it converges); only an update larger
+            # than the weights themselves on most of them is an explosion worth an alert this early
+            watch.early_medians.append(median)
+            exploding = ur.sustained(watch.early_medians, self.explode_ratio, above=True, window=self.window)
+            # an adaptive optimizer's first steps are ~lr per entry whatever the gradient (Adam's first step is
+            # lr * sign(g)): there the ratio is the learning rate over the weights' scale, not a large gradient
+            overshooting = ur.sustained(watch.early_medians, self.max_ratio, above=True, window=self.window) and (
+                taken.adaptive or ur.loss_diverged(self._early_losses)
+            )
+            if exploding or overshooting:
+                self._alert_too_high(trainer, watch, taken, names, ratios, median, early=True)
+            # far too low is no normal start, unless a warm-up is still ramping the learning rate up
+            ramping = any(lr < start for lr, start in zip(taken.lrs, watch.start_lrs, strict=False))
+            if not ramping and ur.sustained(watch.early_medians, self.min_ratio, above=False, window=self.window):
+                self._alert_too_low(trainer, watch, taken, median)
+        if not taken.regular:
             return
         watch.medians = (watch.medians + [median])[-self.window :]
         if ur.sustained(watch.medians, self.max_ratio, above=True, window=self.window):
@@ -319,14 +403,24 @@ class UpdateRatioMonitor(Monitor):
         )
 
     def _check_not_moving(
-        self, trainer: pl.Trainer, watch: _OptimizerWatch, taken: _Step, names: list[str], update_norms: list[float]
+        self,
+        trainer: pl.Trainer,
+        watch: _OptimizerWatch,
+        taken: _Step,
+        names: list[str],
+        update_norms: list[float],
+        gradient_norms: list[float],
     ) -> None:
         stuck: list[str] = []
         lrs: set[float] = set()
+        cancelled = ur.cancelled_biases(names, update_norms, gradient_norms, taken.has_grad)
         for p, lr, name, norm in zip(taken.params, taken.param_lrs, names, update_norms, strict=True):
             streak = watch.zero_streak.get(id(p), 0) + 1 if norm == 0.0 else 0
             watch.zero_streak[id(p)] = streak
             if ur.never_moved(streak, self.window):
+                if name in cancelled:
+                    self._note_cancelled(trainer, name, cancelled[name], taken.step)
+                    continue
                 stuck.append(name)
                 lrs.add(lr)
         if not stuck:
@@ -348,6 +442,19 @@ class UpdateRatioMonitor(Monitor):
             {"parameters": stuck, "lr": sorted(lrs)}, key=f"optimizer{watch.index}", step=taken.step,
         )
 
+    def _note_cancelled(self, trainer: pl.Trainer, name: str, weight: str, step: int) -> None:
+        """Say once, without an alert, that a bias does not move because a normalisation cancels it."""
+        if name in self._noted:
+            return
+        self._noted.add(name)
+        text = (
+            f"`{name}` does not move, and that is harmless: its gradient is ~0 while `{weight}` of the same layer "
+            "trains, the signature of a bias right before a normalisation (BatchNorm / LayerNorm) that subtracts "
+            "the mean and so cancels it. It can be dropped (`bias=False`) to save a parameter; not an alert."
+        )
+        self.notes.append(text)
+        _logging.log_text(trainer, self.tag("notes"), f"[lightning_recipe] {self.name} note: {text}", step)
+
     def _alert_too_high(
         self,
         trainer: pl.Trainer,
@@ -356,6 +463,7 @@ class UpdateRatioMonitor(Monitor):
         names: list[str],
         ratios: list[float],
         median: float,
+        early: bool = False,
     ) -> None:
         order = sorted((i for i in range(len(names)) if math.isfinite(ratios[i])), key=lambda i: -ratios[i])
         worst = [f"{names[i]} {ur.fmt(ratios[i])}" for i in order]
@@ -365,8 +473,19 @@ class UpdateRatioMonitor(Monitor):
         self.alert(
             trainer, "ratio_too_high",
             f"the median update/weight ratio ||ΔW||/||W|| of the weight matrices is {ur.fmt(median)} per step, "
-            f"above {ur.fmt(self.max_ratio)} on most of the last {self.window} measurements (expected near "
-            f"{ur.TARGET_RATIO:g}; 1e-3 to 1e-2 is typical). Largest: {ur.format_names(worst, 3)}. Learning "
+            + (
+                f"above {ur.fmt(self.max_ratio)} on most of the first {self.window} optimizer steps "
+                + (
+                    "of an adaptive optimizer (its steps are ~lr per entry, whatever the gradient) "
+                    if taken.adaptive
+                    else f"while the training loss rose {ur.loss_rise(self._early_losses):.3g}x above its first "
+                    "value (steps that overshoot) "
+                )
+                if early
+                else f"above {ur.fmt(self.max_ratio)} on most of the last {self.window} measurements "
+            )
+            + f"(expected near {ur.TARGET_RATIO:g}; 1e-3 to 1e-2 is typical). Largest: "
+            f"{ur.format_names(worst, 3)}. Learning "
             f"rate in effect: {self._lr_text(taken.lrs, watch)}. Each step rewrites a large part of the weights: "
             f"the learning rate is too high. Fix: divide the learning rate by ~{factor:.0f} to bring the median "
             f"ratio near {ur.TARGET_RATIO:g}, or add warmup.",
@@ -423,6 +542,14 @@ class UpdateRatioMonitor(Monitor):
         if any(abs(a - b) > 1e-12 * max(abs(a), abs(b)) for a, b in pairs):
             text += f", changed by a scheduler from {self._lr_list(watch.start_lrs)} at the start"
         return text
+
+
+_SECOND_MOMENTS = ("exp_avg_sq", "square_avg", "sum", "exp_inf")  # Adam(W)/NAdam/RAdam, RMSprop, Adagrad, Adamax
+
+
+def _adaptive(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer divides its steps by a running second moment of the gradient (its state says so)."""
+    return any(key in state for state in optimizer.state.values() for key in _SECOND_MOMENTS)
 
 
 def _start_lr(group: dict[str, Any]) -> float:

@@ -38,6 +38,8 @@ __all__ = [
     "LayerView",
     "Thresholds",
     "assess",
+    "looks_random",
+    "spectral_excess",
     "describe_layer",
     "filter_images",
     "gathered",
@@ -320,6 +322,34 @@ def noise_score(filters: Tensor) -> float:
     if not variance > 0:
         return float("nan")
     return float(neighbours / (2 * variance))
+
+
+def spectral_excess(weight: Tensor) -> float:
+    """The largest singular value of ``weight`` (as a ``(rows, rest)`` matrix) over what an i.i.d. matrix of the
+    same shape and entry spread has: ``std * (sqrt(rows) + sqrt(cols))`` (the edge of the Marchenko-Pastur law).
+    A freshly initialised layer scores ~1 (a little below for small shapes); learned weights have a few strong
+    directions and score well above (a smooth or low-rank filter bank: 2-10). ``nan`` for a constant weight."""
+    w = weight.detach().double().reshape(weight.shape[0], -1) if weight.ndim > 1 else weight.detach().double()[None]
+    std = float(w.std()) if w.numel() > 1 else 0.0
+    if not std > 0:
+        return float("nan")
+    top = float(torch.linalg.matrix_norm(w - w.mean(), ord=2))
+    return top / (std * (math.sqrt(w.shape[0]) + math.sqrt(w.shape[1])))
+
+
+#: above this spectral excess a weight has structure no random initialisation has
+STRUCTURED_SPECTRUM = 1.5
+
+
+def looks_random(weight: Tensor, score: float | None, noisy_above: float) -> bool:
+    """Whether a first layer still looks like its random initialisation: for image-like layers a noise score at
+    or above ``noisy_above`` (i.i.d. noise ~1; pretrained filters are smooth, well below); for any layer a
+    spectrum like an i.i.d. matrix's (:func:`spectral_excess` below ``STRUCTURED_SPECTRUM``). A layer frozen on
+    purpose holds pretrained structure; a frozen random one is the bug."""
+    if score is not None and math.isfinite(score):
+        return score >= noisy_above
+    excess = spectral_excess(weight)
+    return not (excess >= STRUCTURED_SPECTRUM)  # nan (constant): not structure either
 
 
 def moved_from_init(current: Sequence[Tensor], initial: Sequence[Tensor], initial_norm: float | None = None) -> float:

@@ -25,12 +25,17 @@ from torch import Tensor
 __all__ = [
     "TARGET_RATIO",
     "UpdateRatios",
+    "cancelled_biases",
     "fmt",
     "format_names",
+    "gradient_squared_norms",
     "local_tensor",
+    "loss_diverged",
+    "loss_rise",
     "measure",
     "median_ratio",
     "never_moved",
+    "no_gradient",
     "reduce_squared_norms",
     "snapshot",
     "squared_norms",
@@ -139,6 +144,64 @@ def squared_norms(params: Sequence[Tensor], before: Sequence[Tensor]) -> Tensor:
     return reduce_squared_norms(params, torch.stack([update, weight]).square())
 
 
+def gradient_squared_norms(params: Sequence[Tensor]) -> Tensor:
+    """``(P,)`` squared norms of the parameters' gradients as they are after the step (0 where there is none),
+    summed across shards, on the device, without a host sync. Sparse gradients count through their values."""
+    if not params:
+        return torch.zeros(0)
+    device = local_tensor(params[0]).device
+    norms = []
+    for p in params:
+        g = p.grad
+        if g is None:
+            norms.append(torch.zeros((), device=device))
+            continue
+        g = local_tensor(g)
+        if g.is_sparse:
+            g = g.coalesce().values()
+        norms.append(torch.linalg.vector_norm(g.detach(), dtype=torch.float32).to(device))
+    squared = torch.stack(norms).square()[None]
+    return reduce_squared_norms(params, squared)[0]
+
+
+def no_gradient(gradient_norms: Sequence[float], has_grad: Sequence[bool]) -> bool:
+    """Whether an optimizer step carried no gradient at all: every parameter's gradient is missing or zero.
+    That is a skipped batch (``training_step`` returned None), and says nothing about the learning rate."""
+    return all(not h or g == 0.0 for g, h in zip(gradient_norms, has_grad, strict=True))
+
+
+#: a bias whose gradient is below this fraction of its layer's weight gradient is cancelled, not starved
+CANCELLED_GRADIENT = 1e-4
+
+
+def cancelled_biases(
+    names: Sequence[str],
+    update_norms: Sequence[float],
+    gradient_norms: Sequence[float],
+    has_grad: Sequence[bool],
+) -> dict[str, str]:
+    """Biases that do not move because a normalisation after their layer cancels them: bias name -> the
+    weight of the same layer.
+
+    A bias right before a BatchNorm / LayerNorm is shifted away by the mean subtraction, so its gradient is ~0
+    by construction (only rounding remains), and plain SGD then leaves it exactly where it is. The numerical
+    signature: it has a gradient (it is in the graph: not detached, not an unused branch), that gradient is
+    rounding-sized (not exactly 0, which says the loss does not depend on it) and below ``CANCELLED_GRADIENT``
+    of the gradient of ``<layer>.weight``, and that weight moved at this step."""
+    index = {name: i for i, name in enumerate(names)}
+    found: dict[str, str] = {}
+    for i, name in enumerate(names):
+        if not name.endswith("bias") or not has_grad[i]:
+            continue
+        weight = name[: -len("bias")] + "weight"
+        j = index.get(weight)
+        if j is None or not has_grad[j] or not update_norms[j] > 0:
+            continue
+        if 0.0 < gradient_norms[i] <= CANCELLED_GRADIENT * gradient_norms[j]:
+            found[name] = weight
+    return found
+
+
 def measure(params: Sequence[Tensor], before: Sequence[Tensor]) -> UpdateRatios:
     """Compare the parameters now with their :func:`snapshot` from before the step; reduces across shards.
     Consumes ``before``. Waits for the device: :func:`squared_norms` is the part that does not."""
@@ -178,6 +241,29 @@ def sustained(history: Sequence[float], threshold: float, above: bool, window: i
     recent = sorted(history[-window:])
     middle = recent[(window - 1) // 2] if above else recent[window // 2]  # the stricter middle for even windows
     return middle > threshold if above else middle < threshold
+
+
+#: a training loss this many times its first value within the first steps is diverging, not a noisy start
+DIVERGED_LOSS_RISE = 5.0
+
+
+def loss_rise(losses: Sequence[float]) -> float:
+    """The highest of ``losses`` over the first one (``nan`` with fewer than two, or a first loss <= 0)."""
+    if len(losses) < 2 or not losses[0] > 0:
+        return math.nan
+    finite = [x for x in losses[1:] if math.isfinite(x)]
+    if len(finite) < len(losses) - 1:
+        return math.inf
+    return max(finite) / losses[0]
+
+
+def loss_diverged(losses: Sequence[float], factor: float = DIVERGED_LOSS_RISE) -> bool:
+    """Whether the training loss of the first steps rose to ``factor`` times its first value or became
+    non-finite. Large first steps of a tiny model that converges (SGD at 0.1 on a polynomial regression: ratios
+    0.1-1.3, loss noisy but at most ~3x its start) are normal; large steps that blow the loss up 10x (Adam at
+    0.3 on a small MLP) overshoot."""
+    rise = loss_rise(losses)
+    return not math.isnan(rise) and rise >= factor
 
 
 def never_moved(zero_streak: int, window: int) -> bool:
