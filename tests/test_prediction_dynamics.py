@@ -581,15 +581,17 @@ THRASH_JUDGE = dict(window=4, warmup_steps=50, thrash_jitter=0.05, frozen_moveme
 
 
 class NoForward(L.LightningModule):
-    """A LightningModule without `forward`: `training_step` calls its network itself."""
+    """A LightningModule without `forward` whose `training_step` chains two modules of its own: no one model to
+    call in its place."""
 
     def __init__(self) -> None:
         super().__init__()
         self.net = nn.Linear(8, 4)
+        self.head = nn.Linear(4, 4)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        return F.cross_entropy(self.net(x), y)
+        return F.cross_entropy(self.head(self.net(x)), y)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -599,7 +601,28 @@ class NeedsMask(NoForward):
     """`forward(x, attention_mask)`: the default call `module(x)` cannot work."""
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.net(x * attention_mask)
+        return self.head(self.net(x * attention_mask))
+
+
+class WrapsOneModel(L.LightningModule):
+    """No `forward`, one model: `self.model(x)` in `training_step`, as Hugging Face users write it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.model(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_module_without_forward_that_wraps_one_model_is_read_through_it():
+    monitor = PredictionDynamicsLogger(every_n_steps=2)
+    trainer(max_steps=6, callbacks=[monitor]).fit(WrapsOneModel(), loader(cluster_data()))
+    assert monitor.enabled and len(monitor.history) == 4  # steps 0, 2, 4, and the end of training at 6
 
 
 @pytest.mark.parametrize("model", [NoForward, NeedsMask], ids=["no_forward", "forward_needs_attention_mask"])
