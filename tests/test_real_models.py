@@ -150,7 +150,6 @@ def test_real_bug_is_caught_before_the_first_step_with_its_cause(case: RealCase)
 # -- monitors -------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("case", HEALTHY, ids=str)
 def test_healthy_real_model_raises_no_alert_in_300_steps(case: RealCase):
     _require(case)
