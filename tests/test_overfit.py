@@ -391,32 +391,17 @@ def test_language_model_with_a_shared_bos_token_passes():
     assert "undecidable" in check.result.summary
 
 
-class FarOffsetRegression(L.LightningModule):
-    """pytorch/examples' polynomial regression: 5 parameters, smooth L1, SGD at 0.1, targets far from 0. Adam moves
-    the bias ~lr per step, too slowly for the offset at every default learning rate; the run's SGD fits it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(4, 1)
-
-    def forward(self, x):
-        return self.fc(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.smooth_l1_loss(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
 def test_the_runs_own_optimizer_is_tried_when_no_adam_learning_rate_fits():
+    """pytorch/examples' polynomial regression (5 parameters, smooth L1, SGD at 0.1) with targets far from 0: Adam
+    moves the bias ~lr per step, too slowly at every default learning rate; the run's own SGD fits it."""
+    from tests.real_models import PolynomialRegression
+
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 1, generator=g)
     features = torch.cat([x**i for i in range(1, 5)], 1)
     y = features @ (torch.randn(4, 1, generator=g) * 5) - 12.0
     check = OverfitOneBatch()
-    trainer(max_steps=1, callbacks=[check]).fit(FarOffsetRegression(), loader(TensorDataset(features, y)))
+    trainer(max_steps=1, callbacks=[check]).fit(PolynomialRegression(), loader(TensorDataset(features, y)))
     result = check.result
     assert result.passed, result.format()
     assert result.details["attempts"][-1]["optimizer"] == "your SGD"

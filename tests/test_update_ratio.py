@@ -20,6 +20,7 @@ from lightning_recipe import UpdateRatioMonitor
 from lightning_recipe.diagnostics import update_ratio as ur
 from tests.ddp import run_ddp, run_script
 from tests.models import MLPClassifier, cluster_data, cluster_loader, loader, trainer
+from tests.real_models import PolynomialRegression, polynomial_pairs
 from tests.zoo import BatchNormCNN, LayerMissingFromOptimizer, LearningRate, PerStepDecay, clusters, shapes
 
 ALERTS = "ignore::lightning_recipe.report.RecipeWarning"
@@ -588,30 +589,9 @@ def test_a_bias_before_batchnorm_under_sgd_is_a_note_not_an_alert():
     assert len(monitor.notes) == 1 and "net.0.bias" in monitor.notes[0] and "normalisation" in monitor.notes[0]
 
 
-class PolynomialRegression(L.LightningModule):
-    """PyTorch's `examples/regression`: 5 parameters fit a degree-4 polynomial with SGD at 0.1."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(4, 1)
-
-    def forward(self, x):
-        return self.fc(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.smooth_l1_loss(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
 def polynomial_loader(seed: int) -> torch.utils.data.DataLoader:
-    g = torch.Generator().manual_seed(seed)
-    w, b = torch.randn(4, 1, generator=g) * 5, torch.randn(1, generator=g) * 5
-    x = torch.randn(3200, generator=g)[:, None]
-    features = torch.cat([x**i for i in range(1, 5)], 1)
-    return loader(torch.utils.data.TensorDataset(features, features @ w + b), batch_size=32)
+    """pytorch/examples' regression data (``tests.real_models.polynomial_pairs``), 3,200 points."""
+    return loader(polynomial_pairs(3200, seed), batch_size=32)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

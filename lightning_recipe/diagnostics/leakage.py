@@ -471,16 +471,7 @@ def _probe_with_batch_dim(
         elif m is not module and not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
             # children complete (and are recorded) before their parents: completion order
             handles.append(m.register_forward_hook(record_hook))
-    try:
-        raw = forward(module, probe_inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    if not isinstance(raw, Tensor):
-        raise LeakageNotApplicable(
-            f"Expected the forward to return a tensor, but got {type(raw).__name__}. Pass "
-            "`forward=lambda module, x: ...` returning the prediction tensor."
-        )
+    raw = _hooked_forward(module, forward, probe_inputs, handles)
     if not leaves:
         raise NoGradientPath(
             "the model takes no floating-point input with a batch dimension and no `nn.Embedding` reads its "
@@ -580,6 +571,22 @@ def _run_passes(
         causal_fields.update(_causal_passes(runner, b, in_dim, time_dim, inputs, causal_reason, max_causal_passes))
     return LeakageReport(**report, **causal_fields, backward_passes=dict(runner.passes),
                          tolerance=runner.tolerance)
+
+
+def _hooked_forward(module: nn.Module, forward: Forward, inputs: Any, handles: list[Any]) -> Tensor:
+    """``forward(module, inputs)`` with the hooks ``handles`` on, removed afterwards whatever happens; the output
+    must be a tensor."""
+    try:
+        raw = forward(module, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    if not isinstance(raw, Tensor):
+        raise LeakageNotApplicable(
+            f"Expected the forward to return a tensor, but got {type(raw).__name__}. Pass "
+            "`forward=lambda module, x: ...` returning the prediction tensor."
+        )
+    return raw
 
 
 def _describe_module(m: nn.Module) -> str:
@@ -893,16 +900,7 @@ def _probe_graph(
 
     handles = [m.register_forward_hook(record_hook) for m in module.modules()
                if m is not module and not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict))]
-    try:
-        raw = forward(module, probe_inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    if not isinstance(raw, Tensor):
-        raise LeakageNotApplicable(
-            f"Expected the forward to return a tensor, but got {type(raw).__name__}. Pass "
-            "`forward=lambda module, x: ...` returning the prediction tensor."
-        )
+    raw = _hooked_forward(module, forward, probe_inputs, handles)
     views = _output_views(raw, n, 0, output_batch_dim)
     if not views or not views[0][0].startswith("dim"):
         raise LeakageNotApplicable(
