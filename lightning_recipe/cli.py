@@ -14,14 +14,22 @@ import importlib
 import importlib.util
 import inspect
 import json
+import logging
 import sys
 import traceback
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import lightning
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.accelerators import AcceleratorRegistry
+from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lightning_recipe import __version__
 from lightning_recipe.callbacks._preflight import PreflightCheck
@@ -54,7 +62,9 @@ LightningModule. The data is NAME(**data_args): a LightningDataModule, a trainin
 report then also lands next to its logs). Leave MODULE:Model and --data out when the config names class_path
 entries; give them when it was written for LightningCLI(Model, DataModule). Trainer options given here win.
 
-exit status: 0 every check passed or was skipped, 1 a check failed or the model crashed, 2 bad usage.
+exit status: 0 every check passed or was skipped, 1 a check failed or the model or its data raised an error,
+2 bad usage: an unknown or unloadable MODULE:NAME, arguments the model or data do not take, no training data,
+or Trainer options Lightning refuses (an unknown accelerator or strategy, devices this machine does not have).
 
 examples:
   lightning-recipe check my_project.models:Classifier --data my_project.data:ShapesData
@@ -112,10 +122,8 @@ def main(argv: list[str] | None = None) -> int:
 def _check(args: argparse.Namespace) -> int:
     model_args = _json_object("--model-args", args.model_args)
     data_args = _json_object("--data-args", args.data_args)
-    devices: Any = int(args.devices) if args.devices.isdigit() else args.devices
-    trainer_kwargs: dict[str, Any] = dict(
-        accelerator=args.accelerator, devices=devices, strategy=args.strategy, num_nodes=args.num_nodes
-    )
+    trainer_kwargs = _trainer_kwargs(args)
+    _import_from_current_folder()
     if args.model is None and args.config is None:
         raise UsageError("expected a model as MODULE:Model (or a LightningCLI --config), but got none.")
     try:
@@ -127,11 +135,20 @@ def _check(args: argparse.Namespace) -> int:
             model, report = _run_config(args, checks)
         else:
             model = _build_model(args.model, model_args)
+            if args.data is None and not is_overridden("train_dataloader", model):
+                raise UsageError(
+                    f"expected training data, but {args.model} defines no train_dataloader and no --data was "
+                    f"given: pass --data MODULE:DataModule (a LightningDataModule, a DataLoader, or a (train, val) "
+                    f"pair), or define train_dataloader in the model."
+                )
             fit_kwargs = _build_data(args.data, data_args) if args.data else {}
             report = sanity_run(model, checks=checks, **fit_kwargs, **trainer_kwargs)
     except UsageError:
         raise
-    except Exception:  # noqa: BLE001 - the user's code crashed: that is a failed sanity run, with its traceback
+    except Exception as error:  # noqa: BLE001 - sorted below: Lightning refusing options, or the user's code
+        if _refused_by_trainer(error):
+            raise UsageError(_trainer_refusal(error, args, trainer_kwargs)) from None
+        # the user's code crashed: that is a failed sanity run, with its traceback
         traceback.print_exc()
         print(
             "\nlightning-recipe check: the model or its data raised an error during the sanity run (above), before "
@@ -165,11 +182,19 @@ def _run_config(args: argparse.Namespace, checks: list[Any]) -> tuple[pl.Lightni
     data_class = load_object(args.data, "--data") if args.data else None
     overrides = [f"--trainer.{key}={value}" for key, value in _given(args).items()]
     suite = sanity_suite(checks, report_dir=None)
-    cli = LightningCLI(
-        model_class, data_class, run=False, save_config_callback=None,
-        subclass_mode_model=model_class is None, subclass_mode_data=data_class is None,
-        args=["--config", args.config, *overrides],
-    )
+    with warnings.catch_warnings():  # `args` is how we pass the config: its warning about sys.argv is for scripts
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        cli = LightningCLI(
+            model_class, data_class, run=False, save_config_callback=None,
+            subclass_mode_model=model_class is None, subclass_mode_data=data_class is None,
+            args=["--config", args.config, *overrides],
+        )
+    if cli.datamodule is None and not is_overridden("train_dataloader", cli.model):
+        raise UsageError(
+            f"expected training data, but {args.config} gives no data and {type(cli.model).__name__} defines no "
+            f"train_dataloader: add a data: section to the config, pass --data MODULE:DataModule, or define "
+            f"train_dataloader in the model."
+        )
     # the sanity suite replaces the config's own suite or checks (which would run again and raise per on_fail)
     others = [c for c in cli.trainer.callbacks if not isinstance(c, (RecipeSuite, PreflightCheck))]
     cli.trainer.callbacks = [*others, suite]
@@ -185,6 +210,123 @@ def _given(args: argparse.Namespace) -> dict[str, Any]:
              "num_nodes": args.num_nodes}
     defaults = {"accelerator": "auto", "devices": "1", "strategy": "auto", "num_nodes": 1}
     return {key: value for key, value in given.items() if value != defaults[key]}
+
+
+def _import_from_current_folder() -> None:
+    """Make the modules of the current folder importable, as ``python -m`` does. The installed console script
+    has its own ``bin`` folder first on ``sys.path`` instead, so without this neither ``MODULE:Model`` nor the
+    ``class_path`` entries of a ``--config`` could name the project's own modules."""
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+
+
+def _trainer_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The Trainer options of the command line; ``--devices`` as Lightning takes it (a count, ``-1``, or a string
+    such as ``0,1`` or ``auto``)."""
+    try:
+        devices: Any = int(args.devices)
+    except ValueError:
+        devices = args.devices
+    return dict(accelerator=args.accelerator, devices=devices, strategy=args.strategy, num_nodes=args.num_nodes)
+
+
+_TRAINER_OPTIONS = {"accelerator": "--accelerator", "strategy": "--strategy", "devices": "--devices",
+                    "num_nodes": "--num-nodes"}
+_DEFAULTS = {"accelerator": "auto", "strategy": "auto", "devices": 1, "num_nodes": 1}
+
+
+def _refused_by_trainer(error: BaseException) -> bool:
+    """Whether ``error`` was raised by Lightning (or torch) while the ``Trainer`` was being constructed: the Trainer
+    refused its options (an unknown accelerator or strategy, devices it cannot parse or this machine does not have,
+    a strategy whose package is missing). Lightning raises MisconfigurationException, ValueError, TypeError or
+    ImportError for these, so the type cannot tell; where it was raised can. That is bad usage; an error of the
+    user's model or data is raised later, inside ``fit``, or from the user's own files."""
+    trainer_file = inspect.getfile(pl.Trainer)
+    libraries = tuple(str(Path(package.__file__).resolve().parent) for package in (lightning, torch))
+    in_trainer_init, innermost = False, ""
+    frame = error.__traceback__
+    while frame is not None:
+        code = frame.tb_frame.f_code
+        in_trainer_init = in_trainer_init or (code.co_name == "__init__" and code.co_filename == trainer_file)
+        innermost = code.co_filename
+        frame = frame.tb_next
+    return in_trainer_init and str(Path(innermost).resolve()).startswith(libraries)
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence Lightning's device banner and warnings while probing Trainer options (the probe is not a run)."""
+    level = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(level)
+
+
+def _culprit(trainer_kwargs: dict[str, Any]) -> tuple[str, BaseException] | None:
+    """The first command-line Trainer option that Lightning refuses, given the ones before it, and its error.
+
+    Options are added one at a time over Lightning's defaults, in the order the Trainer resolves them (accelerator,
+    strategy, devices, nodes), so ``--devices 2`` with ``--accelerator gpu`` on a one-GPU machine blames
+    ``--devices``. ``None`` when each is accepted (the refused value came from a ``--config``)."""
+    tried: dict[str, Any] = {}
+    for key in _TRAINER_OPTIONS:
+        tried[key] = trainer_kwargs[key]
+        if trainer_kwargs[key] == _DEFAULTS[key]:
+            continue
+        try:
+            with _quiet():
+                pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                           enable_model_summary=False, **tried)
+        except Exception as error:  # noqa: BLE001 - any refusal names this option
+            return key, error
+    return None
+
+
+def _valid_choices(key: str, trainer_kwargs: dict[str, Any]) -> str:
+    """What the option ``key`` takes on this machine, for the usage message."""
+    if key == "accelerator":
+        available = []
+        for name in sorted(AcceleratorRegistry.available_accelerators()):
+            try:
+                if AcceleratorRegistry[name]["accelerator"].is_available():
+                    available.append(name)
+            except Exception:  # noqa: BLE001,S112 - an accelerator whose probe fails is not available
+                continue
+        if "cuda" in available:
+            available.append("gpu")
+        return f"one of {', '.join(['auto', *available])} (available on this machine)"
+    if key == "strategy":
+        names = [n for n in StrategyRegistry.available_strategies() if "find_unused_parameters" not in n]
+        return f"one of {', '.join(['auto', *names])} (and the ddp*_find_unused_parameters_true/false variants)"
+    if key == "devices":
+        gpus = torch.cuda.device_count()
+        if trainer_kwargs["accelerator"] == "cpu" or (trainer_kwargs["accelerator"] == "auto" and gpus == 0):
+            return "a number of CPU processes like 1 or 2, or auto"
+        return f"a count like 1 or 2, GPU indices like 0,1, -1 for all, or auto (this machine has {gpus} GPU(s))"
+    return "a positive integer"
+
+
+def _trainer_refusal(error: BaseException, args: argparse.Namespace, trainer_kwargs: dict[str, Any]) -> str:
+    """One line for a Trainer that refused its options: the option and its value, Lightning's reason, and what
+    the option takes."""
+    culprit = _culprit(trainer_kwargs)
+    if culprit is None:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        source = f" from --config {args.config}" if args.config else ""
+        return (f"Lightning's Trainer refused its options{source}: {reason} Fix the trainer: section of the config "
+                f"or override it here with --accelerator, --devices, --strategy, --num-nodes.")
+    key, refusal = culprit
+    reason = " ".join(str(refusal).split()) or type(refusal).__name__
+    context = [f"{_TRAINER_OPTIONS[k]} {trainer_kwargs[k]}" for k in _TRAINER_OPTIONS
+               if k != key and trainer_kwargs[k] != _DEFAULTS[k]]
+    given = f" (with {', '.join(context)})" if context else ""
+    option = _TRAINER_OPTIONS[key]
+    return (f"Lightning's Trainer refused {option} {getattr(args, key)}{given}: {reason} {option} takes "
+            f"{_valid_choices(key, trainer_kwargs)}.")
 
 
 def _json_object(option: str, text: str) -> dict[str, Any]:
@@ -215,8 +357,7 @@ def load_object(target: str, option: str) -> Any:
         sys.modules[path.stem] = module
         spec.loader.exec_module(module)
     else:
-        if "" not in sys.path and str(Path.cwd()) not in sys.path:
-            sys.path.insert(0, str(Path.cwd()))  # as `python -m` does: modules of the current folder
+        _import_from_current_folder()
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as error:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from lightning_recipe.cli import main
 from tests.ddp import REPO
@@ -38,6 +39,7 @@ def test_help_documents_the_check_command_and_the_exit_status(capsys):
         main(["check", "--help"])
     assert stopped.value.code == 0
     check_help = capsys.readouterr().out
+    assert "2 bad usage" in check_help and "Trainer options Lightning refuses" in " ".join(check_help.split())
     for option in ("--data", "--model-args", "--data-args", "--checks", "--report", "--config", "--accelerator",
                    "--devices"):
         assert option in check_help
@@ -262,3 +264,136 @@ def test_data_from_the_model_or_a_train_val_pair(tmp_path, capsys, data):
                  "--report", str(report)])
     assert code == 0, capsys.readouterr().err
     assert json.loads(report.read_text())["checks"][0]["status"] == "passed"
+
+
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--devices", "two"], r"Lightning's Trainer refused --devices two: .* --devices takes a number of CPU proc"),
+        (["--strategy", "nonsense"], r"Lightning's Trainer refused --strategy nonsense: .* --strategy takes one of "
+                                     r"auto, ddp, "),
+        pytest.param(["--accelerator", "gpu"], r"Lightning's Trainer refused --accelerator gpu: No supported gpu "
+                                               r"backend found! --accelerator takes one of auto, cpu", marks=NO_GPU),
+        (["--num-nodes", "0"], r"Lightning's Trainer refused --num-nodes 0: .* takes a positive integer"),
+    ],
+    ids=lambda v: "-".join(v) if isinstance(v, list) else "",
+)
+def test_trainer_options_lightning_refuses_are_bad_usage_in_one_line(tmp_path, args, message):
+    """Lightning refuses these at Trainer construction with a MisconfigurationException, ValueError or TypeError:
+    exit 2 and one line naming the option, its value, Lightning's reason and what the option takes."""
+    proc = cli("check", "tests.zoo:MLP", "--data", "tests.zoo:clusters", *args, cwd=tmp_path)
+    assert proc.returncode == 2, (proc.stdout + proc.stderr)[-4000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("lightning-recipe check: error: ")
+    assert re.search(message, lines[0]), lines[0]
+
+
+def test_a_model_without_dataloaders_and_no_data_is_bad_usage_in_one_line(tmp_path):
+    proc = cli("check", "tests.zoo:MLP", "--accelerator", "cpu", cwd=tmp_path)
+    assert proc.returncode == 2, (proc.stdout + proc.stderr)[-4000:]
+    assert proc.stderr.strip().splitlines() == [
+        "lightning-recipe check: error: expected training data, but tests.zoo:MLP defines no train_dataloader and "
+        "no --data was given: pass --data MODULE:DataModule (a LightningDataModule, a DataLoader, or a (train, val) "
+        "pair), or define train_dataloader in the model."
+    ]
+
+
+class RaisesWhatLightningRaises(MLP):
+    """The user's ``training_step`` raises the types Lightning raises for refused Trainer options."""
+
+    error: type[Exception] = ValueError
+
+    def training_step(self, batch, batch_idx):
+        raise self.error("expected 3 classes but the target holds 5")
+
+
+class UserMisconfiguration(RaisesWhatLightningRaises):
+    error = MisconfigurationException
+
+
+class UserTypeError(RaisesWhatLightningRaises):
+    error = TypeError
+
+
+@pytest.mark.parametrize("model", ["RaisesWhatLightningRaises", "UserMisconfiguration", "UserTypeError"])
+def test_the_users_own_error_is_a_failed_run_whatever_its_type(capsys, model):
+    """Bad usage is told by where the error was raised (inside the Trainer's construction), not by its type: the
+    same types raised by the user's model are the user's, exit 1 with the traceback."""
+    code = main(["check", f"tests.test_cli:{model}", "--data", "tests.zoo:clusters", "--checks", "InitLossCheck",
+                 "--accelerator", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "Traceback" in err and "expected 3 classes but the target holds 5" in err
+    assert "lightning-recipe check: error:" not in err
+
+
+PROJECT_MODEL = """
+import lightning.pytorch as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class Net(L.LightningModule):
+    def __init__(self, hidden: int = 16):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, hidden), nn.ReLU(), nn.Linear(hidden, 3))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+class Data(L.LightningDataModule):
+    def train_dataloader(self):
+        x = torch.randn(256, 4, generator=torch.Generator().manual_seed(0))
+        y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+        return DataLoader(TensorDataset(x, y), batch_size=32)
+"""
+
+PROJECT_CONFIG = """
+trainer:
+  accelerator: cpu
+  logger: false
+  enable_progress_bar: false
+{trainer}
+model:
+  class_path: model.Net
+  init_args:
+    hidden: 8
+{data}
+"""
+
+
+@pytest.mark.parametrize(
+    ("trainer", "data", "status", "message"),
+    [
+        ("", "data:\n  class_path: model.Data", 0, None),
+        ("  devices: two", "data:\n  class_path: model.Data",
+         2, "Lightning's Trainer refused its options from --config cfg.yaml: `devices` selected with"),
+        ("", "", 2, "expected training data, but cfg.yaml gives no data and Net defines no train_dataloader: add a "
+                    "data: section to the config, pass --data MODULE:DataModule, or define train_dataloader"),
+    ],
+    ids=["healthy", "bad_trainer_option", "no_data"],
+)
+def test_a_config_imports_the_projects_modules_from_the_current_folder(tmp_path, trainer, data, status, message):
+    """As with MODULE:Model, a config's class_path may name a module of the current folder (not on PYTHONPATH)."""
+    pytest.importorskip("jsonargparse")
+    (tmp_path / "model.py").write_text(PROJECT_MODEL)
+    (tmp_path / "cfg.yaml").write_text(PROJECT_CONFIG.format(trainer=trainer, data=data))
+    proc = cli("check", "--config", "cfg.yaml", "--checks", "InitLossCheck", cwd=tmp_path)
+    assert proc.returncode == status, (proc.stdout + proc.stderr)[-4000:]
+    assert "Traceback" not in proc.stderr
+    if message is None:
+        assert "lightning_recipe sanity run: PASSED" in proc.stdout
+        assert json.loads((tmp_path / "sanity_run.json").read_text())["checks"][0]["status"] == "passed"
+    else:
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("lightning-recipe check: error: ")]
+        assert len(errors) == 1 and message in errors[0], proc.stderr
