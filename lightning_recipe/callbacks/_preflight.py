@@ -7,6 +7,7 @@ the first optimizer step. Subclasses implement :meth:`PreflightCheck.run` on a :
 
 from __future__ import annotations
 
+import os
 import time
 import traceback
 from collections.abc import Iterator
@@ -36,6 +37,7 @@ __all__ = [
     "CheckContext",
     "CheckSkipped",
     "PreflightCheck",
+    "UserCodeError",
     "loader_generators",
     "peek_batches",
     "prepare_batch",
@@ -49,6 +51,36 @@ _SEVERITY = {CheckStatus.PASSED: 0, CheckStatus.SKIPPED: 1, CheckStatus.FAILED: 
 
 class CheckSkipped(Exception):
     """Raised inside a check when it does not apply; the message becomes the ``skipped`` summary."""
+
+
+class UserCodeError(Exception):
+    """An exception the user's own code raised inside a check (``training_step`` on a training batch, the
+    dataloader, ``on_before_batch_transfer``), carried as ``original``. Internal: :class:`PreflightCheck` unwraps
+    it into a failed result (sanity run) or raises ``original`` itself out of ``fit`` (normal run), so an error in
+    the user's model is never mistaken for one of ours."""
+
+    def __init__(self, original: BaseException, during: str) -> None:
+        super().__init__(f"{type(original).__name__}: {original}")
+        self.original = original
+        self.during = during
+
+
+# frames inside these packages are not where the user's bug is; the innermost frame outside them is
+_NOT_USER_CODE = tuple(
+    os.path.dirname(os.path.abspath(m.__file__)) + os.sep
+    for m in (torch, pl, __import__("lightning"), __import__("lightning_recipe"))
+    if getattr(m, "__file__", None)
+)
+
+
+def user_code_location(error: BaseException) -> tuple[str, str] | None:
+    """``("file:line", function)`` of the innermost frame of ``error``'s traceback outside lightning_recipe, torch
+    and Lightning: where in the user's code it was raised. ``None`` when every frame is in those packages."""
+    frames = traceback.extract_tb(error.__traceback__)
+    for frame in reversed(frames):
+        if not os.path.abspath(frame.filename).startswith(_NOT_USER_CODE):
+            return f"{frame.filename}:{frame.lineno}", frame.name
+    return None
 
 
 @dataclass
@@ -188,6 +220,23 @@ def _one_line(error: BaseException, limit: int = 300) -> str:
     return first if len(first) <= limit else first[: limit - 3] + "..."
 
 
+def _own_step_error(ctx: CheckContext) -> Exception | None:
+    """The exception the user's ``training_step`` raises on the first of the check's (unmodified) training
+    batches that makes it raise, or ``None`` when it runs on all of them. Not tried with manual optimization,
+    whose ``training_step`` steps the optimizers itself (the caller's snapshot would restore them, but a step
+    there is not ours to take)."""
+    if not ctx.module.automatic_optimization:
+        return None
+    for index, batch in enumerate(ctx.batches):
+        try:
+            ctx.training_step_loss(batch, index)
+        except CheckSkipped:
+            continue
+        except Exception as error:  # noqa: BLE001 - that is what we are looking for
+            return error
+    return None
+
+
 def _ignore(*args: Any, **kwargs: Any) -> None:
     return None
 
@@ -216,14 +265,22 @@ def peek_batches(trainer: pl.Trainer, count: int) -> list[Any]:
         # iter() on a persistent-worker loader resets the live iterator the fit loop is using
         loader = without_persistent_workers(loader)
     batches = []
-    iterator = iter(loader)
+    try:
+        iterator = iter(loader)
+    except Exception as error:  # noqa: BLE001 - the user's dataset or sampler
+        raise UserCodeError(error, "reading the training dataloader") from error
     try:
         for _ in range(count):
             try:
                 batch = next(iterator)
             except StopIteration:
                 break
-            batches.append(prepare_batch(trainer, batch))
+            except Exception as error:  # noqa: BLE001 - the user's dataset, sampler or collate_fn
+                raise UserCodeError(error, "reading the training dataloader") from error
+            try:
+                batches.append(prepare_batch(trainer, batch))
+            except Exception as error:  # noqa: BLE001 - the user's on_before/after_batch_transfer
+                raise UserCodeError(error, "preparing a training batch (on_before_batch_transfer)") from error
     finally:
         del iterator
     if not batches:
@@ -305,6 +362,7 @@ class PreflightCheck(RecipeCallback):
         self.on_fail = on_fail
         self.adapter = BatchAdapter.build(inputs, targets, forward)
         self.result: CheckResult | None = None
+        self._user_error: BaseException | None = None
 
     def run(self, ctx: CheckContext) -> CheckResult:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -327,8 +385,10 @@ class PreflightCheck(RecipeCallback):
 
     def execute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> CheckResult:
         """Run the check on fresh batches under a full snapshot; never raises (an internal error is a
-        ``skipped`` result with a warning). Every rank must call it: the verdict is agreed across ranks."""
+        ``skipped`` result with a warning, an error of the user's code a ``failed`` one whose exception
+        :meth:`finish` raises). Every rank must call it: the verdict is agreed across ranks."""
         start = time.perf_counter()
+        self._user_error = None
         result = self._execute_local(trainer, pl_module)
         result = replace(result, duration_s=time.perf_counter() - start)
         return agree_across_ranks(trainer, result)
@@ -350,9 +410,25 @@ class PreflightCheck(RecipeCallback):
             ):
                 batches = peek_batches(trainer, self.num_batches)
                 ctx = CheckContext(trainer, pl_module, batches, self.adapter, self.component, start=state.attributes)
-                with torch.no_grad(), ctx.autocast():
-                    ctx.adapter = self.adapter.fitted(pl_module, batches[0])
-                return self.run(ctx)
+                failure: Exception | None = None
+                try:
+                    with torch.no_grad(), ctx.autocast():
+                        ctx.adapter = self.adapter.fitted(pl_module, batches[0])
+                    return self.run(ctx)
+                except CheckSkipped:
+                    raise
+                except Exception as error:  # noqa: BLE001 - re-raised below unless it is the user's
+                    failure = error
+                # Whose error is it? The check calls the model on guesses of ours (an input read from the batch,
+                # a slice of it), where a model may rightly raise; the user's `training_step` on the user's own
+                # batch is what training will call. If that raises, the bug is the user's. (Tried outside the
+                # `except` block, so the user's exception does not get ours as its __context__.)
+                own = _own_step_error(ctx)
+                if own is not None:
+                    raise UserCodeError(own, "`training_step` on a training batch")
+                raise failure
+        except UserCodeError as marked:
+            return self._user_failed(marked)
         except (CheckSkipped, BatchNotUnderstood) as reason:
             return self.skipped(f"{self.name} could not run: {reason}")
         except Exception as error:  # noqa: BLE001 - a check must never lose the user's run
@@ -366,9 +442,44 @@ class PreflightCheck(RecipeCallback):
                 {"traceback": traceback.format_exc(limit=-6)},
             )
 
+    def _user_failed(self, marked: UserCodeError) -> CheckResult:
+        """The failed result for an exception of the user's code, naming it and where it was raised; the
+        exception is kept for :meth:`finish` to raise unchanged."""
+        error = marked.original
+        self._user_error = error
+        where = user_code_location(error)
+        at = f" at {where[0]} (in `{where[1]}`)" if where is not None else ""
+        summary = (
+            f"the model or its data raised {type(error).__name__}: {_one_line(error)}{at}, in "
+            f"{marked.during}. This is an error in your code, not in lightning_recipe."
+        )
+        hint = (
+            f"Fix the {type(error).__name__}{at or ' (see the traceback in the details)'}: training would "
+            "crash on its first step the same way."
+        )
+        details = {
+            "user_error": {
+                "type": type(error).__name__,
+                "message": str(error),
+                "location": where[0] if where is not None else None,
+                "function": where[1] if where is not None else None,
+                "during": marked.during,
+            },
+            "traceback": "".join(traceback.format_exception(type(error), error, error.__traceback__)),
+        }
+        return self.failed(summary, hint, details)
+
     def finish(self, trainer: pl.Trainer, result: CheckResult) -> None:
-        """Record, report (rank zero) and act on the verdict."""
+        """Record, report (rank zero) and act on the verdict. An error of the user's code comes out of
+        ``fit`` as the user's own exception object, as it would at the first step without the check, whatever
+        ``on_fail`` says; a rank that did not see it (another rank did) stops with the agreed result, so no rank
+        trains on alone into a collective the failed one never reaches."""
         self.result = result
+        if "user_error" in result.details:
+            error, self._user_error = self._user_error, None
+            if error is not None:
+                raise error
+            raise RecipeCheckError(result)
         _logging.log_text(trainer, self.tag("verdict"), result.format(), trainer.global_step)
         if result.status is not CheckStatus.FAILED:
             rank_zero_info(result.format())
