@@ -196,6 +196,38 @@ def test_arguments_are_checked_at_construction(check_cls):
     assert check_cls().result is None
 
 
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: OverfitOneBatch(lr=float("inf")), r"Expected `lr` to be a finite positive number, but got inf\."),
+        (lambda: OverfitOneBatch(lr=float("nan")), r"Expected `lr` to be a finite positive number, but got nan\."),
+        (lambda: OverfitOneBatch(lrs=(1e-3, float("inf"))), r"Expected `lrs` to be a finite positive number"),
+        (lambda: InitLossCheck(expected=-1), r"Expected `expected` to be the loss at initialization, a finite "
+                                             r"number >= 0, or None, but got -1\."),
+        (lambda: InitLossCheck(expected=float("inf")), r"`expected` to be .* but got inf\."),
+        (lambda: InitLossCheck(ignore_index="a"), r"Expected `ignore_index` to be an integer, but got 'a'\."),
+        (lambda: InitLossCheck(ignore_index=1.5), r"Expected `ignore_index` to be an integer, but got 1\.5\."),
+        (lambda: BatchLeakageProbe(causal=1), r"Expected `causal` to be one of \[None, True, False\], but got 1\."),
+        (lambda: BatchLeakageProbe(graph=0.0), r"Expected `graph` to be one of \[None, True, False\], but got 0\.0"),
+    ],
+)
+def test_arguments_that_cannot_work_are_refused_at_construction(make, message):
+    """inf passes `> 0`, and `1 == True`: both let a value through that gives a wrong verdict later."""
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_monitor_thresholds_must_be_finite():
+    from lightning_recipe import FirstLayerVisualizer, PredictionDynamicsLogger, UpdateRatioMonitor
+
+    with pytest.raises(ValueError, match=r"Expected `max_ratio` to be a finite positive number, but got inf\."):
+        UpdateRatioMonitor(max_ratio=float("inf"))
+    with pytest.raises(ValueError, match=r"Expected `frozen_movement` to be a finite positive number"):
+        PredictionDynamicsLogger(frozen_movement=float("inf"))
+    with pytest.raises(ValueError, match=r"Expected `noisy_above` to be a finite positive number"):
+        FirstLayerVisualizer(noisy_above=float("nan"))
+
+
 def test_iterable_dataset_run_is_bit_identical_with_all_checks():
     def run(callbacks):
         L.seed_everything(3, verbose=False)
