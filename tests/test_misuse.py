@@ -288,3 +288,30 @@ def test_forward_that_fails_on_every_guess_is_skipped_naming_the_arguments(check
     assert "`module(x)` with x = a tensor of shape (32, 8)" in check.result.summary
     assert "Pass `inputs=lambda batch: ...`" in check.result.summary
     assert t.global_step == 2
+
+
+class SkipsFirstBatch(MLPClassifier):
+    """Returns None on the first batch of each epoch (a warm-up batch it skips), a loss on the others."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return None if batch_idx == 0 else loss
+
+
+class SkipsBatchesWithoutClassZero(MLPClassifier):
+    """Returns None on batches whose first label is not 0: which ones is read from the data, not the index."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss if int(batch[1][0]) == 0 else None
+
+
+@pytest.mark.parametrize("check_cls", [InitLossCheck, OverfitOneBatch], ids=["InitLossCheck", "OverfitOneBatch"])
+@pytest.mark.parametrize("model_cls", [SkipsFirstBatch, SkipsBatchesWithoutClassZero])
+def test_batches_on_which_training_step_returns_none_are_passed_over(check_cls, model_cls):
+    torch.manual_seed(0)
+    check = check_cls()
+    _fit(model_cls(), loader(cluster_data(n=512), batch_size=16), check)
+    assert check.result.status is CheckStatus.PASSED, check.result.format()
+    if check_cls is InitLossCheck:  # up to 4 batches with a loss among the first 4 + 8 of the pass
+        assert 2 <= check.result.details["batches"] <= 4

@@ -13,6 +13,7 @@ import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
+from itertools import islice
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -51,6 +52,10 @@ _SEVERITY = {CheckStatus.PASSED: 0, CheckStatus.SKIPPED: 1, CheckStatus.FAILED: 
 
 class CheckSkipped(Exception):
     """Raised inside a check when it does not apply; the message becomes the ``skipped`` summary."""
+
+
+class NoLoss(CheckSkipped):
+    """``training_step`` returned no loss (``None``, as Lightning allows to skip a batch)."""
 
 
 class UserCodeError(Exception):
@@ -97,6 +102,9 @@ class CheckContext:
     adapter: BatchAdapter
     component: str
     start: ModuleAttributes | None = field(default=None, repr=False)
+    #: ``id(batch) -> its place in the fresh pass``, for batches that are not the pass's first ones (batches on
+    #: which ``training_step`` returned no loss were passed over): the ``batch_idx`` training would give them
+    positions: dict[int, int] = field(default_factory=dict, repr=False)
     _alignments: dict[int, Alignment | None] = field(default_factory=dict, repr=False)
 
     @property
@@ -118,6 +126,7 @@ class CheckContext:
         batch; the check's batches are not consecutive training batches."""
         if self.start is not None:
             self.start.restore()
+        batch_idx = self.positions.get(id(batch), batch_idx)
         step = self.module.training_step
         # as Lightning does: `batch_idx` only when the signature takes it
         args = (batch, batch_idx) if is_param_in_hook_signature(step, "batch_idx", min_args=2) else (batch,)
@@ -181,7 +190,7 @@ def loss_of(output: Any) -> Tensor:
     if isinstance(output, dict):
         output = output.get("loss")
     if output is None:
-        raise CheckSkipped(
+        raise NoLoss(
             "`training_step` returned no loss (None, or a dict without 'loss'), so there is nothing to measure. "
             "Return the loss tensor (or {'loss': loss}) from `training_step`; with manual optimization the "
             "check cannot drive training itself."
@@ -260,32 +269,43 @@ def single_loader(trainer: pl.Trainer) -> DataLoader:
 def peek_batches(trainer: pl.Trainer, count: int) -> list[Any]:
     """The first ``count`` batches of a fresh pass over the training dataloader, moved to the device the
     way Lightning moves them. The real training iterator is not touched; the caller restores the RNGs."""
+    stream = fresh_batches(trainer)
+    try:
+        batches = list(islice(stream, count))
+    finally:
+        stream.close()
+    if not batches:
+        raise CheckSkipped("the training dataloader yielded no batch.")
+    return batches
+
+
+def fresh_batches(trainer: pl.Trainer) -> Iterator[Any]:
+    """A fresh pass over the training dataloader, one prepared batch at a time, read only as far as the caller
+    asks (close the generator to end the pass). Errors of the user's dataset, sampler, ``collate_fn`` or batch
+    hooks come out as :class:`UserCodeError`."""
     loader = single_loader(trainer)
     if loader.persistent_workers and loader.num_workers > 0:
         # iter() on a persistent-worker loader resets the live iterator the fit loop is using
         loader = without_persistent_workers(loader)
-    batches = []
     try:
         iterator = iter(loader)
     except Exception as error:  # noqa: BLE001 - the user's dataset or sampler
         raise UserCodeError(error, "reading the training dataloader") from error
     try:
-        for _ in range(count):
+        while True:
             try:
                 batch = next(iterator)
             except StopIteration:
-                break
+                return
             except Exception as error:  # noqa: BLE001 - the user's dataset, sampler or collate_fn
                 raise UserCodeError(error, "reading the training dataloader") from error
             try:
-                batches.append(prepare_batch(trainer, batch))
+                prepared = prepare_batch(trainer, batch)
             except Exception as error:  # noqa: BLE001 - the user's on_before/after_batch_transfer
                 raise UserCodeError(error, "preparing a training batch (on_before_batch_transfer)") from error
+            yield prepared
     finally:
         del iterator
-    if not batches:
-        raise CheckSkipped("the training dataloader yielded no batch.")
-    return batches
 
 
 def prepare_batch(trainer: pl.Trainer, batch: Any) -> Any:
@@ -349,6 +369,10 @@ class PreflightCheck(RecipeCallback):
 
     #: how many training batches :meth:`run` receives
     num_batches: ClassVar[int] = 1
+    #: whether :meth:`run` needs the loss ``training_step`` returns: then batches on which it returns ``None``
+    #: (skipped by Lightning) are passed over, up to ``spare_batches`` more read from the same fresh pass
+    needs_loss: ClassVar[bool] = False
+    spare_batches: ClassVar[int] = 8
 
     def __init__(
         self,
@@ -408,17 +432,28 @@ class PreflightCheck(RecipeCallback):
                 eager(),  # a compiled model runs uncompiled: see diagnostics/compiled.py
                 torch.enable_grad(),
             ):
-                batches = peek_batches(trainer, self.num_batches)
-                ctx = CheckContext(trainer, pl_module, batches, self.adapter, self.component, start=state.attributes)
-                failure: Exception | None = None
+                stream = fresh_batches(trainer)
                 try:
-                    with torch.no_grad(), ctx.autocast():
-                        ctx.adapter = self.adapter.fitted(pl_module, batches[0])
-                    return self.run(ctx)
-                except CheckSkipped:
-                    raise
-                except Exception as error:  # noqa: BLE001 - re-raised below unless it is the user's
-                    failure = error
+                    batches = list(islice(stream, self.num_batches))
+                    if not batches:
+                        raise CheckSkipped("the training dataloader yielded no batch.")
+                    ctx = CheckContext(
+                        trainer, pl_module, batches, self.adapter, self.component, start=state.attributes
+                    )
+                    failure: Exception | None = None
+                    try:
+                        try:
+                            return self._run_fitted(ctx)
+                        except NoLoss:
+                            if not self.needs_loss or not self._batches_with_loss(ctx, stream):
+                                raise
+                        return self._run_fitted(ctx)
+                    except CheckSkipped:
+                        raise
+                    except Exception as error:  # noqa: BLE001 - re-raised below unless it is the user's
+                        failure = error
+                finally:
+                    stream.close()
                 # Whose error is it? The check calls the model on guesses of ours (an input read from the batch,
                 # a slice of it), where a model may rightly raise; the user's `training_step` on the user's own
                 # batch is what training will call. If that raises, the bug is the user's. (Tried outside the
@@ -426,6 +461,7 @@ class PreflightCheck(RecipeCallback):
                 own = _own_step_error(ctx)
                 if own is not None:
                     raise UserCodeError(own, "`training_step` on a training batch")
+                assert failure is not None  # every other way out of the block above returns or raises
                 raise failure
         except UserCodeError as marked:
             return self._user_failed(marked)
@@ -441,6 +477,33 @@ class PreflightCheck(RecipeCallback):
                 f"{self.name} could not run: {type(error).__name__}: {_one_line(error)}",
                 {"traceback": traceback.format_exc(limit=-6)},
             )
+
+    def _run_fitted(self, ctx: CheckContext) -> CheckResult:
+        with torch.no_grad(), ctx.autocast():
+            ctx.adapter = self.adapter.fitted(ctx.module, ctx.batches[0])
+        return self.run(ctx)
+
+    def _batches_with_loss(self, ctx: CheckContext, stream: Iterator[Any]) -> bool:
+        """Replace ``ctx.batches`` by the first ``num_batches`` batches of the same fresh pass on which
+        ``training_step`` returns a loss (Lightning skips a batch on which it returns ``None``, and so does the
+        check), reading at most :attr:`spare_batches` more. ``False`` when no batch read has a loss."""
+        kept: list[Any] = []
+        positions: dict[int, int] = {}
+        candidates = [*ctx.batches, *islice(stream, self.spare_batches)]
+        for position, batch in enumerate(candidates):
+            try:
+                ctx.training_step_loss(batch, position)
+            except NoLoss:
+                continue
+            kept.append(batch)
+            positions[id(batch)] = position
+            if len(kept) == self.num_batches:
+                break
+        if not kept:
+            return False
+        ctx.batches, ctx.positions = kept, positions
+        ctx._alignments.clear()
+        return True
 
     def _user_failed(self, marked: UserCodeError) -> CheckResult:
         """The failed result for an exception of the user's code, naming it and where it was raised; the

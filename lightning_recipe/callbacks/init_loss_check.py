@@ -102,6 +102,8 @@ class InitLossCheck(PreflightCheck):
     Logged (step 0): ``recipe/init_loss_check/{measured_loss, chance_loss, prior_optimal_loss, logit_std}``.
     """
 
+    needs_loss = True  # passes over batches on which `training_step` returns None
+
     def __init__(
         self,
         *,
