@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import lightning_recipe
 from lightning_recipe import InitLossCheck, OverfitOneBatch, RecipeSuite, sanity_run
 from lightning_recipe.cli import main
 from lightning_recipe.report import RecipeWarning
@@ -168,4 +167,22 @@ def test_under_ddp_a_crashing_training_step_raises_the_users_exception_on_both_r
         assert seen["global_step"] == 0
 
 
-assert lightning_recipe.__file__
+class CrashesOnRankOne(MLPClassifier):
+    """`training_step` raises on rank one only (a bad shard); rank zero's step runs."""
+
+    def training_step(self, batch, batch_idx):
+        if self.global_rank == 1:
+            raise ValueError("shard 1 holds a record with 9 features, expected 8")
+        return super().training_step(batch, batch_idx)
+
+
+def test_under_ddp_a_crash_on_one_rank_stops_every_rank_without_a_hang(tmp_path):
+    code, ranks, output = run_ddp(tmp_path, "tests.test_user_errors:CrashesOnRankOne", "tests.models:cluster_loader",
+                                  ["InitLossCheck", "OverfitOneBatch"])
+    assert code != 0
+    assert sorted(ranks) == [0, 1], output[-4000:]
+    assert ranks[1]["error"] == "ValueError" and "shard 1 holds" in ranks[1]["message"]
+    # rank zero saw no error of its own: it stops with the agreed verdict, which names rank one's
+    assert ranks[0]["error"] == "RecipeCheckError" and "ValueError: shard 1 holds" in ranks[0]["message"]
+    assert all(seen["global_step"] == 0 for seen in ranks.values())
+    assert ranks[0]["result"]["details"]["rank"] == 1

@@ -302,7 +302,7 @@ def fresh_batches(trainer: pl.Trainer) -> Iterator[Any]:
             try:
                 prepared = prepare_batch(trainer, batch)
             except Exception as error:  # noqa: BLE001 - the user's on_before/after_batch_transfer
-                raise UserCodeError(error, "preparing a training batch (on_before_batch_transfer)") from error
+                raise UserCodeError(error, "preparing a training batch (`on_before_batch_transfer`)") from error
             yield prepared
     finally:
         del iterator
@@ -460,7 +460,7 @@ class PreflightCheck(RecipeCallback):
                 # `except` block, so the user's exception does not get ours as its __context__.)
                 own = _own_step_error(ctx)
                 if own is not None:
-                    raise UserCodeError(own, "`training_step` on a training batch")
+                    raise UserCodeError(own, "running `training_step` on a training batch")
                 assert failure is not None  # every other way out of the block above returns or raises
                 raise failure
         except UserCodeError as marked:
@@ -513,12 +513,12 @@ class PreflightCheck(RecipeCallback):
         where = user_code_location(error)
         at = f" at {where[0]} (in `{where[1]}`)" if where is not None else ""
         summary = (
-            f"the model or its data raised {type(error).__name__}: {_one_line(error)}{at}, in "
-            f"{marked.during}. This is an error in your code, not in lightning_recipe."
+            f"your code raised {type(error).__name__}: {_one_line(error)}{at} while the check was {marked.during}: "
+            "an error in the model or its data, not in lightning_recipe."
         )
         hint = (
-            f"Fix the {type(error).__name__}{at or ' (see the traceback in the details)'}: training would "
-            "crash on its first step the same way."
+            f"Fix the {type(error).__name__}{at or ''}; training would crash on its first step the same way. The "
+            "full traceback is in the result's details (`traceback`)."
         )
         details = {
             "user_error": {
