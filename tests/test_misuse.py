@@ -11,7 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset
 
-from lightning_recipe import BatchLeakageProbe, CheckStatus, InitLossCheck, OverfitOneBatch, RecipeCheckError
+from lightning_recipe import (
+    BatchLeakageProbe,
+    CheckStatus,
+    InitLossCheck,
+    OverfitOneBatch,
+    RecipeCheckError,
+    RecipeSuite,
+)
 from tests.models import MLPClassifier, cluster_data, loader, trainer
 from tests.zoo import DictDataset
 
@@ -209,6 +216,8 @@ def test_arguments_are_checked_at_construction(check_cls):
         (lambda: InitLossCheck(ignore_index=1.5), r"Expected `ignore_index` to be an integer, but got 1\.5\."),
         (lambda: BatchLeakageProbe(causal=1), r"Expected `causal` to be one of \[None, True, False\], but got 1\."),
         (lambda: BatchLeakageProbe(graph=0.0), r"Expected `graph` to be one of \[None, True, False\], but got 0\.0"),
+        (lambda: RecipeSuite(sanity_run=False, exit_process=1),
+         r"Expected `exit_process` to be one of \[True, False\], but got 1\."),
     ],
 )
 def test_arguments_that_cannot_work_are_refused_at_construction(make, message):

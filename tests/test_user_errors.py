@@ -92,6 +92,19 @@ def test_a_bug_planted_in_the_package_is_skipped_with_please_report_and_training
     assert t.global_step == 3
 
 
+def test_a_bug_planted_in_the_package_does_not_fail_a_sanity_run(monkeypatch):
+    import lightning_recipe.callbacks.init_loss_check as module
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("planted")
+
+    monkeypatch.setattr(module, "loss_readings", broken)
+    with pytest.warns(RecipeWarning, match="Please report this: ZeroDivisionError: planted"):
+        report = sanity_run(MLPClassifier(), train_dataloaders=data(), accelerator="cpu", checks=["init_loss_check"])
+    [result] = report.results
+    assert report.passed and result.status.value == "skipped" and "user_error" not in result.details
+
+
 def test_a_guess_of_ours_that_the_model_refuses_is_skipped_not_blamed_on_the_user():
     """`forward(self, batch)` cannot take `x`: our guess fails, the user's training_step runs fine."""
 

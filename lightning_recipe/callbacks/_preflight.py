@@ -8,6 +8,7 @@ the first optimizer step. Subclasses implement :meth:`PreflightCheck.run` on a :
 from __future__ import annotations
 
 import os
+import sys
 import time
 import traceback
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from itertools import islice
 from typing import Any, ClassVar
 
+import lightning
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -39,6 +41,7 @@ __all__ = [
     "CheckSkipped",
     "PreflightCheck",
     "UserCodeError",
+    "fresh_batches",
     "loader_generators",
     "peek_batches",
     "prepare_batch",
@@ -73,7 +76,7 @@ class UserCodeError(Exception):
 # frames inside these packages are not where the user's bug is; the innermost frame outside them is
 _NOT_USER_CODE = tuple(
     os.path.dirname(os.path.abspath(m.__file__)) + os.sep
-    for m in (torch, pl, __import__("lightning"), __import__("lightning_recipe"))
+    for m in (torch, lightning, sys.modules[__name__.split(".")[0]])
     if getattr(m, "__file__", None)
 )
 
