@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -9,8 +10,10 @@ ON_FAIL_CHOICES = ("raise", "warn")
 
 
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
+    """``value`` is one of ``choices``, of the same type: ``1 == True`` and ``0.0 == False``, so a plain
+    ``in`` would let a number through where a flag is asked for."""
     choices = tuple(choices)
-    if value not in choices:
+    if not any(value is c or (type(value) is type(c) and value == c) for c in choices):
         raise ValueError(f"Expected `{name}` to be one of {list(choices)}, but got {value!r}.")
 
 
@@ -19,9 +22,16 @@ def check_int(name: str, value: Any, minimum: int) -> None:
         raise ValueError(f"Expected `{name}` to be an integer >= {minimum}, but got {value!r}.")
 
 
+def check_integer(name: str, value: Any) -> None:
+    """Any integer (a label value, an index); ``True``/``False`` and floats are refused."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"Expected `{name}` to be an integer, but got {value!r}.")
+
+
 def check_positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"Expected `{name}` to be a positive number, but got {value!r}.")
+    """A finite number > 0: ``inf`` passes ``> 0`` but makes every threshold or step size meaningless."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"Expected `{name}` to be a finite positive number, but got {value!r}.")
 
 
 def check_fraction(name: str, value: Any) -> None:

@@ -114,12 +114,12 @@ class Crashes(MLP):
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (32x8 and 9x32)")
 
 
-def test_a_model_that_crashes_is_a_failed_run_with_its_traceback(capsys):
+def test_a_model_that_crashes_is_a_failed_run_naming_the_error_and_where(capsys):
     code = main(["check", "tests.test_cli:Crashes", "--data", "tests.zoo:clusters", "--accelerator", "cpu"])
-    err = capsys.readouterr().err
+    out = capsys.readouterr().out
     assert code == 1
-    assert "RuntimeError: mat1 and mat2 shapes cannot be multiplied" in err
-    assert "the model or its data raised an error during the sanity run" in err
+    assert "FAILED" in out and "RuntimeError: mat1 and mat2 shapes cannot be multiplied" in out
+    assert f"{__file__}:" in out and "Please report" not in out
 
 
 def test_a_model_from_a_file_path_and_a_datamodule(tmp_path, capsys):

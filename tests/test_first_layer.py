@@ -266,7 +266,7 @@ def test_bad_layer_argument_is_refused_at_construction(layer, match):
         ({"every_n_steps": 0}, r"`every_n_steps` to be an integer >= 1, but got 0"),
         ({"measure_every_n_steps": 1.5}, r"`measure_every_n_steps` to be an integer >= 1"),
         ({"max_images": 0}, r"`max_images` to be an integer >= 1"),
-        ({"noisy_above": -1}, r"`noisy_above` to be a positive number"),
+        ({"noisy_above": -1}, r"`noisy_above` to be a finite positive number"),
     ],
 )
 def test_bad_arguments_are_refused_with_the_valid_range(kwargs, match):

@@ -393,7 +393,7 @@ def test_bad_arguments_are_refused_with_the_choices():
         InitLossCheck(task="classification")
     with pytest.raises(ValueError, match=r"`regression_loss` to be one of"):
         InitLossCheck(regression_loss="huber")
-    with pytest.raises(ValueError, match=r"`expected` to be a finite number"):
+    with pytest.raises(ValueError, match=r"`expected` to be the loss at initialization, a finite number >= 0"):
         InitLossCheck(expected=float("nan"))
 
 

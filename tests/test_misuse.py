@@ -11,7 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset
 
-from lightning_recipe import BatchLeakageProbe, CheckStatus, InitLossCheck, OverfitOneBatch, RecipeCheckError
+from lightning_recipe import (
+    BatchLeakageProbe,
+    CheckStatus,
+    InitLossCheck,
+    OverfitOneBatch,
+    RecipeCheckError,
+    RecipeSuite,
+)
 from tests.models import MLPClassifier, cluster_data, loader, trainer
 from tests.zoo import DictDataset
 
@@ -196,6 +203,40 @@ def test_arguments_are_checked_at_construction(check_cls):
     assert check_cls().result is None
 
 
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: OverfitOneBatch(lr=float("inf")), r"Expected `lr` to be a finite positive number, but got inf\."),
+        (lambda: OverfitOneBatch(lr=float("nan")), r"Expected `lr` to be a finite positive number, but got nan\."),
+        (lambda: OverfitOneBatch(lrs=(1e-3, float("inf"))), r"Expected `lrs` to be a finite positive number"),
+        (lambda: InitLossCheck(expected=-1), r"Expected `expected` to be the loss at initialization, a finite "
+                                             r"number >= 0, or None, but got -1\."),
+        (lambda: InitLossCheck(expected=float("inf")), r"`expected` to be .* but got inf\."),
+        (lambda: InitLossCheck(ignore_index="a"), r"Expected `ignore_index` to be an integer, but got 'a'\."),
+        (lambda: InitLossCheck(ignore_index=1.5), r"Expected `ignore_index` to be an integer, but got 1\.5\."),
+        (lambda: BatchLeakageProbe(causal=1), r"Expected `causal` to be one of \[None, True, False\], but got 1\."),
+        (lambda: BatchLeakageProbe(graph=0.0), r"Expected `graph` to be one of \[None, True, False\], but got 0\.0"),
+        (lambda: RecipeSuite(sanity_run=False, exit_process=1),
+         r"Expected `exit_process` to be one of \[True, False\], but got 1\."),
+    ],
+)
+def test_arguments_that_cannot_work_are_refused_at_construction(make, message):
+    """inf passes `> 0`, and `1 == True`: both let a value through that gives a wrong verdict later."""
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_monitor_thresholds_must_be_finite():
+    from lightning_recipe import FirstLayerVisualizer, PredictionDynamicsLogger, UpdateRatioMonitor
+
+    with pytest.raises(ValueError, match=r"Expected `max_ratio` to be a finite positive number, but got inf\."):
+        UpdateRatioMonitor(max_ratio=float("inf"))
+    with pytest.raises(ValueError, match=r"Expected `frozen_movement` to be a finite positive number"):
+        PredictionDynamicsLogger(frozen_movement=float("inf"))
+    with pytest.raises(ValueError, match=r"Expected `noisy_above` to be a finite positive number"):
+        FirstLayerVisualizer(noisy_above=float("nan"))
+
+
 def test_iterable_dataset_run_is_bit_identical_with_all_checks():
     def run(callbacks):
         L.seed_everything(3, verbose=False)
@@ -256,3 +297,30 @@ def test_forward_that_fails_on_every_guess_is_skipped_naming_the_arguments(check
     assert "`module(x)` with x = a tensor of shape (32, 8)" in check.result.summary
     assert "Pass `inputs=lambda batch: ...`" in check.result.summary
     assert t.global_step == 2
+
+
+class SkipsFirstBatch(MLPClassifier):
+    """Returns None on the first batch of each epoch (a warm-up batch it skips), a loss on the others."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return None if batch_idx == 0 else loss
+
+
+class SkipsBatchesWithoutClassZero(MLPClassifier):
+    """Returns None on batches whose first label is not 0: which ones is read from the data, not the index."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss if int(batch[1][0]) == 0 else None
+
+
+@pytest.mark.parametrize("check_cls", [InitLossCheck, OverfitOneBatch], ids=["InitLossCheck", "OverfitOneBatch"])
+@pytest.mark.parametrize("model_cls", [SkipsFirstBatch, SkipsBatchesWithoutClassZero])
+def test_batches_on_which_training_step_returns_none_are_passed_over(check_cls, model_cls):
+    torch.manual_seed(0)
+    check = check_cls()
+    _fit(model_cls(), loader(cluster_data(n=512), batch_size=16), check)
+    assert check.result.status is CheckStatus.PASSED, check.result.format()
+    if check_cls is InitLossCheck:  # up to 4 batches with a loss among the first 4 + 8 of the pass
+        assert 2 <= check.result.details["batches"] <= 4

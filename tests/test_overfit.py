@@ -319,7 +319,7 @@ def test_loss_curve_and_figures_are_logged_to_tensorboard(tmp_path):
         ({"num_examples": 1}, r"Expected `num_examples` to be an integer >= 2, but got 1"),
         ({"max_steps": 0}, r"Expected `max_steps` to be an integer >= 1, but got 0"),
         ({"loss_fraction": 1.5}, r"Expected `loss_fraction` to be a number in the \(0, 1\) range"),
-        ({"lr": -1.0}, r"Expected `lr` to be a positive number, but got -1.0"),
+        ({"lr": -1.0}, r"Expected `lr` to be a finite positive number, but got -1.0"),
         ({"lrs": []}, r"Expected `lrs` to be a non-empty sequence of positive numbers"),
         ({"on_fail": "ignore"}, r"Expected `on_fail` to be one of \['raise', 'warn'\]"),
     ],

@@ -324,7 +324,7 @@ def test_a_trimmed_history_with_the_run_extremes_judges_like_the_whole_history()
         ({"num_examples": 0}, r"`num_examples` to be an integer >= 1"),
         ({"source": "test"}, r"`source` to be one of \['val', 'train'\], but got 'test'"),
         ({"thrash_jitter": 2.0}, r"`thrash_jitter` to be a number in the \(0, 1\) range"),
-        ({"frozen_movement": -1}, r"`frozen_movement` to be a positive number"),
+        ({"frozen_movement": -1}, r"`frozen_movement` to be a finite positive number"),
         ({"window": 1}, r"`window` to be an integer >= 2"),
         ({"task": "ranking"}, r"`task` to be one of \['auto', 'multiclass'"),
     ],

@@ -112,8 +112,8 @@ def test_names_are_listed_a_few_then_counted():
     [
         ({"every_n_steps": 0}, r"`every_n_steps` to be an integer >= 1, but got 0"),
         ({"window": 0}, r"`window` to be an integer >= 1, but got 0"),
-        ({"max_ratio": -1.0}, r"`max_ratio` to be a positive number, but got -1.0"),
-        ({"min_ratio": "low"}, r"`min_ratio` to be a positive number, but got 'low'"),
+        ({"max_ratio": -1.0}, r"`max_ratio` to be a finite positive number, but got -1.0"),
+        ({"min_ratio": "low"}, r"`min_ratio` to be a finite positive number, but got 'low'"),
         ({"min_ratio": 0.5, "max_ratio": 0.1}, r"`min_ratio` to be below `max_ratio`"),
     ],
 )

@@ -7,13 +7,17 @@ the first optimizer step. Subclasses implement :meth:`PreflightCheck.run` on a :
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
+from itertools import islice
 from typing import Any, ClassVar
 
+import lightning
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -36,6 +40,8 @@ __all__ = [
     "CheckContext",
     "CheckSkipped",
     "PreflightCheck",
+    "UserCodeError",
+    "fresh_batches",
     "loader_generators",
     "peek_batches",
     "prepare_batch",
@@ -49,6 +55,40 @@ _SEVERITY = {CheckStatus.PASSED: 0, CheckStatus.SKIPPED: 1, CheckStatus.FAILED: 
 
 class CheckSkipped(Exception):
     """Raised inside a check when it does not apply; the message becomes the ``skipped`` summary."""
+
+
+class NoLoss(CheckSkipped):
+    """``training_step`` returned no loss (``None``, as Lightning allows to skip a batch)."""
+
+
+class UserCodeError(Exception):
+    """An exception the user's own code raised inside a check (``training_step`` on a training batch, the
+    dataloader, ``on_before_batch_transfer``), carried as ``original``. Internal: :class:`PreflightCheck` unwraps
+    it into a failed result (sanity run) or raises ``original`` itself out of ``fit`` (normal run), so an error in
+    the user's model is never mistaken for one of ours."""
+
+    def __init__(self, original: BaseException, during: str) -> None:
+        super().__init__(f"{type(original).__name__}: {original}")
+        self.original = original
+        self.during = during
+
+
+# frames inside these packages are not where the user's bug is; the innermost frame outside them is
+_NOT_USER_CODE = tuple(
+    os.path.dirname(os.path.abspath(m.__file__)) + os.sep
+    for m in (torch, lightning, sys.modules[__name__.split(".")[0]])
+    if getattr(m, "__file__", None)
+)
+
+
+def user_code_location(error: BaseException) -> tuple[str, str] | None:
+    """``("file:line", function)`` of the innermost frame of ``error``'s traceback outside lightning_recipe, torch
+    and Lightning: where in the user's code it was raised. ``None`` when every frame is in those packages."""
+    frames = traceback.extract_tb(error.__traceback__)
+    for frame in reversed(frames):
+        if not os.path.abspath(frame.filename).startswith(_NOT_USER_CODE):
+            return f"{frame.filename}:{frame.lineno}", frame.name
+    return None
 
 
 @dataclass
@@ -65,6 +105,9 @@ class CheckContext:
     adapter: BatchAdapter
     component: str
     start: ModuleAttributes | None = field(default=None, repr=False)
+    #: ``id(batch) -> its place in the fresh pass``, for batches that are not the pass's first ones (batches on
+    #: which ``training_step`` returned no loss were passed over): the ``batch_idx`` training would give them
+    positions: dict[int, int] = field(default_factory=dict, repr=False)
     _alignments: dict[int, Alignment | None] = field(default_factory=dict, repr=False)
 
     @property
@@ -86,6 +129,7 @@ class CheckContext:
         batch; the check's batches are not consecutive training batches."""
         if self.start is not None:
             self.start.restore()
+        batch_idx = self.positions.get(id(batch), batch_idx)
         step = self.module.training_step
         # as Lightning does: `batch_idx` only when the signature takes it
         args = (batch, batch_idx) if is_param_in_hook_signature(step, "batch_idx", min_args=2) else (batch,)
@@ -149,7 +193,7 @@ def loss_of(output: Any) -> Tensor:
     if isinstance(output, dict):
         output = output.get("loss")
     if output is None:
-        raise CheckSkipped(
+        raise NoLoss(
             "`training_step` returned no loss (None, or a dict without 'loss'), so there is nothing to measure. "
             "Return the loss tensor (or {'loss': loss}) from `training_step`; with manual optimization the "
             "check cannot drive training itself."
@@ -188,6 +232,23 @@ def _one_line(error: BaseException, limit: int = 300) -> str:
     return first if len(first) <= limit else first[: limit - 3] + "..."
 
 
+def _own_step_error(ctx: CheckContext) -> Exception | None:
+    """The exception the user's ``training_step`` raises on the first of the check's (unmodified) training
+    batches that makes it raise, or ``None`` when it runs on all of them. Not tried with manual optimization,
+    whose ``training_step`` steps the optimizers itself (the caller's snapshot would restore them, but a step
+    there is not ours to take)."""
+    if not ctx.module.automatic_optimization:
+        return None
+    for index, batch in enumerate(ctx.batches):
+        try:
+            ctx.training_step_loss(batch, index)
+        except CheckSkipped:
+            continue
+        except Exception as error:  # noqa: BLE001 - that is what we are looking for
+            return error
+    return None
+
+
 def _ignore(*args: Any, **kwargs: Any) -> None:
     return None
 
@@ -211,24 +272,43 @@ def single_loader(trainer: pl.Trainer) -> DataLoader:
 def peek_batches(trainer: pl.Trainer, count: int) -> list[Any]:
     """The first ``count`` batches of a fresh pass over the training dataloader, moved to the device the
     way Lightning moves them. The real training iterator is not touched; the caller restores the RNGs."""
+    stream = fresh_batches(trainer)
+    try:
+        batches = list(islice(stream, count))
+    finally:
+        stream.close()
+    if not batches:
+        raise CheckSkipped("the training dataloader yielded no batch.")
+    return batches
+
+
+def fresh_batches(trainer: pl.Trainer) -> Iterator[Any]:
+    """A fresh pass over the training dataloader, one prepared batch at a time, read only as far as the caller
+    asks (close the generator to end the pass). Errors of the user's dataset, sampler, ``collate_fn`` or batch
+    hooks come out as :class:`UserCodeError`."""
     loader = single_loader(trainer)
     if loader.persistent_workers and loader.num_workers > 0:
         # iter() on a persistent-worker loader resets the live iterator the fit loop is using
         loader = without_persistent_workers(loader)
-    batches = []
-    iterator = iter(loader)
     try:
-        for _ in range(count):
+        iterator = iter(loader)
+    except Exception as error:  # noqa: BLE001 - the user's dataset or sampler
+        raise UserCodeError(error, "reading the training dataloader") from error
+    try:
+        while True:
             try:
                 batch = next(iterator)
             except StopIteration:
-                break
-            batches.append(prepare_batch(trainer, batch))
+                return
+            except Exception as error:  # noqa: BLE001 - the user's dataset, sampler or collate_fn
+                raise UserCodeError(error, "reading the training dataloader") from error
+            try:
+                prepared = prepare_batch(trainer, batch)
+            except Exception as error:  # noqa: BLE001 - the user's on_before/after_batch_transfer
+                raise UserCodeError(error, "preparing a training batch (`on_before_batch_transfer`)") from error
+            yield prepared
     finally:
         del iterator
-    if not batches:
-        raise CheckSkipped("the training dataloader yielded no batch.")
-    return batches
 
 
 def prepare_batch(trainer: pl.Trainer, batch: Any) -> Any:
@@ -292,6 +372,10 @@ class PreflightCheck(RecipeCallback):
 
     #: how many training batches :meth:`run` receives
     num_batches: ClassVar[int] = 1
+    #: whether :meth:`run` needs the loss ``training_step`` returns: then batches on which it returns ``None``
+    #: (skipped by Lightning) are passed over, up to ``spare_batches`` more read from the same fresh pass
+    needs_loss: ClassVar[bool] = False
+    spare_batches: ClassVar[int] = 8
 
     def __init__(
         self,
@@ -305,6 +389,7 @@ class PreflightCheck(RecipeCallback):
         self.on_fail = on_fail
         self.adapter = BatchAdapter.build(inputs, targets, forward)
         self.result: CheckResult | None = None
+        self._user_error: BaseException | None = None
 
     def run(self, ctx: CheckContext) -> CheckResult:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -327,8 +412,10 @@ class PreflightCheck(RecipeCallback):
 
     def execute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> CheckResult:
         """Run the check on fresh batches under a full snapshot; never raises (an internal error is a
-        ``skipped`` result with a warning). Every rank must call it: the verdict is agreed across ranks."""
+        ``skipped`` result with a warning, an error of the user's code a ``failed`` one whose exception
+        :meth:`finish` raises). Every rank must call it: the verdict is agreed across ranks."""
         start = time.perf_counter()
+        self._user_error = None
         result = self._execute_local(trainer, pl_module)
         result = replace(result, duration_s=time.perf_counter() - start)
         return agree_across_ranks(trainer, result)
@@ -348,11 +435,39 @@ class PreflightCheck(RecipeCallback):
                 eager(),  # a compiled model runs uncompiled: see diagnostics/compiled.py
                 torch.enable_grad(),
             ):
-                batches = peek_batches(trainer, self.num_batches)
-                ctx = CheckContext(trainer, pl_module, batches, self.adapter, self.component, start=state.attributes)
-                with torch.no_grad(), ctx.autocast():
-                    ctx.adapter = self.adapter.fitted(pl_module, batches[0])
-                return self.run(ctx)
+                stream = fresh_batches(trainer)
+                try:
+                    batches = list(islice(stream, self.num_batches))
+                    if not batches:
+                        raise CheckSkipped("the training dataloader yielded no batch.")
+                    ctx = CheckContext(
+                        trainer, pl_module, batches, self.adapter, self.component, start=state.attributes
+                    )
+                    failure: Exception | None = None
+                    try:
+                        try:
+                            return self._run_fitted(ctx)
+                        except NoLoss:
+                            if not self.needs_loss or not self._batches_with_loss(ctx, stream):
+                                raise
+                        return self._run_fitted(ctx)
+                    except CheckSkipped:
+                        raise
+                    except Exception as error:  # noqa: BLE001 - re-raised below unless it is the user's
+                        failure = error
+                finally:
+                    stream.close()
+                # Whose error is it? The check calls the model on guesses of ours (an input read from the batch,
+                # a slice of it), where a model may rightly raise; the user's `training_step` on the user's own
+                # batch is what training will call. If that raises, the bug is the user's. (Tried outside the
+                # `except` block, so the user's exception does not get ours as its __context__.)
+                own = _own_step_error(ctx)
+                if own is not None:
+                    raise UserCodeError(own, "running `training_step` on a training batch")
+                assert failure is not None  # every other way out of the block above returns or raises
+                raise failure
+        except UserCodeError as marked:
+            return self._user_failed(marked)
         except (CheckSkipped, BatchNotUnderstood) as reason:
             return self.skipped(f"{self.name} could not run: {reason}")
         except Exception as error:  # noqa: BLE001 - a check must never lose the user's run
@@ -366,9 +481,71 @@ class PreflightCheck(RecipeCallback):
                 {"traceback": traceback.format_exc(limit=-6)},
             )
 
+    def _run_fitted(self, ctx: CheckContext) -> CheckResult:
+        with torch.no_grad(), ctx.autocast():
+            ctx.adapter = self.adapter.fitted(ctx.module, ctx.batches[0])
+        return self.run(ctx)
+
+    def _batches_with_loss(self, ctx: CheckContext, stream: Iterator[Any]) -> bool:
+        """Replace ``ctx.batches`` by the first ``num_batches`` batches of the same fresh pass on which
+        ``training_step`` returns a loss (Lightning skips a batch on which it returns ``None``, and so does the
+        check), reading at most :attr:`spare_batches` more. ``False`` when no batch read has a loss."""
+        kept: list[Any] = []
+        positions: dict[int, int] = {}
+        candidates = [*ctx.batches, *islice(stream, self.spare_batches)]
+        for position, batch in enumerate(candidates):
+            try:
+                ctx.training_step_loss(batch, position)
+            except NoLoss:
+                continue
+            kept.append(batch)
+            positions[id(batch)] = position
+            if len(kept) == self.num_batches:
+                break
+        if not kept:
+            return False
+        ctx.batches, ctx.positions = kept, positions
+        ctx._alignments.clear()
+        return True
+
+    def _user_failed(self, marked: UserCodeError) -> CheckResult:
+        """The failed result for an exception of the user's code, naming it and where it was raised; the
+        exception is kept for :meth:`finish` to raise unchanged."""
+        error = marked.original
+        self._user_error = error
+        where = user_code_location(error)
+        at = f" at {where[0]} (in `{where[1]}`)" if where is not None else ""
+        summary = (
+            f"your code raised {type(error).__name__}: {_one_line(error)}{at} while the check was {marked.during}: "
+            "an error in the model or its data, not in lightning_recipe."
+        )
+        hint = (
+            f"Fix the {type(error).__name__}{at or ''}; training would crash on its first step the same way. The "
+            "full traceback is in the result's details (`traceback`)."
+        )
+        details = {
+            "user_error": {
+                "type": type(error).__name__,
+                "message": str(error),
+                "location": where[0] if where is not None else None,
+                "function": where[1] if where is not None else None,
+                "during": marked.during,
+            },
+            "traceback": "".join(traceback.format_exception(type(error), error, error.__traceback__)),
+        }
+        return self.failed(summary, hint, details)
+
     def finish(self, trainer: pl.Trainer, result: CheckResult) -> None:
-        """Record, report (rank zero) and act on the verdict."""
+        """Record, report (rank zero) and act on the verdict. An error of the user's code comes out of
+        ``fit`` as the user's own exception object, as it would at the first step without the check, whatever
+        ``on_fail`` says; a rank that did not see it (another rank did) stops with the agreed result, so no rank
+        trains on alone into a collective the failed one never reaches."""
         self.result = result
+        if "user_error" in result.details:
+            error, self._user_error = self._user_error, None
+            if error is not None:
+                raise error
+            raise RecipeCheckError(result)
         _logging.log_text(trainer, self.tag("verdict"), result.format(), trainer.global_step)
         if result.status is not CheckStatus.FAILED:
             rank_zero_info(result.format())

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_recipe import _logging
-from lightning_recipe._args import check_choice, check_int
+from lightning_recipe._args import check_choice, check_int, check_integer
 from lightning_recipe.callbacks._preflight import CheckContext, CheckSkipped, PreflightCheck, shifted_twice_text
 from lightning_recipe.diagnostics.batch import (
     BatchNotUnderstood,
@@ -102,6 +102,8 @@ class InitLossCheck(PreflightCheck):
     Logged (step 0): ``recipe/init_loss_check/{measured_loss, chance_loss, prior_optimal_loss, logit_std}``.
     """
 
+    needs_loss = True  # passes over batches on which `training_step` returns None
+
     def __init__(
         self,
         *,
@@ -120,9 +122,13 @@ class InitLossCheck(PreflightCheck):
         check_choice("regression_loss", regression_loss, REGRESSION_LOSSES)
         check_int("num_batches", num_batches, 1)
         if expected is not None and (
-            isinstance(expected, bool) or not isinstance(expected, (int, float)) or not math.isfinite(expected)
+            isinstance(expected, bool) or not isinstance(expected, (int, float)) or not 0 <= expected < math.inf
         ):
-            raise ValueError(f"Expected `expected` to be a finite number or None, but got {expected!r}.")
+            raise ValueError(
+                f"Expected `expected` to be the loss at initialization, a finite number >= 0, or None, but got "
+                f"{expected!r}."
+            )
+        check_integer("ignore_index", ignore_index)
         self.task = task
         self.expected = None if expected is None else float(expected)
         self.regression_loss = regression_loss

@@ -83,6 +83,8 @@ class OverfitOneBatch(PreflightCheck):
         trainer.fit(model, datamodule)  # RecipeCheckError if the model cannot fit 4 examples
     """
 
+    needs_loss = True  # passes over batches on which `training_step` returns None
+
     def __init__(
         self,
         num_examples: int = 4,
@@ -229,6 +231,8 @@ class OverfitOneBatch(PreflightCheck):
         if k == size:
             return batch, size, True
         sliced = _take(batch, k, size)
+        if id(batch) in ctx.positions:  # the slice has the place in the pass of the batch it was cut from
+            ctx.positions[id(sliced)] = ctx.positions[id(batch)]
         try:
             with torch.no_grad():
                 ctx.training_step_loss(sliced, 0)
