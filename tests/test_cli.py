@@ -322,12 +322,13 @@ class UserTypeError(RaisesWhatLightningRaises):
 @pytest.mark.parametrize("model", ["RaisesWhatLightningRaises", "UserMisconfiguration", "UserTypeError"])
 def test_the_users_own_error_is_a_failed_run_whatever_its_type(capsys, model):
     """Bad usage is told by where the error was raised (inside the Trainer's construction), not by its type: the
-    same types raised by the user's model are the user's, exit 1 with the traceback."""
+    same types raised by the user's model are the user's: a failed check naming the error and where, exit 1."""
     code = main(["check", f"tests.test_cli:{model}", "--data", "tests.zoo:clusters", "--checks", "InitLossCheck",
                  "--accelerator", "cpu"])
-    err = capsys.readouterr().err
-    assert code == 1, err
-    assert "Traceback" in err and "expected 3 classes but the target holds 5" in err
+    out, err = capsys.readouterr()
+    assert code == 1, out + err
+    assert "FAILED" in out and "expected 3 classes but the target holds 5" in out
+    assert re.search(r"tests/test_cli\.py:\d+ \(in `training_step`\)", out), out
     assert "lightning-recipe check: error:" not in err
 
 
