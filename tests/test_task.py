@@ -21,6 +21,7 @@ from lightning_recipe.diagnostics.task import (
     decode_predictions,
     gradient_at_outputs,
     is_probabilities,
+    may_shift,
     read_alignment,
     trained_classes,
 )
@@ -125,6 +126,14 @@ def test_gradient_at_outputs_finds_the_head_the_loss_is_computed_from():
     assert grad is not None and bool((grad[:, -1] == 0).all()) and bool((grad[:, :-1] != 0).any())
     assert model[1].weight.grad is None  # nothing written to .grad
     assert gradient_at_outputs(model, lambda: _shift_inside(model(tokens), tokens), (4, 10, 7)) is None
+
+
+def test_only_targets_with_positions_are_read_for_a_shift():
+    tokens = _sequences()
+    assert may_shift(tokens, tokens)  # (N, T) per-position labels
+    assert may_shift(tokens.T.reshape(-1), tokens.T)  # flattened time-major labels beside their tokens
+    assert not may_shift(torch.tensor([0, 2, 1, 1]), torch.randn(4, 3))  # a classifier: one label per example
+    assert not may_shift(tokens.float(), tokens)  # regression targets
 
 
 def test_one_probabilities_test():

@@ -33,7 +33,7 @@ from lightning_recipe.callbacks._base import RecipeCallback
 from lightning_recipe.diagnostics.batch import BatchAdapter, BatchNotUnderstood, ForwardFn, InputsFn, TargetsFn
 from lightning_recipe.diagnostics.compiled import eager
 from lightning_recipe.diagnostics.state import ModuleAttributes, preserved
-from lightning_recipe.diagnostics.task import Alignment, gradient_at_outputs, read_alignment
+from lightning_recipe.diagnostics.task import Alignment, gradient_at_outputs, may_shift, read_alignment
 from lightning_recipe.report import CheckResult, CheckStatus, RecipeCheckError, RecipeWarning, jsonable
 
 __all__ = [
@@ -156,8 +156,8 @@ class CheckContext:
             inputs, targets = self.adapter.get_inputs(batch), self.adapter.get_targets(batch)
         except BatchNotUnderstood:
             return None
-        if targets.is_floating_point() or targets.dtype == torch.bool:
-            return None
+        if not may_shift(targets, inputs):
+            return None  # one label per example: no position to shift, no training_step to spend
         with torch.no_grad(), self.autocast():
             outputs = self.adapter.predict(self.module, inputs)
         try:

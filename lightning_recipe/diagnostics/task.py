@@ -53,6 +53,7 @@ __all__ = [
     "is_probabilities",
     "looks_like_next_step",
     "looks_like_probabilities",
+    "may_shift",
     "class_dim",
     "merge_views",
     "read_alignment",
@@ -509,6 +510,19 @@ def _find_shift(
             if rate >= agreement and tail_empty and (best is None or rate > best[0]):
                 best = (rate, shift, dim)
     return None if best is None else (best[1], best[2])
+
+
+def may_shift(targets: Tensor, inputs: Any = None) -> bool:
+    """Whether the targets have positions a loss could shift along: a time dimension (``(N, T)``, ``(T, N)``), or
+    flattened ``(N*T,)`` labels beside an integer input of that size (a time-major language model). One label per
+    example (a classifier) has none, so :func:`read_alignment` has nothing to read there."""
+    if _is_sparse(targets) or targets.is_floating_point() or targets.dtype == torch.bool:
+        return False
+    if targets.ndim >= 2:
+        return True
+    return targets.ndim == 1 and any(
+        _is_int(x) and x.ndim >= 2 and x.numel() == targets.numel() for x in _tensors(inputs)
+    )
 
 
 def read_alignment(
