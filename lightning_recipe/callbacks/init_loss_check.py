@@ -8,7 +8,6 @@ and words the verdict.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
 
@@ -29,7 +28,9 @@ from lightning_recipe.diagnostics.batch import (
     default_forward,
     default_targets,
     first_tensor,
+    is_sparse,
     select_output,
+    tensors_of,
     value_stats,
 )
 from lightning_recipe.diagnostics.init_loss import (
@@ -461,13 +462,7 @@ def _view_details(view: TaskView, refs: References, reading: Reading) -> dict[st
 
 def _tensors(value: Any) -> list[Tensor]:
     """The dense tensors in ``value`` (sparse inputs, a graph's adjacency, are never read as targets)."""
-    if isinstance(value, Tensor):
-        return [value] if value.layout == torch.strided else []
-    if isinstance(value, Mapping):
-        value = list(value.values())
-    if isinstance(value, (tuple, list)):
-        return [t for item in value for t in _tensors(item)]
-    return []
+    return [t for t in tensors_of(value) if not is_sparse(t)]
 
 
 def _unexplained(measured: float, readings: list[Reading], not_inferred: TaskNotInferred | None, misread: bool) -> str:

@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from lightning_recipe.diagnostics.batch import graph_adjacency, held_tensors, is_edge_list, is_sparse, slice_batch
+from lightning_recipe.diagnostics.task import is_int as _is_int
 from lightning_recipe.diagnostics.task import looks_like_next_step
 
 __all__ = ["GraphReading", "LeakageNotApplicable", "LeakageReport", "probe_batch_leakage"]
@@ -157,10 +158,6 @@ def _tensors(value: Any) -> list[Tensor]:
     found: list[Tensor] = []
     _map_tensors(value, lambda t: found.append(t) or t)  # type: ignore[func-returns-value]
     return found
-
-
-def _is_int(t: Tensor) -> bool:
-    return not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
 
 
 @contextmanager

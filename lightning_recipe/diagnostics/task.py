@@ -32,12 +32,14 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from lightning_recipe.diagnostics.batch import is_sparse, tensors_of
 
 __all__ = [
     "IGNORE_INDEX",
@@ -50,6 +52,7 @@ __all__ = [
     "decode_predictions",
     "gradient_at_outputs",
     "is_binary",
+    "is_int",
     "is_probabilities",
     "looks_like_next_step",
     "looks_like_probabilities",
@@ -88,12 +91,9 @@ def _is_one_hot(targets: Tensor) -> bool:
     return bool((targets.sum(-1) == 1).all())
 
 
-def _is_int(t: Tensor) -> bool:
+def is_int(t: Tensor) -> bool:
+    """An integer tensor: class labels, token ids (not float, complex or bool)."""
     return not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
-
-
-def _is_sparse(t: Tensor) -> bool:
-    return t.layout != torch.strided
 
 
 def _shape(t: Tensor) -> str:
@@ -342,7 +342,7 @@ def conflicting_labels(inputs: Tensor, labels: Tensor, time_dim: int = 1) -> Ten
     if n < 2 or inputs.ndim == 0 or inputs.shape[0] != n:
         return None
     x = inputs.detach()
-    x = (x.to_dense() if _is_sparse(x) else x).reshape(n, *inputs.shape[1:])  # sparse rows too
+    x = (x.to_dense() if is_sparse(x) else x).reshape(n, *inputs.shape[1:])  # sparse rows too
     per_position = labels.ndim == 2 and x.ndim >= 2 and x.shape[1] == labels.shape[1]
     if per_position:
         flat = x.reshape(n, x.shape[1], -1)
@@ -516,12 +516,12 @@ def may_shift(targets: Tensor, inputs: Any = None) -> bool:
     """Whether the targets have positions a loss could shift along: a time dimension (``(N, T)``, ``(T, N)``), or
     flattened ``(N*T,)`` labels beside an integer input of that size (a time-major language model). One label per
     example (a classifier) has none, so :func:`read_alignment` has nothing to read there."""
-    if _is_sparse(targets) or targets.is_floating_point() or targets.dtype == torch.bool:
+    if is_sparse(targets) or targets.is_floating_point() or targets.dtype == torch.bool:
         return False
     if targets.ndim >= 2:
         return True
     return targets.ndim == 1 and any(
-        _is_int(x) and x.ndim >= 2 and x.numel() == targets.numel() for x in _tensors(inputs)
+        is_int(x) and x.ndim >= 2 and x.numel() == targets.numel() for x in tensors_of(inputs)
     )
 
 
@@ -541,8 +541,8 @@ def read_alignment(
         return None
     shift, dim = found
     matched = int((trained >= 0).sum())
-    for x in _tensors(inputs):
-        if not _is_int(x) or x.numel() != trained.numel() or x.ndim < 1:
+    for x in tensors_of(inputs):
+        if not is_int(x) or x.numel() != trained.numel() or x.ndim < 1:
             continue
         tokens = trained.reshape(x.shape)
         if x.ndim >= 2 and bool((x.narrow(1, 1, x.shape[1] - 1) == x.narrow(1, 0, x.shape[1] - 1)).all()):
@@ -558,12 +558,12 @@ def looks_like_next_step(inputs: Any, targets: Tensor | None, batch_dim: int = 0
     ``targets[:, :-1] == inputs[:, 1:]`` with the batch first, ignoring negative (ignore-index) targets."""
     if targets is None:
         return False
-    for x in _tensors(inputs):
-        if _is_sparse(x) or _is_sparse(targets) or x.shape != targets.shape or x.ndim < 2 \
+    for x in tensors_of(inputs):
+        if is_sparse(x) or is_sparse(targets) or x.shape != targets.shape or x.ndim < 2 \
                 or x.shape[1 if batch_dim == 0 else 0] < 2:
             continue
         xb, yb = x.movedim(batch_dim, 0), targets.movedim(batch_dim, 0)
-        if _is_int(x) and _is_int(targets):
+        if is_int(x) and is_int(targets):
             same = (yb[:, :-1] == xb[:, 1:]) | (yb[:, :-1] < 0)
         elif x.is_floating_point() and targets.is_floating_point():
             same = torch.isclose(yb[:, :-1], xb[:, 1:])
@@ -572,16 +572,6 @@ def looks_like_next_step(inputs: Any, targets: Tensor | None, batch_dim: int = 0
         if bool(same.all()) and not bool((xb[:, 1:] == xb[:, :-1]).all()):
             return True
     return False
-
-
-def _tensors(value: Any) -> list[Tensor]:
-    if isinstance(value, Tensor):
-        return [value]
-    if isinstance(value, Mapping):
-        value = list(value.values())
-    if isinstance(value, (tuple, list)):
-        return [t for item in value for t in _tensors(item)]
-    return []
 
 
 def gradient_at_outputs(module: nn.Module, loss_fn: Callable[[], Tensor], shape: Sequence[int]) -> Tensor | None:
@@ -593,7 +583,7 @@ def gradient_at_outputs(module: nn.Module, loss_fn: Callable[[], Tensor], shape:
     seen: dict[int, Tensor] = {}
 
     def hook(_: nn.Module, __: Any, output: Any) -> None:
-        for t in _tensors(output if not hasattr(output, "logits") else output.logits):
+        for t in tensors_of(output if not hasattr(output, "logits") else output.logits):
             if tuple(t.shape) == wanted and t.is_floating_point() and t.requires_grad:
                 seen.setdefault(id(t), t)
 
