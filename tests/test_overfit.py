@@ -448,16 +448,3 @@ def test_a_loss_against_the_inputs_is_fitted_to_its_floor_not_to_the_unused_labe
     # the floor of hard labels and regression is 0
     view = TaskView("regression", "mse", torch.zeros(4, 2), torch.ones(4, 2), "")
     assert loss_floor(Reading("mse", "mean", view, 1.0, 1.0)) == 0.0
-
-
-@pytest.mark.parametrize("seed", [3, 6])
-def test_a_bias_whose_gradient_cancels_by_the_signs_of_a_smooth_l1_loss_is_not_called_gradient_free(seed):
-    """pytorch/examples' polynomial regression at seeds where the 4 fitted examples' errors balance in sign: the
-    bias's smooth-L1 gradient is exactly 0 through the whole first attempt, then moves once the signs change."""
-    from tests.real_models import PolynomialRegression, polynomial_data
-
-    L.seed_everything(seed, verbose=False)
-    check = OverfitOneBatch()
-    trainer(max_steps=1, callbacks=[check]).fit(PolynomialRegression(), polynomial_data())
-    assert check.result.passed, check.result.format()
-    assert check.result.details["no_grad_params"] == []

@@ -190,8 +190,7 @@ def overfit_batch(
         seen_ids.add(id(param))
         (trainable if param.requires_grad else frozen).append((name, param))
     params = [p for _, p in trainable]
-    got_grad = [False] * len(params)  # a non-zero gradient, at some step of some attempt
-    connected = [False] * len(params)  # a gradient at all: the loss's graph reaches the parameter
+    got_grad = [False] * len(params)
     attempts: list[Attempt] = []
     loss_has_graph = True
     common = dict(
@@ -242,10 +241,8 @@ def overfit_batch(
                 loss_has_graph = False
                 break
             loss.backward()
-            if not all(got_grad):
-                # every step, not the first few: a sign-like loss (L1, smooth L1 far from the targets) can cancel
-                # a bias's gradient to exactly 0 for a whole attempt, by the balance of the signs alone
-                _note_gradients(params, got_grad, connected)
+            if index == 0 and step < 5:
+                _note_gradients(params, got_grad)
             grad_norm = _grad_norm(params)
             opt.step()
             best = min(best, value)
@@ -275,14 +272,10 @@ def overfit_batch(
         )
         if not loss_has_graph or not math.isfinite(curve[0]) or curve[0] <= 0 or reached:
             break
-        if index == 0 and len(curve) > 1 and not all(connected):
+        if index == 0 and len(curve) > 1 and not all(got_grad):
             break  # parameters without a gradient fail at every learning rate: no need to try others
 
-    # a batch that was fitted clears the parameters whose gradient was zero by value only (the balance of a
-    # sign-like loss): what a fit did not need is no bug; the ones the graph never reached still are
-    fitted = any(a.reached for a in attempts)
-    flags = [g or (fitted and c) for g, c in zip(got_grad, connected, strict=True)]
-    no_grad = [(n, p) for (n, p), flag in zip(trainable, flags, strict=True) if not flag] if loss_has_graph else []
+    no_grad = [(n, p) for (n, p), flag in zip(trainable, got_grad, strict=True) if not flag] if loss_has_graph else []
     if not attempts[0].steps:  # never got to a backward: nothing known about gradients
         no_grad = []
     return OverfitEvidence(
@@ -299,11 +292,9 @@ def goal(start: float, fraction: float, floor: float = 0.0) -> float:
     return floor + fraction * (start - floor)
 
 
-def _note_gradients(params: list[nn.Parameter], got_grad: list[bool], connected: list[bool]) -> None:
+def _note_gradients(params: list[nn.Parameter], got_grad: list[bool]) -> None:
     pending = [i for i, flag in enumerate(got_grad) if not flag]
     checks = [(i, params[i].grad) for i in pending if params[i].grad is not None]
-    for i, _ in checks:
-        connected[i] = True
     if not checks:
         return
     nonzero = torch.stack([g.detach().ne(0).any() for _, g in checks]).tolist()
