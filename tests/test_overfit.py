@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_recipe import CheckStatus, OverfitOneBatch, RecipeCheckError, RecipeWarning
-from lightning_recipe.diagnostics.overfit import overfit_batch
+from lightning_recipe.diagnostics.overfit import output_dependence, overfit_batch
 from lightning_recipe.diagnostics.state import TrainingState
 from lightning_recipe.diagnostics.task import decode_predictions, looks_like_probabilities
 from tests.ddp import run_ddp
@@ -70,6 +70,88 @@ def test_detach_in_the_middle_reports_the_trunk_as_getting_no_gradient():
     assert len(ev.attempts) == 1  # no gradient fails at every lr: the others are not tried
 
 
+def _sign_balanced_l1():
+    """An L1 regression whose errors are two positive and two negative: the bias's gradient (the mean of the
+    errors' signs) is exactly 0, the weight's is not."""
+    model = nn.Linear(1, 1)
+    x, y = torch.tensor([[1.0], [2.0], [3.0], [4.0]]), torch.tensor([[100.0], [100.0], [-100.0], [-100.0]])
+    return model, lambda: F.l1_loss(model(x), y)
+
+
+def test_a_gradient_cancelled_by_balanced_signs_is_told_from_a_missing_one():
+    torch.manual_seed(0)
+    model, loss_fn = _sign_balanced_l1()
+    loss_fn().backward()
+    assert model.bias.grad.item() == 0.0 and model.weight.grad.item() != 0.0  # the premise
+    model.zero_grad(set_to_none=True)
+    assert _run(model, loss_fn).no_grad_params == ("bias",)  # the loss gradient alone cannot tell
+    ev = _run(model, loss_fn, depends=lambda params: output_dependence(model, loss_fn, params))
+    assert ev.no_grad_params == ()
+
+
+def test_output_dependence_is_false_behind_a_detach_and_behind_zero_weights():
+    torch.manual_seed(0)
+    model = Detached()
+    x, y = _points()
+    loss_fn = lambda: F.cross_entropy(model(x), y)  # noqa: E731
+    params = [p for _, p in model.named_parameters()]
+    assert output_dependence(model, loss_fn, params) == [False, False, True, True]
+    zeroed = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
+    for p in zeroed.parameters():
+        nn.init.zeros_(p)
+    params = list(zeroed.parameters())
+    assert output_dependence(zeroed, lambda: F.cross_entropy(zeroed(x), y), params) == [False, False, False, True]
+    assert all(p.grad is None for p in params)  # it writes no .grad
+
+
+def test_zero_initialised_layers_are_still_reported_with_output_dependence():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
+    for p in model.parameters():
+        nn.init.zeros_(p)
+    x, y = _points()
+    loss_fn = lambda: F.cross_entropy(model(x), y)  # noqa: E731
+    ev = _run(model, loss_fn, lambda: model(x), y, depends=lambda params: output_dependence(model, loss_fn, params))
+    assert not ev.passed
+    assert ev.no_grad_params == ("0.weight", "0.bias", "2.weight")
+    assert len(ev.attempts) == 1
+
+
+def test_a_rate_that_runs_out_of_steps_on_course_gets_one_larger_attempt():
+    """Adam moves the bias ~lr per step: at 0.03 it gets ~6 of the 20 it must travel in 200 steps, still descending
+    when the steps run out, so 0.3 is tried, and fits."""
+    torch.manual_seed(0)
+    model = nn.Linear(1, 1)
+    x = torch.randn(4, 1)
+    y = x + 20.0
+    ev = _run(model, lambda: F.mse_loss(model(x), y))
+    assert ev.passed
+    assert [a.lr for a in ev.attempts] == [3e-3, 3e-2, 3e-4, 0.3]
+    assert [a.stop for a in ev.attempts] == ["max_steps", "max_steps", "plateau", "fit"]
+
+
+def test_a_loss_that_refuses_diverged_weights_ends_the_attempt_as_a_divergence():
+    """BCE raises on outputs outside [0, 1]: a learning rate too large for the model drives the outputs to NaN and
+    the user's loss raises rather than returning NaN. That is this attempt diverging, not an error to propagate;
+    the same error on the starting weights is the user's and propagates."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    x, y = torch.randn(4, 3), torch.tensor([[1.0], [0.0], [1.0], [0.0]])
+
+    def loss_fn():
+        out = model(x).exp().exp()  # overflows to inf, then the sigmoid of inf - inf is NaN
+        return F.binary_cross_entropy(torch.sigmoid(out - out.detach() * 2 + 1), y)
+
+    ev = _run(model, loss_fn, lrs=(1e3,))
+    (attempt,) = ev.attempts
+    assert attempt.stop == "nonfinite" and attempt.nonfinite_step > 0 and not ev.passed
+    assert attempt.raised.startswith("RuntimeError: all elements of input should be between 0 and 1")
+    with torch.no_grad():
+        model.bias.fill_(100.0)
+    with pytest.raises(RuntimeError, match="between 0 and 1"):
+        overfit_batch(model.named_parameters(), loss_fn, reset=lambda: None)
+
+
 def test_frozen_parameters_are_listed_apart_from_no_gradient():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
@@ -91,7 +173,8 @@ def test_double_softmax_stops_at_a_floor_with_every_label_right():
     assert best.all_match
     # softmax outputs are in [0, 1]: cross-entropy over them cannot go below log(1 + 3/e) = 0.74
     assert best.best_loss >= math.log(1 + 3 / math.e) - 1e-3
-    assert [a.lr for a in ev.attempts] == [3e-3, 3e-2, 3e-4]
+    # 0.03 ran out of steps still creeping towards the floor, so 10x is tried too, and plateaus there
+    assert [(a.lr, a.stop) for a in ev.attempts][-2:] == [(3e-4, "plateau"), (0.3, "plateau")]
     assert looks_like_probabilities(model(x).softmax(-1), y)
     assert not looks_like_probabilities(model(x), y)
 

@@ -109,6 +109,36 @@ def test_a_bug_planted_in_the_package_does_not_fail_a_sanity_run(monkeypatch):
     assert report.passed and result.status.value == "skipped" and "user_error" not in result.details
 
 
+class RefusesNonFinite(MLPClassifier):
+    """A `training_step` that validates its logits, as BCE validates its input range."""
+
+    def training_step(self, batch, batch_idx):
+        logits = self(batch[0])
+        if not logits.isfinite().all():
+            raise ValueError("non-finite logits")
+        return F.cross_entropy(logits, batch[1])
+
+
+def test_whose_error_is_asked_on_the_weights_the_check_began_with(monkeypatch):
+    """A check that drove the weights to NaN (as a too-large learning rate does) and then failed: the user's step
+    on the user's own weights runs fine, so the error is ours, and training goes on from the untouched weights."""
+    import lightning_recipe.callbacks.init_loss_check as module
+
+    def broken(ctx):
+        with torch.no_grad():
+            for p in ctx.module.parameters():
+                p.fill_(float("nan"))
+        raise ZeroDivisionError("planted")
+
+    monkeypatch.setattr(module.InitLossCheck, "run", lambda self, ctx: broken(ctx))
+    check = InitLossCheck()
+    t = trainer(callbacks=[check])
+    with pytest.warns(RecipeWarning, match="Please report this: ZeroDivisionError: planted"):
+        t.fit(RefusesNonFinite(), data())
+    assert check.result.status.value == "skipped" and "user_error" not in check.result.details
+    assert t.global_step == 3
+
+
 def test_a_guess_of_ours_that_the_model_refuses_is_skipped_not_blamed_on_the_user():
     """`forward(self, batch)` cannot take `x`: our guess fails, the user's training_step runs fine."""
 

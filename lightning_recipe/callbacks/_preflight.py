@@ -460,7 +460,10 @@ class PreflightCheck(RecipeCallback):
                 # Whose error is it? The check calls the model on guesses of ours (an input read from the batch,
                 # a slice of it), where a model may rightly raise; the user's `training_step` on the user's own
                 # batch is what training will call. If that raises, the bug is the user's. (Tried outside the
-                # `except` block, so the user's exception does not get ours as its __context__.)
+                # `except` block, so the user's exception does not get ours as its __context__.) It runs from the
+                # state the check began with: a check that drove the weights to NaN (a learning rate too large for
+                # the model) must not make the user's own step on the user's own weights look broken.
+                state.restore()
                 own = _own_step_error(ctx)
                 if own is not None:
                     raise UserCodeError(own, "running `training_step` on a training batch")

@@ -27,7 +27,13 @@ from lightning_recipe.diagnostics.batch import (
     tensors_of,
 )
 from lightning_recipe.diagnostics.init_loss import loss_floor
-from lightning_recipe.diagnostics.overfit import DEFAULT_LRS, Attempt, OverfitEvidence, overfit_batch
+from lightning_recipe.diagnostics.overfit import (
+    DEFAULT_LRS,
+    Attempt,
+    OverfitEvidence,
+    output_dependence,
+    overfit_batch,
+)
 from lightning_recipe.diagnostics.state import TrainingState
 from lightning_recipe.diagnostics.task import (
     IGNORE_INDEX,
@@ -186,6 +192,7 @@ class OverfitOneBatch(PreflightCheck):
             loss_fraction=self.loss_fraction,
             fallback=_own_optimizer(ctx.trainer.optimizers),
             floor=floor,
+            depends=lambda params: output_dependence(module, loss_fn, params),
         )
         outputs = predict() if evidence.attempts and evidence.loss_has_graph else None
         if outputs is not None and targets is not None:
@@ -351,7 +358,10 @@ class OverfitOneBatch(PreflightCheck):
         lrs += "".join(f" and {a.setting}" for a in ev.attempts if a.optimizer != "Adam")
         steps = ev.total_steps
         if all(a.stop == "nonfinite" for a in ev.attempts):
-            where = ", ".join(f"step {a.nonfinite_step} at {a.setting}" for a in ev.attempts)
+            where = ", ".join(
+                f"step {a.nonfinite_step} at {a.setting}" + (f" (the loss raised {a.raised})" if a.raised else "")
+                for a in ev.attempts
+            )
             return self.failed(
                 f"The loss became non-finite while fitting one batch at every learning rate tried ({where}); "
                 f"it started at {start:.4g}.",
@@ -583,6 +593,7 @@ def _details(ev: OverfitEvidence, used: int, full: bool, switched: int) -> dict[
             "steps": a.steps,
             "stop": a.stop,
             "nonfinite_step": a.nonfinite_step,
+            "raised": a.raised or None,
             "correct": a.correct,
             "total": a.total,
             "ambiguous": a.ambiguous,

@@ -32,10 +32,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lightning_recipe.diagnostics.batch import tensors_of
 from lightning_recipe.diagnostics.task import Decoded
 
 __all__ = [
@@ -70,6 +72,7 @@ class Attempt:
     ambiguous: int = 0
     optimizer: str = "Adam"
     floor: float = 0.0
+    raised: str = ""  # the error the loss raised on this attempt's diverged weights ("nonfinite" stop)
 
     @property
     def setting(self) -> str:
@@ -154,6 +157,7 @@ def overfit_batch(
     optimizer: OptimizerFactory | None = None,
     fallback: tuple[str, float, OptimizerFactory] | None = None,
     floor: float = 0.0,
+    depends: Callable[[list[nn.Parameter]], list[bool]] | None = None,
 ) -> OverfitEvidence:
     """Train on one fixed batch until the loss is ``loss_fraction`` of its start and every label is
     predicted, trying each learning rate in ``lrs`` from the same starting state.
@@ -178,6 +182,10 @@ def overfit_batch(
             optimizer. Adam moves each parameter by about ``lr`` per step, so a parameter that must travel far (a
             bias towards targets of mean -5) cannot get there in ``max_steps`` at any of them, where the
             optimizer the model was tuned with can.
+        depends: ``params -> [bool]``, whether the model's outputs depend on each parameter (see
+            :func:`output_dependence`). A loss gradient can be exactly 0 by value: the bias of an L1 regression
+            whose errors are as often positive as negative. Such a parameter is not reported as gradient-free
+            when the outputs depend on it; one behind all-zero weights or a ``detach`` is.
     """
     make_optimizer = optimizer or (lambda params, lr: torch.optim.Adam(params, lr=lr))
     named = list(named_parameters)
@@ -205,7 +213,10 @@ def overfit_batch(
         return OverfitEvidence(attempts=(), no_grad_params=(), **common)  # type: ignore[arg-type]
 
     plan = [("Adam", lr, make_optimizer) for lr in lrs] + ([fallback] if fallback is not None else [])
-    for index, (name, lr, factory) in enumerate(plan):
+    index = -1
+    while index + 1 < len(plan):
+        index += 1
+        name, lr, factory = plan[index]
         reset()
         for p in params:
             p.grad = None
@@ -216,12 +227,21 @@ def overfit_batch(
                 raise
             break
         curve: list[float] = []
-        stop, nonfinite_step, decoded, grad_norm = "max_steps", None, None, None
+        stop, nonfinite_step, decoded, grad_norm, raised = "max_steps", None, None, None, ""
         best, best_at_window_start = math.inf, math.inf
         reached = False
         for step in range(max_steps + 1):
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn()
+            try:
+                loss = loss_fn()
+            except Exception as error:  # noqa: BLE001 - judged below
+                if step == 0:
+                    raise  # on the starting weights: the loss's own error, not this attempt's
+                # the same call ran on the starting weights; on the weights this learning rate made it raises (a VAE's
+                # BCE refuses the NaN its exploded log-variance gives): this attempt diverged, as with a NaN loss
+                curve.append(math.nan)
+                stop, nonfinite_step, raised = "nonfinite", step, f"{type(error).__name__}: {error}".splitlines()[0]
+                break
             value = float(loss.detach().float())
             curve.append(value)
             if not math.isfinite(value):
@@ -243,6 +263,8 @@ def overfit_batch(
             loss.backward()
             if index == 0 and step < 5:
                 _note_gradients(params, got_grad)
+                if step == 0 and depends is not None and not all(got_grad):
+                    _note_dependence(params, got_grad, depends)
             grad_norm = _grad_norm(params)
             opt.step()
             best = min(best, value)
@@ -268,12 +290,15 @@ def overfit_batch(
                 ambiguous=0 if decoded is None else decoded.num_ambiguous,
                 optimizer=name,
                 floor=floor,
+                raised=raised,
             )
         )
         if not loss_has_graph or not math.isfinite(curve[0]) or curve[0] <= 0 or reached:
             break
         if index == 0 and len(curve) > 1 and not all(got_grad):
             break  # parameters without a gradient fail at every learning rate: no need to try others
+        if index == len(plan) - 1 and lrs:
+            plan.extend(_larger_step(attempts, lrs, make_optimizer, loss_fraction))
 
     no_grad = [(n, p) for (n, p), flag in zip(trainable, got_grad, strict=True) if not flag] if loss_has_graph else []
     if not attempts[0].steps:  # never got to a backward: nothing known about gradients
@@ -285,6 +310,22 @@ def overfit_batch(
         loss_has_graph=loss_has_graph,
         **common,  # type: ignore[arg-type]
     )
+
+
+def _larger_step(
+    attempts: list[Attempt], lrs: Sequence[float], factory: OptimizerFactory, fraction: float
+) -> list[tuple[str, float, OptimizerFactory]]:
+    """One more Adam attempt at 10x the largest learning rate, when that rate ran out of steps still descending (it
+    never plateaued) short of the goal. Adam moves each parameter by about ``lr`` per step, so a fit that must move
+    a parameter far (a bias 20 away, polynomial features up to ``x^4``) cannot finish in ``max_steps`` at the default
+    rates; a loss held above the goal by a floor plateaus at the larger rate too, which the report then shows."""
+    top = max(lrs)
+    if any(a.optimizer == "Adam" and a.lr == top * 10 for a in attempts):
+        return []
+    last = next((a for a in attempts if a.optimizer == "Adam" and a.lr == top), None)
+    if last is None or last.stop != "max_steps" or last.loss_fraction_met(fraction):
+        return []
+    return [("Adam", top * 10, factory)]
 
 
 def goal(start: float, fraction: float, floor: float = 0.0) -> float:
@@ -300,6 +341,50 @@ def _note_gradients(params: list[nn.Parameter], got_grad: list[bool]) -> None:
     nonzero = torch.stack([g.detach().ne(0).any() for _, g in checks]).tolist()
     for (i, _), flag in zip(checks, nonzero, strict=True):
         got_grad[i] = got_grad[i] or bool(flag)
+
+
+def _note_dependence(
+    params: list[nn.Parameter], got_grad: list[bool], depends: Callable[[list[nn.Parameter]], list[bool]]
+) -> None:
+    # only for a gradient that is there and exactly 0: a missing one (None) means the loss never reaches it
+    pending = [i for i, flag in enumerate(got_grad) if not flag and params[i].grad is not None]
+    if pending:
+        for i, flag in zip(pending, depends([params[i] for i in pending]), strict=True):
+            got_grad[i] = got_grad[i] or flag
+
+
+def output_dependence(module: nn.Module, loss_fn: Callable[[], Tensor], params: list[nn.Parameter]) -> list[bool]:
+    """Whether the outputs ``module`` computes during ``loss_fn()`` depend on each of ``params``: the
+    vector-Jacobian product of those outputs with a random cotangent is nonzero for it.
+
+    The outputs are the tensors the last module to finish returned (the model's own outputs, their ``logits``
+    when they have them), scalars left out (a loss). Where the loss's gradient misses a parameter by value
+    (sign-balanced L1 errors cancel a bias's gradient exactly), a random weighting of the outputs does not; where
+    the parameter sits behind all-zero weights, a dead layer or a ``detach``, nothing reaches it either way.
+    Writes no ``.grad``. All ``False`` when no outputs could be read: the loss gradient's zero then stands."""
+    last: list[Tensor] = []
+
+    def hook(_: nn.Module, __: Any, output: Any) -> None:
+        found = [
+            t for t in tensors_of(output.logits if hasattr(output, "logits") else output)
+            if t.ndim > 0 and t.is_floating_point() and t.requires_grad
+        ]
+        if found:
+            last[:] = found
+
+    handles = [m.register_forward_hook(hook) for m in module.modules()]
+    try:
+        loss_fn()
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not last:
+        return [False] * len(params)
+    generator = torch.Generator().manual_seed(0)
+    cotangents = [torch.randn(t.shape, generator=generator).to(t) for t in last]
+    grads = torch.autograd.grad(last, params, cotangents, allow_unused=True)
+    flags = [torch.zeros((), dtype=torch.bool) if g is None else g.detach().ne(0).any().cpu() for g in grads]
+    return torch.stack(flags).tolist() if flags else []
 
 
 def _grad_norm(params: list[nn.Parameter]) -> Tensor | None:
