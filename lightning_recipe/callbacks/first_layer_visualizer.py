@@ -20,7 +20,7 @@ from lightning_recipe import _logging
 from lightning_recipe._args import check_int, check_positive
 from lightning_recipe.callbacks._monitor import Monitor
 from lightning_recipe.callbacks._preflight import CheckSkipped, loader_generators, peek_batches, single_loader
-from lightning_recipe.diagnostics.batch import BatchNotUnderstood, ForwardFn, InputsFn, TargetsFn
+from lightning_recipe.diagnostics.batch import BatchNotUnderstood, ForwardFn, InputsFn, TargetsFn, tensors_of
 from lightning_recipe.diagnostics.compiled import eager
 from lightning_recipe.diagnostics.first_layer import (
     LayerTrace,
@@ -37,7 +37,6 @@ from lightning_recipe.diagnostics.first_layer import (
     norm,
     resolve_layer,
     spectral_excess,
-    tensors_in,
     trace_first_layer,
     weighted_modules,
 )
@@ -279,7 +278,7 @@ class FirstLayerVisualizer(Monitor):
 
     def _trace_with(self, pl_module: nn.Module, adapter: Any, batch: Any) -> LayerTrace:
         inputs = adapter.get_inputs(batch)
-        sources = list(tensors_in(inputs))
+        sources = list(tensors_of(inputs))
         self._model_input_shape = tuple(sources[0].shape) if sources else None
         return trace_first_layer(pl_module, lambda: adapter.forward(pl_module, inputs), sources)
 

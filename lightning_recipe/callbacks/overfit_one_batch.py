@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -23,6 +23,7 @@ from lightning_recipe.diagnostics.batch import (
     batch_size_of,
     examples_in_loss,
     graph_adjacency,
+    map_tensors,
     take_along,
     tensors_of,
 )
@@ -531,19 +532,15 @@ def _stochastic_layers_off(module: nn.Module) -> int:
 def _take(value: Any, k: int, size: int) -> Any:
     """The first ``k`` examples: tensors with ``size`` on dim 0 are cut there, else on dim 1 (time-major).
     Sparse tensors are cut with ``index_select`` (they have no strided views)."""
-    if isinstance(value, Tensor):
-        if value.ndim >= 1 and value.shape[0] == size:
-            return take_along(value, slice(0, k), 0)
-        if value.ndim >= 2 and value.shape[1] == size:
-            return take_along(value, slice(0, k), 1)
-        return value
-    if isinstance(value, Mapping):
-        return type(value)({key: _take(v, k, size) for key, v in value.items()})  # type: ignore[call-arg]
-    if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return type(value)(*(_take(v, k, size) for v in value))
-    if isinstance(value, (tuple, list)):
-        return type(value)(_take(v, k, size) for v in value)
-    return value
+
+    def cut(t: Tensor) -> Tensor:
+        if t.ndim >= 1 and t.shape[0] == size:
+            return take_along(t, slice(0, k), 0)
+        if t.ndim >= 2 and t.shape[1] == size:
+            return take_along(t, slice(0, k), 1)
+        return t
+
+    return map_tensors(value, cut)
 
 
 def _bounded_outputs(outputs: Tensor | None, targets: Tensor | None) -> str:

@@ -31,7 +31,9 @@ from lightning_recipe.diagnostics.batch import (
     TargetsFn,
     graph_adjacency,
     is_sparse,
+    map_tensors,
     slice_batch,
+    tensors_of,
 )
 from lightning_recipe.diagnostics.compiled import eager
 from lightning_recipe.diagnostics.prediction_dynamics import (
@@ -479,25 +481,16 @@ def _uniform(batch: Any, n: int, module: nn.Module | None = None) -> bool:
 
 
 def _rows(batch: Any, n: int) -> bool:
-    if isinstance(batch, Tensor):
-        return batch.ndim > 0 and batch.shape[0] == n
-    if isinstance(batch, Mapping):
-        return all(_rows(v, n) for v in batch.values())
-    if isinstance(batch, (tuple, list)):
-        return all(_rows(v, n) for v in batch)
-    return True
+    return all(t.ndim > 0 and t.shape[0] == n for t in tensors_of(batch))
 
 
 def _concat(batches: list[Any]) -> Any:
-    first = batches[0]
-    if isinstance(first, Tensor):
-        if any(is_sparse(b) for b in batches):  # torch.cat joins sparse COO tensors only with each other
-            return torch.cat([b.to_sparse_coo() if is_sparse(b) else b.to_sparse() for b in batches])
-        return torch.cat(batches)
-    if isinstance(first, Mapping):
-        return type(first)({k: _concat([b[k] for b in batches]) for k in first})  # type: ignore[call-arg]
-    if isinstance(first, tuple) and hasattr(first, "_fields"):
-        return type(first)(*(_concat(list(items)) for items in zip(*batches, strict=True)))
-    if isinstance(first, (tuple, list)):
-        return type(first)(_concat(list(items)) for items in zip(*batches, strict=True))
-    return first
+    """The batches joined along dim 0, tensor by tensor, in the first batch's structure."""
+    joined = iter([_cat(list(column)) for column in zip(*map(tensors_of, batches), strict=True)])
+    return map_tensors(batches[0], lambda _: next(joined))
+
+
+def _cat(tensors: list[Tensor]) -> Tensor:
+    if any(is_sparse(t) for t in tensors):  # torch.cat joins sparse COO tensors only with each other
+        return torch.cat([t.to_sparse_coo() if is_sparse(t) else t.to_sparse() for t in tensors])
+    return torch.cat(tensors)

@@ -6,6 +6,7 @@ Every check and monitor accepts the same three keyword arguments, ``inputs=``, `
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -30,6 +31,7 @@ __all__ = [
     "held_tensors",
     "is_edge_list",
     "is_sparse",
+    "map_tensors",
     "select_output",
     "slice_batch",
     "take_along",
@@ -53,9 +55,11 @@ class BatchNotUnderstood(ValueError):
 
 
 def default_inputs(batch: Any) -> Inputs:
-    """``batch[0]`` of a tuple/list, a common input key of a dict, or the batch itself if it is a tensor."""
+    """``batch[0]`` of a tuple/list, a common input key of a dict (or field of a dataclass), or the batch itself
+    if it is a tensor."""
     if isinstance(batch, Tensor):
         return batch
+    batch = _fields_of(batch)
     if isinstance(batch, (tuple, list)) and batch:
         return batch[0]
     if isinstance(batch, Mapping):
@@ -72,8 +76,16 @@ def default_inputs(batch: Any) -> Inputs:
     )
 
 
+def _fields_of(batch: Any) -> Any:
+    """A dataclass batch (``Batch(x=..., y=...)``) as the dict of its fields; any other batch as it is."""
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, (type, Mapping)):
+        return {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+    return batch
+
+
 def default_targets(batch: Any) -> Tensor:
-    """``batch[1]`` of a tuple/list, or a common target key of a dict."""
+    """``batch[1]`` of a tuple/list, or a common target key of a dict (or field of a dataclass)."""
+    batch = _fields_of(batch)
     if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[1], Tensor):
         return batch[1]
     if isinstance(batch, Mapping):
@@ -122,16 +134,57 @@ def select_output(outputs: Any) -> Tensor:
     )
 
 
-def first_tensor(value: Any) -> Tensor | None:
-    """The first tensor found in a tensor / tuple / list / dict, depth first."""
-    if isinstance(value, Tensor):
-        return value
-    items = value.values() if isinstance(value, Mapping) else value if isinstance(value, (tuple, list)) else ()
-    for item in items:
-        found = first_tensor(item)
-        if found is not None:
-            return found
+# -- the one walk over nested batches and outputs ----------------------------------------------------
+#
+# Every part of the package that looks inside a batch, the model's inputs or its outputs goes through
+# `map_tensors` (rebuild with each tensor replaced) or `tensors_of` (list the tensors), which walk the same
+# containers in the same order: mappings (dict, OrderedDict, Hugging Face `BatchEncoding`), namedtuples, tuples
+# and lists, and dataclasses (frozen ones too; a Hugging Face `ModelOutput` is one). Anything else is a leaf.
+
+
+def _children(value: Any) -> list[Any] | None:
+    """The items of a container, in walking order; ``None`` for a leaf."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [getattr(value, f.name) for f in dataclasses.fields(value) if f.init]
+    if isinstance(value, Mapping):
+        return list(value.values())
+    if isinstance(value, (tuple, list)):
+        return list(value)
     return None
+
+
+def map_tensors(value: Any, fn: Callable[[Tensor], Any]) -> Any:
+    """``value`` rebuilt with ``fn(t)`` in place of every tensor ``t``, depth first; everything but tensors and
+    the containers listed above is kept as it is."""
+    if isinstance(value, Tensor):
+        return fn(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        changes = {f.name: map_tensors(getattr(value, f.name), fn) for f in dataclasses.fields(value) if f.init}
+        return dataclasses.replace(value, **changes)
+    if isinstance(value, Mapping):
+        items = {key: map_tensors(item, fn) for key, item in value.items()}
+        try:
+            return type(value)(items)  # type: ignore[call-arg]
+        except Exception:  # noqa: BLE001 - a mapping type that cannot be built from a dict
+            return items
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
+        return type(value)(*(map_tensors(item, fn) for item in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(map_tensors(item, fn) for item in value)
+    return value
+
+
+def tensors_of(value: Any) -> list[Tensor]:
+    """Every tensor in ``value``, depth first, in the order :func:`map_tensors` visits them."""
+    if isinstance(value, Tensor):
+        return [value]
+    children = _children(value)
+    return [t for item in children for t in tensors_of(item)] if children is not None else []
+
+
+def first_tensor(value: Any) -> Tensor | None:
+    """The first tensor found in ``value``, depth first."""
+    return next(iter(tensors_of(value)), None)
 
 
 def batch_size_of(inputs: Inputs) -> int:
@@ -348,22 +401,17 @@ def slice_batch(value: Any, index: Tensor | slice, batch_size: int, dim: int = 0
     Sparse tensors are cut with ``index_select`` (they have no strided views). A sparse ``(N, N)`` adjacency
     of a graph batch is cut on both dimensions, so the result is the subgraph the kept nodes induce rather
     than a ``(k, N)`` matrix no graph layer can take."""
-    if isinstance(value, Tensor):
-        if value.ndim > dim and value.shape[dim] == batch_size:
-            if is_sparse(value):
-                dims = (0, 1) if dim == 0 and _square_adjacency(value, batch_size) else (dim,)
-                for d in dims:
-                    value = take_along(value, index, d)
-                return value
-            return value[(slice(None),) * dim + (index,)]
-        return value
-    if isinstance(value, Mapping):
-        return type(value)({k: slice_batch(v, index, batch_size, dim) for k, v in value.items()})  # type: ignore[call-arg]
-    if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
-        return type(value)(*(slice_batch(v, index, batch_size, dim) for v in value))
-    if isinstance(value, (tuple, list)):
-        return type(value)(slice_batch(v, index, batch_size, dim) for v in value)
-    return value
+
+    def cut(t: Tensor) -> Tensor:
+        if t.ndim <= dim or t.shape[dim] != batch_size:
+            return t
+        if is_sparse(t):
+            for d in (0, 1) if dim == 0 and _square_adjacency(t, batch_size) else (dim,):
+                t = take_along(t, index, d)
+            return t
+        return t[(slice(None),) * dim + (index,)]
+
+    return map_tensors(value, cut)
 
 
 # -- sparse tensors and graph batches ----------------------------------------------------------------
@@ -376,14 +424,6 @@ def slice_batch(value: Any, index: Tensor | slice, batch_size: int, dim: int = 0
 def is_sparse(t: Tensor) -> bool:
     """Whether ``t`` has a sparse layout (COO, CSR, CSC, BSR, BSC)."""
     return t.layout != torch.strided
-
-
-def tensors_of(value: Any) -> list[Tensor]:
-    """Every tensor in a tensor / tuple / list / dict, depth first."""
-    if isinstance(value, Tensor):
-        return [value]
-    items = value.values() if isinstance(value, Mapping) else value if isinstance(value, (tuple, list)) else ()
-    return [t for item in items for t in tensors_of(item)]
 
 
 def take_along(t: Tensor, index: Tensor | slice, dim: int) -> Tensor:

@@ -23,7 +23,7 @@ Pure: modules and tensors in, numbers and frozen dataclasses out; no Lightning.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.overrides import TorchFunctionMode
+
+from lightning_recipe.diagnostics.batch import tensors_of
 
 __all__ = [
     "LayerTrace",
@@ -127,22 +129,10 @@ class _Taint(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if any(self.is_tainted(t) for t in tensors_in((args, kwargs))):
-            for t in tensors_in(out):
+        if any(self.is_tainted(t) for t in tensors_of((args, kwargs))):
+            for t in tensors_of(out):
                 self.tainted[id(t)] = t
         return out
-
-
-def tensors_in(value: Any) -> Iterator[Tensor]:
-    """Every tensor in nested tuples, lists and dicts."""
-    if isinstance(value, Tensor):
-        yield value
-    elif isinstance(value, Mapping):
-        for item in value.values():
-            yield from tensors_in(item)
-    elif isinstance(value, (tuple, list)):
-        for item in value:
-            yield from tensors_in(item)
 
 
 def trace_first_layer(model: nn.Module, run: Callable[[], Any], sources: Sequence[Tensor]) -> LayerTrace:
@@ -158,7 +148,7 @@ def trace_first_layer(model: nn.Module, run: Callable[[], Any], sources: Sequenc
 
     def pre_hook(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, kwargs: Any) -> None:
-            found = list(tensors_in((args, kwargs)))
+            found = list(tensors_of((args, kwargs)))
             from_input = [t for t in found if mode.is_tainted(t)]
             ran.append(name)
             if from_input:

@@ -40,7 +40,7 @@ Pure: no Lightning here. The module's train/eval modes are restored afterwards; 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -49,7 +49,15 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from lightning_recipe.diagnostics.batch import graph_adjacency, held_tensors, is_edge_list, is_sparse, slice_batch
+from lightning_recipe.diagnostics.batch import (
+    graph_adjacency,
+    held_tensors,
+    is_edge_list,
+    is_sparse,
+    map_tensors,
+    slice_batch,
+    tensors_of,
+)
 from lightning_recipe.diagnostics.task import is_int as _is_int
 from lightning_recipe.diagnostics.task import looks_like_next_step
 
@@ -124,18 +132,6 @@ class LeakageReport:
 # -- structure helpers ------------------------------------------------------------------------------
 
 
-def _map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    if isinstance(value, Tensor):
-        return fn(value)
-    if isinstance(value, Mapping):
-        return type(value)({k: _map_tensors(v, fn) for k, v in value.items()})  # type: ignore[call-arg]
-    if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return type(value)(*(_map_tensors(v, fn) for v in value))
-    if isinstance(value, (tuple, list)):
-        return type(value)(_map_tensors(v, fn) for v in value)
-    return value
-
-
 def _probe_leaf(t: Tensor) -> tuple[Tensor, Tensor]:
     """A leaf that requires grad in place of input ``t``, and what the model is fed instead of ``t``: a
     clone of the leaf (not a leaf, so in-place ops in the model stay legal), or for a sparse ``t`` a
@@ -152,12 +148,6 @@ def _probe_leaf(t: Tensor) -> tuple[Tensor, Tensor]:
 def _edges_within(edges: Tensor, b: int) -> Tensor:
     """The edges of a ``(2, E)`` edge list between the first ``b`` nodes: the induced subgraph's."""
     return edges[:, (edges < b).all(0)]
-
-
-def _tensors(value: Any) -> list[Tensor]:
-    found: list[Tensor] = []
-    _map_tensors(value, lambda t: found.append(t) or t)  # type: ignore[func-returns-value]
-    return found
 
 
 @contextmanager
@@ -184,7 +174,7 @@ def _input_batch_dims(inputs: Any, targets: Tensor | None, batch_dim: int | None
     show a leak (a wrong guess for the batch dim looks like a leak; a right one does not)."""
     if batch_dim is not None:
         return [batch_dim]
-    tensors = [t for t in _tensors(inputs) if t.ndim >= 1]
+    tensors = [t for t in tensors_of(inputs) if t.ndim >= 1]
     if not tensors:
         raise LeakageNotApplicable(
             "the model input holds no tensor with a batch dimension. Pass `inputs=lambda batch: ...` "
@@ -300,7 +290,7 @@ def _make_leaves(inputs: Any, b: int, in_dim: int) -> tuple[Any, list[_Probe]]:
             return fed
         return t
 
-    return _map_tensors(inputs, leaf), leaves
+    return map_tensors(inputs, leaf), leaves
 
 
 def probe_batch_leakage(
@@ -399,7 +389,7 @@ def probe_batch_leakage(
     if errors and isinstance(errors[0], NoGradientPath) and _cast_integers:
         # uint8 images and the like: the model casts them to float itself, so the same values as float
         # tensors give it the same outputs, with a gradient to read
-        floated = _map_tensors(inputs, lambda t: t.float() if _is_int(t) else t)
+        floated = map_tensors(inputs, lambda t: t.float() if _is_int(t) else t)
         try:
             report = probe_batch_leakage(
                 module, floated, forward, targets=targets, batch_dim=batch_dim, output_batch_dim=output_batch_dim,
@@ -418,7 +408,7 @@ def _probe_with_batch_dim(
     wants_causal: bool, causal_reason: str, time_dim: int | None, num_examples: int, tolerance: float,
     max_exact_rows: int, max_causal_passes: int, seed: int,
 ) -> LeakageReport:
-    tensors = [t for t in _tensors(inputs) if t.ndim > in_dim]
+    tensors = [t for t in tensors_of(inputs) if t.ndim > in_dim]
     if not tensors:
         raise LeakageNotApplicable(
             f"no input tensor has a dimension {in_dim}; pass `batch_dim=` to say where the batch is."
@@ -434,11 +424,11 @@ def _probe_with_batch_dim(
         # a graph is cut to the subgraph the first b nodes induce (adjacency on both dims, edges between
         # them); it only gets here when asked to (`graph=False`). Sparse tensors are cut with index_select.
         adjacency = graph_adjacency(inputs, n) if in_dim == 0 else None
-        inputs = _map_tensors(inputs, lambda t: t[:b, :b] if t is adjacency and not is_sparse(t) else t)
+        inputs = map_tensors(inputs, lambda t: t[:b, :b] if t is adjacency and not is_sparse(t) else t)
         inputs = slice_batch(inputs, slice(0, b), n, in_dim)
-        inputs = _map_tensors(inputs, lambda t: _edges_within(t, b) if is_edge_list(t, n) else t)
+        inputs = map_tensors(inputs, lambda t: _edges_within(t, b) if is_edge_list(t, n) else t)
     probe_inputs, leaves = _make_leaves(inputs, b, in_dim)
-    int_shapes = {tuple(t.shape) for t in _tensors(inputs) if _is_int(t) and t.ndim > in_dim
+    int_shapes = {tuple(t.shape) for t in tensors_of(inputs) if _is_int(t) and t.ndim > in_dim
                   and t.shape[in_dim] == b}
     names = {m: name for name, m in module.named_modules()}
     recorded: list[tuple[str, str, Tensor, int]] = []
@@ -453,7 +443,7 @@ def _probe_with_batch_dim(
         return None
 
     def record_hook(mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-        t = out if isinstance(out, Tensor) else next(iter(_tensors(out)), None)
+        t = out if isinstance(out, Tensor) else next(iter(tensors_of(out)), None)
         if t is None or not t.is_floating_point() or not t.requires_grad:
             return
         dims = [d for d in range(t.ndim) if t.shape[d] == b]
@@ -747,7 +737,7 @@ def _describe_tensor(t: Tensor) -> str:
 def _node_count(inputs: Any, targets: Tensor | None) -> int | None:
     if targets is not None and targets.ndim >= 1:
         return int(targets.shape[0])
-    squares = [t for t in _tensors(inputs) if t.ndim == 2 and t.shape[0] == t.shape[1]]
+    squares = [t for t in tensors_of(inputs) if t.ndim == 2 and t.shape[0] == t.shape[1]]
     return int(squares[0].shape[0]) if squares else None
 
 
@@ -769,7 +759,7 @@ class _Propagation(TorchFunctionMode):
         out = func(*args, **kwargs)
         if not isinstance(out, Tensor):
             return out
-        arguments = _tensors(list(args)) + _tensors(list(kwargs.values()))
+        arguments = tensors_of(list(args)) + tensors_of(list(kwargs.values()))
         tracked = [a for a in arguments if id(a) in self.weight]
         if not tracked:
             return out
@@ -799,11 +789,11 @@ def _read_graph(module: nn.Module, inputs: Any, forward: Forward, targets: Tenso
     n = _node_count(inputs, targets)
     if n is None or n < 2:
         return None
-    candidates = [t for t in _tensors(inputs) + held_tensors(module) if t.ndim == 2 and tuple(t.shape) == (n, n)
+    candidates = [t for t in tensors_of(inputs) + held_tensors(module) if t.ndim == 2 and tuple(t.shape) == (n, n)
                   and (t.is_floating_point() or is_sparse(t) or t.dtype == torch.bool)]
     if not candidates:
-        edges = [t for t in _tensors(inputs) if is_edge_list(t, n)]
-        if edges and any(t.is_floating_point() or is_sparse(t) for t in _tensors(inputs) if t.ndim >= 1
+        edges = [t for t in tensors_of(inputs) if is_edge_list(t, n)]
+        if edges and any(t.is_floating_point() or is_sparse(t) for t in tensors_of(inputs) if t.ndim >= 1
                          and t.shape[0] == n):
             return n, [], 0, edges  # an edge list: how far messages travel through it cannot be counted
         return None
@@ -879,7 +869,7 @@ def _probe_graph(
             return fed
         return t
 
-    probe_inputs = _map_tensors(inputs, leaf)
+    probe_inputs = map_tensors(inputs, leaf)
     if not leaves:
         raise NoGradientPath(
             f"the examples are the {n} nodes of one graph, but no floating-point input has a row per node, so "
@@ -890,7 +880,7 @@ def _probe_graph(
     recorded: list[tuple[str, str, Tensor, int]] = []
 
     def record_hook(mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-        t = out if isinstance(out, Tensor) else next(iter(_tensors(out)), None)
+        t = out if isinstance(out, Tensor) else next(iter(tensors_of(out)), None)
         if t is not None and t.is_floating_point() and t.requires_grad and not is_sparse(t) \
                 and t.ndim >= 1 and t.shape[0] == n:
             recorded.append((names.get(mod, "?"), _describe_module(mod), t, 0))
@@ -941,7 +931,7 @@ def _probe_graph(
     if first_leaking is not None:
         runner.allowed = allowed[first_leaking]
         first_mixing, last_clean, note = _locate_mixing(runner, recorded, int(nodes[first_leaking]), n)
-    given = {id(t) for t in _tensors(inputs)}
+    given = {id(t) for t in tensors_of(inputs)}
     adjacency = ", ".join(_describe_tensor(a) + ("" if id(a) in given else " held by the model")
                           for a in adjacencies)
     reading = GraphReading(n, adjacency, hops, nodes.tolist(), allowed.sum(1).tolist(), within)
