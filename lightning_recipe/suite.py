@@ -272,7 +272,7 @@ class RecipeSuite(RecipeCallback):
             self._sanity_run(trainer, pl_module)
             return
         for check in self.checks:
-            check.finish(trainer, check.execute(trainer, pl_module))
+            check.on_train_start(trainer, pl_module)  # runs now, or waits for the first batch training fetches
         for monitor in self.monitors:
             monitor.on_train_start(trainer, pl_module)
 

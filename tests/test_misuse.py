@@ -144,17 +144,24 @@ def test_manual_optimization(check_cls):
 
 
 @pytest.mark.parametrize("check_cls", CHECKS, ids=ids)
-def test_several_training_dataloaders_are_skipped_saying_why(check_cls):
+def test_several_training_dataloaders_are_checked_on_the_first_batch_training_fetches(check_cls):
+    """A dict of loaders cannot be read twice as one: the check takes the combined batch training fetches. Its
+    reading needs `inputs=` / `targets=`, and without them the check skips naming them."""
+
     class TwoLoaders(MLPClassifier):
         def training_step(self, batch, batch_idx):
             return super().training_step(batch["a"], batch_idx)
 
-    check = check_cls()
     data = {"a": loader(cluster_data()), "b": loader(cluster_data(seed=1))}
+    check = check_cls()
     t = _fit(TwoLoaders(), data, check)
-    assert check.result.status is CheckStatus.SKIPPED
-    assert "one training DataLoader" in check.result.summary
+    assert check.result.status is CheckStatus.SKIPPED and "`inputs=" in check.result.summary
+    assert "the training loader is a dict, not one DataLoader" in check.result.summary
     assert t.global_step == 2
+    check = check_cls(inputs=lambda b: b["a"][0], targets=lambda b: b["a"][1])
+    _fit(TwoLoaders(), data, check)
+    assert check.result.status is CheckStatus.PASSED, check.result.format()
+    assert "Read from the first batch training fetched" in check.result.summary
 
 
 @pytest.mark.parametrize("check_cls", CHECKS, ids=ids)

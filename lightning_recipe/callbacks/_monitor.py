@@ -27,6 +27,7 @@ from torch import Tensor
 from lightning_recipe import _logging
 from lightning_recipe._args import check_int
 from lightning_recipe.callbacks._base import RecipeCallback
+from lightning_recipe.callbacks._errors import CheckSkipped, UserCodeError
 from lightning_recipe.diagnostics.batch import BatchAdapter, BatchNotUnderstood, ForwardFn, InputsFn, TargetsFn
 from lightning_recipe.diagnostics.task import TaskNotInferred
 from lightning_recipe.report import Alert, RecipeWarning, jsonable
@@ -87,6 +88,21 @@ class Monitor(RecipeCallback):
             rank_zero_warn(
                 f"[lightning_recipe] {self.name} cannot read this run's batches or outputs and switched itself "
                 f"off; training goes on. {error}",
+                category=RecipeWarning,
+            )
+        except (CheckSkipped, UserCodeError) as error:
+            # nothing to watch (an empty loader), or the user's data raised while the monitor read it: said plainly,
+            # not as an internal error
+            self.enabled = False
+            self._pending.clear()
+            self.on_disabled()
+            what = (
+                f"your code raised {error} while the monitor was {error.during}"
+                if isinstance(error, UserCodeError)
+                else str(error)
+            )
+            rank_zero_warn(
+                f"[lightning_recipe] {self.name} switched itself off; training goes on. {what}",
                 category=RecipeWarning,
             )
         except Exception as error:  # noqa: BLE001 - a monitor must never lose the user's run

@@ -1,14 +1,15 @@
 """What every pre-flight check shares: when it runs, how it reads batches without moving the real
 dataloader, the snapshot that makes it side-effect free, rank agreement, and what a verdict does.
 
-A check runs in ``on_train_start``: after the optimizers exist and the sanity validation ran, before
-the first optimizer step. Subclasses implement :meth:`PreflightCheck.run` on a :class:`CheckContext`.
+A check runs before the first optimizer step, after the optimizers exist and the sanity validation ran: at
+``on_train_start`` on a fresh pass over the training dataloader, or, where a second pass could change what training
+reads (a stream, a stateful sampler: see :mod:`lightning_recipe.callbacks._data`), at the first
+``on_train_batch_start`` on a copy of the batch training fetched. Subclasses implement :meth:`PreflightCheck.run`
+on a :class:`CheckContext`.
 """
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 import traceback
 from collections.abc import Iterator
@@ -17,11 +18,9 @@ from dataclasses import dataclass, field, replace
 from itertools import islice
 from typing import Any, ClassVar
 
-import lightning
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -30,6 +29,15 @@ from typing_extensions import override
 from lightning_recipe import _logging
 from lightning_recipe._args import ON_FAIL_CHOICES, check_choice
 from lightning_recipe.callbacks._base import RecipeCallback
+from lightning_recipe.callbacks._data import (
+    first_batch_note,
+    fresh_batches,
+    fresh_containers,
+    fresh_pass_refusal,
+    loader_generators,
+    own_copy,
+)
+from lightning_recipe.callbacks._errors import CheckSkipped, NoLoss, UserCodeError, user_code_location
 from lightning_recipe.diagnostics.batch import BatchAdapter, BatchNotUnderstood, ForwardFn, InputsFn, TargetsFn
 from lightning_recipe.diagnostics.compiled import eager
 from lightning_recipe.diagnostics.state import ModuleAttributes, preserved
@@ -41,54 +49,10 @@ __all__ = [
     "CheckSkipped",
     "PreflightCheck",
     "UserCodeError",
-    "fresh_batches",
-    "loader_generators",
-    "peek_batches",
-    "prepare_batch",
     "shifted_twice_text",
-    "single_loader",
-    "without_persistent_workers",
 ]
 
 _SEVERITY = {CheckStatus.PASSED: 0, CheckStatus.SKIPPED: 1, CheckStatus.FAILED: 2}
-
-
-class CheckSkipped(Exception):
-    """Raised inside a check when it does not apply; the message becomes the ``skipped`` summary."""
-
-
-class NoLoss(CheckSkipped):
-    """``training_step`` returned no loss (``None``, as Lightning allows to skip a batch)."""
-
-
-class UserCodeError(Exception):
-    """An exception the user's own code raised inside a check (``training_step`` on a training batch, the
-    dataloader, ``on_before_batch_transfer``), carried as ``original``. Internal: :class:`PreflightCheck` unwraps
-    it into a failed result (sanity run) or raises ``original`` itself out of ``fit`` (normal run), so an error in
-    the user's model is never mistaken for one of ours."""
-
-    def __init__(self, original: BaseException, during: str) -> None:
-        super().__init__(f"{type(original).__name__}: {original}")
-        self.original = original
-        self.during = during
-
-
-# frames inside these packages are not where the user's bug is; the innermost frame outside them is
-_NOT_USER_CODE = tuple(
-    os.path.dirname(os.path.abspath(m.__file__)) + os.sep
-    for m in (torch, lightning, sys.modules[__name__.split(".")[0]])
-    if getattr(m, "__file__", None)
-)
-
-
-def user_code_location(error: BaseException) -> tuple[str, str] | None:
-    """``("file:line", function)`` of the innermost frame of ``error``'s traceback outside lightning_recipe, torch
-    and Lightning: where in the user's code it was raised. ``None`` when every frame is in those packages."""
-    frames = traceback.extract_tb(error.__traceback__)
-    for frame in reversed(frames):
-        if not os.path.abspath(frame.filename).startswith(_NOT_USER_CODE):
-            return f"{frame.filename}:{frame.lineno}", frame.name
-    return None
 
 
 @dataclass
@@ -134,7 +98,7 @@ class CheckContext:
         # as Lightning does: `batch_idx` only when the signature takes it
         args = (batch, batch_idx) if is_param_in_hook_signature(step, "batch_idx", min_args=2) else (batch,)
         with self.autocast():
-            output = step(*args)
+            output = step(fresh_containers(args[0]), *args[1:])  # a step may pop keys from its batch
         return loss_of(output)
 
     def alignment(self, batch: Any) -> Alignment | None:
@@ -253,95 +217,6 @@ def _ignore(*args: Any, **kwargs: Any) -> None:
     return None
 
 
-def loader_generators(loader: DataLoader) -> list[torch.Generator]:
-    """The ``torch.Generator`` objects that iterating ``loader`` may advance (a sampler's own)."""
-    owners = [loader, loader.sampler, loader.batch_sampler, getattr(loader.batch_sampler, "sampler", None)]
-    return [g for o in owners if isinstance(g := getattr(o, "generator", None), torch.Generator)]
-
-
-def single_loader(trainer: pl.Trainer) -> DataLoader:
-    loader = trainer.train_dataloader
-    if not isinstance(loader, DataLoader):
-        raise CheckSkipped(
-            f"the check reads batches from one training DataLoader, but the Trainer has {type(loader).__name__}. "
-            "Run the check on a model with a single `train_dataloader`."
-        )
-    return loader
-
-
-def peek_batches(trainer: pl.Trainer, count: int) -> list[Any]:
-    """The first ``count`` batches of a fresh pass over the training dataloader, moved to the device the
-    way Lightning moves them. The real training iterator is not touched; the caller restores the RNGs."""
-    stream = fresh_batches(trainer)
-    try:
-        batches = list(islice(stream, count))
-    finally:
-        stream.close()
-    if not batches:
-        raise CheckSkipped("the training dataloader yielded no batch.")
-    return batches
-
-
-def fresh_batches(trainer: pl.Trainer) -> Iterator[Any]:
-    """A fresh pass over the training dataloader, one prepared batch at a time, read only as far as the caller
-    asks (close the generator to end the pass). Errors of the user's dataset, sampler, ``collate_fn`` or batch
-    hooks come out as :class:`UserCodeError`."""
-    loader = single_loader(trainer)
-    if loader.persistent_workers and loader.num_workers > 0:
-        # iter() on a persistent-worker loader resets the live iterator the fit loop is using
-        loader = without_persistent_workers(loader)
-    try:
-        iterator = iter(loader)
-    except Exception as error:  # noqa: BLE001 - the user's dataset or sampler
-        raise UserCodeError(error, "reading the training dataloader") from error
-    try:
-        while True:
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                return
-            except Exception as error:  # noqa: BLE001 - the user's dataset, sampler or collate_fn
-                raise UserCodeError(error, "reading the training dataloader") from error
-            try:
-                prepared = prepare_batch(trainer, batch)
-            except Exception as error:  # noqa: BLE001 - the user's on_before/after_batch_transfer
-                raise UserCodeError(error, "preparing a training batch (`on_before_batch_transfer`)") from error
-            yield prepared
-    finally:
-        del iterator
-
-
-def prepare_batch(trainer: pl.Trainer, batch: Any) -> Any:
-    """A batch from a dataloader made into what ``training_step`` receives, by the steps Lightning's fit loop
-    takes: the precision plugin's input conversion (floating tensors to bf16/fp16/fp64 under
-    ``precision="bf16-true"`` and the like), ``on_before_batch_transfer`` (the datamodule's when it defines
-    one, else the module's), and the move to the device with ``transfer_batch_to_device`` and
-    ``on_after_batch_transfer``."""
-    batch = trainer.precision_plugin.convert_input(batch)
-    datamodule = trainer.datamodule
-    if datamodule is not None and is_overridden("on_before_batch_transfer", datamodule):
-        batch = datamodule.on_before_batch_transfer(batch, 0)
-    elif trainer.lightning_module is not None:
-        batch = trainer.lightning_module.on_before_batch_transfer(batch, 0)
-    return trainer.strategy.batch_to_device(batch)
-
-
-def without_persistent_workers(loader: DataLoader) -> DataLoader:
-    common: dict[str, Any] = dict(
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory,
-        timeout=loader.timeout,
-        worker_init_fn=loader.worker_init_fn,
-        multiprocessing_context=loader.multiprocessing_context,
-        generator=loader.generator,
-        prefetch_factor=loader.prefetch_factor,
-    )
-    if loader.batch_sampler is not None:
-        return DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, **common)
-    return DataLoader(loader.dataset, sampler=loader.sampler, batch_size=None, **common)
-
-
 def agree_across_ranks(trainer: pl.Trainer, result: CheckResult) -> CheckResult:
     """One verdict for all ranks: the worst status wins, and its lowest rank's result is broadcast.
     Every rank calls this, whatever it saw, so the collectives always line up."""
@@ -390,6 +265,7 @@ class PreflightCheck(RecipeCallback):
         self.adapter = BatchAdapter.build(inputs, targets, forward)
         self.result: CheckResult | None = None
         self._user_error: BaseException | None = None
+        self._waiting: str | None = None  # why the check waits for the first batch training fetches
 
     def run(self, ctx: CheckContext) -> CheckResult:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -407,42 +283,73 @@ class PreflightCheck(RecipeCallback):
     # -- Lightning hooks -------------------------------------------------------------------------
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        result = self.execute(trainer, pl_module)
-        self.finish(trainer, result)
+        self._waiting = fresh_pass_refusal(trainer.train_dataloader) if trainer.global_step == 0 else None
+        if self._waiting is None:
+            self.finish(trainer, self.execute(trainer, pl_module))
 
-    def execute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> CheckResult:
-        """Run the check on fresh batches under a full snapshot; never raises (an internal error is a
-        ``skipped`` result with a warning, an error of the user's code a ``failed`` one whose exception
-        :meth:`finish` raises). Every rank must call it: the verdict is agreed across ranks."""
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._waiting is None:
+            return
+        reason, self._waiting = self._waiting, None
+        self.finish(trainer, self.execute(trainer, pl_module, first=(own_copy(batch), batch_idx, reason)))
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._waiting is None:
+            return
+        reason, self._waiting = self._waiting, None
+        self.finish(trainer, self.skipped(
+            f"{self.name} could not run: training ended before it fetched a batch, and the check waited for the "
+            f"first one ({reason})."
+        ))
+
+    def execute(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, first: tuple[Any, int, str] | None = None
+    ) -> CheckResult:
+        """Run the check under a full snapshot, on fresh batches or, given ``first = (batch, batch_idx, why)``, on
+        that batch (a copy of the first one training fetched); never raises (an internal error is a ``skipped``
+        result with a warning, an error of the user's code a ``failed`` one whose exception :meth:`finish`
+        raises). Every rank must call it: the verdict is agreed across ranks."""
         start = time.perf_counter()
         self._user_error = None
-        result = self._execute_local(trainer, pl_module)
+        result = self._execute_local(trainer, pl_module, first)
+        if first is not None:
+            note = first_batch_note(first[2], self.num_batches)
+            result = replace(result, summary=f"{result.summary} {note}", details={**result.details, "read": note})
         result = replace(result, duration_s=time.perf_counter() - start)
         return agree_across_ranks(trainer, result)
 
-    def _execute_local(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> CheckResult:
+    def _execute_local(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, first: tuple[Any, int, str] | None
+    ) -> CheckResult:
         if trainer.global_step > 0:
             return self.skipped(
                 f"training already ran {trainer.global_step} optimizer steps (resumed run); "
                 "the check only applies before the first step."
             )
         try:
-            loader = single_loader(trainer)
+            loader = trainer.train_dataloader
+            generators = loader_generators(loader) if isinstance(loader, DataLoader) else []
             schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
             with (
-                preserved(pl_module, trainer.optimizers, schedulers, loader_generators(loader)) as state,
+                preserved(pl_module, trainer.optimizers, schedulers, generators) as state,
                 silenced_logging(pl_module),
                 eager(),  # a compiled model runs uncompiled: see diagnostics/compiled.py
                 torch.enable_grad(),
             ):
-                stream = fresh_batches(trainer)
+                stream = fresh_batches(trainer) if first is None else iter(())
                 try:
-                    batches = list(islice(stream, self.num_batches))
+                    batches = list(islice(stream, self.num_batches)) if first is None else [first[0]]
                     if not batches:
                         raise CheckSkipped("the training dataloader yielded no batch.")
                     ctx = CheckContext(
                         trainer, pl_module, batches, self.adapter, self.component, start=state.attributes
                     )
+                    if first is not None:
+                        ctx.positions[id(first[0])] = first[1]
                     failure: Exception | None = None
                     try:
                         try:
@@ -456,7 +363,8 @@ class PreflightCheck(RecipeCallback):
                     except Exception as error:  # noqa: BLE001 - re-raised below unless it is the user's
                         failure = error
                 finally:
-                    stream.close()
+                    if hasattr(stream, "close"):
+                        stream.close()
                 # Whose error is it? The check calls the model on guesses of ours (an input read from the batch,
                 # a slice of it), where a model may rightly raise; the user's `training_step` on the user's own
                 # batch is what training will call. If that raises, the bug is the user's. (Tried outside the

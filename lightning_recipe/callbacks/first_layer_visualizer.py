@@ -14,12 +14,14 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_recipe import _logging
 from lightning_recipe._args import check_int, check_positive
+from lightning_recipe.callbacks._data import fresh_pass_refusal, loader_generators, own_copy, peek_batches
+from lightning_recipe.callbacks._errors import CheckSkipped
 from lightning_recipe.callbacks._monitor import Monitor
-from lightning_recipe.callbacks._preflight import CheckSkipped, loader_generators, peek_batches, single_loader
 from lightning_recipe.diagnostics.batch import BatchNotUnderstood, ForwardFn, InputsFn, TargetsFn, tensors_of
 from lightning_recipe.diagnostics.compiled import eager
 from lightning_recipe.diagnostics.first_layer import (
@@ -150,6 +152,7 @@ class FirstLayerVisualizer(Monitor):
         self._start_step = 0
         self._last_measured = -1
         self._last_images = -1
+        self._waiting: str | None = None  # why the layer is traced on the first batch training fetches
 
     # -- configuration, refused early ----------------------------------------------------------------
     @override
@@ -169,8 +172,22 @@ class FirstLayerVisualizer(Monitor):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.enabled:
             return
+        # the layer is found by tracing a batch: from a fresh pass, or where a second pass could change what
+        # training reads (see callbacks/_data.py), from the first batch training fetches
+        self._waiting = fresh_pass_refusal(trainer.train_dataloader) if trainer.global_step == 0 else None
+        if self._waiting is None:
+            with self.guard(trainer):
+                self._start(trainer, pl_module)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._waiting is None or not self.enabled:
+            return
+        self._waiting = None
         with self.guard(trainer):
-            self._start(trainer, pl_module)
+            self._start(trainer, pl_module, own_copy(batch))
 
     @override
     def on_train_batch_end(
@@ -211,8 +228,8 @@ class FirstLayerVisualizer(Monitor):
         self._initial = None
 
     # -- work ----------------------------------------------------------------------------------------
-    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        trace = self._trace(trainer, pl_module)
+    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any = None) -> None:
+        trace = self._trace(trainer, pl_module, batch)
         if self.layer is not None:
             name, how = self.layer, "named by `layer=`"
         elif trace is not None and trace.first is not None:
@@ -249,18 +266,16 @@ class FirstLayerVisualizer(Monitor):
         self._log_images(trainer, self._start_step)
         self._measure(trainer, self._start_step)
 
-    def _trace(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> LayerTrace | None:
-        """One watched forward pass on a peeked batch, in eval mode without gradients, leaving every mode and
-        random number generator as it was. ``None`` when no batch can be read (then ``layer=`` is needed)."""
-        try:
-            generators = loader_generators(single_loader(trainer))
-        except CheckSkipped:
-            return None
+    def _trace(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any = None) -> LayerTrace | None:
+        """One watched forward pass on ``batch`` or a peeked one, in eval mode without gradients, leaving every mode
+        and random number generator as it was. ``None`` when no batch can be read (then ``layer=`` is needed)."""
+        loader = trainer.train_dataloader
+        generators = loader_generators(loader) if isinstance(loader, DataLoader) else []
         self._model_input_shape = None
         rng = RngState.capture(generators)
         modes = [(m, m.training) for m in pl_module.modules()]
         try:
-            batch = peek_batches(trainer, 1)[0]
+            batch = peek_batches(trainer, 1)[0] if batch is None else batch
             pl_module.eval()
             with torch.no_grad(), attributes_preserved(pl_module), eager():
                 adapter = self.adapter

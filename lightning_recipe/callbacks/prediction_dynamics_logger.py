@@ -16,15 +16,9 @@ from typing_extensions import override
 
 from lightning_recipe import _logging
 from lightning_recipe._args import check_choice, check_fraction, check_int, check_positive
+from lightning_recipe.callbacks._data import fresh_pass_refusal, loader_generators, own_copy, peek_batches
 from lightning_recipe.callbacks._monitor import Monitor
-from lightning_recipe.callbacks._preflight import (
-    CheckContext,
-    CheckSkipped,
-    loader_generators,
-    prepare_batch,
-    silenced_logging,
-    without_persistent_workers,
-)
+from lightning_recipe.callbacks._preflight import CheckContext, CheckSkipped, silenced_logging
 from lightning_recipe.diagnostics.batch import (
     ForwardFn,
     InputsFn,
@@ -161,6 +155,7 @@ class PredictionDynamicsLogger(Monitor):
         self._best_loss = math.inf  # lowest loss on the batch so far (the history is not rescanned each time)
         self._last_step = -1
         self._figure_step = -1
+        self._waiting: str | None = None  # why the fixed batch is taken from the first batch training fetches
 
     # -- Lightning hooks -------------------------------------------------------------------------------
     @override
@@ -168,7 +163,21 @@ class PredictionDynamicsLogger(Monitor):
         if not self.enabled:
             return
         with self.guard(trainer):
-            self._capture(trainer, pl_module)
+            if self._capture(trainer, pl_module):
+                self._evaluate(trainer, pl_module)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._waiting is None or not self.enabled:
+            return
+        reason, self._waiting = self._waiting, None
+        if trainer.global_step > 0:
+            return
+        with self.guard(trainer):
+            where = f"the first training batch training fetched, copied before its step ({reason})"
+            self._use([own_copy(batch)], "train", where, trainer, pl_module, [])
             self._evaluate(trainer, pl_module)
 
     @override
@@ -201,32 +210,47 @@ class PredictionDynamicsLogger(Monitor):
         self._snapshots.clear()
 
     # -- the fixed batch ------------------------------------------------------------------------------
-    def _capture(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        loader = self._val_loader(trainer) if self.source == "val" else None
-        generators: list[torch.Generator] = []
+    def _capture(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """Read the fixed batch from a fresh pass (validation loader first), or, where a second pass could change
+        what training reads (see :mod:`lightning_recipe.callbacks._data`), wait for the first batch training
+        fetches. ``True`` when the batch was read now."""
         train = trainer.train_dataloader
-        if isinstance(train, DataLoader):
-            generators += loader_generators(train)
-        if loader is not None:
-            generators += loader_generators(loader)
+        val = self._val_loader(trainer) if self.source == "val" else None
+        val_refused = fresh_pass_refusal(val) if val is not None else None
+        if val is not None and val_refused is None:
+            loader, source, where = val, "val", "the first validation batch"
+        else:
+            train_refused = fresh_pass_refusal(train)
+            if val is not None:
+                why = f"the validation loader cannot be read twice: {val_refused}"
+            else:
+                why = "there is no validation loader" if self.source == "val" else "source='train'"
+            if train_refused is not None:
+                self._waiting = f"{why}; and a fresh pass over the training loader cannot be taken: {train_refused}"
+                return False
+            loader, source = train, "train"
+            where = f"the first training batch ({why}; predictions on it also reflect memorisation)"
+        generators = [*loader_generators(train), *(loader_generators(val) if val is not None else [])]
         rng = RngState.capture(generators)
         try:
-            if loader is not None:
-                batches = self._read(trainer, loader)
-                where = "the first validation batch"
-            else:
-                if not isinstance(train, DataLoader):
-                    raise ValueError(
-                        f"there is no validation DataLoader and the training loader is a {type(train).__name__}; "
-                        "pass a `val_dataloaders` DataLoader to `fit`."
-                    )
-                batches = self._read(trainer, train)
-                why = "there is no validation loader" if self.source == "val" else "source='train'"
-                where = f"the first training batch ({why}; predictions on it also reflect memorisation)"
+            batches = peek_batches(trainer, lambda read: sum(map(self._examples, read)) >= self.num_examples, loader,
+                                   "validation" if source == "val" else "training")
         finally:
             rng.restore()
+        self._use(batches, source, where, trainer, pl_module, generators)
+        return True
+
+    def _use(
+        self,
+        batches: list[Any],
+        source: str,
+        where: str,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        generators: list[torch.Generator],
+    ) -> None:
         self.batch = self._fixed_batch(batches, pl_module)
-        self.batch_source = "val" if loader is not None else "train"
+        self.batch_source = source
         with _evaluating(pl_module):
             # fitted first: reading `forward`'s signature can move the targets (`(x, adj, y)` batches)
             self.adapter = self.adapter.fitted(pl_module, self.batch)
@@ -261,26 +285,6 @@ class PredictionDynamicsLogger(Monitor):
         if isinstance(loaders, (list, tuple)):
             loaders = next((item for item in loaders if isinstance(item, DataLoader)), None)
         return loaders if isinstance(loaders, DataLoader) else None
-
-    def _read(self, trainer: pl.Trainer, loader: DataLoader) -> list[Any]:
-        if loader.persistent_workers and loader.num_workers > 0:
-            loader = without_persistent_workers(loader)
-        batches: list[Any] = []
-        seen = 0
-        iterator = iter(loader)
-        try:
-            while seen < self.num_examples:
-                try:
-                    batch = next(iterator)
-                except StopIteration:
-                    break
-                batches.append(prepare_batch(trainer, batch))
-                seen += self._examples(batches[-1])
-        finally:
-            del iterator
-        if not batches:
-            raise ValueError("the dataloader for the fixed batch yielded no batch.")
-        return batches
 
     def _examples(self, batch: Any) -> int:
         targets = self.adapter.get_targets(batch)
