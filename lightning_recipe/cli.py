@@ -156,7 +156,8 @@ def _check(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILED
-    if args.report and rank_zero_only.rank == 0:
+    # Lightning sets rank_zero_only.rank at import; its overloaded signature does not declare the attribute
+    if args.report and rank_zero_only.rank == 0:  # type: ignore[attr-defined]
         path = Path(args.report)
         path.parent.mkdir(parents=True, exist_ok=True)
         data = {**report.to_dict(), "model": type(model).__qualname__}
@@ -196,8 +197,9 @@ def _run_config(args: argparse.Namespace, checks: list[Any]) -> tuple[pl.Lightni
             f"train_dataloader in the model."
         )
     # the sanity suite replaces the config's own suite or checks (which would run again and raise per on_fail)
-    others = [c for c in cli.trainer.callbacks if not isinstance(c, (RecipeSuite, PreflightCheck))]
-    cli.trainer.callbacks = [*others, suite]
+    # Trainer.callbacks is set by Lightning's callback connector and not declared on the class
+    others = [c for c in cli.trainer.callbacks if not isinstance(c, (RecipeSuite, PreflightCheck))]  # type: ignore[attr-defined]
+    cli.trainer.callbacks = [*others, suite]  # type: ignore[attr-defined]
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     if suite.report is None:
         raise RuntimeError("The sanity run did not reach the start of training, so no check ran.")
@@ -242,7 +244,7 @@ def _refused_by_trainer(error: BaseException) -> bool:
     ImportError for these, so the type cannot tell; where it was raised can. That is bad usage; an error of the
     user's model or data is raised later, inside ``fit``, or from the user's own files."""
     trainer_file = inspect.getfile(pl.Trainer)
-    libraries = tuple(str(Path(package.__file__).resolve().parent) for package in (lightning, torch))
+    libraries = tuple(str(Path(inspect.getfile(package)).resolve().parent) for package in (lightning, torch))
     in_trainer_init, innermost = False, ""
     frame = error.__traceback__
     while frame is not None:

@@ -445,11 +445,12 @@ def sanity_suite(
 ) -> RecipeSuite:
     """A suite in sanity mode that returns from ``fit`` (no exit) and holds only ``checks``."""
     chosen = resolve_checks(checks)
-    return RecipeSuite(
-        sanity_run=True, exit_process=False, report_dir=report_dir,
-        **{name: next((c for c in chosen if isinstance(c, cls)), None) for name, cls in CHECKS.items()},
-        **{name: None for name in MONITORS},
-    )
+    # each keyword takes its own component type (or None); the dicts hold several, hence Any
+    picked: dict[str, Any] = {
+        name: next((c for c in chosen if isinstance(c, cls)), None) for name, cls in CHECKS.items()
+    }
+    monitors_off: dict[str, Any] = {name: None for name in MONITORS}
+    return RecipeSuite(sanity_run=True, exit_process=False, report_dir=report_dir, **picked, **monitors_off)
 
 
 def sanity_run(

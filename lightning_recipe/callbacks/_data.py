@@ -20,7 +20,7 @@ A sanity run trains nothing afterwards, so it always takes a fresh pass.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from typing import Any
 
 import lightning.pytorch as pl
@@ -111,13 +111,17 @@ def _samplers(loader: DataLoader) -> list[Any]:
         found.append(batch_sampler)
     sampler = batch_sampler.sampler if type(batch_sampler) is BatchSampler else loader.sampler
     if isinstance(sampler, DistributedSamplerWrapper):
-        found.append(sampler.dataset._sampler)  # the user's sampler, iterated on every pass
+        # the user's sampler, iterated on every pass. Lightning's wrapper always holds a _DatasetSamplerWrapper as
+        # its dataset; torch's DistributedSampler types the attribute as a plain Dataset
+        found.append(sampler.dataset._sampler)  # type: ignore[attr-defined]
     elif sampler is not None:
         found.append(sampler)
     return found
 
 
-def fresh_batches(trainer: pl.Trainer, loader: DataLoader | None = None, what: str = "training") -> Iterator[Any]:
+def fresh_batches(
+    trainer: pl.Trainer, loader: DataLoader | None = None, what: str = "training"
+) -> Generator[Any, None, None]:
     """A fresh pass over ``loader`` (the training dataloader by default), one prepared batch at a time, read only as
     far as the caller asks (close the generator to end the pass). Errors of the user's dataset, sampler,
     ``collate_fn`` or batch hooks come out as :class:`UserCodeError`."""
@@ -176,7 +180,7 @@ def prepare_batch(trainer: pl.Trainer, batch: Any) -> Any:
     one, else the module's), and the move to the device with ``transfer_batch_to_device`` and
     ``on_after_batch_transfer``."""
     batch = trainer.precision_plugin.convert_input(batch)
-    datamodule = trainer.datamodule
+    datamodule = trainer.datamodule  # type: ignore[attr-defined]  # Lightning's Trainer sets it without declaring it
     if datamodule is not None and is_overridden("on_before_batch_transfer", datamodule):
         batch = datamodule.on_before_batch_transfer(batch, 0)
     elif trainer.lightning_module is not None:

@@ -34,9 +34,9 @@ class UserCodeError(Exception):
 
 # frames inside these packages are not where the user's bug is; the innermost frame outside them is
 _NOT_USER_CODE = tuple(
-    os.path.dirname(os.path.abspath(m.__file__)) + os.sep
-    for m in (torch, lightning, sys.modules[__name__.split(".")[0]])
-    if getattr(m, "__file__", None)
+    os.path.dirname(os.path.abspath(path)) + os.sep
+    for path in (getattr(m, "__file__", None) for m in (torch, lightning, sys.modules[__name__.split(".")[0]]))
+    if path
 )
 
 

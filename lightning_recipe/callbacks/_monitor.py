@@ -176,4 +176,4 @@ class Monitor(RecipeCallback):
         return {"alerted": sorted(self._alerted)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._alerted = {tuple(item) for item in state_dict.get("alerted", [])}  # type: ignore[misc]
+        self._alerted = {tuple(item) for item in state_dict.get("alerted", [])}

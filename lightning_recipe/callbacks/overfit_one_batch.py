@@ -597,6 +597,10 @@ def _details(ev: OverfitEvidence, used: int, full: bool, switched: int) -> dict[
         }
         for a in ev.attempts
     ]
+    accuracy = None
+    if decisive is not None and decisive.total:
+        assert decisive.correct is not None  # an attempt sets correct and total together (diagnostics/overfit.py)
+        accuracy = decisive.correct / decisive.total
     return {
         "num_examples": used,
         "whole_batch": full,
@@ -611,7 +615,7 @@ def _details(ev: OverfitEvidence, used: int, full: bool, switched: int) -> dict[
         "lr": None if decisive is None else decisive.lr,
         "lrs_tried": [a.lr for a in ev.attempts],
         "attempts": attempts,
-        "accuracy": None if decisive is None or not decisive.total else decisive.correct / decisive.total,
+        "accuracy": accuracy,
         "no_grad_params": list(ev.no_grad_params),
         "frozen_params": list(ev.frozen_params),
         "loss_curve": [] if decisive is None else _subsample(decisive.curve),

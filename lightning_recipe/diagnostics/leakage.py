@@ -545,7 +545,7 @@ def _run_passes(
     note = None
     if pairs:
         first_mixing, last_clean, note = _locate_mixing(runner, recorded, pairs[0][0], b)
-    report = dict(
+    report: dict[str, Any] = dict(
         num_examples=b, input_batch_dim=in_dim, output_layout=layout, probed=[p.name for p in runner.leaves],
         leaking_pairs=pairs, pairs_exact=exact, first_mixing_module=first_mixing, last_clean_module=last_clean,
         mixing_module_note=note, dependency=dependency,

@@ -201,7 +201,7 @@ def overfit_batch(
     got_grad = [False] * len(params)
     attempts: list[Attempt] = []
     loss_has_graph = True
-    common = dict(
+    common: dict[str, Any] = dict(  # the fields both returns share
         frozen_params=tuple(n for n, _ in frozen),
         trainable_params=tuple(n for n, _ in trainable),
         trainable_numel=sum(p.numel() for p in params),
@@ -210,7 +210,7 @@ def overfit_batch(
         floor=floor,
     )
     if not params:
-        return OverfitEvidence(attempts=(), no_grad_params=(), **common)  # type: ignore[arg-type]
+        return OverfitEvidence(attempts=(), no_grad_params=(), **common)
 
     plan = [("Adam", lr, make_optimizer) for lr in lrs] + ([fallback] if fallback is not None else [])
     index = -1
@@ -308,7 +308,7 @@ def overfit_batch(
         no_grad_params=tuple(n for n, _ in no_grad),
         no_grad_numel=sum(p.numel() for _, p in no_grad),
         loss_has_graph=loss_has_graph,
-        **common,  # type: ignore[arg-type]
+        **common,
     )
 
 
@@ -335,7 +335,7 @@ def goal(start: float, fraction: float, floor: float = 0.0) -> float:
 
 def _note_gradients(params: list[nn.Parameter], got_grad: list[bool]) -> None:
     pending = [i for i, flag in enumerate(got_grad) if not flag]
-    checks = [(i, params[i].grad) for i in pending if params[i].grad is not None]
+    checks = [(i, grad) for i in pending if (grad := params[i].grad) is not None]
     if not checks:
         return
     nonzero = torch.stack([g.detach().ne(0).any() for _, g in checks]).tolist()

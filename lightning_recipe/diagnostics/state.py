@@ -15,6 +15,7 @@ import functools
 import random
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,9 +87,9 @@ def _owned_by(module: nn.Module) -> frozenset[str]:
     return _owned_names("lightning" if isinstance(module, _lightning_module_type()) else "torch")
 
 
-def _plain_names(module: nn.Module, names: Iterable[str]) -> list[str]:
+def _plain_names(module: nn.Module, names: AbstractSet[str]) -> list[str]:
     """Of ``names`` (keys of ``module.__dict__``), those that are the user's plain attributes."""
-    return [k for k in names - _owned_by(module) if not k.startswith(("_torchdynamo", "_dynamo"))]  # type: ignore[operator]
+    return [k for k in names - _owned_by(module) if not k.startswith(("_torchdynamo", "_dynamo"))]
 
 
 @functools.cache
@@ -128,8 +129,8 @@ def _storage(tensor: Tensor) -> int | None:
         return None
 
 
-def _storages(tensors: Iterable[Tensor]) -> set[int | None]:
-    return {_storage(t) for t in tensors} - {None}
+def _storages(tensors: Iterable[Tensor]) -> set[int]:
+    return {s for t in tensors if (s := _storage(t)) is not None}
 
 
 def _version(tensor: Tensor) -> int | None:
