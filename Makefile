@@ -26,6 +26,8 @@ quickstart: $(VENV)/.installed
 	$(PY) examples/quickstart.py
 
 test: $(VENV)/.installed
+	$(PY) -m ruff check lightning_recipe tests benchmarks examples
+	$(PY) -m mypy
 	$(PY) -m pytest
 
 test-all: $(VENV)/.installed

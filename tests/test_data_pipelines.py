@@ -337,3 +337,21 @@ def test_under_ddp_the_checks_run_on_each_ranks_first_batch_and_agree(tmp_path):
     for rank in ranks.values():
         assert [r["status"] for r in rank["results"]] == ["passed"] * 3, rank
         assert all("first batch training fetched" in r["summary"] for r in rank["results"])
+
+
+def test_the_dynamics_logger_reads_its_validation_batch_beside_several_training_loaders():
+    """A dict of training loaders (which the logger does not read: the validation loader is safe to read) used to
+    switch the logger off with "please report this"."""
+
+    class TwoLoaders(MLPClassifier):
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch["a"], batch_idx)
+
+        def validation_step(self, batch, batch_idx):
+            return super().training_step(batch, batch_idx)
+
+    logger = lightning_recipe.PredictionDynamicsLogger(every_n_steps=1)
+    train = {"a": DataLoader(cluster_data(), batch_size=32), "b": DataLoader(cluster_data(seed=1), batch_size=32)}
+    t = trainer(max_steps=3, callbacks=[logger], num_sanity_val_steps=2)  # the validation loader exists at the start
+    t.fit(TwoLoaders(), train, DataLoader(cluster_data(seed=2), batch_size=32))
+    assert logger.enabled and logger.batch_source == "val" and len(logger.history) >= 3

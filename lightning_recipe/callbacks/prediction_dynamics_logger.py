@@ -231,9 +231,10 @@ class PredictionDynamicsLogger(Monitor):
             assert isinstance(train, DataLoader)  # fresh_pass_refusal refuses anything else
             loader, source = train, "train"
             where = f"the first training batch ({why}; predictions on it also reflect memorisation)"
-        # KNOWN BUG (left for a behaviour change): with source="val" and several training loaders, `train` is a list
-        # here and loader_generators raises AttributeError; mypy's arg-type error is that bug
-        generators = [*loader_generators(train), *(loader_generators(val) if val is not None else [])]  # type: ignore[arg-type]
+        generators = [
+            *(loader_generators(train) if isinstance(train, DataLoader) else []),  # several loaders: a list or dict
+            *(loader_generators(val) if val is not None else []),
+        ]
         rng = RngState.capture(generators)
         try:
             batches = peek_batches(trainer, lambda read: sum(map(self._examples, read)) >= self.num_examples, loader,
