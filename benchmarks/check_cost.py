@@ -23,9 +23,9 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from quickstart import ShapesCNN, make_shapes  # noqa: E402
+from quickstart import ShapesCNN, make_shapes
 
-from lightning_recipe import BatchLeakageProbe, InitLossCheck, OverfitOneBatch  # noqa: E402
+from lightning_recipe import BatchLeakageProbe, InitLossCheck, OverfitOneBatch
 
 CHECKS = {"InitLossCheck": InitLossCheck, "OverfitOneBatch": OverfitOneBatch, "BatchLeakageProbe": BatchLeakageProbe}
 

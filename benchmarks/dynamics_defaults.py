@@ -21,13 +21,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import lightning.pytorch as L  # noqa: E402
-import torch  # noqa: E402
+import lightning.pytorch as L
+import torch
 
-from lightning_recipe import PredictionDynamicsLogger  # noqa: E402
-from tests.models import cluster_data, loader, trainer  # noqa: E402
-from tests.test_prediction_dynamics import ThrashingMLP, overlapping_clusters  # noqa: E402
-from tests.zoo import HEALTHY, MLP  # noqa: E402
+from lightning_recipe import PredictionDynamicsLogger
+from tests.models import cluster_data, loader, trainer
+from tests.test_prediction_dynamics import ThrashingMLP, overlapping_clusters
+from tests.zoo import HEALTHY, MLP
 
 
 class TinyLR(MLP):

@@ -33,21 +33,21 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import lightning.pytorch as L  # noqa: E402
-import torch  # noqa: E402
+import lightning.pytorch as L
+import torch
 
-import lightning_recipe  # noqa: E402
-from tests.models import cluster_loader, trainer  # noqa: E402
-from tests.test_first_layer import PretrainedFrozenConv  # noqa: E402
-from tests.test_prediction_dynamics import ThrashingMLP, overlapping_clusters  # noqa: E402
-from tests.test_update_ratio import (  # noqa: E402
+import lightning_recipe
+from tests.models import cluster_loader, trainer
+from tests.test_first_layer import PretrainedFrozenConv
+from tests.test_prediction_dynamics import ThrashingMLP, overlapping_clusters
+from tests.test_update_ratio import (
     BiasBeforeBatchNorm,
     PolynomialRegression,
     SkipsEveryOtherBatch,
     polynomial_loader,
 )
-from tests.transformer_models import GPT2LM, BertClassifier, EncoderLM, lm_loaders, marker_loaders  # noqa: E402
-from tests.zoo import HEALTHY, MONITOR_BUGS, MONITORS, MonitorCase, shapes  # noqa: E402
+from tests.transformer_models import GPT2LM, BertClassifier, EncoderLM, lm_loaders, marker_loaders
+from tests.zoo import HEALTHY, MONITOR_BUGS, MONITORS, MonitorCase, shapes
 
 Run = tuple[Callable[[], L.LightningModule], Callable[[int], tuple[Any, ...]], dict[str, Any], dict[str, Any]]
 

@@ -38,10 +38,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quickstart import ShapesCNN, make_shapes  # noqa: E402
-from resnet import ResNet18  # noqa: E402
+from quickstart import ShapesCNN, make_shapes
+from resnet import ResNet18
 
-from lightning_recipe import FirstLayerVisualizer, PredictionDynamicsLogger, UpdateRatioMonitor  # noqa: E402
+from lightning_recipe import FirstLayerVisualizer, PredictionDynamicsLogger, UpdateRatioMonitor
 
 WARMUP = 5
 MONITORS = {

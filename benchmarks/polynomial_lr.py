@@ -20,13 +20,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import lightning.pytorch as L  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import lightning.pytorch as L
+import torch
+import torch.nn.functional as F
 
-from tests.models import trainer  # noqa: E402
-from tests.real_models import PolynomialRegression, polynomial_pairs  # noqa: E402
-from tests.test_update_ratio import polynomial_loader  # noqa: E402
+from tests.models import trainer
+from tests.real_models import PolynomialRegression, polynomial_pairs
+from tests.test_update_ratio import polynomial_loader
 
 
 class AtRate(PolynomialRegression):

@@ -25,11 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import lightning.pytorch as L  # noqa: E402
+import lightning.pytorch as L
 
-import lightning_recipe  # noqa: E402
-from tests.models import trainer  # noqa: E402
-from tests.real_models import ALL, CHECKS, MONITORS, RealCase  # noqa: E402
+import lightning_recipe
+from tests.models import trainer
+from tests.real_models import ALL, CHECKS, MONITORS, RealCase
 
 
 def _short(text: str, width: int) -> str:
@@ -53,7 +53,7 @@ def run_case(case: RealCase, steps: int) -> dict:
         try:
             t = trainer(max_steps=steps, callbacks=checks + monitors, **case.trainer_kwargs)
             t.fit(case.model(), **case.loaders())
-        except Exception as exc:  # a crash is a row of the table, not the end of it
+        except Exception as exc:  # noqa: BLE001 - a crash is a row of the table, not the end of it
             error = f"{type(exc).__name__}: {exc}"
     return {
         "checks": [(name, c.result) for name, c in zip(CHECKS, checks, strict=True)],

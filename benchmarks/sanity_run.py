@@ -34,7 +34,7 @@ ENV_VAR = "LIGHTNING_RECIPE_SANITY_RUN"
 
 def in_process(repeats: int) -> dict[str, list[float]]:
     sys.path.insert(0, str(TRAIN.parent))
-    import train  # noqa: E402 - examples/slurm/train.py
+    import train
 
     from lightning_recipe import SanityRunExit
 

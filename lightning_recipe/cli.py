@@ -296,7 +296,7 @@ def _valid_choices(key: str, trainer_kwargs: dict[str, Any]) -> str:
             try:
                 if AcceleratorRegistry[name]["accelerator"].is_available():
                     available.append(name)
-            except Exception:  # noqa: BLE001,S112 - an accelerator whose probe fails is not available
+            except Exception:  # noqa: BLE001 - an accelerator whose probe fails is not available
                 continue
         if "cuda" in available:
             available.append("gpu")

@@ -20,9 +20,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the quick-start model, one folder up
-from quickstart import BUGS, ShapesCNN, make_shapes  # noqa: E402
+from quickstart import BUGS, ShapesCNN, make_shapes
 
-from lightning_recipe import RecipeSuite  # noqa: E402
+from lightning_recipe import RecipeSuite
 
 
 def main(argv: list[str] | None = None) -> None:

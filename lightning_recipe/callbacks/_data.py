@@ -131,7 +131,7 @@ def fresh_batches(
         loader = without_persistent_workers(loader)
     try:
         iterator = iter(loader)
-    except Exception as error:  # noqa: BLE001 - the user's dataset or sampler
+    except Exception as error:  # the user's dataset or sampler
         raise UserCodeError(error, f"reading the {what} dataloader") from error
     try:
         while True:
@@ -139,11 +139,11 @@ def fresh_batches(
                 batch = next(iterator)
             except StopIteration:
                 return
-            except Exception as error:  # noqa: BLE001 - the user's dataset, sampler or collate_fn
+            except Exception as error:  # the user's dataset, sampler or collate_fn
                 raise UserCodeError(error, f"reading the {what} dataloader") from error
             try:
                 prepared = prepare_batch(trainer, batch)
-            except Exception as error:  # noqa: BLE001 - the user's on_before/after_batch_transfer
+            except Exception as error:  # the user's on_before/after_batch_transfer
                 raise UserCodeError(error, f"preparing a {what} batch (`on_before_batch_transfer`)") from error
             yield prepared
     finally:

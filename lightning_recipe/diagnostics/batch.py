@@ -253,14 +253,14 @@ class BatchAdapter:
             try:
                 if by_name._per_example(by_name.predict(module, by_name.get_inputs(batch)), batch):
                     return by_name
-            except Exception:  # noqa: BLE001, S110 - the first error is the one worth reporting
+            except Exception:  # noqa: BLE001 - the first error is the one worth reporting
                 pass
         if guessed and not isinstance(batch, Tensor):
             whole = replace(self, inputs=whole_batch, forward=call_with_batch)
             try:
                 if self._per_example(whole.predict(module, batch), batch):
                     return whole
-            except Exception:  # noqa: BLE001, S110 - the first error is the one worth reporting
+            except Exception:  # noqa: BLE001 - the first error is the one worth reporting
                 pass
         if first is None:
             return self  # odd outputs from the default call, and no better reading: leave it to the check
@@ -276,7 +276,7 @@ class BatchAdapter:
                 try:
                     if self._per_example(adapter.predict(module, adapter.get_inputs(batch)), batch):
                         return adapter
-                except Exception:  # noqa: BLE001, S110 - the first error is the one worth reporting
+                except Exception:  # noqa: BLE001 - the first error is the one worth reporting
                     pass
         if isinstance(first, BatchNotUnderstood):
             raise first

@@ -222,7 +222,7 @@ def overfit_batch(
             p.grad = None
         try:
             opt = factory(params, lr)
-        except Exception:  # noqa: BLE001 - the run's own optimizer may not take a plain parameter list
+        except Exception:  # the run's own optimizer may not take a plain parameter list
             if name == "Adam":
                 raise
             break
@@ -234,7 +234,7 @@ def overfit_batch(
             opt.zero_grad(set_to_none=True)
             try:
                 loss = loss_fn()
-            except Exception as error:  # noqa: BLE001 - judged below
+            except Exception as error:  # judged below
                 if step == 0:
                     raise  # on the starting weights: the loss's own error, not this attempt's
                 # the same call ran on the starting weights; on the weights this learning rate made it raises (a VAE's
