@@ -27,6 +27,7 @@ quickstart: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m ruff check lightning_recipe tests benchmarks examples
+	$(PY) -m ruff format --check lightning_recipe tests benchmarks examples
 	$(PY) -m mypy
 	$(PY) -m pytest
 

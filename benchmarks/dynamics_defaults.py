@@ -70,8 +70,10 @@ def main() -> None:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
-    print("| every_n_steps | window | num_examples | thrashing alerted at (seeds 0-9) | by step 200 | frozen at | "
-          "false alarms |")
+    print(
+        "| every_n_steps | window | num_examples | thrashing alerted at (seeds 0-9) | by step 200 | frozen at | "
+        "false alarms |"
+    )
     print("|---|---|---|---|---|---|---|")
     for every in args.every:
         for window in args.window:

@@ -71,8 +71,10 @@ def _healthy() -> dict[str, Run]:
 
 
 def _bugs() -> list[MonitorCase]:
-    return [*MONITOR_BUGS, MonitorCase("lr_100x_too_high", ThrashingMLP, overlapping_clusters,
-                                       "PredictionDynamicsLogger", "thrashing")]
+    return [
+        *MONITOR_BUGS,
+        MonitorCase("lr_100x_too_high", ThrashingMLP, overlapping_clusters, "PredictionDynamicsLogger", "thrashing"),
+    ]
 
 
 def healthy_run(run: Run, seed: int) -> list[str]:
@@ -103,8 +105,12 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     keep = [k for k in args.only.split(",") if k]
-    lines = [f"Seeds 0-{args.seeds - 1}, 300 steps, all three monitors at their defaults.", "",
-             "| healthy model | runs | false alarms | seconds |", "|---|---|---|---|"]
+    lines = [
+        f"Seeds 0-{args.seeds - 1}, 300 steps, all three monitors at their defaults.",
+        "",
+        "| healthy model | runs | false alarms | seconds |",
+        "|---|---|---|---|",
+    ]
     print("\n".join(lines), flush=True)
     total_runs = total_alarms = 0
     for name, run in _healthy().items():
@@ -121,8 +127,10 @@ def main() -> None:
     lines += ["", f"**{total_alarms} {noun} in {total_runs} healthy runs.**", ""]
     print("\n".join(lines[-3:]), flush=True)
     if not args.no_bugs:
-        header = ["| bug | monitor | expected alert | alerted at step (per seed) | within 200 |",
-                  "|---|---|---|---|---|"]
+        header = [
+            "| bug | monitor | expected alert | alerted at step (per seed) | within 200 |",
+            "|---|---|---|---|---|",
+        ]
         lines += header
         print("\n".join(header), flush=True)
         for case in _bugs():

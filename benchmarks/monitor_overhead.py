@@ -121,10 +121,18 @@ def _run(
     L.seed_everything(0, verbose=False)
     clock = Clock(callbacks)
     trainer = L.Trainer(
-        accelerator=accelerator, devices=1, precision=precision, max_steps=steps, callbacks=[clock, *callbacks],
-        logger=TensorBoardLogger(str(logdir)), log_every_n_steps=50,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, limit_val_batches=1,
+        accelerator=accelerator,
+        devices=1,
+        precision=precision,
+        max_steps=steps,
+        callbacks=[clock, *callbacks],
+        logger=TensorBoardLogger(str(logdir)),
+        log_every_n_steps=50,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=1,
     )
     dynamics = [m for m in callbacks if isinstance(m, PredictionDynamicsLogger)]
     forward = _TimedForward(dynamics[0], clock) if dynamics else None
@@ -169,7 +177,10 @@ def main() -> None:
     parser.add_argument("--resnet-steps", type=int, default=60)
     parser.add_argument("--models", nargs="+", default=["cnn", "resnet18"], choices=["cnn", "resnet18"])
     parser.add_argument(
-        "--per-monitor", nargs="*", default=["cnn"], choices=["cnn", "resnet18"],
+        "--per-monitor",
+        nargs="*",
+        default=["cnn"],
+        choices=["cnn", "resnet18"],
         help="models that also get one row per monitor (the others: all three together only)",
     )
     parser.add_argument("--settings", nargs="+", default=["default", "every step"], choices=["default", "every step"])
@@ -178,7 +189,8 @@ def main() -> None:
     parser.add_argument("--cnn-batch", type=int, default=64)
     parser.add_argument("--resnet-batch", type=int, default=32)
     parser.add_argument(
-        "--out", default=None,
+        "--out",
+        default=None,
         help="write the table here (and the rows as JSON next to it); the committed results/monitor_overhead.md "
         "collects runs by hand, one section per machine and date, so it is not overwritten by default",
     )
@@ -215,14 +227,23 @@ def main() -> None:
                     base_times.append(base[0])
                     if with_monitors[2] is not None:
                         floors.append(with_monitors[2] * with_monitors[0] / base[0])
-                rows.append({
-                    "model": model_name, "batch": batch, "settings": settings, "monitors": config,
-                    "device": device, "precision": args.precision,
-                    "in_hook_median": statistics.median(in_hook),
-                    "wall_overhead_median": statistics.median(wall), "wall_overhead_min": min(wall),
-                    "wall_overhead_max": max(wall), "floor_median": statistics.median(floors) if floors else None,
-                    "step_ms": 1000 * statistics.median(base_times), "steps": steps,
-                })
+                rows.append(
+                    {
+                        "model": model_name,
+                        "batch": batch,
+                        "settings": settings,
+                        "monitors": config,
+                        "device": device,
+                        "precision": args.precision,
+                        "in_hook_median": statistics.median(in_hook),
+                        "wall_overhead_median": statistics.median(wall),
+                        "wall_overhead_min": min(wall),
+                        "wall_overhead_max": max(wall),
+                        "floor_median": statistics.median(floors) if floors else None,
+                        "step_ms": 1000 * statistics.median(base_times),
+                        "steps": steps,
+                    }
+                )
                 print(rows[-1], flush=True)
     command = "python benchmarks/monitor_overhead.py " + " ".join(sys.argv[1:])
     lines = [

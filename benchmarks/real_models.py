@@ -82,8 +82,10 @@ def verdict(case: RealCase, out: dict) -> str:
                 problems.append(f"{name} did not run")
             elif result.status.value == "failed":
                 problems.append(f"{name} false alarm")
-            elif result.status.value == "passed" and name in case.reads and not any(
-                w.lower() in result.summary.lower() for w in case.reads[name]
+            elif (
+                result.status.value == "passed"
+                and name in case.reads
+                and not any(w.lower() in result.summary.lower() for w in case.reads[name])
             ):
                 problems.append(f"{name} misread the task (want one of {case.reads[name]})")
             elif result.status.value == "skipped" and not any(
@@ -97,7 +99,8 @@ def verdict(case: RealCase, out: dict) -> str:
                 problems.append(f"{name} switched off")
     else:
         caught = [
-            (n, r) for n, r in failed
+            (n, r)
+            for n, r in failed
             if n in case.catches and any(w.lower() in f"{r.summary} {r.hint}".lower() for w in case.cause)
         ]
         if not caught:

@@ -95,8 +95,12 @@ def main() -> None:
     inner = {k: summary(v) for k, v in in_process(args.repeats).items()}
     outer = {k: summary(v) for k, v in as_processes(args.process_repeats).items()}
     command = f"python benchmarks/sanity_run.py --repeats {args.repeats} --process-repeats {args.process_repeats}"
-    result = {"command": command, "machine": f"{platform.machine()}, torch {torch.__version__}, 1 thread",
-              "in_process": inner, "processes": outer}
+    result = {
+        "command": command,
+        "machine": f"{platform.machine()}, torch {torch.__version__}, 1 thread",
+        "in_process": inner,
+        "processes": outer,
+    }
     Path(args.out).with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
 
     ratio = inner["sanity_run"]["median"] / inner["train_100_steps"]["median"]

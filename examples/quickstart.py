@@ -63,8 +63,14 @@ class ShapesCNN(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
         )
         self.head = nn.Linear(32, 3)
         if bug == "huge-init":
@@ -108,9 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     checks = [InitLossCheck(), OverfitOneBatch(), BatchLeakageProbe()]
     monitors = [UpdateRatioMonitor(), PredictionDynamicsLogger(), FirstLayerVisualizer()]
     trainer = L.Trainer(
-        accelerator="auto", devices=1, max_epochs=args.epochs, callbacks=[*checks, *monitors],
-        logger=TensorBoardLogger(args.logdir, name="quickstart"), enable_progress_bar=False,
-        enable_model_summary=False, log_every_n_steps=4,
+        accelerator="auto",
+        devices=1,
+        max_epochs=args.epochs,
+        callbacks=[*checks, *monitors],
+        logger=TensorBoardLogger(args.logdir, name="quickstart"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=4,
     )
     stopped = None
     try:

@@ -154,8 +154,13 @@ def histogram_proto(values: list[float], edges: list[float]) -> Any:
     start, end = (filled[0], filled[-1] + 1) if filled else (0, 1)
     kept = counts[start - 1 : end] if start > 0 else [0, *counts[:end]]
     return HistogramProto(
-        min=min(values), max=max(values), num=len(values), sum=sum(values),
-        sum_squares=sum(v * v for v in values), bucket_limit=edges[start : end + 1], bucket=kept,
+        min=min(values),
+        max=max(values),
+        num=len(values),
+        sum=sum(values),
+        sum_squares=sum(v * v for v in values),
+        bucket_limit=edges[start : end + 1],
+        bucket=kept,
     )
 
 

@@ -84,16 +84,20 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lightning_recipe {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     check = commands.add_parser(
-        "check", help="run the pre-flight checks on a model without training",
+        "check",
+        help="run the pre-flight checks on a model without training",
         description="Run the pre-flight checks on a model and its data, without training (a sanity run).",
-        epilog=_CHECK_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_CHECK_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     check.add_argument("model", metavar="MODULE:Model", nargs="?", help="the LightningModule class or factory")
     check.add_argument("--data", metavar="MODULE:Data", help="a LightningDataModule class, or a dataloader factory")
     check.add_argument("--model-args", metavar="JSON", default="{}", help="keyword arguments of the model, as JSON")
     check.add_argument("--data-args", metavar="JSON", default="{}", help="keyword arguments of the data, as JSON")
     check.add_argument(
-        "--checks", nargs="+", metavar="NAME",
+        "--checks",
+        nargs="+",
+        metavar="NAME",
         help="the checks to run (InitLossCheck, BatchLeakageProbe, OverfitOneBatch); default: all",
     )
     check.add_argument("--report", metavar="PATH", help="write the report as JSON to PATH and Markdown beside it")
@@ -175,8 +179,10 @@ def _run_config(args: argparse.Namespace, checks: list[Any]) -> tuple[pl.Lightni
     except ImportError as error:  # pragma: no cover - lightning always ships it
         raise UsageError(f"--config needs Lightning's LightningCLI: {error}") from None
     if importlib.util.find_spec("jsonargparse") is None:
-        raise UsageError("--config reads LightningCLI configs with jsonargparse, which is not installed: "
-                         "pip install 'lightning_recipe[cli]'.")
+        raise UsageError(
+            "--config reads LightningCLI configs with jsonargparse, which is not installed: "
+            "pip install 'lightning_recipe[cli]'."
+        )
     if not Path(args.config).is_file():
         raise UsageError(f"expected --config to be a YAML file, but {args.config!r} does not exist.")
     model_class = load_object(args.model, "the model") if args.model else None
@@ -186,8 +192,12 @@ def _run_config(args: argparse.Namespace, checks: list[Any]) -> tuple[pl.Lightni
     with warnings.catch_warnings():  # `args` is how we pass the config: its warning about sys.argv is for scripts
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         cli = LightningCLI(
-            model_class, data_class, run=False, save_config_callback=None,
-            subclass_mode_model=model_class is None, subclass_mode_data=data_class is None,
+            model_class,
+            data_class,
+            run=False,
+            save_config_callback=None,
+            subclass_mode_model=model_class is None,
+            subclass_mode_data=data_class is None,
             args=["--config", args.config, *overrides],
         )
     if cli.datamodule is None and not is_overridden("train_dataloader", cli.model):
@@ -208,8 +218,12 @@ def _run_config(args: argparse.Namespace, checks: list[Any]) -> tuple[pl.Lightni
 
 def _given(args: argparse.Namespace) -> dict[str, Any]:
     """The Trainer options given on the command line (not left at their defaults): they override a config."""
-    given = {"accelerator": args.accelerator, "devices": args.devices, "strategy": args.strategy,
-             "num_nodes": args.num_nodes}
+    given = {
+        "accelerator": args.accelerator,
+        "devices": args.devices,
+        "strategy": args.strategy,
+        "num_nodes": args.num_nodes,
+    }
     defaults = {"accelerator": "auto", "devices": "1", "strategy": "auto", "num_nodes": 1}
     return {key: value for key, value in given.items() if value != defaults[key]}
 
@@ -232,8 +246,12 @@ def _trainer_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return dict(accelerator=args.accelerator, devices=devices, strategy=args.strategy, num_nodes=args.num_nodes)
 
 
-_TRAINER_OPTIONS = {"accelerator": "--accelerator", "strategy": "--strategy", "devices": "--devices",
-                    "num_nodes": "--num-nodes"}
+_TRAINER_OPTIONS = {
+    "accelerator": "--accelerator",
+    "strategy": "--strategy",
+    "devices": "--devices",
+    "num_nodes": "--num-nodes",
+}
 _DEFAULTS = {"accelerator": "auto", "strategy": "auto", "devices": 1, "num_nodes": 1}
 
 
@@ -281,8 +299,13 @@ def _culprit(trainer_kwargs: dict[str, Any]) -> tuple[str, BaseException] | None
             continue
         try:
             with _quiet():
-                pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                           enable_model_summary=False, **tried)
+                pl.Trainer(
+                    logger=False,
+                    enable_checkpointing=False,
+                    enable_progress_bar=False,
+                    enable_model_summary=False,
+                    **tried,
+                )
         except Exception as error:  # noqa: BLE001 - any refusal names this option
             return key, error
     return None
@@ -319,16 +342,23 @@ def _trainer_refusal(error: BaseException, args: argparse.Namespace, trainer_kwa
     if culprit is None:
         reason = " ".join(str(error).split()) or type(error).__name__
         source = f" from --config {args.config}" if args.config else ""
-        return (f"Lightning's Trainer refused its options{source}: {reason} Fix the trainer: section of the config "
-                f"or override it here with --accelerator, --devices, --strategy, --num-nodes.")
+        return (
+            f"Lightning's Trainer refused its options{source}: {reason} Fix the trainer: section of the config "
+            f"or override it here with --accelerator, --devices, --strategy, --num-nodes."
+        )
     key, refusal = culprit
     reason = " ".join(str(refusal).split()) or type(refusal).__name__
-    context = [f"{_TRAINER_OPTIONS[k]} {trainer_kwargs[k]}" for k in _TRAINER_OPTIONS
-               if k != key and trainer_kwargs[k] != _DEFAULTS[k]]
+    context = [
+        f"{_TRAINER_OPTIONS[k]} {trainer_kwargs[k]}"
+        for k in _TRAINER_OPTIONS
+        if k != key and trainer_kwargs[k] != _DEFAULTS[k]
+    ]
     given = f" (with {', '.join(context)})" if context else ""
     option = _TRAINER_OPTIONS[key]
-    return (f"Lightning's Trainer refused {option} {getattr(args, key)}{given}: {reason} {option} takes "
-            f"{_valid_choices(key, trainer_kwargs)}.")
+    return (
+        f"Lightning's Trainer refused {option} {getattr(args, key)}{given}: {reason} {option} takes "
+        f"{_valid_choices(key, trainer_kwargs)}."
+    )
 
 
 def _json_object(option: str, text: str) -> dict[str, Any]:
@@ -373,7 +403,8 @@ def load_object(target: str, option: str) -> Any:
     for part in attr.split("."):
         if not hasattr(obj, part):
             defined = [
-                name for name, value in vars(module).items()
+                name
+                for name, value in vars(module).items()
                 if not name.startswith("_") and callable(value) and getattr(value, "__module__", "") == module.__name__
             ]
             raise UsageError(

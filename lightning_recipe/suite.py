@@ -227,9 +227,12 @@ class RecipeSuite(RecipeCallback):
                 "on_fail, report_dir, exit_process, inputs, targets, forward."
             )
         components = {
-            "init_loss_check": init_loss_check, "batch_leakage_probe": batch_leakage_probe,
-            "overfit_one_batch": overfit_one_batch, "update_ratio_monitor": update_ratio_monitor,
-            "prediction_dynamics_logger": prediction_dynamics_logger, "first_layer_visualizer": first_layer_visualizer,
+            "init_loss_check": init_loss_check,
+            "batch_leakage_probe": batch_leakage_probe,
+            "overfit_one_batch": overfit_one_batch,
+            "update_ratio_monitor": update_ratio_monitor,
+            "prediction_dynamics_logger": prediction_dynamics_logger,
+            "first_layer_visualizer": first_layer_visualizer,
         }
         self.sanity_run = sanity_run_requested() if sanity_run is None else sanity_run
         self.on_fail = on_fail
@@ -241,10 +244,7 @@ class RecipeSuite(RecipeCallback):
         self.exit_process = exit_process
         adapters = {"inputs": inputs, "targets": targets, "forward": forward}
         adapters = {key: fn for key, fn in adapters.items() if fn is not None}
-        built = {
-            name: _build(name, cls, components[name], adapters, on_fail)
-            for name, cls in _COMPONENTS.items()
-        }
+        built = {name: _build(name, cls, components[name], adapters, on_fail) for name, cls in _COMPONENTS.items()}
         self.checks: list[PreflightCheck] = [c for n in CHECKS if isinstance(c := built[n], PreflightCheck)]
         self.monitors: list[Monitor] = [m for n in MONITORS if isinstance(m := built[n], Monitor)]
         self.report: Report | None = None
@@ -386,8 +386,7 @@ def _forwarding(hook: str) -> Any:
 _FORWARDED = [
     name
     for name, value in vars(Callback).items()
-    if callable(value) and (name.startswith("on_") or name in ("setup", "teardown"))
-    and name not in vars(RecipeSuite)
+    if callable(value) and (name.startswith("on_") or name in ("setup", "teardown")) and name not in vars(RecipeSuite)
 ]
 for _hook in _FORWARDED:
     setattr(RecipeSuite, _hook, _forwarding(_hook))
@@ -496,4 +495,3 @@ def sanity_run(
             "dataloader with at least one batch and `limit_train_batches` > 0."
         )
     return suite.report
-

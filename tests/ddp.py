@@ -44,13 +44,22 @@ def run_ddp(
     their ``alerts`` as ``[kind, step]`` and whether they are still ``enabled``. With ``tensorboard=True`` the
     Trainer logs to ``tmp_path/tb`` (rank zero writes; a test can count the event files)."""
     spec = dict(
-        model=model, data=data, check=check, check_kwargs=check_kwargs or {},
-        model_kwargs=model_kwargs or {}, max_steps=max_steps, tensorboard=tensorboard,
+        model=model,
+        data=data,
+        check=check,
+        check_kwargs=check_kwargs or {},
+        model_kwargs=model_kwargs or {},
+        max_steps=max_steps,
+        tensorboard=tensorboard,
     )
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run(
         [sys.executable, "-m", "tests.ddp", json.dumps(spec), str(tmp_path)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     ranks = {int(p.stem[4:]): json.loads(p.read_text()) for p in Path(tmp_path).glob("rank*.json")}
     return proc.returncode, ranks, proc.stdout + proc.stderr
@@ -66,7 +75,11 @@ def run_script(
     script.write_text(source)
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True,
+        [sys.executable, str(script), str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=timeout,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -87,10 +100,16 @@ def _main(spec: dict[str, Any], out: Path) -> int:
     check = checks[0]
     model = _load(spec["model"])(**spec["model_kwargs"])
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_steps=spec["max_steps"],
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=spec["max_steps"],
         logger=TensorBoardLogger(str(out / "tb"), name="") if spec.get("tensorboard") else False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, callbacks=checks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=checks,
     )
     seen: dict[str, Any] = {"error": None}
     try:

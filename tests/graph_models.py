@@ -21,8 +21,14 @@ from torch.utils.data import DataLoader
 
 
 def sbm_graph(
-    n: int = 120, classes: int = 3, features: int = 48, p_in: float = 0.08, p_out: float = 0.005,
-    words: int = 6, labelled_every: int = 2, seed: int = 0,
+    n: int = 120,
+    classes: int = 3,
+    features: int = 48,
+    p_in: float = 0.08,
+    p_out: float = 0.005,
+    words: int = 6,
+    labelled_every: int = 2,
+    seed: int = 0,
 ) -> dict[str, Tensor]:
     """A stochastic block model graph with class-dependent sparse features, as ``pygcn`` prepares Cora:
     row-normalised sparse features, ``D^-1/2 (A + I) D^-1/2`` sparse adjacency, labels, a train mask.
@@ -71,8 +77,16 @@ class GCN(L.LightningModule):
     ``bug="softmax_over_nodes"`` normalises the outputs over the node axis (``log_softmax(dim=0)``): every
     node's prediction then depends on every other node, not only on its neighbours (a leak)."""
 
-    def __init__(self, features: int = 48, hidden: int = 16, classes: int = 3, dropout: float = 0.5,
-                 lr: float = 1e-2, batch_style: str = "tuple", bug: str | None = None) -> None:
+    def __init__(
+        self,
+        features: int = 48,
+        hidden: int = 16,
+        classes: int = 3,
+        dropout: float = 0.5,
+        lr: float = 1e-2,
+        batch_style: str = "tuple",
+        bug: str | None = None,
+    ) -> None:
         super().__init__()
         self.gc1 = GraphConvolution(features, hidden)
         self.gc2 = GraphConvolution(hidden, classes)

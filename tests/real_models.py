@@ -204,8 +204,14 @@ class GPT2LM(HFCausalLM):
         from transformers import GPT2Config, GPT2LMHeadModel
 
         config = GPT2Config(
-            n_layer=2, n_embd=64, n_head=2, vocab_size=VOCAB, n_positions=32, pad_token_id=PAD,
-            bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1,
+            n_layer=2,
+            n_embd=64,
+            n_head=2,
+            vocab_size=VOCAB,
+            n_positions=32,
+            pad_token_id=PAD,
+            bos_token_id=VOCAB - 1,
+            eos_token_id=VOCAB - 1,
         )
         return GPT2LMHeadModel(config)
 
@@ -217,8 +223,14 @@ class LlamaLM(HFCausalLM):
         from transformers import LlamaConfig, LlamaForCausalLM
 
         config = LlamaConfig(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-            vocab_size=VOCAB, max_position_embeddings=32, pad_token_id=PAD,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            vocab_size=VOCAB,
+            max_position_embeddings=32,
+            pad_token_id=PAD,
         )
         return LlamaForCausalLM(config)
 
@@ -231,8 +243,13 @@ class BertBidirectionalLM(HFCausalLM):
         from transformers import BertConfig, BertLMHeadModel
 
         config = BertConfig(
-            hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, vocab_size=VOCAB,
-            max_position_embeddings=32, pad_token_id=PAD,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=128,
+            vocab_size=VOCAB,
+            max_position_embeddings=32,
+            pad_token_id=PAD,
         )
         return BertLMHeadModel(config)
 
@@ -246,8 +263,14 @@ class BertClassifier(L.LightningModule):
         from transformers import BertConfig, BertForSequenceClassification
 
         config = BertConfig(
-            hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, vocab_size=VOCAB,
-            max_position_embeddings=32, pad_token_id=PAD, num_labels=classes,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=128,
+            vocab_size=VOCAB,
+            max_position_embeddings=32,
+            pad_token_id=PAD,
+            num_labels=classes,
         )
         self.model = BertForSequenceClassification(config)
         self.lr = lr
@@ -273,8 +296,9 @@ class GPT2ShiftedTwice(GPT2LM):
 
 
 def hf_lm_data(seed: int = 0, n: int = 256) -> DataLoader:
-    return DataLoader(ListDataset(counting_sequences(n, VOCAB, seed=seed)), batch_size=16, shuffle=True,
-                      collate_fn=causal_lm_collate)
+    return DataLoader(
+        ListDataset(counting_sequences(n, VOCAB, seed=seed)), batch_size=16, shuffle=True, collate_fn=causal_lm_collate
+    )
 
 
 def hf_lm_val() -> DataLoader:
@@ -282,8 +306,9 @@ def hf_lm_val() -> DataLoader:
 
 
 def pre_shifted_data() -> DataLoader:
-    return DataLoader(ListDataset(counting_sequences(256, VOCAB, seed=0)), batch_size=16, shuffle=True,
-                      collate_fn=pre_shifted_collate)
+    return DataLoader(
+        ListDataset(counting_sequences(256, VOCAB, seed=0)), batch_size=16, shuffle=True, collate_fn=pre_shifted_collate
+    )
 
 
 def pre_shifted_val() -> DataLoader:
@@ -291,8 +316,9 @@ def pre_shifted_val() -> DataLoader:
 
 
 def topic_data() -> DataLoader:
-    return DataLoader(ListDataset(topic_sequences(384, VOCAB, seed=0)), batch_size=16, shuffle=True,
-                      collate_fn=classification_collate)
+    return DataLoader(
+        ListDataset(topic_sequences(384, VOCAB, seed=0)), batch_size=16, shuffle=True, collate_fn=classification_collate
+    )
 
 
 def topic_val() -> DataLoader:
@@ -395,8 +421,9 @@ def litgpt_collate(seqs: list[Tensor]) -> dict[str, Tensor]:
 
 
 def litgpt_data() -> DataLoader:
-    return DataLoader(ListDataset(counting_sequences(256, VOCAB, seed=0)), batch_size=16, shuffle=True,
-                      collate_fn=litgpt_collate)
+    return DataLoader(
+        ListDataset(counting_sequences(256, VOCAB, seed=0)), batch_size=16, shuffle=True, collate_fn=litgpt_collate
+    )
 
 
 def litgpt_val() -> DataLoader:
@@ -946,60 +973,128 @@ HF = ("transformers",)
 GRAPH_WORDS = ("graph", "adjacency", "node", "neighbo")
 
 HEALTHY = [
-    RealCase("hf_gpt2_causal_lm", GPT2LM, hf_lm_data, hf_lm_val, HF,
-             note="labels = input_ids, right padding at -100; the model shifts inside its loss"),
+    RealCase(
+        "hf_gpt2_causal_lm",
+        GPT2LM,
+        hf_lm_data,
+        hf_lm_val,
+        HF,
+        note="labels = input_ids, right padding at -100; the model shifts inside its loss",
+    ),
     RealCase("hf_llama_causal_lm", LlamaLM, hf_lm_data, hf_lm_val, HF),
     RealCase("hf_bert_sequence_classifier", BertClassifier, topic_data, topic_val, HF),
     RealCase("x_transformers_decoder_lm", XTransformerLM, shifted_data, shifted_val, ("x_transformers",)),
-    RealCase("litgpt_finetune_lm", LitGPTFinetune, litgpt_data, litgpt_val, ("litgpt",),
-             note="labels = input_ids with -100 padding; the loss shifts (logits[..., :-1], labels[..., 1:])"),
+    RealCase(
+        "litgpt_finetune_lm",
+        LitGPTFinetune,
+        litgpt_data,
+        litgpt_val,
+        ("litgpt",),
+        note="labels = input_ids with -100 padding; the loss shifts (logits[..., :-1], labels[..., 1:])",
+    ),
     RealCase("litgpt_pretrain_lm", LitGPTPretrain, shifted_data, shifted_val, ("litgpt",)),
     RealCase("torch_transformer_time_major_lm", TimeMajorTransformerLM, time_major_data, time_major_val),
-    RealCase("lightning_demo_lstm", DemoLSTM, None, None,
-             may_skip={name: ("forward",) for name in (*CHECKS, "PredictionDynamicsLogger", "FirstLayerVisualizer")},
-             note="LightningLSTM has no forward (training_step calls self.model) and carries self.hidden: a check "
-                  "or monitor that needs forward skips (switches itself off), naming forward="),
-    RealCase("lightning_demo_lstm_forward_adapter", DemoLSTM, None, None,
-             check_kwargs={"forward": _demo_lstm_forward},
-             note="the same demo with the forward= adapter its missing forward calls for"),
-    RealCase("pytorch_examples_vae", VAE, vae_data, vae_val,
-             may_skip={"InitLossCheck": ("expected=",), "OverfitOneBatch": ("targets=", "expected=")},
-             note="(image, label) batches, label unused; summed BCE + KLD: not a standard task loss"),
-    RealCase("pytorch_examples_super_resolution", SuperResolution, super_resolution_data, super_resolution_val,
-             reads={"InitLossCheck": ("mse", "l2", "squared")},
-             note="nn.MSELoss on [0, 1] images: InitLossCheck must read the loss as MSE"),
-    RealCase("pytorch_examples_word_lm_time_major", WordLanguageModel, bptt_data, None,
-             trainer_kwargs={"gradient_clip_val": 0.25},
-             note="(35, 20) time-major batches, (700,) flattened targets, carried self.hidden"),
-    RealCase("pytorch_examples_gcn_sparse", GCN, graph_data, None,
-             may_skip={
-                 "BatchLeakageProbe": GRAPH_WORDS,
-                 "PredictionDynamicsLogger": (*GRAPH_WORDS, "sparse", "inputs=", "forward="),
-                 "FirstLayerVisualizer": (*GRAPH_WORDS, "sparse", "inputs=", "forward="),
-             },
-             check_kwargs={"inputs": _graph_inputs, "targets": _graph_targets},
-             note="full-batch graph; the adapters say which tensors are inputs (features, adj) and the labels"),
+    RealCase(
+        "lightning_demo_lstm",
+        DemoLSTM,
+        None,
+        None,
+        may_skip={name: ("forward",) for name in (*CHECKS, "PredictionDynamicsLogger", "FirstLayerVisualizer")},
+        note="LightningLSTM has no forward (training_step calls self.model) and carries self.hidden: a check "
+        "or monitor that needs forward skips (switches itself off), naming forward=",
+    ),
+    RealCase(
+        "lightning_demo_lstm_forward_adapter",
+        DemoLSTM,
+        None,
+        None,
+        check_kwargs={"forward": _demo_lstm_forward},
+        note="the same demo with the forward= adapter its missing forward calls for",
+    ),
+    RealCase(
+        "pytorch_examples_vae",
+        VAE,
+        vae_data,
+        vae_val,
+        may_skip={"InitLossCheck": ("expected=",), "OverfitOneBatch": ("targets=", "expected=")},
+        note="(image, label) batches, label unused; summed BCE + KLD: not a standard task loss",
+    ),
+    RealCase(
+        "pytorch_examples_super_resolution",
+        SuperResolution,
+        super_resolution_data,
+        super_resolution_val,
+        reads={"InitLossCheck": ("mse", "l2", "squared")},
+        note="nn.MSELoss on [0, 1] images: InitLossCheck must read the loss as MSE",
+    ),
+    RealCase(
+        "pytorch_examples_word_lm_time_major",
+        WordLanguageModel,
+        bptt_data,
+        None,
+        trainer_kwargs={"gradient_clip_val": 0.25},
+        note="(35, 20) time-major batches, (700,) flattened targets, carried self.hidden",
+    ),
+    RealCase(
+        "pytorch_examples_gcn_sparse",
+        GCN,
+        graph_data,
+        None,
+        may_skip={
+            "BatchLeakageProbe": GRAPH_WORDS,
+            "PredictionDynamicsLogger": (*GRAPH_WORDS, "sparse", "inputs=", "forward="),
+            "FirstLayerVisualizer": (*GRAPH_WORDS, "sparse", "inputs=", "forward="),
+        },
+        check_kwargs={"inputs": _graph_inputs, "targets": _graph_targets},
+        note="full-batch graph; the adapters say which tensors are inputs (features, adj) and the labels",
+    ),
     RealCase("pytorch_examples_polynomial_regression", PolynomialRegression, polynomial_data, None),
 ]
 
 BUGS = [
-    RealCase("lightning_demo_transformer_sees_its_targets", DemoTransformer, demo_transformer_data, None,
-             catches=("BatchLeakageProbe",), cause=("future", "causal", "target"),
-             check_kwargs={"inputs": _inputs_and_targets, "targets": _second},
-             note="LightningTransformer's forward(inputs, target) feeds the target to its decoder under a causal "
-                  "mask that includes position t itself (and its encoder, unmasked, sees inputs[t + 1] = target[t]): "
-                  "position t is scored on a token it sees. On a stream where no causal model can go below ~0.76 nats "
-                  "per token (each run's first token and stride are unpredictable) it reaches 0.10 in 300 steps. "
-                  "Its forward needs both tensors, so the case passes inputs= / targets= adapters."),
-    RealCase("hf_bert_lm_without_is_decoder", BertBidirectionalLM, hf_lm_data, hf_lm_val, HF,
-             catches=("BatchLeakageProbe",), cause=("future", "causal"),
-             note="bidirectional attention trained with next-token labels: position t sees token t + 1"),
-    RealCase("hf_gpt2_labels_shifted_twice", GPT2ShiftedTwice, pre_shifted_data, pre_shifted_val, HF,
-             catches=CHECKS, cause=("shifted twice", "twice"),
-             note="the collate shifts labels and the HF model shifts again: position t learns token t + 2"),
-    RealCase("x_transformers_encoder_as_lm", XTransformerEncoderLM, shifted_data, shifted_val, ("x_transformers",),
-             catches=("BatchLeakageProbe",), cause=("future", "causal")),
+    RealCase(
+        "lightning_demo_transformer_sees_its_targets",
+        DemoTransformer,
+        demo_transformer_data,
+        None,
+        catches=("BatchLeakageProbe",),
+        cause=("future", "causal", "target"),
+        check_kwargs={"inputs": _inputs_and_targets, "targets": _second},
+        note="LightningTransformer's forward(inputs, target) feeds the target to its decoder under a causal "
+        "mask that includes position t itself (and its encoder, unmasked, sees inputs[t + 1] = target[t]): "
+        "position t is scored on a token it sees. On a stream where no causal model can go below ~0.76 nats "
+        "per token (each run's first token and stride are unpredictable) it reaches 0.10 in 300 steps. "
+        "Its forward needs both tensors, so the case passes inputs= / targets= adapters.",
+    ),
+    RealCase(
+        "hf_bert_lm_without_is_decoder",
+        BertBidirectionalLM,
+        hf_lm_data,
+        hf_lm_val,
+        HF,
+        catches=("BatchLeakageProbe",),
+        cause=("future", "causal"),
+        note="bidirectional attention trained with next-token labels: position t sees token t + 1",
+    ),
+    RealCase(
+        "hf_gpt2_labels_shifted_twice",
+        GPT2ShiftedTwice,
+        pre_shifted_data,
+        pre_shifted_val,
+        HF,
+        catches=CHECKS,
+        cause=("shifted twice", "twice"),
+        note="the collate shifts labels and the HF model shifts again: position t learns token t + 2",
+    ),
+    RealCase(
+        "x_transformers_encoder_as_lm",
+        XTransformerEncoderLM,
+        shifted_data,
+        shifted_val,
+        ("x_transformers",),
+        catches=("BatchLeakageProbe",),
+        cause=("future", "causal"),
+    ),
 ]
 
 ALL = HEALTHY + BUGS
-

@@ -117,8 +117,10 @@ def _fit(callbacks):
 
 def test_a_dataclass_batch_goes_through_all_six_components_without_an_adapter():
     checks = [getattr(lightning_recipe, n)() for n in ("InitLossCheck", "OverfitOneBatch", "BatchLeakageProbe")]
-    monitors = [getattr(lightning_recipe, n)(every_n_steps=1) for n in
-                ("UpdateRatioMonitor", "FirstLayerVisualizer", "PredictionDynamicsLogger")]
+    monitors = [
+        getattr(lightning_recipe, n)(every_n_steps=1)
+        for n in ("UpdateRatioMonitor", "FirstLayerVisualizer", "PredictionDynamicsLogger")
+    ]
     plain = _fit([])
     checked = _fit(checks + monitors)
     for check in checks:

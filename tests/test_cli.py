@@ -40,15 +40,33 @@ def test_help_documents_the_check_command_and_the_exit_status(capsys):
     assert stopped.value.code == 0
     check_help = capsys.readouterr().out
     assert "2 bad usage" in check_help and "Trainer options Lightning refuses" in " ".join(check_help.split())
-    for option in ("--data", "--model-args", "--data-args", "--checks", "--report", "--config", "--accelerator",
-                   "--devices"):
+    for option in (
+        "--data",
+        "--model-args",
+        "--data-args",
+        "--checks",
+        "--report",
+        "--config",
+        "--accelerator",
+        "--devices",
+    ):
         assert option in check_help
 
 
 def test_a_healthy_model_exits_0_and_writes_the_report(tmp_path):
     report = tmp_path / "reports" / "sanity.json"
-    proc = cli("check", "tests.zoo:MLP", "--data", "tests.zoo:clusters", "--model-args", '{"hidden": 16}',
-               "--accelerator", "cpu", "--report", str(report))
+    proc = cli(
+        "check",
+        "tests.zoo:MLP",
+        "--data",
+        "tests.zoo:clusters",
+        "--model-args",
+        '{"hidden": 16}',
+        "--accelerator",
+        "cpu",
+        "--report",
+        str(report),
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "lightning_recipe sanity run: PASSED" in proc.stdout
     data = json.loads(report.read_text())
@@ -58,8 +76,16 @@ def test_a_healthy_model_exits_0_and_writes_the_report(tmp_path):
 
 
 def test_a_failing_check_exits_1_with_the_fix():
-    proc = cli("check", "tests.zoo:DoubleSoftmax", "--data", "tests.zoo:clusters", "--checks", "OverfitOneBatch",
-               "--accelerator", "cpu")
+    proc = cli(
+        "check",
+        "tests.zoo:DoubleSoftmax",
+        "--data",
+        "tests.zoo:clusters",
+        "--checks",
+        "OverfitOneBatch",
+        "--accelerator",
+        "cpu",
+    )
     assert proc.returncode == 1, (proc.stdout + proc.stderr)[-4000:]
     assert "OverfitOneBatch: Double softmax" in proc.stdout
     assert "Traceback" not in proc.stderr
@@ -68,8 +94,10 @@ def test_a_failing_check_exits_1_with_the_fix():
 def test_bad_usage_exits_2_with_a_message_and_no_traceback():
     proc = cli("check", "tests.zoo:NoSuchModel")
     assert proc.returncode == 2
-    assert proc.stderr.startswith("lightning-recipe check: error: expected the model to name a class or function in "
-                                  "tests.zoo, but 'NoSuchModel' is not there; it defines: ")
+    assert proc.stderr.startswith(
+        "lightning-recipe check: error: expected the model to name a class or function in "
+        "tests.zoo, but 'NoSuchModel' is not there; it defines: "
+    )
     assert "Traceback" not in proc.stderr
 
 
@@ -124,7 +152,8 @@ def test_a_model_that_crashes_is_a_failed_run_naming_the_error_and_where(capsys)
 
 def test_a_model_from_a_file_path_and_a_datamodule(tmp_path, capsys):
     source = tmp_path / "project_file.py"
-    source.write_text(textwrap.dedent("""
+    source.write_text(
+        textwrap.dedent("""
         import lightning.pytorch as L
         from torch.utils.data import DataLoader
         from tests.zoo import MLP, cluster_data
@@ -132,11 +161,24 @@ def test_a_model_from_a_file_path_and_a_datamodule(tmp_path, capsys):
         class Clusters(L.LightningDataModule):
             def train_dataloader(self):
                 return DataLoader(cluster_data(), batch_size=32, shuffle=True)
-    """))
+    """)
+    )
     report = tmp_path / "report.json"
     torch.manual_seed(0)
-    code = main(["check", f"{source}:MLP", "--data", f"{source}:Clusters", "--checks", "init_loss_check",
-                 "--accelerator", "cpu", "--report", str(report)])
+    code = main(
+        [
+            "check",
+            f"{source}:MLP",
+            "--data",
+            f"{source}:Clusters",
+            "--checks",
+            "init_loss_check",
+            "--accelerator",
+            "cpu",
+            "--report",
+            str(report),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert [c["name"] for c in json.loads(report.read_text())["checks"]] == ["InitLossCheck"]
 
@@ -215,8 +257,12 @@ data:
 
 def test_a_lightning_cli_script_with_the_suite_in_its_config_needs_only_the_variable(tmp_path):
     (tmp_path / "main.py").write_text("from lightning.pytorch.cli import LightningCLI\nLightningCLI()\n")
-    proc = in_project(tmp_path, SUITE_CONFIG, [sys.executable, "main.py", "fit", "--config", "config.yaml"],
-                      LIGHTNING_RECIPE_SANITY_RUN="1")
+    proc = in_project(
+        tmp_path,
+        SUITE_CONFIG,
+        [sys.executable, "main.py", "fit", "--config", "config.yaml"],
+        LIGHTNING_RECIPE_SANITY_RUN="1",
+    )
     assert proc.returncode == 1, (proc.stdout + proc.stderr)[-4000:]
     data = json.loads((tmp_path / "logs" / "lightning_logs" / "version_0" / "sanity_run.json").read_text())
     assert [c["status"] for c in data["checks"]] == ["passed", "passed", "failed"]
@@ -232,8 +278,21 @@ def test_check_with_a_config_that_holds_the_suite_runs_only_the_checks_asked_for
 @pytest.mark.slow
 def test_check_under_ddp_with_two_cpu_processes_writes_one_report(tmp_path):
     report = tmp_path / "report.json"
-    proc = cli("check", "tests.zoo:DoubleSoftmax", "--data", "tests.zoo:clusters", "--accelerator", "cpu",
-               "--devices", "2", "--strategy", "ddp", "--report", str(report), cwd=tmp_path)
+    proc = cli(
+        "check",
+        "tests.zoo:DoubleSoftmax",
+        "--data",
+        "tests.zoo:clusters",
+        "--accelerator",
+        "cpu",
+        "--devices",
+        "2",
+        "--strategy",
+        "ddp",
+        "--report",
+        str(report),
+        cwd=tmp_path,
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode in (1, -9), output[-4000:]  # -9: Lightning's launcher kills rank 0 after rank 1 exits 1
     assert output.count("lightning_recipe sanity run: FAILED") == 1, output[-4000:]
@@ -260,8 +319,19 @@ def train_and_val():
 @pytest.mark.parametrize("data", [[], ["--data", "tests.test_cli:train_and_val"]], ids=["model_loaders", "pair"])
 def test_data_from_the_model_or_a_train_val_pair(tmp_path, capsys, data):
     report = tmp_path / "report.json"
-    code = main(["check", "tests.test_cli:WithLoaders", *data, "--checks", "InitLossCheck", "--accelerator", "cpu",
-                 "--report", str(report)])
+    code = main(
+        [
+            "check",
+            "tests.test_cli:WithLoaders",
+            *data,
+            "--checks",
+            "InitLossCheck",
+            "--accelerator",
+            "cpu",
+            "--report",
+            str(report),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert json.loads(report.read_text())["checks"][0]["status"] == "passed"
 
@@ -273,10 +343,17 @@ NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine w
     ("args", "message"),
     [
         (["--devices", "two"], r"Lightning's Trainer refused --devices two: .* --devices takes a number of CPU proc"),
-        (["--strategy", "nonsense"], r"Lightning's Trainer refused --strategy nonsense: .* --strategy takes one of "
-                                     r"auto, ddp, "),
-        pytest.param(["--accelerator", "gpu"], r"Lightning's Trainer refused --accelerator gpu: No supported gpu "
-                                               r"backend found! --accelerator takes one of auto, cpu", marks=NO_GPU),
+        (
+            ["--strategy", "nonsense"],
+            r"Lightning's Trainer refused --strategy nonsense: .* --strategy takes one of "
+            r"auto, ddp, ",
+        ),
+        pytest.param(
+            ["--accelerator", "gpu"],
+            r"Lightning's Trainer refused --accelerator gpu: No supported gpu "
+            r"backend found! --accelerator takes one of auto, cpu",
+            marks=NO_GPU,
+        ),
         (["--num-nodes", "0"], r"Lightning's Trainer refused --num-nodes 0: .* takes a positive integer"),
     ],
     ids=lambda v: "-".join(v) if isinstance(v, list) else "",
@@ -323,8 +400,18 @@ class UserTypeError(RaisesWhatLightningRaises):
 def test_the_users_own_error_is_a_failed_run_whatever_its_type(capsys, model):
     """Bad usage is told by where the error was raised (inside the Trainer's construction), not by its type: the
     same types raised by the user's model are the user's: a failed check naming the error and where, exit 1."""
-    code = main(["check", f"tests.test_cli:{model}", "--data", "tests.zoo:clusters", "--checks", "InitLossCheck",
-                 "--accelerator", "cpu"])
+    code = main(
+        [
+            "check",
+            f"tests.test_cli:{model}",
+            "--data",
+            "tests.zoo:clusters",
+            "--checks",
+            "InitLossCheck",
+            "--accelerator",
+            "cpu",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 1, out + err
     assert "FAILED" in out and "expected 3 classes but the target holds 5" in out
@@ -377,10 +464,19 @@ model:
     ("trainer", "data", "status", "message"),
     [
         ("", "data:\n  class_path: model.Data", 0, None),
-        ("  devices: two", "data:\n  class_path: model.Data",
-         2, "Lightning's Trainer refused its options from --config cfg.yaml: `devices` selected with"),
-        ("", "", 2, "expected training data, but cfg.yaml gives no data and Net defines no train_dataloader: add a "
-                    "data: section to the config, pass --data MODULE:DataModule, or define train_dataloader"),
+        (
+            "  devices: two",
+            "data:\n  class_path: model.Data",
+            2,
+            "Lightning's Trainer refused its options from --config cfg.yaml: `devices` selected with",
+        ),
+        (
+            "",
+            "",
+            2,
+            "expected training data, but cfg.yaml gives no data and Net defines no train_dataloader: add a "
+            "data: section to the config, pass --data MODULE:DataModule, or define train_dataloader",
+        ),
     ],
     ids=["healthy", "bad_trainer_option", "no_data"],
 )

@@ -136,8 +136,11 @@ def test_the_package_makes_dynamo_compile_nothing_training_would_not(how):
     receives exactly the graphs it receives without them."""
     plain = _graphs_compiled(how, [])
     callbacks = [
-        InitLossCheck(), OverfitOneBatch(), BatchLeakageProbe(),
-        UpdateRatioMonitor(every_n_steps=1), PredictionDynamicsLogger(every_n_steps=1),
+        InitLossCheck(),
+        OverfitOneBatch(),
+        BatchLeakageProbe(),
+        UpdateRatioMonitor(every_n_steps=1),
+        PredictionDynamicsLogger(every_n_steps=1),
         FirstLayerVisualizer(every_n_steps=1),
     ]
     assert _graphs_compiled(how, callbacks) == plain

@@ -132,8 +132,11 @@ def _stateful_loader() -> DataLoader:
     return torchdata.StatefulDataLoader(Numbered(), batch_size=32, shuffle=True)
 
 
-PIPELINES = {"queue_stream": _stream_loader, "curriculum_sampler": _curriculum_loader,
-             "stateful_dataloader": _stateful_loader}
+PIPELINES = {
+    "queue_stream": _stream_loader,
+    "curriculum_sampler": _curriculum_loader,
+    "stateful_dataloader": _stateful_loader,
+}
 
 
 def _run(make_loader, callbacks: list[L.Callback], steps: int = 6, epochs: int = 1):
@@ -211,7 +214,7 @@ def test_training_gets_the_same_records_in_the_same_order_and_ends_bit_identical
         assert check.result.status is CheckStatus.PASSED, check.result.format()
         assert "Read from the first batch training fetched" in check.result.summary
         assert check.result.details["read"]
-    for monitor in components[len(CHECKS):]:
+    for monitor in components[len(CHECKS) :]:
         assert monitor.enabled and monitor.alerts == [], (monitor.name, [a.message for a in monitor.alerts])
     dynamics = components[-1]
     assert dynamics.batch is not None and dynamics.batch_source == "train"
@@ -281,7 +284,9 @@ def test_a_sanity_run_reads_a_fresh_pass_even_of_a_stream():
     """Nothing trains after a sanity run: it reads the stream itself, and the report is the whole verdict."""
     cursor = SharedCursor()
     report = sanity_run(
-        MLPClassifier(), train_dataloaders=DataLoader(PairStream(cursor), batch_size=32), accelerator="cpu",
+        MLPClassifier(),
+        train_dataloaders=DataLoader(PairStream(cursor), batch_size=32),
+        accelerator="cpu",
         checks=list(CHECKS),
     )
     assert report.passed, report.to_markdown()
@@ -329,7 +334,10 @@ def ddp_stream_loader() -> DataLoader:
 
 def test_under_ddp_the_checks_run_on_each_ranks_first_batch_and_agree(tmp_path):
     code, ranks, output = run_ddp(
-        tmp_path, "tests.models:MLPClassifier", "tests.test_data_pipelines:ddp_stream_loader", list(CHECKS),
+        tmp_path,
+        "tests.models:MLPClassifier",
+        "tests.test_data_pipelines:ddp_stream_loader",
+        list(CHECKS),
         max_steps=3,
     )
     assert code == 0, output[-3000:]

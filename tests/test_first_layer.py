@@ -240,8 +240,11 @@ def test_first_layer_that_is_not_image_like_is_watched_for_movement(tmp_path):
 
 
 def test_unknown_layer_is_refused_at_setup_with_the_list():
-    with pytest.raises(ValueError, match=r"^Expected `layer` to name a module of the model, but got 'conv0'; "
-                       r"modules with weights are: fc, pos, conv1, conv2\.$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^Expected `layer` to name a module of the model, but got 'conv0'; "
+        r"modules with weights are: fc, pos, conv1, conv2\.$",
+    ):
         trainer(callbacks=[FirstLayerVisualizer(layer="conv0")]).fit(HeadFirstCNN(), shapes())
 
 
@@ -344,9 +347,13 @@ def test_internal_error_switches_off_with_one_warning(monkeypatch):
 
 def test_ddp_logs_from_rank_zero_only(tmp_path):
     code, ranks, output = run_ddp(
-        tmp_path, model="tests.test_first_layer:HeadFirstCNN", data="tests.zoo:shapes",
-        check="FirstLayerVisualizer", check_kwargs={"every_n_steps": 2, "measure_every_n_steps": 2},
-        max_steps=4, tensorboard=True,
+        tmp_path,
+        model="tests.test_first_layer:HeadFirstCNN",
+        data="tests.zoo:shapes",
+        check="FirstLayerVisualizer",
+        check_kwargs={"every_n_steps": 2, "measure_every_n_steps": 2},
+        max_steps=4,
+        tensorboard=True,
     )
     assert code == 0, output[-3000:]
     assert sorted(ranks) == [0, 1]

@@ -61,7 +61,9 @@ def test_monitors_measure_log_and_stay_quiet_on_a_healthy_model(tmp_path, precis
     dynamics = PredictionDynamicsLogger(every_n_steps=20, figure_every_n_steps=100)
     first = FirstLayerVisualizer(every_n_steps=50, measure_every_n_steps=20)
     t = _gpu_trainer(
-        max_steps=120, precision=precision, callbacks=[ratio, dynamics, first],
+        max_steps=120,
+        precision=precision,
+        callbacks=[ratio, dynamics, first],
         logger=TensorBoardLogger(str(tmp_path), name="tb"),
     )
     t.fit(BatchNormCNN(), shapes(), shapes())

@@ -443,13 +443,19 @@ def test_scalars_are_logged_under_recipe_init_loss_check(tmp_path):
 def test_ddp_same_verdict_on_both_ranks(tmp_path):
     (tmp_path / "ok").mkdir()
     (tmp_path / "bad").mkdir()
-    code, ranks, output = run_ddp(tmp_path / "ok", "tests.models:MLPClassifier", "tests.models:cluster_loader",
-                                  "InitLossCheck")
+    code, ranks, output = run_ddp(
+        tmp_path / "ok", "tests.models:MLPClassifier", "tests.models:cluster_loader", "InitLossCheck"
+    )
     assert code == 0, output
     assert {r["result"]["status"] for r in ranks.values()} == {"passed"} and len(ranks) == 2
 
-    code, ranks, output = run_ddp(tmp_path / "bad", "tests.test_init_loss:InitClassifier",
-                                  "tests.models:cluster_loader", "InitLossCheck", model_kwargs={"scale": 100.0})
+    code, ranks, output = run_ddp(
+        tmp_path / "bad",
+        "tests.test_init_loss:InitClassifier",
+        "tests.models:cluster_loader",
+        "InitLossCheck",
+        model_kwargs={"scale": 100.0},
+    )
     assert code != 0 and len(ranks) == 2, output
     assert {r["error"] for r in ranks.values()} == {"RecipeCheckError"}
     assert len({r["result"]["summary"] for r in ranks.values()}) == 1

@@ -94,8 +94,9 @@ class TimeMajorLSTM(nn.Module):
 class TinyLM(nn.Module):
     """Token LM: embedding + transformer encoder with a causal mask; ``diagonal`` None: no mask."""
 
-    def __init__(self, vocab: int = 11, dim: int = 16, layers: int = 1, diagonal: int | None = 1,
-                 flatten: bool = False) -> None:
+    def __init__(
+        self, vocab: int = 11, dim: int = 16, layers: int = 1, diagonal: int | None = 1, flatten: bool = False
+    ) -> None:
         super().__init__()
         self.diagonal = diagonal
         self.flatten = flatten
@@ -436,8 +437,9 @@ def test_bad_arguments_are_refused_at_construction_with_the_choices(kwargs, mess
 @pytest.mark.parametrize("buggy", [False, True], ids=["healthy", "view_bug"])
 def test_ddp_ranks_agree(tmp_path, buggy):
     model = "tests.test_leakage:LitBuggySequences" if buggy else "tests.test_leakage:LitSequences"
-    code, ranks, output = run_ddp(tmp_path, model=model, data="tests.test_leakage:sequence_loader",
-                                  check="BatchLeakageProbe")
+    code, ranks, output = run_ddp(
+        tmp_path, model=model, data="tests.test_leakage:sequence_loader", check="BatchLeakageProbe"
+    )
     assert set(ranks) == {0, 1}, output
     statuses = {r["result"]["status"] for r in ranks.values()}
     if buggy:
@@ -494,9 +496,7 @@ def test_causal_violations_fail_with_positions_and_the_mask_fix(diagonal, fix):
     x, y = _tokens(n=32)
     probe = BatchLeakageProbe()
     with pytest.raises(RecipeCheckError, match="outputs see the future") as info:
-        trainer(callbacks=[probe], max_steps=1).fit(
-            LitTinyLM(diagonal), DataLoader(TensorDataset(x, y), batch_size=8)
-        )
+        trainer(callbacks=[probe], max_steps=1).fit(LitTinyLM(diagonal), DataLoader(TensorDataset(x, y), batch_size=8))
     result = info.value.result
     assert fix in result.hint
     assert result.details["causal_violations"][0]["output_position"] == 0

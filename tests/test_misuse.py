@@ -216,15 +216,20 @@ def test_arguments_are_checked_at_construction(check_cls):
         (lambda: OverfitOneBatch(lr=float("inf")), r"Expected `lr` to be a finite positive number, but got inf\."),
         (lambda: OverfitOneBatch(lr=float("nan")), r"Expected `lr` to be a finite positive number, but got nan\."),
         (lambda: OverfitOneBatch(lrs=(1e-3, float("inf"))), r"Expected `lrs` to be a finite positive number"),
-        (lambda: InitLossCheck(expected=-1), r"Expected `expected` to be the loss at initialization, a finite "
-                                             r"number >= 0, or None, but got -1\."),
+        (
+            lambda: InitLossCheck(expected=-1),
+            r"Expected `expected` to be the loss at initialization, a finite "
+            r"number >= 0, or None, but got -1\.",
+        ),
         (lambda: InitLossCheck(expected=float("inf")), r"`expected` to be .* but got inf\."),
         (lambda: InitLossCheck(ignore_index="a"), r"Expected `ignore_index` to be an integer, but got 'a'\."),
         (lambda: InitLossCheck(ignore_index=1.5), r"Expected `ignore_index` to be an integer, but got 1\.5\."),
         (lambda: BatchLeakageProbe(causal=1), r"Expected `causal` to be one of \[None, True, False\], but got 1\."),
         (lambda: BatchLeakageProbe(graph=0.0), r"Expected `graph` to be one of \[None, True, False\], but got 0\.0"),
-        (lambda: RecipeSuite(sanity_run=False, exit_process=1),
-         r"Expected `exit_process` to be one of \[True, False\], but got 1\."),
+        (
+            lambda: RecipeSuite(sanity_run=False, exit_process=1),
+            r"Expected `exit_process` to be one of \[True, False\], but got 1\.",
+        ),
     ],
 )
 def test_arguments_that_cannot_work_are_refused_at_construction(make, message):

@@ -161,8 +161,9 @@ def test_run_with_checks_ends_bit_identical_to_run_without(make_model, data):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("checks_too", [True, False], ids=["all", "monitors-only"])
-@pytest.mark.parametrize("make_model", [_compiled_submodules("inductor"), _compiled_module("inductor")],
-                         ids=["submodules", "module"])
+@pytest.mark.parametrize(
+    "make_model", [_compiled_submodules("inductor"), _compiled_module("inductor")], ids=["submodules", "module"]
+)
 def test_inductor_compiled_run_with_checks_ends_bit_identical(make_model, checks_too):
     """The default backend generates its own kernels. A graph compiled for one of the package's forward passes
     (eval mode, no gradients, hooks) made dynamo recompile training's graph and the run drift: seen with the

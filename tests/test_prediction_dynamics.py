@@ -185,7 +185,8 @@ def _layouts() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         "multiclass": (torch.randn(8, 5, generator=g), torch.randint(0, 5, (8,), generator=g)),
         "per position (N, T, C)": (torch.randn(4, 6, 5, generator=g), labels),
         "segmentation (N, C, H, W)": (
-            torch.randn(2, 3, 4, 4, generator=g), torch.randint(0, 3, (2, 4, 4), generator=g)
+            torch.randn(2, 3, 4, 4, generator=g),
+            torch.randint(0, 3, (2, 4, 4), generator=g),
         ),
         "flattened (N*T, V) vs (N, T)": (torch.randn(24, 5, generator=g), labels),
         "class probabilities": (torch.randn(4, 3, generator=g), probabilities),

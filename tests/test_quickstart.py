@@ -15,7 +15,10 @@ REPO = Path(__file__).resolve().parents[1]
 def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(REPO / "examples" / "quickstart.py"), "--logdir", str(tmp_path), "--epochs", "1", *args],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
     )
 
 

@@ -77,8 +77,11 @@ def test_ground_truth_output_at_t_depends_on_a_later_token_only_in_the_bugs(name
     with torch.no_grad():
         if isinstance(batch, dict):
             ids = batch["input_ids"][:2].clone()
-            call = (lambda ids: model(ids, attention_mask=batch["attention_mask"][:2]).logits) if "attention_mask" in \
-                batch else (lambda ids: model(ids))
+            call = (
+                (lambda ids: model(ids, attention_mask=batch["attention_mask"][:2]).logits)
+                if "attention_mask" in batch
+                else (lambda ids: model(ids))
+            )
         elif name.startswith("lightning_demo_transformer"):
             inputs, target = batch[0][:2].clone(), batch[1][:2].clone()
             ids = target  # the decoder's input: the token position t is scored on is target[t]
@@ -197,8 +200,9 @@ def _plain_attributes(model: torch.nn.Module) -> dict[str, Any]:
             if isinstance(value, Tensor) or (
                 isinstance(value, tuple) and value and all(isinstance(v, Tensor) for v in value)
             ):
-                out[f"{prefix}.{key}"] = tuple(v.detach().clone() for v in value) if isinstance(value, tuple) \
-                    else value.detach().clone()
+                out[f"{prefix}.{key}"] = (
+                    tuple(v.detach().clone() for v in value) if isinstance(value, tuple) else value.detach().clone()
+                )
     return out
 
 

@@ -24,9 +24,7 @@ def run(args: list[str], cwd: Path, sanity: bool = True, timeout: float = 240) -
     env.pop("LIGHTNING_RECIPE_SANITY_RUN", None)
     if sanity:
         env["LIGHTNING_RECIPE_SANITY_RUN"] = "1"
-    return subprocess.run(
-        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def reports(folder: Path) -> list[Path]:
@@ -104,8 +102,18 @@ def test_under_ddp_rank_zero_writes_one_report_and_every_rank_exits_with_the_ver
 
 @pytest.mark.slow
 def test_under_torchrun_the_job_fails_when_a_check_fails(tmp_path):
-    args = ["-m", "torch.distributed.run", "--nproc_per_node=2", str(TRAIN), "--accelerator", "cpu", "--devices", "2",
-            "--strategy", "ddp"]
+    args = [
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        str(TRAIN),
+        "--accelerator",
+        "cpu",
+        "--devices",
+        "2",
+        "--strategy",
+        "ddp",
+    ]
     (tmp_path / "healthy").mkdir()
     (tmp_path / "buggy").mkdir()
     healthy = run(args, tmp_path / "healthy")

@@ -293,8 +293,11 @@ class GatherGCN(nn.Module):
 
 
 def test_a_graph_whose_propagation_cannot_be_seen_is_skipped_saying_why_and_how_to_probe_anyway():
-    with pytest.raises(LeakageNotApplicable, match=r"nodes of one graph.*not held to per-example independence.*"
-                       r"`graph=False`"):
+    with pytest.raises(
+        LeakageNotApplicable,
+        match=r"nodes of one graph.*not held to per-example independence.*"
+        r"`graph=False`",
+    ):
         _graph_probe(GatherGCN(), sbm_graph())
 
 
@@ -323,8 +326,11 @@ def test_an_edge_list_graph_is_skipped_saying_why_and_graph_false_probes_its_ind
     torch.manual_seed(0)
     g = sbm_graph()
     batch = (g["x"], g["adj"].indices())
-    with pytest.raises(LeakageNotApplicable, match=r"edge list over the 120 examples \(\(2, \d+\) int64\).*"
-                       r"not held to per-example independence.*`graph=False`"):
+    with pytest.raises(
+        LeakageNotApplicable,
+        match=r"edge list over the 120 examples \(\(2, \d+\) int64\).*"
+        r"not held to per-example independence.*`graph=False`",
+    ):
         probe_batch_leakage(EdgeListGCN(), batch, lambda m, x: m(*x), targets=g["y"])
     report = probe_batch_leakage(EdgeListGCN(), batch, lambda m, x: m(*x), targets=g["y"], graph=False)
     edges = g["adj"].to_dense()[:16, :16] != 0
@@ -337,8 +343,12 @@ def test_an_edge_list_graph_is_skipped_saying_why_and_graph_false_probes_its_ind
 
 def _six(**check_kwargs):
     return [
-        InitLossCheck(**check_kwargs), OverfitOneBatch(**check_kwargs), BatchLeakageProbe(**check_kwargs),
-        UpdateRatioMonitor(), PredictionDynamicsLogger(), FirstLayerVisualizer(),
+        InitLossCheck(**check_kwargs),
+        OverfitOneBatch(**check_kwargs),
+        BatchLeakageProbe(**check_kwargs),
+        UpdateRatioMonitor(),
+        PredictionDynamicsLogger(),
+        FirstLayerVisualizer(),
     ]
 
 
@@ -402,8 +412,11 @@ def test_all_six_components_on_a_gcn_trained_on_masked_nodes():
 
 def test_the_probe_stops_a_gcn_that_normalises_over_the_nodes():
     L.seed_everything(0)
-    with pytest.raises(RecipeCheckError, match=r"node outputs reach beyond the graph.*output of node \d+ depends "
-                       r"on node \d+") as caught:
+    with pytest.raises(
+        RecipeCheckError,
+        match=r"node outputs reach beyond the graph.*output of node \d+ depends "
+        r"on node \d+",
+    ) as caught:
         trainer(callbacks=[BatchLeakageProbe()]).fit(GCN(bug="softmax_over_nodes"), graph_loader())
     assert "log_softmax(x, dim=0)" in caught.value.result.hint
 

@@ -183,8 +183,14 @@ def test_what_lightning_owns_is_left_alone():
             recorded["fx_after_restore"] = pl_module._current_fx_name
 
     model = LitStateful()
-    L.Trainer(max_steps=1, callbacks=[Probe()], logger=False, enable_checkpointing=False,
-              enable_progress_bar=False, enable_model_summary=False).fit(model)
+    L.Trainer(
+        max_steps=1,
+        callbacks=[Probe()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    ).fit(model)
     assert set(recorded) == {"steps_seen", "fx_after_restore"}
     assert recorded["fx_after_restore"] == "changed-by-lightning"
 

@@ -72,8 +72,12 @@ def test_a_component_of_the_wrong_type_is_refused():
 def test_components_are_configured_removed_or_given_and_checks_run_cheap_first():
     probe = BatchLeakageProbe(num_examples=4)
     suite = RecipeSuite(
-        overfit_one_batch={"max_steps": 50}, batch_leakage_probe=probe, init_loss_check=True,
-        first_layer_visualizer=None, prediction_dynamics_logger=False, on_fail="warn",
+        overfit_one_batch={"max_steps": 50},
+        batch_leakage_probe=probe,
+        init_loss_check=True,
+        first_layer_visualizer=None,
+        prediction_dynamics_logger=False,
+        on_fail="warn",
     )
     assert [type(c) for c in suite.checks] == [InitLossCheck, BatchLeakageProbe, OverfitOneBatch]
     assert suite.checks[1] is probe
@@ -178,12 +182,17 @@ def test_sanity_run_returns_a_report_without_training_and_never_raises():
 
     counter = StepCounter()
     report = sanity_run(
-        buggy, train_dataloaders=clusters(), checks=[OverfitOneBatch(), "init_loss_check"], accelerator="cpu",
+        buggy,
+        train_dataloaders=clusters(),
+        checks=[OverfitOneBatch(), "init_loss_check"],
+        accelerator="cpu",
         callbacks=[counter],
     )
     assert not report.passed
-    assert [(r.name, r.status.value) for r in report.results] == [("InitLossCheck", "passed"),
-                                                                   ("OverfitOneBatch", "failed")]
+    assert [(r.name, r.status.value) for r in report.results] == [
+        ("InitLossCheck", "passed"),
+        ("OverfitOneBatch", "failed"),
+    ]
     assert "softmax" in report.results[1].hint
     assert counter.steps == 0
     assert_untouched(buggy, before)
@@ -191,8 +200,11 @@ def test_sanity_run_returns_a_report_without_training_and_never_raises():
 
 
 def test_sanity_run_refuses_unknown_check_names():
-    with pytest.raises(ValueError, match=r"Expected a check name, one of InitLossCheck \(init_loss_check\), .* "
-                                         r"but got 'GradientCheck'"):
+    with pytest.raises(
+        ValueError,
+        match=r"Expected a check name, one of InitLossCheck \(init_loss_check\), .* "
+        r"but got 'GradientCheck'",
+    ):
         sanity_run(MLP(), train_dataloaders=clusters(), checks=["GradientCheck"])
 
 
@@ -224,8 +236,14 @@ def test_a_report_that_cannot_be_written_is_said_and_the_verdict_still_stands(tm
 
 
 def test_without_sanity_mode_warn_lets_training_go_on(tmp_path):
-    suite = RecipeSuite(on_fail="warn", init_loss_check=None, batch_leakage_probe=None, update_ratio_monitor=None,
-                        prediction_dynamics_logger=None, first_layer_visualizer=None)
+    suite = RecipeSuite(
+        on_fail="warn",
+        init_loss_check=None,
+        batch_leakage_probe=None,
+        update_ratio_monitor=None,
+        prediction_dynamics_logger=None,
+        first_layer_visualizer=None,
+    )
     run = trainer(tmp_path, max_steps=2, callbacks=[suite])
     with pytest.warns(RecipeWarning, match="OverfitOneBatch: FAILED"):
         run.fit(DoubleSoftmax(), clusters())
@@ -244,8 +262,9 @@ def _seeded_run(callbacks: list) -> tuple[dict[str, torch.Tensor], torch.Tensor]
 
 def test_the_suite_leaves_a_seeded_run_bit_identical():
     every_step = {"every_n_steps": 1}
-    suite = RecipeSuite(update_ratio_monitor=every_step, prediction_dynamics_logger=every_step,
-                        first_layer_visualizer=every_step)
+    suite = RecipeSuite(
+        update_ratio_monitor=every_step, prediction_dynamics_logger=every_step, first_layer_visualizer=every_step
+    )
     plain, with_suite = _seeded_run([]), _seeded_run([suite])
     assert all(c.result.passed for c in suite.checks) and all(m.enabled for m in suite.monitors)
     for key, value in plain[0].items():

@@ -95,8 +95,9 @@ def test_masked_language_model_is_not_next_token_training():
     tokens = _sequences()
     inputs, labels = tokens.clone(), torch.full_like(tokens, -100)
     inputs[:, 3], labels[:, 3] = 19, tokens[:, 3]  # [MASK] at position 3, predicted there
-    a = read_alignment(_grad(lambda o: F.cross_entropy(o.flatten(0, 1), labels.flatten()), torch.randn(4, 10, 20)),
-                       labels, inputs)
+    a = read_alignment(
+        _grad(lambda o: F.cross_entropy(o.flatten(0, 1), labels.flatten()), torch.randn(4, 10, 20)), labels, inputs
+    )
     assert (a.target_shift, a.input_shift, a.next_token) == (0, None, False)
 
 
@@ -306,8 +307,13 @@ def test_next_token_reading_under_ddp(tmp_path, data, fails):
     from tests.ddp import run_ddp
 
     checks = ["InitLossCheck", "OverfitOneBatch", "BatchLeakageProbe"]
-    code, ranks, output = run_ddp(tmp_path, model="tests.test_task:ShiftInsideLM", data=f"tests.test_task:{data}",
-                                  check=checks, check_kwargs={"on_fail": "warn"})
+    code, ranks, output = run_ddp(
+        tmp_path,
+        model="tests.test_task:ShiftInsideLM",
+        data=f"tests.test_task:{data}",
+        check=checks,
+        check_kwargs={"on_fail": "warn"},
+    )
     assert code == 0 and set(ranks) == {0, 1}, output
     for rank in ranks.values():
         statuses = {r["name"]: r["status"] for r in rank["results"]}

@@ -403,8 +403,14 @@ def test_hooks_are_removed_when_fit_ends():
 
 def test_ddp_both_ranks_agree_and_only_rank_zero_writes(tmp_path):
     code, ranks, output = run_ddp(
-        tmp_path, model="tests.zoo:LearningRate", model_kwargs={"lr": 1e-7}, data="tests.models:cluster_loader",
-        check="UpdateRatioMonitor", check_kwargs={"every_n_steps": 2}, max_steps=8, tensorboard=True,
+        tmp_path,
+        model="tests.zoo:LearningRate",
+        model_kwargs={"lr": 1e-7},
+        data="tests.models:cluster_loader",
+        check="UpdateRatioMonitor",
+        check_kwargs={"every_n_steps": 2},
+        max_steps=8,
+        tensorboard=True,
     )
     assert code == 0, output
     assert set(ranks) == {0, 1}

@@ -163,7 +163,10 @@ def test_a_crashing_dataset_is_the_users_error():
             raise KeyError(f"record {i} missing")
 
     report = sanity_run(
-        MLPClassifier(), train_dataloaders=loader(Broken()), accelerator="cpu", checks=["init_loss_check"],
+        MLPClassifier(),
+        train_dataloaders=loader(Broken()),
+        accelerator="cpu",
+        checks=["init_loss_check"],
         num_sanity_val_steps=0,
     )
     # Lightning itself reads the first batch before the checks run, so either it or the check stops the run
@@ -173,8 +176,18 @@ def test_a_crashing_dataset_is_the_users_error():
 
 def test_the_cli_exits_1_with_the_users_exception_in_the_report(tmp_path, capsys):
     path = tmp_path / "report.json"
-    code = main(["check", "tests.test_user_errors:CrashingStep", "--data", "tests.test_user_errors:data",
-                 "--accelerator", "cpu", "--report", str(path)])
+    code = main(
+        [
+            "check",
+            "tests.test_user_errors:CrashingStep",
+            "--data",
+            "tests.test_user_errors:data",
+            "--accelerator",
+            "cpu",
+            "--report",
+            str(path),
+        ]
+    )
     out = capsys.readouterr()
     assert code == 1, out.err[-3000:]
     checks = json.loads(path.read_text())["checks"]
@@ -182,14 +195,14 @@ def test_the_cli_exits_1_with_the_users_exception_in_the_report(tmp_path, capsys
     assert "test_user_errors.py" in checks[0]["details"]["user_error"]["location"]
 
 
-SCRIPT = '''
+SCRIPT = """
 import sys
 import lightning.pytorch as L
 from lightning_recipe import RecipeSuite
 from tests.test_user_errors import CrashingForward, data
 L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
           default_root_dir=sys.argv[1], callbacks=[RecipeSuite(report_dir=sys.argv[1])]).fit(CrashingForward(), data())
-'''
+"""
 
 
 def test_the_environment_variable_sanity_run_exits_1_with_the_users_exception(tmp_path):
@@ -206,8 +219,9 @@ def test_the_environment_variable_sanity_run_exits_1_with_the_users_exception(tm
 
 
 def test_under_ddp_a_crashing_training_step_raises_the_users_exception_on_both_ranks(tmp_path):
-    code, ranks, output = run_ddp(tmp_path, "tests.test_user_errors:CrashingStep", "tests.models:cluster_loader",
-                                  "InitLossCheck")
+    code, ranks, output = run_ddp(
+        tmp_path, "tests.test_user_errors:CrashingStep", "tests.models:cluster_loader", "InitLossCheck"
+    )
     assert sorted(ranks) == [0, 1], output[-4000:]
     for seen in ranks.values():
         assert seen["error"] == "RuntimeError", seen
@@ -224,8 +238,12 @@ class CrashesOnRankOne(MLPClassifier):
 
 
 def test_under_ddp_a_crash_on_one_rank_stops_every_rank_without_a_hang(tmp_path):
-    code, ranks, output = run_ddp(tmp_path, "tests.test_user_errors:CrashesOnRankOne", "tests.models:cluster_loader",
-                                  ["InitLossCheck", "OverfitOneBatch"])
+    code, ranks, output = run_ddp(
+        tmp_path,
+        "tests.test_user_errors:CrashesOnRankOne",
+        "tests.models:cluster_loader",
+        ["InitLossCheck", "OverfitOneBatch"],
+    )
     assert code != 0
     assert sorted(ranks) == [0, 1], output[-4000:]
     assert ranks[1]["error"] == "ValueError" and "shard 1 holds" in ranks[1]["message"]

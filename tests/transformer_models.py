@@ -69,8 +69,14 @@ class BertClassifier(L.LightningModule):
         from transformers import BertConfig, BertForSequenceClassification
 
         config = BertConfig(
-            vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-            max_position_embeddings=LENGTH, num_labels=2, pad_token_id=PAD,
+            vocab_size=VOCAB,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=128,
+            max_position_embeddings=LENGTH,
+            num_labels=2,
+            pad_token_id=PAD,
         )
         self.model = BertForSequenceClassification(config)
         self.lr = lr

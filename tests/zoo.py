@@ -166,8 +166,14 @@ class BatchNormCNN(ZooModule):
     def __init__(self, classes: int = 3) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2),
         )
         self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(64, classes))
 
@@ -530,8 +536,9 @@ HEALTHY = [
     Case("multilabel_bce", MultilabelMLP, multilabel),
     Case("segmentation", Segmenter, segmentation),
     Case("gradient_accumulation", MLP, clusters, trainer_kwargs={"accumulate_grad_batches": 4}),
-    Case("dict_batches_with_adapters", DictBatchMLP, dict_batches,
-         check_kwargs={"inputs": _pixels, "targets": _answer}),
+    Case(
+        "dict_batches_with_adapters", DictBatchMLP, dict_batches, check_kwargs={"inputs": _pixels, "targets": _answer}
+    ),
 ]
 
 BUGS = [
@@ -621,8 +628,9 @@ MONITOR_BUGS = [
     MonitorCase("lr_100x_too_high", lr_100x_too_high, clusters, "UpdateRatioMonitor", "ratio_too_high"),
     MonitorCase("lr_1e-7", lr_1e7, clusters, "UpdateRatioMonitor", "ratio_too_low"),
     MonitorCase("lr_1e-7", lr_1e7, clusters, "PredictionDynamicsLogger", "frozen"),
-    MonitorCase("layer_missing_from_optimizer", LayerMissingFromOptimizer, clusters, "UpdateRatioMonitor",
-                "not_in_optimizer"),
+    MonitorCase(
+        "layer_missing_from_optimizer", LayerMissingFromOptimizer, clusters, "UpdateRatioMonitor", "not_in_optimizer"
+    ),
     MonitorCase("frozen_first_conv", FrozenFirstConv, shapes, "FirstLayerVisualizer", "not_changing"),
     MonitorCase("lr_schedule_steps_every_batch", PerStepDecay, clusters, "UpdateRatioMonitor", "ratio_too_low"),
 ]

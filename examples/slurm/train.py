@@ -41,9 +41,16 @@ def main(argv: list[str] | None = None) -> None:
     val = DataLoader(make_shapes(128, seed=1), batch_size=64)
     devices = int(args.devices) if args.devices.isdigit() else args.devices
     trainer = L.Trainer(
-        accelerator=args.accelerator, devices=devices, num_nodes=args.num_nodes, strategy=args.strategy,
-        max_steps=args.max_steps, callbacks=[RecipeSuite()], logger=TensorBoardLogger(args.logdir, name="train"),
-        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=10,
+        accelerator=args.accelerator,
+        devices=devices,
+        num_nodes=args.num_nodes,
+        strategy=args.strategy,
+        max_steps=args.max_steps,
+        callbacks=[RecipeSuite()],
+        logger=TensorBoardLogger(args.logdir, name="train"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=10,
     )
     model = ShapesCNN(args.bug)
     trainer.fit(model, train, val)

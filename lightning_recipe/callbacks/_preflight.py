@@ -301,10 +301,13 @@ class PreflightCheck(RecipeCallback):
         if self._waiting is None:
             return
         reason, self._waiting = self._waiting, None
-        self.finish(trainer, self.skipped(
-            f"{self.name} could not run: training ended before it fetched a batch, and the check waited for the "
-            f"first one ({reason})."
-        ))
+        self.finish(
+            trainer,
+            self.skipped(
+                f"{self.name} could not run: training ended before it fetched a batch, and the check waited for the "
+                f"first one ({reason})."
+            ),
+        )
 
     def execute(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, first: tuple[Any, int, str] | None = None

@@ -96,9 +96,7 @@ class BatchLeakageProbe(PreflightCheck):
         check_int("num_examples", num_examples, 2)
         check_fraction("tolerance", tolerance)
         if time_dim is not None and batch_dim is not None and time_dim == batch_dim:
-            raise ValueError(
-                f"Expected `time_dim` and `batch_dim` to differ, but both are {time_dim}."
-            )
+            raise ValueError(f"Expected `time_dim` and `batch_dim` to differ, but both are {time_dim}.")
         self.batch_dim = batch_dim
         self.output_batch_dim = output_batch_dim
         self.causal = causal
@@ -127,9 +125,18 @@ class BatchLeakageProbe(PreflightCheck):
                 next_token = f"next-token training: {alignment.describe()}"
         try:
             report = probe_batch_leakage(
-                ctx.module, inputs, forward, targets=targets, batch_dim=self.batch_dim,
-                output_batch_dim=self.output_batch_dim, causal=self.causal, time_dim=self.time_dim,
-                num_examples=self.num_examples, tolerance=self.tolerance, next_token=next_token, graph=self.graph,
+                ctx.module,
+                inputs,
+                forward,
+                targets=targets,
+                batch_dim=self.batch_dim,
+                output_batch_dim=self.output_batch_dim,
+                causal=self.causal,
+                time_dim=self.time_dim,
+                num_examples=self.num_examples,
+                tolerance=self.tolerance,
+                next_token=next_token,
+                graph=self.graph,
             )
         except LeakageNotApplicable as reason:
             raise CheckSkipped(str(reason)) from None
@@ -238,10 +245,12 @@ def _details(r: LeakageReport) -> dict[str, Any]:
         "num_leaking_pairs": len(r.leaking_pairs),
         "leaking_pairs": [{"output_example": i, "input_example": j} for i, j in r.leaking_pairs[:_MAX_LISTED]],
         "pairs_exact": r.pairs_exact,
-        "first_mixing_module": None if r.first_mixing_module is None else {
-            "name": r.first_mixing_module[0], "type": r.first_mixing_module[1]},
-        "last_clean_module": None if r.last_clean_module is None else {
-            "name": r.last_clean_module[0], "type": r.last_clean_module[1]},
+        "first_mixing_module": None
+        if r.first_mixing_module is None
+        else {"name": r.first_mixing_module[0], "type": r.first_mixing_module[1]},
+        "last_clean_module": None
+        if r.last_clean_module is None
+        else {"name": r.last_clean_module[0], "type": r.last_clean_module[1]},
         "mixing_note": r.mixing_module_note,
         "causal_checked": r.causal_checked,
         "causal_reason": r.causal_reason,
@@ -315,8 +324,13 @@ def _violation_text(r: LeakageReport) -> str:
     if r.causal_violations:
         shown = []
         for t, late in r.causal_violations[:3]:
-            span = f"{late[0]}" if len(late) == 1 else f"{late[0]}..{late[-1]}" if late == list(
-                range(late[0], late[-1] + 1)) else ", ".join(map(str, late[:6]))
+            span = (
+                f"{late[0]}"
+                if len(late) == 1
+                else f"{late[0]}..{late[-1]}"
+                if late == list(range(late[0], late[-1] + 1))
+                else ", ".join(map(str, late[:6]))
+            )
             shown.append(f"output at t={t} depends on input position(s) {span}")
         return "; ".join(shown)
     return f"outputs up to positions {r.violating_cuts[:5]} depend on later inputs"

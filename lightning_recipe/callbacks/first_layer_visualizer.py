@@ -256,11 +256,15 @@ class FirstLayerVisualizer(Monitor):
         score = self._score()
         self.baseline_score = score
         if self.view.image_like:
-            shown = f"shown as images under `{self.tag('filters')}`; noise score at the start {score:.3f} (i.i.d. " \
+            shown = (
+                f"shown as images under `{self.tag('filters')}`; noise score at the start {score:.3f} (i.i.d. "
                 "noise ~1, smooth filters towards 0)"
+            )
         else:
-            shown = f"not image-like ({self.view.reason}): no images and no noise score, only " \
+            shown = (
+                f"not image-like ({self.view.reason}): no images and no noise score, only "
                 "`moved_from_init` and the not-changing alert"
+            )
         text = f"First layer `{name}`: {self.view.description}, {how}; {shown}."
         _logging.log_text(trainer, self.tag("layer"), text, self._start_step)
         self._log_images(trainer, self._start_step)
@@ -360,8 +364,11 @@ class FirstLayerVisualizer(Monitor):
         name = self.layer_name
         steps = step - self._start_step
         details: dict[str, Any] = {
-            "layer": name, "moved_from_init": moved, "noise_score": score,
-            "noise_score_at_start": self.baseline_score, "steps": steps,
+            "layer": name,
+            "moved_from_init": moved,
+            "noise_score": score,
+            "noise_score_at_start": self.baseline_score,
+            "steps": steps,
         }
         if kind == "not_changing":
             cause = self._why_not_changing(trainer)
@@ -396,6 +403,10 @@ class FirstLayerVisualizer(Monitor):
             return "its weights are in no optimizer (missing from `configure_optimizers`)"
         if all(w.grad is None or not bool(torch.any(w.grad != 0)) for w in weights):
             return "no gradient reaches it (a `.detach()` or `torch.no_grad()` between input and loss)"
-        lrs = [g.get("lr") for opt in trainer.optimizers for g in opt.param_groups
-               if any(id(p) in {id(w) for w in weights} for p in g["params"])]
+        lrs = [
+            g.get("lr")
+            for opt in trainer.optimizers
+            for g in opt.param_groups
+            if any(id(p) in {id(w) for w in weights} for p in g["params"])
+        ]
         return f"its updates are too small to register (learning rate {lrs})"

@@ -265,9 +265,7 @@ class InitLossCheck(PreflightCheck):
                 pass
         readings = loss_readings(forms, examples) if forms else []
         ratio = CONSISTENT_RATIO if seen is not None else SECOND_PASS_RATIO
-        return self._reading(
-            readings, [(seen_outputs, inputs)], examples, measured, False, {"readings": {}}, ratio, []
-        )
+        return self._reading(readings, [(seen_outputs, inputs)], examples, measured, False, {"readings": {}}, ratio, [])
 
     def _loss_and_outputs(self, ctx: CheckContext, batch: Any, index: int) -> tuple[float, Tensor | None]:
         """The loss ``training_step`` returns on ``batch``, and the outputs that loss was computed from when
@@ -377,9 +375,7 @@ class InitLossCheck(PreflightCheck):
         summary, hint = _failure_text(verdict, measured, per, view, refs, details, head)
         return self.failed(summary, hint, details)
 
-    def _non_finite(
-        self, measured: float, details: dict[str, Any], inputs: Any, view: TaskView | None
-    ) -> CheckResult:
+    def _non_finite(self, measured: float, details: dict[str, Any], inputs: Any, view: TaskView | None) -> CheckResult:
         if not all_finite(inputs):
             cause = "the inputs contain NaN or inf: clean the data (or the transform that produces them)"
         elif view is not None and not bool(torch.isfinite(view.outputs).all()):
@@ -629,7 +625,7 @@ def _failure_text(
         "into the inputs (a target column among the features, next-token targets not shifted, a copy path "
         "from input to output). Check what the model sees against what it predicts. If the model is "
         f"pretrained or warm-started this is expected: pass `InitLossCheck(expected={measured:.3g})` or "
-        "`on_fail=\"warn\"`."
+        '`on_fail="warn"`.'
     )
     return summary, hint
 

@@ -206,8 +206,11 @@ class OverfitOneBatch(PreflightCheck):
             result.details.update(loss_reading=f"{reading.name} vs the {reading.against}", loss_floor=floor)
         if self._graph_note is None:
             return result
-        return replace(result, summary=result.summary + self._graph_note,
-                       details={**result.details, "graph_nodes": used, "fitted": "whole graph"})
+        return replace(
+            result,
+            summary=result.summary + self._graph_note,
+            details={**result.details, "graph_nodes": used, "fitted": "whole graph"},
+        )
 
     def _fixed_batch(self, ctx: CheckContext) -> tuple[Any, int, bool]:
         """The first ``num_examples`` examples of the first batch; the whole batch if slicing breaks it."""
@@ -229,8 +232,11 @@ class OverfitOneBatch(PreflightCheck):
             # the examples are the nodes of one graph: cutting nodes out cuts their edges (and the few nodes
             # kept may hold no training label under a mask), so the graph is fitted whole, as training sees it
             where = "among the inputs" if any(t is adjacency for t in tensors_of(inputs)) else "held by the model"
-            what = (f"a {tuple(adjacency.shape)} edge list" if tuple(adjacency.shape) != (size, size)
-                    else f"an ({size}, {size}) adjacency")
+            what = (
+                f"a {tuple(adjacency.shape)} edge list"
+                if tuple(adjacency.shape) != (size, size)
+                else f"an ({size}, {size}) adjacency"
+            )
             self._graph_note = (
                 f" The batch is one graph of {size} nodes ({what} {where}): "
                 "the whole graph was fitted, since cutting nodes out would cut their edges."

@@ -237,8 +237,12 @@ class PredictionDynamicsLogger(Monitor):
         ]
         rng = RngState.capture(generators)
         try:
-            batches = peek_batches(trainer, lambda read: sum(map(self._examples, read)) >= self.num_examples, loader,
-                                   "validation" if source == "val" else "training")
+            batches = peek_batches(
+                trainer,
+                lambda read: sum(map(self._examples, read)) >= self.num_examples,
+                loader,
+                "validation" if source == "val" else "training",
+            )
         finally:
             rng.restore()
         self._use(batches, source, where, trainer, pl_module, generators)

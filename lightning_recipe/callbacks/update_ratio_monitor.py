@@ -321,13 +321,16 @@ class UpdateRatioMonitor(Monitor):
         bad = [n for n, ok in zip(names, finite, strict=True) if not ok]
         if bad:
             self.alert(
-                trainer, "non_finite",
+                trainer,
+                "non_finite",
                 f"the weights or the update of {len(bad)} parameter tensor(s) hold NaN/Inf after the "
                 f"optimizer step: {ur.format_names(bad)} (learning rate {self._lr_text(taken.lrs, watch)}). "
                 "Expected finite values. Likely causes: a learning rate so high that training diverged, a loss "
                 "that produced NaN (log of 0, division by 0), or fp16 overflow. Fix: lower the learning rate, "
                 "clip gradients (`Trainer(gradient_clip_val=1.0)`), check the loss for log(0), or use bf16.",
-                {"parameters": bad, "step": step}, key=f"optimizer{watch.index}", step=step,
+                {"parameters": bad, "step": step},
+                key=f"optimizer{watch.index}",
+                step=step,
             )
             return  # ratios of a diverged step say nothing more about the learning rate
 
@@ -392,7 +395,8 @@ class UpdateRatioMonitor(Monitor):
             return
         total = sum(1 for p in pl_module.parameters() if p.requires_grad)
         self.alert(
-            trainer, "not_in_optimizer",
+            trainer,
+            "not_in_optimizer",
             f"{len(missing)} of {total} trainable parameter tensors are in no optimizer's param_groups: "
             f"{ur.format_names(missing)}. They have requires_grad=True but will never be updated, so those layers "
             "keep their random initialisation (the learning rate in effect for them is 0). Expected every "
@@ -434,12 +438,15 @@ class UpdateRatioMonitor(Monitor):
             "purpose with `requires_grad_(False)`"
         )
         self.alert(
-            trainer, "not_moving",
+            trainer,
+            "not_moving",
             f"{len(stuck)} trainable parameter tensor(s) did not change at all on the last {self.window} measured "
             f"optimizer steps (every {self.every_n_steps} steps): {ur.format_names(stuck)}; learning rate in "
             f"effect {lr_text}. Expected every trainable parameter to move (update/weight ratio near "
             f"{ur.TARGET_RATIO:g}). Likely cause: {cause}.",
-            {"parameters": stuck, "lr": sorted(lrs)}, key=f"optimizer{watch.index}", step=taken.step,
+            {"parameters": stuck, "lr": sorted(lrs)},
+            key=f"optimizer{watch.index}",
+            step=taken.step,
         )
 
     def _note_cancelled(self, trainer: pl.Trainer, name: str, weight: str, step: int) -> None:
@@ -471,7 +478,8 @@ class UpdateRatioMonitor(Monitor):
         if watch.too_high_at is None:
             watch.too_high_at = taken.step
         self.alert(
-            trainer, "ratio_too_high",
+            trainer,
+            "ratio_too_high",
             f"the median update/weight ratio ||ΔW||/||W|| of the weight matrices is {ur.fmt(median)} per step, "
             + (
                 f"above {ur.fmt(self.max_ratio)} on most of the first {self.window} optimizer steps "
@@ -490,7 +498,8 @@ class UpdateRatioMonitor(Monitor):
             f"the learning rate is too high. Fix: divide the learning rate by ~{factor:.0f} to bring the median "
             f"ratio near {ur.TARGET_RATIO:g}, or add warmup.",
             {"median_ratio": median, "history": watch.medians, "lr": taken.lrs, "factor": factor},
-            key=f"optimizer{watch.index}", step=taken.step,
+            key=f"optimizer{watch.index}",
+            step=taken.step,
         )
 
     def _alert_too_low(self, trainer: pl.Trainer, watch: _OptimizerWatch, taken: _Step, median: float) -> None:
@@ -519,13 +528,15 @@ class UpdateRatioMonitor(Monitor):
                 f"the median ratio near {ur.TARGET_RATIO:g}."
             )
         self.alert(
-            trainer, "ratio_too_low",
+            trainer,
+            "ratio_too_low",
             f"the median update/weight ratio ||ΔW||/||W|| of the weight matrices is {ur.fmt(median)} per step, "
             f"below {ur.fmt(self.min_ratio)} on most of the last {self.window} measurements (expected near "
             f"{ur.TARGET_RATIO:g}). Learning rate in effect: {self._lr_text(taken.lrs, watch)}. Likely cause: "
             f"{cause}",
             {"median_ratio": median, "history": watch.medians, "lr": lrs, "start_lr": watch.start_lrs},
-            key=f"optimizer{watch.index}", step=taken.step,
+            key=f"optimizer{watch.index}",
+            step=taken.step,
         )
 
     @staticmethod

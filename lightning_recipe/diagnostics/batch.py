@@ -271,8 +271,11 @@ class BatchAdapter:
             # masks included), then with the input alone
             candidates = [ChildForward(child, whole=True)] if isinstance(batch, Mapping) else []
             for forward in [*candidates, ChildForward(child, whole=False)]:
-                adapter = replace(self, inputs=whole_batch, forward=forward) if forward.whole else replace(
-                    self, forward=forward)
+                adapter = (
+                    replace(self, inputs=whole_batch, forward=forward)
+                    if forward.whole
+                    else replace(self, forward=forward)
+                )
                 try:
                     if self._per_example(adapter.predict(module, adapter.get_inputs(batch)), batch):
                         return adapter
@@ -286,7 +289,6 @@ class BatchAdapter:
             f"calling the model as {tried}{also} raised {type(first).__name__}: {first}. Pass "
             "`inputs=lambda batch: ...` returning what `forward` takes, or `forward=lambda module, x: ...`."
         ) from first
-
 
     def _by_signature(self, module: nn.Module, batch: Any) -> BatchAdapter | None:
         """An adapter whose inputs are the batch entries ``module.forward``'s signature asks for: the first
@@ -497,9 +499,15 @@ def is_edge_list(t: Tensor, n: int) -> bool:
     """Whether ``t`` is an edge list over ``n`` nodes, as message-passing code without an adjacency matrix
     carries it (``edge_index``): integers of shape ``(2, E)``, every entry a node index in ``[0, n)``."""
     return (
-        n > 2 and t.ndim == 2 and t.shape[0] == 2 and t.shape[1] not in (0, n) and not is_sparse(t)
-        and not t.is_floating_point() and t.dtype != torch.bool
-        and bool((t >= 0).all()) and bool((t < n).all())
+        n > 2
+        and t.ndim == 2
+        and t.shape[0] == 2
+        and t.shape[1] not in (0, n)
+        and not is_sparse(t)
+        and not t.is_floating_point()
+        and t.dtype != torch.bool
+        and bool((t >= 0).all())
+        and bool((t < n).all())
     )
 
 
@@ -518,8 +526,11 @@ def graph_adjacency(value: Any, n: int, module: nn.Module | None = None) -> Tens
     sparse = [t for t in squares + held if is_sparse(t)]
     if sparse:
         return sparse[0]
-    features = [t for t in tensors if t.ndim >= 2 and t.shape[0] == n and not _square_adjacency(t, n)
-                and (t.is_floating_point() or is_sparse(t))]
+    features = [
+        t
+        for t in tensors
+        if t.ndim >= 2 and t.shape[0] == n and not _square_adjacency(t, n) and (t.is_floating_point() or is_sparse(t))
+    ]
     if squares and features:
         return squares[0]
     # an edge list beside node features (message passing by `index_add` / `scatter`)
@@ -557,4 +568,3 @@ def examples_in_loss(module: nn.Module, loss_fn: Callable[[], Tensor], n: int) -
     if grad is None:
         return None
     return grad.detach().reshape(n, -1).ne(0).any(1)
-

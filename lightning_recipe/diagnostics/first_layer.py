@@ -249,8 +249,10 @@ def describe_layer(
         ):
             return LayerView(True, description + f" over {image[0]}x{image[1]}x{image[2]} images", shape=image)
         return LayerView(
-            False, description, "its input is not a flattened image (model input "
-            f"{tuple(model_input_shape) if model_input_shape is not None else 'unknown'})"
+            False,
+            description,
+            "its input is not a flattened image (model input "
+            f"{tuple(model_input_shape) if model_input_shape is not None else 'unknown'})",
         )
     return LayerView(False, f"{kind} with weights {shapes}", f"a {kind}'s weights are not spatial filters")
 

@@ -250,9 +250,7 @@ def loss_readings(
     return readings
 
 
-def consistent_readings(
-    readings: Sequence[Reading], measured: float, ratio: float = CONSISTENT_RATIO
-) -> list[Reading]:
+def consistent_readings(readings: Sequence[Reading], measured: float, ratio: float = CONSISTENT_RATIO) -> list[Reading]:
     """The readings whose value agrees with ``measured`` within ``ratio``, the closest first (ties keep the
     order of ``readings``, most likely first)."""
     close = [r for r in readings if r.distance(measured) <= math.log(ratio)]

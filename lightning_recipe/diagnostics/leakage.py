@@ -253,12 +253,9 @@ class _Runner:
         self.passes[purpose] = self.passes.get(purpose, 0) + 1
         if not source.requires_grad:
             return [None] * len(self.leaves)
-        return list(
-            torch.autograd.grad(source, [p.tensor for p in self.leaves], retain_graph=True, allow_unused=True)
-        )
+        return list(torch.autograd.grad(source, [p.tensor for p in self.leaves], retain_graph=True, allow_unused=True))
 
-    def example_gradient(self, mask: Tensor, purpose: str, target: Tensor | None = None,
-                         target_dim: int = 0) -> Tensor:
+    def example_gradient(self, mask: Tensor, purpose: str, target: Tensor | None = None, target_dim: int = 0) -> Tensor:
         """Relative gradient per input example ``(B,)`` (max over probed tensors of ``max|g_j| / max|g|``)
         when the source is the outputs of the examples in ``mask`` (random weights)."""
         t = self.out if target is None else target
@@ -348,11 +345,16 @@ def probe_batch_leakage(
     shifted_batch = any(looks_like_next_step(inputs, targets, d) for d in hypotheses[:1])
     wants_causal = causal if causal is not None else (time_dim is not None or shifted_batch or bool(next_token))
     causal_reason = (
-        "asked (`causal=True`)" if causal
-        else "not asked (`causal=False`)" if causal is False
-        else "asked (`time_dim` given)" if time_dim is not None
-        else "the targets are the inputs shifted by one position (next-step training)" if shifted_batch
-        else str(next_token) if next_token
+        "asked (`causal=True`)"
+        if causal
+        else "not asked (`causal=False`)"
+        if causal is False
+        else "asked (`time_dim` given)"
+        if time_dim is not None
+        else "the targets are the inputs shifted by one position (next-step training)"
+        if shifted_batch
+        else str(next_token)
+        if next_token
         else "not asked, and the model is not trained on next-token targets"
     )
     first_report: LeakageReport | None = None
@@ -362,8 +364,9 @@ def probe_batch_leakage(
         if found is not None:
             n, adjacencies, hops, candidates = found
             if adjacencies and hops > 0:
-                return _probe_graph(module, inputs, forward, n, adjacencies, hops, output_batch_dim,
-                                    num_examples, tolerance, seed)
+                return _probe_graph(
+                    module, inputs, forward, n, adjacencies, hops, output_batch_dim, num_examples, tolerance, seed
+                )
             if graph or any(is_sparse(t) or is_edge_list(t, n) for t in candidates):
                 raise _not_a_graph_model(n, candidates)
             # a dense (N, N) input that never multiplies node features: N examples of N features
@@ -375,8 +378,19 @@ def probe_batch_leakage(
         for in_dim in hypotheses:
             try:
                 report = _probe_with_batch_dim(
-                    module, inputs, forward, in_dim, output_batch_dim, wants_causal, causal_reason, time_dim,
-                    num_examples, tolerance, max_exact_rows, max_causal_passes, seed,
+                    module,
+                    inputs,
+                    forward,
+                    in_dim,
+                    output_batch_dim,
+                    wants_causal,
+                    causal_reason,
+                    time_dim,
+                    num_examples,
+                    tolerance,
+                    max_exact_rows,
+                    max_causal_passes,
+                    seed,
                 )
             except LeakageNotApplicable as reason:
                 errors.append(reason)
@@ -392,10 +406,22 @@ def probe_batch_leakage(
         floated = map_tensors(inputs, lambda t: t.float() if _is_int(t) else t)
         try:
             report = probe_batch_leakage(
-                module, floated, forward, targets=targets, batch_dim=batch_dim, output_batch_dim=output_batch_dim,
-                causal=causal, time_dim=time_dim, num_examples=num_examples, tolerance=tolerance,
-                max_exact_rows=max_exact_rows, max_causal_passes=max_causal_passes, seed=seed, graph=graph,
-                next_token=next_token, _cast_integers=False,
+                module,
+                floated,
+                forward,
+                targets=targets,
+                batch_dim=batch_dim,
+                output_batch_dim=output_batch_dim,
+                causal=causal,
+                time_dim=time_dim,
+                num_examples=num_examples,
+                tolerance=tolerance,
+                max_exact_rows=max_exact_rows,
+                max_causal_passes=max_causal_passes,
+                seed=seed,
+                graph=graph,
+                next_token=next_token,
+                _cast_integers=False,
             )
         except Exception:  # noqa: BLE001 - the model needs integers after all: the original reason stands
             raise errors[0] from None
@@ -404,9 +430,19 @@ def probe_batch_leakage(
 
 
 def _probe_with_batch_dim(
-    module: nn.Module, inputs: Any, forward: Forward, in_dim: int, output_batch_dim: int | None,
-    wants_causal: bool, causal_reason: str, time_dim: int | None, num_examples: int, tolerance: float,
-    max_exact_rows: int, max_causal_passes: int, seed: int,
+    module: nn.Module,
+    inputs: Any,
+    forward: Forward,
+    in_dim: int,
+    output_batch_dim: int | None,
+    wants_causal: bool,
+    causal_reason: str,
+    time_dim: int | None,
+    num_examples: int,
+    tolerance: float,
+    max_exact_rows: int,
+    max_causal_passes: int,
+    seed: int,
 ) -> LeakageReport:
     tensors = [t for t in tensors_of(inputs) if t.ndim > in_dim]
     if not tensors:
@@ -428,15 +464,18 @@ def _probe_with_batch_dim(
         inputs = slice_batch(inputs, slice(0, b), n, in_dim)
         inputs = map_tensors(inputs, lambda t: _edges_within(t, b) if is_edge_list(t, n) else t)
     probe_inputs, leaves = _make_leaves(inputs, b, in_dim)
-    int_shapes = {tuple(t.shape) for t in tensors_of(inputs) if _is_int(t) and t.ndim > in_dim
-                  and t.shape[in_dim] == b}
+    int_shapes = {tuple(t.shape) for t in tensors_of(inputs) if _is_int(t) and t.ndim > in_dim and t.shape[in_dim] == b}
     names = {m: name for name, m in module.named_modules()}
     recorded: list[tuple[str, str, Tensor, int]] = []
 
     def embedding_hook(mod: nn.Module, args: tuple[Any, ...], out: Any) -> Any:
         idx = args[0] if args else None
-        if isinstance(idx, Tensor) and tuple(idx.shape) in int_shapes and isinstance(out, Tensor) \
-                and out.is_floating_point():
+        if (
+            isinstance(idx, Tensor)
+            and tuple(idx.shape) in int_shapes
+            and isinstance(out, Tensor)
+            and out.is_floating_point()
+        ):
             probe = out.detach().requires_grad_(True)
             leaves.append(_Probe(f"embedding `{names.get(mod, '?')}` output", probe, in_dim))
             return probe.clone()
@@ -482,8 +521,19 @@ def _probe_with_batch_dim(
     for layout, out in views:
         runner = _Runner(leaves, out, tolerance, seed)
         try:
-            report = _run_passes(runner, b, in_dim, layout, recorded, wants_causal, causal_reason, time_dim,
-                                 inputs, max_exact_rows, max_causal_passes)
+            report = _run_passes(
+                runner,
+                b,
+                in_dim,
+                layout,
+                recorded,
+                wants_causal,
+                causal_reason,
+                time_dim,
+                inputs,
+                max_exact_rows,
+                max_causal_passes,
+            )
         except _NoGradient as error:
             no_gradient = error
             continue
@@ -495,11 +545,24 @@ def _probe_with_batch_dim(
     # No gradient reaches the inputs from the output (e.g. a zero-initialised final layer): chart the
     # dependencies of the last layer outputs that do pass one; mixing after that layer stays unseen.
     for name, kind, t, d in reversed(recorded[-8:]):
-        layout = (f"output of layer `{name}` ({kind}): no gradient reaches the inputs from the model output "
-                  "(zero-initialised final layer?), so the last layer that passes one was probed")
+        layout = (
+            f"output of layer `{name}` ({kind}): no gradient reaches the inputs from the model output "
+            "(zero-initialised final layer?), so the last layer that passes one was probed"
+        )
         try:
-            return _run_passes(_Runner(leaves, t.movedim(d, 0), tolerance, seed), b, in_dim, layout, recorded,
-                               wants_causal, causal_reason, time_dim, inputs, max_exact_rows, max_causal_passes)
+            return _run_passes(
+                _Runner(leaves, t.movedim(d, 0), tolerance, seed),
+                b,
+                in_dim,
+                layout,
+                recorded,
+                wants_causal,
+                causal_reason,
+                time_dim,
+                inputs,
+                max_exact_rows,
+                max_causal_passes,
+            )
         except (_NoGradient, RuntimeError):
             continue
     assert no_gradient is not None
@@ -511,8 +574,16 @@ class _NoGradient(LeakageNotApplicable):
 
 
 def _run_passes(
-    runner: _Runner, b: int, in_dim: int, layout: str, recorded: list[tuple[str, str, Tensor, int]],
-    wants_causal: bool, causal_reason: str, time_dim: int | None, inputs: Any, max_exact_rows: int,
+    runner: _Runner,
+    b: int,
+    in_dim: int,
+    layout: str,
+    recorded: list[tuple[str, str, Tensor, int]],
+    wants_causal: bool,
+    causal_reason: str,
+    time_dim: int | None,
+    inputs: Any,
+    max_exact_rows: int,
     max_causal_passes: int,
 ) -> LeakageReport:
     idx = torch.arange(b)
@@ -546,18 +617,30 @@ def _run_passes(
     if pairs:
         first_mixing, last_clean, note = _locate_mixing(runner, recorded, pairs[0][0], b)
     report: dict[str, Any] = dict(
-        num_examples=b, input_batch_dim=in_dim, output_layout=layout, probed=[p.name for p in runner.leaves],
-        leaking_pairs=pairs, pairs_exact=exact, first_mixing_module=first_mixing, last_clean_module=last_clean,
-        mixing_module_note=note, dependency=dependency,
+        num_examples=b,
+        input_batch_dim=in_dim,
+        output_layout=layout,
+        probed=[p.name for p in runner.leaves],
+        leaking_pairs=pairs,
+        pairs_exact=exact,
+        first_mixing_module=first_mixing,
+        last_clean_module=last_clean,
+        mixing_module_note=note,
+        dependency=dependency,
     )
-    causal_fields: dict[str, Any] = dict(causal_checked=False, causal_reason=causal_reason, causal_violations=[],
-                                         violating_cuts=[], cuts_checked=[], sequence_length=None)
+    causal_fields: dict[str, Any] = dict(
+        causal_checked=False,
+        causal_reason=causal_reason,
+        causal_violations=[],
+        violating_cuts=[],
+        cuts_checked=[],
+        sequence_length=None,
+    )
     if wants_causal and pairs:
         causal_fields["causal_reason"] = f"{causal_reason}; not checked while examples mix (fix that first)"
     elif wants_causal:
         causal_fields.update(_causal_passes(runner, b, in_dim, time_dim, inputs, causal_reason, max_causal_passes))
-    return LeakageReport(**report, **causal_fields, backward_passes=dict(runner.passes),
-                         tolerance=runner.tolerance)
+    return LeakageReport(**report, **causal_fields, backward_passes=dict(runner.passes), tolerance=runner.tolerance)
 
 
 def _hooked_forward(module: nn.Module, forward: Forward, inputs: Any, handles: list[Any]) -> Tensor:
@@ -622,26 +705,36 @@ def _locate_mixing(
 def _causal_passes(
     runner: _Runner, b: int, in_dim: int, time_dim: int | None, inputs: Any, reason: str, max_passes: int
 ) -> dict[str, Any]:
-    not_checked = dict(causal_checked=False, causal_violations=[], violating_cuts=[], cuts_checked=[],
-                       sequence_length=None)
+    not_checked = dict(
+        causal_checked=False, causal_violations=[], violating_cuts=[], cuts_checked=[], sequence_length=None
+    )
     if time_dim is not None and time_dim == in_dim:
         return {**not_checked, "causal_reason": f"{reason}; but `time_dim` equals the batch dim {in_dim}"}
     # time dim in the batch-first layout of the probed tensors
     t_dim = 1 if time_dim is None else (time_dim + 1 if time_dim < in_dim else time_dim)
     lengths = [p.tensor.movedim(p.batch_dim, 0).shape[t_dim] for p in runner.leaves if p.tensor.ndim > t_dim]
     if not lengths:
-        return {**not_checked, "causal_reason": f"{reason}; but the inputs have no time dimension "
-                f"{t_dim} (pass `time_dim=`)"}
+        return {
+            **not_checked,
+            "causal_reason": f"{reason}; but the inputs have no time dimension {t_dim} (pass `time_dim=`)",
+        }
     length = lengths[0]
     out = runner.out
     out_dims = [d for d in range(1, out.ndim) if out.shape[d] == length]
     if length < 2 or not out_dims:
-        return {**not_checked, "sequence_length": length, "causal_reason": f"{reason}; but the output of shape "
-                f"{tuple(out.shape)} (examples first) has no time dimension of length {length} to match the "
-                "inputs' (pass `time_dim=`, or `forward=` returning per-position outputs)"}
+        return {
+            **not_checked,
+            "sequence_length": length,
+            "causal_reason": f"{reason}; but the output of shape "
+            f"{tuple(out.shape)} (examples first) has no time dimension of length {length} to match the "
+            "inputs' (pass `time_dim=`, or `forward=` returning per-position outputs)",
+        }
     o_dim = 1 if 1 in out_dims else out_dims[0]
-    probes = {id(p) for p in runner.leaves if p.tensor.ndim > t_dim
-              and p.tensor.movedim(p.batch_dim, 0).shape[t_dim] == length}
+    probes = {
+        id(p)
+        for p in runner.leaves
+        if p.tensor.ndim > t_dim and p.tensor.movedim(p.batch_dim, 0).shape[t_dim] == length
+    }
     all_cuts = list(range(length - 1))
     capacity = b * max_passes
     if len(all_cuts) > capacity:
@@ -675,7 +768,7 @@ def _causal_passes(
 
     violating: list[int] = []
     for start in range(0, len(all_cuts), b):
-        chunk = all_cuts[start:start + b]
+        chunk = all_cuts[start : start + b]
         for c, late in zip(chunk, run(chunk, exact=False, purpose="causal"), strict=True):
             if late:
                 violating.append(c)
@@ -686,8 +779,14 @@ def _causal_passes(
         for t, late in zip(named, run(named, exact=True, purpose="causal pairs"), strict=True):
             if late:
                 violations.append((t, late))
-    return dict(causal_checked=True, causal_reason=reason, causal_violations=violations,
-                violating_cuts=violating, cuts_checked=all_cuts, sequence_length=length)
+    return dict(
+        causal_checked=True,
+        causal_reason=reason,
+        causal_violations=violations,
+        violating_cuts=violating,
+        cuts_checked=all_cuts,
+        sequence_length=length,
+    )
 
 
 # -- graph batches: the examples are the nodes of one graph -------------------------------------------
@@ -701,8 +800,9 @@ def _causal_passes(
 # derived from it), then holds a sample of nodes to their neighbourhood: a dependency on a node outside it
 # (a softmax or statistics over the node axis) is a leak.
 
-_PRODUCTS = frozenset({"mm", "matmul", "__matmul__", "__rmatmul__", "spmm", "_sparse_mm", "bmm", "addmm",
-                       "sparse_mm", "mv", "einsum"})
+_PRODUCTS = frozenset(
+    {"mm", "matmul", "__matmul__", "__rmatmul__", "spmm", "_sparse_mm", "bmm", "addmm", "sparse_mm", "mv", "einsum"}
+)
 
 
 @dataclass(frozen=True)
@@ -772,29 +872,39 @@ class _Propagation(TorchFunctionMode):
             self.weight[id(out)] = weight
             self.origin[id(out)] = origin
             self.alive.append(out)
-        elif product and out.ndim >= 1 and out.shape[0] == n and any(
-            id(a) not in self.weight and not isinstance(a, nn.Parameter) and a.ndim >= 1 and a.shape[0] == n
-            for a in arguments
+        elif (
+            product
+            and out.ndim >= 1
+            and out.shape[0] == n
+            and any(
+                id(a) not in self.weight and not isinstance(a, nn.Parameter) and a.ndim >= 1 and a.shape[0] == n
+                for a in arguments
+            )
         ):
             self.hops += weight
             self.used.update(self.origin[id(a)] for a in tracked)
         return out
 
 
-def _read_graph(module: nn.Module, inputs: Any, forward: Forward, targets: Tensor | None
-                ) -> tuple[int, list[Tensor], int, list[Tensor]] | None:
+def _read_graph(
+    module: nn.Module, inputs: Any, forward: Forward, targets: Tensor | None
+) -> tuple[int, list[Tensor], int, list[Tensor]] | None:
     """``(N, adjacencies, hops, all (N, N) candidates)`` when an ``(N, N)`` input, or an ``(N, N)`` tensor the
     model holds (a buffer: code written for one fixed graph), multiplies node features in ``forward``;
     ``None`` when there is no ``(N, N)`` candidate. Runs the model once, without gradients."""
     n = _node_count(inputs, targets)
     if n is None or n < 2:
         return None
-    candidates = [t for t in tensors_of(inputs) + held_tensors(module) if t.ndim == 2 and tuple(t.shape) == (n, n)
-                  and (t.is_floating_point() or is_sparse(t) or t.dtype == torch.bool)]
+    candidates = [
+        t
+        for t in tensors_of(inputs) + held_tensors(module)
+        if t.ndim == 2 and tuple(t.shape) == (n, n) and (t.is_floating_point() or is_sparse(t) or t.dtype == torch.bool)
+    ]
     if not candidates:
         edges = [t for t in tensors_of(inputs) if is_edge_list(t, n)]
-        if edges and any(t.is_floating_point() or is_sparse(t) for t in tensors_of(inputs) if t.ndim >= 1
-                         and t.shape[0] == n):
+        if edges and any(
+            t.is_floating_point() or is_sparse(t) for t in tensors_of(inputs) if t.ndim >= 1 and t.shape[0] == n
+        ):
             return n, [], 0, edges  # an edge list: how far messages travel through it cannot be counted
         return None
     mode = _Propagation(candidates, n)
@@ -845,8 +955,10 @@ def _not_a_graph_model(n: int, candidates: list[Tensor]) -> LeakageNotApplicable
         unseen = "how far messages travel along an edge list cannot be counted from `forward`"
     else:
         what = f"an ({n}, {n}) matrix over the {n} examples ({seen})"
-        unseen = ("`forward` did not multiply node features by it where the probe can see (`adj @ h`, "
-                  "`torch.sparse.mm(adj, h)`)")
+        unseen = (
+            "`forward` did not multiply node features by it where the probe can see (`adj @ h`, "
+            "`torch.sparse.mm(adj, h)`)"
+        )
     return LeakageNotApplicable(
         f"the inputs hold {what}: they look like the nodes of one graph, and a node depends on its neighbours "
         f"by design, so they are not held to per-example independence; {unseen}, so the neighbourhood each "
@@ -856,8 +968,16 @@ def _not_a_graph_model(n: int, candidates: list[Tensor]) -> LeakageNotApplicable
 
 
 def _probe_graph(
-    module: nn.Module, inputs: Any, forward: Forward, n: int, adjacencies: list[Tensor], hops: int,
-    output_batch_dim: int | None, num_examples: int, tolerance: float, seed: int,
+    module: nn.Module,
+    inputs: Any,
+    forward: Forward,
+    n: int,
+    adjacencies: list[Tensor],
+    hops: int,
+    output_batch_dim: int | None,
+    num_examples: int,
+    tolerance: float,
+    seed: int,
 ) -> LeakageReport:
     skip = {id(a) for a in adjacencies}
     leaves: list[_Probe] = []
@@ -881,12 +1001,21 @@ def _probe_graph(
 
     def record_hook(mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
         t = out if isinstance(out, Tensor) else next(iter(tensors_of(out)), None)
-        if t is not None and t.is_floating_point() and t.requires_grad and not is_sparse(t) \
-                and t.ndim >= 1 and t.shape[0] == n:
+        if (
+            t is not None
+            and t.is_floating_point()
+            and t.requires_grad
+            and not is_sparse(t)
+            and t.ndim >= 1
+            and t.shape[0] == n
+        ):
             recorded.append((names.get(mod, "?"), _describe_module(mod), t, 0))
 
-    handles = [m.register_forward_hook(record_hook) for m in module.modules()
-               if m is not module and not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict))]
+    handles = [
+        m.register_forward_hook(record_hook)
+        for m in module.modules()
+        if m is not module and not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
+    ]
     raw = _hooked_forward(module, forward, probe_inputs, handles)
     views = _output_views(raw, n, 0, output_batch_dim)
     if not views or not views[0][0].startswith("dim"):
@@ -932,14 +1061,26 @@ def _probe_graph(
         runner.allowed = allowed[first_leaking]
         first_mixing, last_clean, note = _locate_mixing(runner, recorded, int(nodes[first_leaking]), n)
     given = {id(t) for t in tensors_of(inputs)}
-    adjacency = ", ".join(_describe_tensor(a) + ("" if id(a) in given else " held by the model")
-                          for a in adjacencies)
+    adjacency = ", ".join(_describe_tensor(a) + ("" if id(a) in given else " held by the model") for a in adjacencies)
     reading = GraphReading(n, adjacency, hops, nodes.tolist(), allowed.sum(1).tolist(), within)
     return LeakageReport(
-        num_examples=b, input_batch_dim=0, output_layout=f"{layout} (nodes)", probed=[p.name for p in leaves],
-        leaking_pairs=pairs, pairs_exact=True, first_mixing_module=first_mixing, last_clean_module=last_clean,
-        mixing_module_note=note, causal_checked=False,
-        causal_reason="the examples are nodes of a graph, which has no time order", causal_violations=[],
-        violating_cuts=[], cuts_checked=[], sequence_length=None, backward_passes=dict(runner.passes),
-        tolerance=tolerance, dependency=dependency, graph=reading,
+        num_examples=b,
+        input_batch_dim=0,
+        output_layout=f"{layout} (nodes)",
+        probed=[p.name for p in leaves],
+        leaking_pairs=pairs,
+        pairs_exact=True,
+        first_mixing_module=first_mixing,
+        last_clean_module=last_clean,
+        mixing_module_note=note,
+        causal_checked=False,
+        causal_reason="the examples are nodes of a graph, which has no time order",
+        causal_violations=[],
+        violating_cuts=[],
+        cuts_checked=[],
+        sequence_length=None,
+        backward_passes=dict(runner.passes),
+        tolerance=tolerance,
+        dependency=dependency,
+        graph=reading,
     )

@@ -366,7 +366,8 @@ def output_dependence(module: nn.Module, loss_fn: Callable[[], Tensor], params: 
 
     def hook(_: nn.Module, __: Any, output: Any) -> None:
         found = [
-            t for t in tensors_of(output.logits if hasattr(output, "logits") else output)
+            t
+            for t in tensors_of(output.logits if hasattr(output, "logits") else output)
             if t.ndim > 0 and t.is_floating_point() and t.requires_grad
         ]
         if found:
@@ -390,5 +391,3 @@ def output_dependence(module: nn.Module, loss_fn: Callable[[], Tensor], params: 
 def _grad_norm(params: list[nn.Parameter]) -> Tensor | None:
     grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
     return torch.stack(grads).norm() if grads else None
-
-

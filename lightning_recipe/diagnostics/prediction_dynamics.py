@@ -271,7 +271,10 @@ def flips_beyond_chance(flips: int, trials: int, rate: float = SETTLED_FLIP_RATE
 
     def log_pmf(k: int) -> float:
         return (
-            math.lgamma(trials + 1) - math.lgamma(k + 1) - math.lgamma(trials - k + 1) + k * log_p
+            math.lgamma(trials + 1)
+            - math.lgamma(k + 1)
+            - math.lgamma(trials - k + 1)
+            + k * log_p
             + (trials - k) * log_q
         )
 

@@ -62,13 +62,25 @@ class RngState:
 # -- plain attributes ------------------------------------------------------------------------------------------
 #: Names Lightning or torch set on a module and own; never snapshotted or restored. The rest of torch's and
 #: Lightning's bookkeeping is found by constructing a bare module (see :func:`_owned_names`).
-_OWNED_ALWAYS = frozenset({
-    "training",  # train/eval mode: restored per module by TrainingState; a check switches it on purpose
-    "_compiled_call_impl",  # `module.compile()`: the compiled forward, torch's
-    "log", "log_dict",  # shadowed while a check silences `self.log` (callbacks/_preflight.silenced_logging)
-    "_trainer", "_fabric", "_fabric_optimizers", "_device_mesh", "_current_fx_name", "_metric_attributes",
-    "_param_requires_grad_state", "_compiler_ctx", "_hparams", "_hparams_initial", "_hparams_name",
-})
+_OWNED_ALWAYS = frozenset(
+    {
+        "training",  # train/eval mode: restored per module by TrainingState; a check switches it on purpose
+        "_compiled_call_impl",  # `module.compile()`: the compiled forward, torch's
+        "log",
+        "log_dict",  # shadowed while a check silences `self.log` (callbacks/_preflight.silenced_logging)
+        "_trainer",
+        "_fabric",
+        "_fabric_optimizers",
+        "_device_mesh",
+        "_current_fx_name",
+        "_metric_attributes",
+        "_param_requires_grad_state",
+        "_compiler_ctx",
+        "_hparams",
+        "_hparams_initial",
+        "_hparams_name",
+    }
+)
 _CONTAINERS = (list, dict, set, deque)
 
 

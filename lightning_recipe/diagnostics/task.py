@@ -439,8 +439,10 @@ class Alignment:
         """In words, e.g. "position t is trained towards input token t + 1 (the shift is inside the model)"."""
         where = "inside the model" if self.target_shift else "in the batch"
         if self.input_shift is None:
-            return "position t is trained towards target t" if not self.target_shift else (
-                f"position t is trained towards target t + {self.target_shift} (the shift is {where})"
+            return (
+                "position t is trained towards target t"
+                if not self.target_shift
+                else (f"position t is trained towards target t + {self.target_shift} (the shift is {where})")
             )
         return f"position t is trained towards input token t + {self.input_shift} (the shift is {where})"
 
@@ -525,9 +527,7 @@ def may_shift(targets: Tensor, inputs: Any = None) -> bool:
     )
 
 
-def read_alignment(
-    grad: Tensor, targets: Tensor, inputs: Any = None, max_shift: int = 2
-) -> Alignment | None:
+def read_alignment(grad: Tensor, targets: Tensor, inputs: Any = None, max_shift: int = 2) -> Alignment | None:
     """How the loss whose gradient with respect to the logits is ``grad`` pairs positions with ``targets``
     (integer class labels) and with the input tokens. ``None`` when the loss is not read as a classification
     loss over these targets (a custom loss, soft targets, another reading of the outputs)."""
@@ -559,8 +559,13 @@ def looks_like_next_step(inputs: Any, targets: Tensor | None, batch_dim: int = 0
     if targets is None:
         return False
     for x in tensors_of(inputs):
-        if is_sparse(x) or is_sparse(targets) or x.shape != targets.shape or x.ndim < 2 \
-                or x.shape[1 if batch_dim == 0 else 0] < 2:
+        if (
+            is_sparse(x)
+            or is_sparse(targets)
+            or x.shape != targets.shape
+            or x.ndim < 2
+            or x.shape[1 if batch_dim == 0 else 0] < 2
+        ):
             continue
         xb, yb = x.movedim(batch_dim, 0), targets.movedim(batch_dim, 0)
         if is_int(x) and is_int(targets):
