@@ -10,6 +10,7 @@ import pytest
 
 import lightning_recipe
 from tests.models import trainer
+from tests.tensorboard import read_events
 from tests.zoo import HEALTHY, MONITOR_BUGS, MONITORS
 
 
@@ -51,7 +52,6 @@ def test_deferred_reads_record_the_same_evidence_on_a_healthy_model(monitor_name
 
 def _logged_steps(tmp_path, deferred: bool) -> dict[str, list[int]]:
     from lightning.pytorch.loggers import TensorBoardLogger
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     case = next(c for c in HEALTHY if c.name == "batchnorm_dropout_cnn")
     L.seed_everything(0, verbose=False)
@@ -65,8 +65,7 @@ def _logged_steps(tmp_path, deferred: bool) -> dict[str, list[int]]:
     logger = TensorBoardLogger(str(tmp_path), name="deferred" if deferred else "immediate")
     trainer(max_steps=18, callbacks=monitors, logger=logger).fit(case.model(), case.data())
     logger.experiment.flush()
-    acc = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "images": 0, "histograms": 0})
-    acc.Reload()
+    acc = read_events(logger.log_dir)
     tags = acc.Tags()
     steps = {tag: [e.step for e in acc.Scalars(tag)] for tag in tags["scalars"] if tag.startswith("recipe/")}
     steps.update({tag: [e.step for e in acc.Images(tag)] for tag in tags["images"]})

@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as L
 import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
 from lightning_recipe import FirstLayerVisualizer, RecipeWarning
 from lightning_recipe.diagnostics import first_layer as fl
 from tests.ddp import run_ddp, run_script
 from tests.models import trainer
+from tests.tensorboard import read_events
 from tests.zoo import MLP, BatchNormCNN, FrozenFirstConv, ZooModule, clusters, shapes
 
 TAG = "recipe/first_layer_visualizer/"
@@ -186,10 +187,9 @@ def test_moved_from_init_and_verdicts():
 # -- through a real Trainer ---------------------------------------------------------------------------
 
 
-def _events(t: L.Trainer) -> EventAccumulator:
+def _events(t: L.Trainer) -> Any:
     t.logger.experiment.flush()
-    acc = EventAccumulator(t.logger.log_dir, size_guidance={"images": 0, "scalars": 0, "tensors": 0})
-    acc.Reload()
+    acc = read_events(t.logger.log_dir)
     return acc
 
 
@@ -362,8 +362,7 @@ def test_ddp_logs_from_rank_zero_only(tmp_path):
         assert seen["enabled"] == [True] and seen["alerts"] == [[]]
     events = list((tmp_path / "tb").rglob("events.out.tfevents.*"))
     assert len(events) == 1, events
-    acc = EventAccumulator(str(events[0].parent), size_guidance={"images": 0, "scalars": 0})
-    acc.Reload()
+    acc = read_events(str(events[0].parent))
     assert [e.step for e in acc.Images(TAG + "filters")] == [0, 2, 4]
 
 

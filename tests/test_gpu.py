@@ -10,7 +10,6 @@ import lightning.pytorch as L
 import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
 import lightning_recipe
@@ -25,6 +24,7 @@ from lightning_recipe import (
     UpdateRatioMonitor,
 )
 from tests.models import trainer
+from tests.tensorboard import read_events
 from tests.zoo import MONITOR_BUGS, BatchNormCNN, HugeFinalInit, clusters, shapes
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -78,8 +78,7 @@ def test_monitors_measure_log_and_stay_quiet_on_a_healthy_model(tmp_path, precis
     assert dynamics.batch[0].device.type == "cuda"
     assert first.layer_name == "features.0" and first.last_moved is not None and first.last_moved > 0
     t.logger.experiment.flush()
-    acc = EventAccumulator(t.logger.log_dir, size_guidance={"scalars": 0, "images": 0, "histograms": 0})
-    acc.Reload()
+    acc = read_events(t.logger.log_dir)
     tags = acc.Tags()
     assert "recipe/update_ratio_monitor/median_log10_ratio" in tags["scalars"]
     assert "recipe/update_ratio_monitor/log10_ratios" in tags["histograms"]

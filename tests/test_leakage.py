@@ -16,6 +16,7 @@ from lightning_recipe import BatchLeakageProbe, CheckStatus, RecipeCheckError, R
 from lightning_recipe.diagnostics.leakage import LeakageNotApplicable, probe_batch_leakage
 from tests.ddp import run_ddp
 from tests.models import trainer
+from tests.tensorboard import read_events
 
 # -- models with known answers (module level: DDP subprocesses import them) --------------------------
 
@@ -388,15 +389,13 @@ def test_on_fail_warn_lets_training_go_on():
 
 def test_logs_scalars_and_the_dependency_matrix_to_tensorboard(tmp_path):
     from lightning.pytorch.loggers import TensorBoardLogger
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logger = TensorBoardLogger(str(tmp_path), name="", version="")
     t = trainer(callbacks=[BatchLeakageProbe(on_fail="warn")], max_steps=1, logger=logger)
     with pytest.warns(RecipeWarning):
         t.fit(LitBuggySequences(), sequence_loader())
     logger.experiment.flush()
-    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "images": 0})
-    events.Reload()
+    events = read_events(str(tmp_path))
     tags = events.Tags()
     assert "recipe/batch_leakage_probe/dependency_matrix" in tags["images"]
     pairs = events.Scalars("recipe/batch_leakage_probe/leaking_pairs")

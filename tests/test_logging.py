@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard._utils import make_grid
 from torch.utils.tensorboard.summary import make_histogram
 
 from lightning_recipe import _logging
+from tests.tensorboard import read_events
 
 EDGES = [x / 4 for x in range(-49, 10)]
 
@@ -67,8 +67,7 @@ def test_fast_histogram_and_images_read_back_from_the_event_file(tmp_path):
     _logging.log_images(trainer, "gray", gray, 7)
     _logging.log_images(trainer, "rgb", torch.rand(3, 3, 4, 4), 8)
     logger.experiment.flush()
-    acc = EventAccumulator(logger.log_dir, size_guidance={"histograms": 0, "images": 0})
-    acc.Reload()
+    acc = read_events(logger.log_dir)
     (histogram,) = acc.Histograms("h")
     assert histogram.step == 7 and histogram.histogram_value.num == 5
     assert histogram.histogram_value.min == pytest.approx(-12.0)
@@ -123,8 +122,7 @@ def test_scalars_and_histograms_logged_together_read_back_and_other_loggers_get_
     _logging.log_scalars(trainer, {"a": 2.5}, 4, histograms={"h": ([], EDGES)})  # nothing to draw: no histogram
     logger.experiment.flush()
     csv.save()
-    acc = EventAccumulator(logger.log_dir, size_guidance={"histograms": 0, "scalars": 0})
-    acc.Reload()
+    acc = read_events(logger.log_dir)
     assert [(e.step, e.value) for e in acc.Scalars("a")] == [(3, 1.5), (4, 2.5)]
     assert [(e.step, e.value) for e in acc.Scalars("b")] == [(3, -2.0)]
     (histogram,) = acc.Histograms("h")

@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -21,6 +20,7 @@ from lightning_recipe.diagnostics.state import TrainingState
 from lightning_recipe.diagnostics.task import decode_predictions, looks_like_probabilities
 from tests.ddp import run_ddp
 from tests.models import MLPClassifier, cluster_data, loader, trainer
+from tests.tensorboard import read_events
 
 # -- the diagnostic on plain modules ---------------------------------------------------------------
 
@@ -386,8 +386,7 @@ def test_loss_curve_and_figures_are_logged_to_tensorboard(tmp_path):
     check = OverfitOneBatch()
     t = _fit(MLPClassifier(), check, steps=1, tmp_path=tmp_path, logger=TensorBoardLogger(tmp_path))
     t.logger.experiment.flush()
-    events = EventAccumulator(t.logger.log_dir, size_guidance={"scalars": 0, "images": 0, "tensors": 0})
-    events.Reload()
+    events = read_events(t.logger.log_dir)
     tags = events.Tags()
     assert {"recipe/overfit_one_batch/loss_curve", "recipe/overfit_one_batch/predictions"} <= set(tags["images"])
     losses = events.Scalars("recipe/overfit_one_batch/loss")

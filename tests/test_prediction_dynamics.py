@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -21,6 +20,7 @@ from lightning_recipe import PredictionDynamicsLogger, RecipeWarning
 from lightning_recipe.diagnostics import prediction_dynamics as pd
 from tests.ddp import run_ddp
 from tests.models import cluster_data, loader, trainer
+from tests.tensorboard import read_events
 from tests.zoo import (
     MLP,
     BatchNormCNN,
@@ -342,10 +342,9 @@ def _tb_trainer(tmp_path: Path, **kwargs: Any) -> L.Trainer:
     return trainer(logger=TensorBoardLogger(str(tmp_path), name="tb"), log_every_n_steps=1, **kwargs)
 
 
-def _events(t: L.Trainer) -> EventAccumulator:
+def _events(t: L.Trainer) -> Any:
     t.logger.experiment.flush()
-    acc = EventAccumulator(t.logger.log_dir, size_guidance={"scalars": 0, "images": 0, "tensors": 0})
-    acc.Reload()
+    acc = read_events(t.logger.log_dir)
     return acc
 
 
@@ -532,8 +531,7 @@ def test_ddp_both_ranks_evaluate_and_only_rank_zero_writes(tmp_path):
         assert seen["enabled"] == [True] and seen["global_step"] == 6
     events = list((tmp_path / "tb").rglob("events.out.tfevents.*"))
     assert len(events) == 1, events
-    acc = EventAccumulator(str(events[0].parent), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
-    acc.Reload()
+    acc = read_events(str(events[0].parent))
     assert [e.step for e in acc.Scalars(TAG + "loss")] == [0, 2, 4, 6]
     assert len(acc.Images(TAG + "trajectories")) >= 3
 

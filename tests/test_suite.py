@@ -25,6 +25,7 @@ from lightning_recipe import (
 )
 from lightning_recipe.suite import ENV_VAR, summary_table
 from tests.models import trainer
+from tests.tensorboard import read_events
 from tests.zoo import MLP, DoubleSoftmax, clusters
 
 REPORT_KEYS = {"name", "status", "summary", "hint", "details", "duration_s"}
@@ -127,7 +128,6 @@ def test_without_sanity_mode_training_goes_on_and_the_monitors_watch_it(tmp_path
 
 @pytest.mark.parametrize(("model", "code"), [(MLP, 0), (DoubleSoftmax, 1)], ids=["healthy", "double_softmax"])
 def test_a_sanity_run_writes_the_report_and_exits_with_the_verdict(tmp_path, capsys, model, code):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     L.seed_everything(0)
     net, counter, suite = model(), StepCounter(), RecipeSuite(sanity_run=True)
@@ -156,8 +156,7 @@ def test_a_sanity_run_writes_the_report_and_exits_with_the_verdict(tmp_path, cap
     assert f"lightning_recipe sanity run: {'PASSED' if code == 0 else 'FAILED (1 of 3 checks failed)'}" in printed
     assert f"exit status {code}" in printed and str(folder / "sanity_run.json") in printed
 
-    events = EventAccumulator(str(folder), size_guidance={"tensors": 0})
-    events.Reload()
+    events = read_events(str(folder))
     assert "recipe/sanity_run/report/text_summary" in events.Tags()["tensors"]
     text = events.Tensors("recipe/sanity_run/report/text_summary")[0].tensor_proto.string_val[0].decode()
     assert text == markdown

@@ -21,6 +21,7 @@ from lightning_recipe.diagnostics import update_ratio as ur
 from tests.ddp import run_ddp, run_script
 from tests.models import MLPClassifier, cluster_data, cluster_loader, loader, trainer
 from tests.real_models import PolynomialRegression, polynomial_pairs
+from tests.tensorboard import read_events
 from tests.zoo import BatchNormCNN, LayerMissingFromOptimizer, LearningRate, PerStepDecay, clusters, shapes
 
 ALERTS = "ignore::lightning_recipe.report.RecipeWarning"
@@ -228,10 +229,8 @@ def test_every_n_steps_counts_each_optimizers_own_steps():
 
 
 def _read_tensorboard(log_dir: Path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
-    acc.Reload()
+    acc = read_events(str(log_dir))
     return acc
 
 
