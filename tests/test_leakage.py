@@ -468,8 +468,35 @@ def test_zero_initialised_final_layer_is_probed_at_the_last_layer_that_passes_gr
     torch.manual_seed(0)
     x = torch.randn(8, 6)
     healthy = _probe(ZeroHead(), x)
-    assert not healthy.batch_leak and "`net.1`" in healthy.output_layout
+    assert not healthy.batch_leak and "`net.1`" in healthy.output_layout and healthy.probed_layer == "net.1"
     assert len(_probe(ZeroHead(leak=True), x).leaking_pairs) == 8 * 7
+    assert _probe(PerExampleMLP(), x).probed_layer is None
+
+
+class LitZeroHead(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = ZeroHead()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_the_callback_says_which_layer_it_probed_and_skips_a_causality_it_cannot_check():
+    x, y = torch.randn(32, 6), torch.arange(32) % 3
+    probe = BatchLeakageProbe()
+    trainer(callbacks=[probe], max_steps=1).fit(LitZeroHead(), DataLoader(TensorDataset(x, y), batch_size=8))
+    assert probe.result.passed and "Probed at the output of layer `model.net.1`" in probe.result.summary
+    probe = BatchLeakageProbe(causal=True)
+    trainer(callbacks=[probe], max_steps=1).fit(LitZeroHead(), DataLoader(TensorDataset(x, y), batch_size=8))
+    assert probe.result.status.value == "skipped" and "`time_dim=`" in probe.result.summary
 
 
 class LitTinyLM(L.LightningModule):

@@ -178,7 +178,7 @@ class BatchLeakageProbe(PreflightCheck):
             )
         else:
             summary += f"; causality not checked: {r.causal_reason}."
-        if r.output_layout.startswith("output of layer"):
+        if r.probed_layer is not None:
             summary += f" Probed at the {r.output_layout}."
             if self.causal:
                 return self.skipped(

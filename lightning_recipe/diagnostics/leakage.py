@@ -94,6 +94,8 @@ class LeakageReport:
         dependency: ``(B, B)`` matrix, 1 where output ``i`` depends on input ``j != i``; diagonal not probed.
         graph: set when the examples are the nodes of one graph: what was read, and the allowed neighbourhood
             the dependencies were held to (``leaking_pairs`` then lists nodes outside it, by node index).
+        probed_layer: the layer whose outputs were probed in place of the model's when no gradient reaches the
+            inputs from the model's output (a zero-initialised final layer); ``None`` when the model's were.
     """
 
     num_examples: int
@@ -115,6 +117,7 @@ class LeakageReport:
     tolerance: float
     dependency: Tensor = field(repr=False)
     graph: GraphReading | None = None
+    probed_layer: str | None = None
 
     @property
     def batch_leak(self) -> bool:
@@ -550,7 +553,7 @@ def _probe_with_batch_dim(
             "(zero-initialised final layer?), so the last layer that passes one was probed"
         )
         try:
-            return _run_passes(
+            fallback = _run_passes(
                 _Runner(leaves, t.movedim(d, 0), tolerance, seed),
                 b,
                 in_dim,
@@ -565,6 +568,7 @@ def _probe_with_batch_dim(
             )
         except (_NoGradient, RuntimeError):
             continue
+        return replace(fallback, probed_layer=name)
     assert no_gradient is not None
     raise no_gradient
 
