@@ -29,7 +29,9 @@ from lightning_recipe.diagnostics.batch import (
 )
 from lightning_recipe.diagnostics.init_loss import loss_floor
 from lightning_recipe.diagnostics.overfit import (
+    DEFAULT_LOSS_FRACTION,
     DEFAULT_LRS,
+    DEFAULT_MAX_STEPS,
     Attempt,
     OverfitEvidence,
     output_dependence,
@@ -95,10 +97,10 @@ class OverfitOneBatch(PreflightCheck):
     def __init__(
         self,
         num_examples: int = 4,
-        max_steps: int = 200,
+        max_steps: int = DEFAULT_MAX_STEPS,
         lrs: Sequence[float] = DEFAULT_LRS,
         lr: float | None = None,
-        loss_fraction: float = 0.1,
+        loss_fraction: float = DEFAULT_LOSS_FRACTION,
         *,
         on_fail: str = "raise",
         inputs: InputsFn | None = None,

@@ -41,7 +41,9 @@ from lightning_recipe.diagnostics.batch import tensors_of
 from lightning_recipe.diagnostics.task import Decoded
 
 __all__ = [
+    "DEFAULT_LOSS_FRACTION",
     "DEFAULT_LRS",
+    "DEFAULT_MAX_STEPS",
     "Attempt",
     "OverfitEvidence",
     "overfit_batch",
@@ -49,6 +51,10 @@ __all__ = [
 
 #: tried in order, each from the same starting state, until one fits
 DEFAULT_LRS: tuple[float, ...] = (3e-3, 3e-2, 3e-4)
+#: the loss must fall to this fraction of the way from its floor to its start
+DEFAULT_LOSS_FRACTION = 0.1
+#: updates per learning rate at most
+DEFAULT_MAX_STEPS = 200
 
 OptimizerFactory = Callable[[list[nn.Parameter], float], torch.optim.Optimizer]
 
@@ -150,8 +156,8 @@ def overfit_batch(
     labels: Callable[[], Decoded | None] | None = None,
     *,
     lrs: Sequence[float] = DEFAULT_LRS,
-    max_steps: int = 200,
-    loss_fraction: float = 0.1,
+    max_steps: int = DEFAULT_MAX_STEPS,
+    loss_fraction: float = DEFAULT_LOSS_FRACTION,
     patience: int = 50,
     min_improvement: float = 0.01,
     optimizer: OptimizerFactory | None = None,
