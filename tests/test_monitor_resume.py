@@ -19,7 +19,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from lightning_recipe import FirstLayerVisualizer, PredictionDynamicsLogger, UpdateRatioMonitor
+from lightning_recipe import FirstLayerVisualizer, PredictionDynamicsLogger, RecipeWarning, UpdateRatioMonitor
+from lightning_recipe.callbacks._monitor import STATE_VERSION
 from tests import zoo
 from tests.models import cluster_data, loader, trainer
 
@@ -289,3 +290,13 @@ def test_state_round_trips_without_a_trainer():
     again.load_state_dict(state)
     assert again.measured_steps == [(0, 3)]
     assert again._alerted == monitor._alerted
+    assert state["version"] == STATE_VERSION
+
+
+def test_a_state_of_another_version_restores_the_alerts_only_and_says_so():
+    monitor = UpdateRatioMonitor()
+    state = {"version": STATE_VERSION + 1, "alerted": [["ratio_too_low", "optimizer0"]], "measurements": {}}
+    with pytest.warns(RecipeWarning, match="version 2, this version of lightning_recipe reads version 1"):
+        monitor.load_state_dict(state)
+    assert monitor._alerted == {("ratio_too_low", "optimizer0")}
+    assert monitor.measured_steps == []
