@@ -300,3 +300,25 @@ def test_a_state_of_another_version_restores_the_alerts_only_and_says_so():
         monitor.load_state_dict(state)
     assert monitor._alerted == {("ratio_too_low", "optimizer0")}
     assert monitor.measured_steps == []
+
+
+def test_monitors_inside_a_suite_resume_as_they_do_alone(tmp_path: Path):
+    from lightning_recipe import RecipeSuite
+
+    def suite() -> list[Callback]:
+        return [
+            RecipeSuite(
+                update_ratio_monitor={"every_n_steps": 5},
+                prediction_dynamics_logger={"every_n_steps": 5},
+                first_layer_visualizer={"measure_every_n_steps": 5, "not_changing_after_steps": 20},
+            )
+        ]
+
+    whole, resumed = uninterrupted_and_resumed(tmp_path, zoo.lr_1e7, clusters, suite, 40, 16)
+    (a,), (b,) = whole, resumed
+    assert any(alert.kind == "frozen" and alert.step > 16 for m in a.monitors for alert in m.alerts)
+    for ma, mb in zip(a.monitors, b.monitors, strict=True):
+        assert alerts(mb) == alerts(ma), ma.name
+    assert b.monitors[0].measured_steps == a.monitors[0].measured_steps
+    assert repr(b.monitors[1].history) == repr(a.monitors[1].history)
+    assert b.monitors[2].last_moved == a.monitors[2].last_moved
