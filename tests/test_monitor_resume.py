@@ -53,6 +53,7 @@ def uninterrupted_and_resumed(
     monitors: Callable[[], list[Callback]],
     steps: int,
     resume_at: int,
+    **trainer_kwargs: Any,
 ) -> tuple[list[Callback], list[Callback]]:
     """The monitors of a run of ``steps`` steps, and those of the same run resumed from its checkpoint at
     ``resume_at``. Asserts the resumed run trained to the same weights (the test's premise)."""
@@ -60,18 +61,20 @@ def uninterrupted_and_resumed(
     whole = monitors()
     saver = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=resume_at, save_top_k=-1)
     full_model = model()
-    trainer(tmp_path, max_steps=steps, callbacks=[*whole, saver], enable_checkpointing=True).fit(full_model, data())
+    trainer(tmp_path, max_steps=steps, callbacks=[*whole, saver], enable_checkpointing=True, **trainer_kwargs).fit(
+        full_model, data()
+    )
 
     L.seed_everything(1, verbose=False)  # another initialisation: every weight must come from the checkpoint
     resumed = monitors()
     resumed_model = model()
     path = tmp_path / f"step={resume_at}.ckpt"
     again = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=resume_at, save_top_k=-1)
-    trainer(tmp_path, max_steps=steps, callbacks=[*resumed, again], enable_checkpointing=True).fit(
+    trainer(tmp_path, max_steps=steps, callbacks=[*resumed, again], enable_checkpointing=True, **trainer_kwargs).fit(
         resumed_model, data(), ckpt_path=path
     )
     for name, value in full_model.state_dict().items():
-        torch.testing.assert_close(resumed_model.state_dict()[name], value, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(resumed_model.state_dict()[name].cpu(), value.cpu(), rtol=0, atol=0, msg=name)
     return whole, resumed
 
 
@@ -322,3 +325,43 @@ def test_monitors_inside_a_suite_resume_as_they_do_alone(tmp_path: Path):
     assert b.monitors[0].measured_steps == a.monitors[0].measured_steps
     assert repr(b.monitors[1].history) == repr(a.monitors[1].history)
     assert b.monitors[2].last_moved == a.monitors[2].last_moved
+
+
+def _three_deferring() -> list[Callback]:
+    monitors = [
+        UpdateRatioMonitor(every_n_steps=5),
+        PredictionDynamicsLogger(every_n_steps=5),
+        FirstLayerVisualizer(every_n_steps=10, measure_every_n_steps=5, not_changing_after_steps=20),
+    ]
+    for monitor in monitors:
+        monitor._always_defer = True  # readings wait for the next hook, as on a GPU
+    return monitors
+
+
+def _same_records(whole: list[Any], resumed: list[Any]) -> None:
+    for a, b in zip(whole, resumed, strict=True):
+        assert alerts(b) == alerts(a), a.name
+    assert whole[0].alerts and whole[1].alerts  # ratio_too_low, frozen: raised after the resume
+    assert resumed[0].measured_steps == whole[0].measured_steps
+    assert repr(resumed[1].history) == repr(whole[1].history)
+    assert resumed[2].last_moved == whole[2].last_moved
+
+
+def test_readings_in_flight_at_the_checkpoint_are_taken_into_it(tmp_path: Path):
+    # the checkpoint at step 16 is written while that step's readings still wait for the device: the state
+    # waits for them, or the resumed run would lack them
+    whole, resumed = uninterrupted_and_resumed(tmp_path, zoo.lr_1e7, clusters, _three_deferring, 40, 16)
+    _same_records(whole, resumed)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_monitors_resume_on_a_gpu(tmp_path: Path):
+    def three() -> list[Callback]:
+        return [
+            UpdateRatioMonitor(every_n_steps=5),
+            PredictionDynamicsLogger(every_n_steps=5),
+            FirstLayerVisualizer(every_n_steps=10, measure_every_n_steps=5, not_changing_after_steps=20),
+        ]
+
+    whole, resumed = uninterrupted_and_resumed(tmp_path, zoo.lr_1e7, clusters, three, 40, 16, accelerator="gpu")
+    _same_records(whole, resumed)
