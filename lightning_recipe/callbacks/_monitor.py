@@ -8,6 +8,10 @@ A monitor never raises into the training loop: :meth:`Monitor.guard` turns an in
 A monitor never makes the host wait for a GPU either: :meth:`Monitor.defer` copies what it measured to the host
 without a sync and reads it at a later hook, once the device has got there. A host sync would drain the GPU's
 queue and leave it idle while the next batch loads, a cost far larger than the measurement itself.
+
+A monitor's state survives a checkpoint resume: ``state_dict`` holds, as plain data, the alerts raised and what its
+next verdicts depend on (windows, streaks, histories), under a ``state_key`` built from its class and settings,
+so a resumed run alerts as the uninterrupted one and two monitors of one class keep separate state.
 """
 
 from __future__ import annotations

@@ -70,6 +70,9 @@ class PredictionDynamicsLogger(Monitor):
       the loss never improved: learning rate far too low, or nothing trains.
     - ``non_finite``: the predictions on the batch became NaN or infinite.
 
+    A checkpoint keeps the fixed batch (when it is plain tensors, lists, tuples and dicts), the evaluations and
+    the window's predictions: a resumed run evaluates the same batch and alerts as the uninterrupted one.
+
     Args:
         every_n_steps: evaluate on optimizer steps that are multiples of this. At the default, 25, with ``window=4``
             a frozen run is alerted at step 100, a thrashing one by step ~200 (over 10 seeds of a learning rate
@@ -557,7 +560,7 @@ _NOT_PLAIN = object()
 
 
 def _plain_on_host(value: Any) -> Any:
-    """``value`` with its tensors copied to the host, when it is plain data (tensors, numbers, strings, lists,
+    """``value`` with its tensors on the host, when it is plain data (tensors, numbers, strings, lists,
     tuples and dicts with string keys): what ``torch.load(weights_only=True)`` reads back. ``_NOT_PLAIN`` when
     it holds anything else (a dataclass, a namedtuple, a sparse tensor, a graph object)."""
     if isinstance(value, Tensor):

@@ -103,6 +103,9 @@ class UpdateRatioMonitor(Monitor):
     cancels it (gradient ~0 by construction while the layer's weight trains: plain SGD leaves it in place) is
     a harmless redundancy: it gets a note (``notes``, TensorBoard text ``notes``), not ``not_moving``.
 
+    A checkpoint keeps each optimizer's step count, windows of medians, zero-update streaks and starting learning
+    rates: a run resumed from it measures on the same steps and alerts as the uninterrupted one.
+
     Alerts (``.alerts``, each also one ``RecipeWarning``):
         ``ratio_too_high``: the median ratio above ``max_ratio`` for a window: learning rate too high.
         ``ratio_too_low``: below ``min_ratio`` for a window: learning rate too low, or decayed away.
