@@ -8,10 +8,16 @@ A monitor never raises into the training loop: :meth:`Monitor.guard` turns an in
 A monitor never makes the host wait for a GPU either: :meth:`Monitor.defer` copies what it measured to the host
 without a sync and reads it at a later hook, once the device has got there. A host sync would drain the GPU's
 queue and leave it idle while the next batch loads, a cost far larger than the measurement itself.
+
+A monitor's state survives a checkpoint resume: ``state_dict`` holds, as plain data, the alerts raised and what its
+next verdicts depend on (windows, streaks, histories), under a ``state_key`` built from its class and settings,
+so a resumed run alerts as the uninterrupted one and two monitors of one class keep separate state.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
 import traceback
 from collections import deque
@@ -23,6 +29,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_recipe import _logging
 from lightning_recipe._args import check_int
@@ -32,7 +39,10 @@ from lightning_recipe.diagnostics.batch import BatchAdapter, BatchNotUnderstood,
 from lightning_recipe.diagnostics.task import TaskNotInferred
 from lightning_recipe.report import Alert, RecipeWarning, jsonable
 
-__all__ = ["NEEDS_ADAPTER", "Monitor"]
+__all__ = ["NEEDS_ADAPTER", "STATE_VERSION", "Monitor"]
+
+#: the layout of a monitor's checkpoint state (``state_dict()["version"]``): raised when the layout changes
+STATE_VERSION = 1
 
 #: errors that mean "pass `inputs=` / `targets=` / `forward=` / `task=`": their message names the argument
 NEEDS_ADAPTER = (BatchNotUnderstood, TaskNotInferred)
@@ -66,6 +76,7 @@ class Monitor(RecipeCallback):
         self._alerted: set[tuple[str, str]] = set()
         self._pending: deque[tuple[list[Tensor], Any, Callable[[list[Tensor]], None]]] = deque()
         self._always_defer = False  # tests: queue reads of CPU tensors too, to exercise the GPU path
+        self._state_key: str | None = None
 
     def due(self, step: int) -> bool:
         """Whether optimizer step ``step`` is a measuring step."""
@@ -172,8 +183,76 @@ class Monitor(RecipeCallback):
         _logging.log_text(trainer, self.tag("alerts"), text, record.step)
         return record
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"alerted": sorted(self._alerted)}
+    # -- state across a checkpoint resume ------------------------------------------------------------------
 
+    @property
+    @override
+    def state_key(self) -> str:
+        """Where this monitor's state lives in ``checkpoint["callbacks"]``: the class name and the settings that
+        define it (Lightning's convention, as ``ModelCheckpoint`` and ``EarlyStopping`` have it), so two
+        instances of one class with different settings keep separate state. Built once: Lightning reads it at
+        every hook call (to name the hook for its profiler), and the settings do not change during a run."""
+        if self._state_key is None:
+            self._state_key = self._generate_state_key(**self.state_settings())
+        return self._state_key
+
+    def state_settings(self) -> dict[str, Any]:
+        """The constructor settings that tell this instance apart from another of its class (its schedule and
+        thresholds): what :attr:`state_key` is built from. Subclasses add theirs."""
+        return {"every_n_steps": self.every_n_steps}
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data (numbers, lists, dicts, CPU tensors; loadable with ``torch.load(weights_only=True)``): the
+        alerts raised and what the monitor's next verdicts depend on (:meth:`save_state`), so a run resumed from
+        the checkpoint alerts as the uninterrupted run does."""
+        if self._pending and self.enabled:
+            with self.guard():
+                self.flush(wait=True)  # a checkpoint waits for the device anyway: the readings still in flight
+        state = {
+            "version": STATE_VERSION,
+            "alerted": sorted(self._alerted),
+            "alerts": [dataclasses.asdict(alert) for alert in self.alerts],
+        }
+        if self.enabled:  # a monitor that switched itself off holds nothing worth resuming from
+            state["measurements"] = self.save_state()
+        return state
+
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._alerted = {tuple(item) for item in state_dict.get("alerted", [])}
+        """Restore what :meth:`state_dict` saved. A checkpoint written before states were versioned holds only
+        ``alerted`` (the alerts not to raise again): that is restored, and the monitor's windows start afresh."""
+        self._alerted = {(str(kind), str(key)) for kind, key in state_dict.get("alerted", [])}
+        version = state_dict.get("version")
+        if version is None:
+            return
+        if version != STATE_VERSION:
+            rank_zero_warn(
+                f"[lightning_recipe] {self.name}: the checkpoint holds its state in version {version!r}, this "
+                f"version of lightning_recipe reads version {STATE_VERSION}: only the alerts already raised are "
+                "restored, its measurements start afresh from the resumed step.",
+                category=RecipeWarning,
+            )
+            return
+        self.alerts = [Alert(**alert) for alert in state_dict.get("alerts", [])]
+        if "measurements" in state_dict:
+            self.restore_state(state_dict["measurements"])
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # a checkpoint written before monitors had a state key per instance holds the state under the class
+        # name; Lightning looks only under `state_key`, so read it from there
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key not in states and isinstance(states.get(self.name), dict):
+            self.load_state_dict(copy.deepcopy(states[self.name]))
+
+    def save_state(self) -> dict[str, Any]:
+        """What this monitor's verdicts depend on across steps (windows, streaks, histories), as plain data.
+        Nothing rebuilt at ``on_train_start`` (hooks, handles, the trainer)."""
+        return {}
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """Take back what :meth:`save_state` returned; called before ``on_train_start`` of the resumed run,
+        which then continues from it instead of starting afresh."""

@@ -47,6 +47,10 @@ from lightning_recipe.report import RecipeWarning
 
 __all__ = ["FirstLayerVisualizer"]
 
+MAX_SAVED_WEIGHTS = 2**24
+"""The most first-layer weights a checkpoint keeps a copy of at their start (64 MB in fp32): more than any image
+model's first layer; a language model's embedding is larger, and its movement is measured from the resume."""
+
 
 class FirstLayerVisualizer(Monitor):
     """Shows the first layer's weights as images and alerts when they do not change, or still look like
@@ -75,7 +79,10 @@ class FirstLayerVisualizer(Monitor):
       noise scores ~1) *and* the weights moved less than ``noisy_moved_below`` of their norm. Looks alone
       mislead early (healthy filters look noisy for hundreds of steps), so movement must agree.
 
-    On a resumed run, movement is measured from the weights found at the resume.
+    A checkpoint keeps the layer's weights at the start of training, so a resumed run measures movement from them
+    and alerts as the uninterrupted run would; a first layer of more than ``MAX_SAVED_WEIGHTS`` weights (a language
+    model's embedding) is not copied into checkpoints, and a run resumed from one measures movement from the
+    weights found at the resume.
 
     Args:
         layer: name of the module to watch (as in ``model.named_modules()``); default: found by the forward
@@ -149,10 +156,70 @@ class FirstLayerVisualizer(Monitor):
         self._initial: list[Tensor] | None = None
         self._initial_norm = 0.0
         self._model_input_shape: tuple[int, ...] | None = None
+        self._layer_input_shape: tuple[int, ...] | None = None
+        self._resumed: dict[str, Any] | None = None  # the watched layer's start, from a checkpoint
         self._start_step = 0
         self._last_measured = -1
         self._last_images = -1
         self._waiting: str | None = None  # why the layer is traced on the first batch training fetches
+
+    # -- state across a checkpoint resume ------------------------------------------------------------
+    @override
+    def state_settings(self) -> dict[str, Any]:
+        return {
+            "layer": self.layer,
+            **super().state_settings(),
+            "measure_every_n_steps": self.measure_every_n_steps,
+            **{name: getattr(self.thresholds, name) for name in _THRESHOLD_ARGUMENTS},
+        }
+
+    @override
+    def save_state(self) -> dict[str, Any]:
+        # the layer found, its weights and noise score at the start (what movement and the noisy verdict are
+        # measured against) and the step it was found at (what the step thresholds count from)
+        if self._resumed is not None:
+            return dict(self._resumed)
+        if self._initial is None or self.layer_name is None:
+            return {}  # not found yet: the resumed run finds it
+        if sum(w.numel() for w in self._initial) > MAX_SAVED_WEIGHTS:
+            return {}
+        return {
+            "layer_name": self.layer_name,
+            "layer_input_shape": _shape(self._layer_input_shape),
+            "model_input_shape": _shape(self._model_input_shape),
+            "initial": list(self._initial),
+            "initial_norm": self._initial_norm,
+            "baseline_score": self.baseline_score,
+            "start_step": self._start_step,
+            "last_moved": self.last_moved,
+            "note": self.note,
+            "last_measured": self._last_measured,
+            "last_images": self._last_images,
+        }
+
+    @override
+    def restore_state(self, state: dict[str, Any]) -> None:
+        if state.get("layer_name") is not None and state.get("initial") is not None:
+            self._resumed = dict(state)  # the module is found at on_train_start
+
+    def _resume(self, pl_module: pl.LightningModule, state: dict[str, Any]) -> None:
+        """Watch the layer of the interrupted run, measured against its start: no trace, no new baseline."""
+        name = str(state["layer_name"])
+        module = resolve_layer(pl_module, name)
+        self._layer_input_shape = _shape(state.get("layer_input_shape"))
+        self._model_input_shape = _shape(state.get("model_input_shape"))
+        self.view = describe_layer(module, self._layer_input_shape, self._model_input_shape)
+        self.layer_name = name
+        self._module = module
+        self._initial = [w.cpu() for w in state["initial"]]
+        self._initial_norm = float(state["initial_norm"])
+        self.baseline_score = state.get("baseline_score")
+        self._start_step = int(state.get("start_step", 0))
+        self.last_moved = state.get("last_moved")
+        self.note = state.get("note")
+        self._last_measured = int(state.get("last_measured", -1))
+        self._last_images = int(state.get("last_images", -1))
+        self._waiting = None
 
     # -- configuration, refused early ----------------------------------------------------------------
     @override
@@ -171,6 +238,11 @@ class FirstLayerVisualizer(Monitor):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.enabled:
+            return
+        if self._resumed is not None:  # the layer and its start come from the checkpoint
+            resumed, self._resumed = self._resumed, None
+            with self.guard(trainer):
+                self._resume(pl_module, resumed)
             return
         # the layer is found by tracing a batch: from a fresh pass, or where a second pass could change what
         # training reads (see callbacks/_data.py), from the first batch training fetches
@@ -247,7 +319,8 @@ class FirstLayerVisualizer(Monitor):
             return
         module = resolve_layer(pl_module, name)
         shapes = trace.input_shapes if trace is not None else {}
-        self.view = describe_layer(module, shapes.get(name), self._model_input_shape)
+        self._layer_input_shape = shapes.get(name)
+        self.view = describe_layer(module, self._layer_input_shape, self._model_input_shape)
         self.layer_name = name
         self._module = module
         self._initial = [w.to("cpu", copy=True) for w in gathered(layer_weights(module))]  # measured on the host
@@ -410,3 +483,10 @@ class FirstLayerVisualizer(Monitor):
             if any(id(p) in {id(w) for w in weights} for p in g["params"])
         ]
         return f"its updates are too small to register (learning rate {lrs})"
+
+
+_THRESHOLD_ARGUMENTS = ("not_changing_after_steps", "late_after_steps", "noisy_above", "noisy_moved_below")
+
+
+def _shape(shape: Any) -> tuple[int, ...] | None:
+    return None if shape is None else tuple(int(n) for n in shape)

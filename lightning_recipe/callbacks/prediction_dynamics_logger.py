@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -68,6 +69,9 @@ class PredictionDynamicsLogger(Monitor):
     - ``frozen``: the outputs moved less than ``frozen_movement`` (relative) over ``window`` evaluations and
       the loss never improved: learning rate far too low, or nothing trains.
     - ``non_finite``: the predictions on the batch became NaN or infinite.
+
+    A checkpoint keeps the fixed batch (when it is plain tensors, lists, tuples and dicts), the evaluations and
+    the window's predictions: a resumed run evaluates the same batch and alerts as the uninterrupted one.
 
     Args:
         every_n_steps: evaluate on optimizer steps that are multiples of this. At the default, 25, with ``window=4``
@@ -156,6 +160,69 @@ class PredictionDynamicsLogger(Monitor):
         self._last_step = -1
         self._figure_step = -1
         self._waiting: str | None = None  # why the fixed batch is taken from the first batch training fetches
+        self._resumed_batch: Any = None  # the fixed batch from a checkpoint, on the host until on_train_start
+
+    # -- state across a checkpoint resume ----------------------------------------------------------------
+    @override
+    def state_settings(self) -> dict[str, Any]:
+        return {
+            **super().state_settings(),
+            "num_examples": self.num_examples,
+            "source": self.source,
+            "window": self.window,
+            "warmup_steps": self.warmup_steps,
+            "thrash_jitter": self.thrash_jitter,
+            "frozen_movement": self.frozen_movement,
+            "task": self.task,
+        }
+
+    @override
+    def save_state(self) -> dict[str, Any]:
+        # the fixed batch itself (a resumed run cannot read it again: a shuffled loader, or the first batch
+        # training fetched), the evaluations the verdicts look back over, the snapshots of the window (movement
+        # and jitter compare with them) and the figure's trajectories. A batch that is not plain tensors and
+        # containers is not saved (a checkpoint must load with `weights_only=True`): the resumed run then starts
+        # afresh on a newly read batch.
+        batch = _plain_on_host(self.batch if self._resumed_batch is None else self._resumed_batch)
+        if batch is _NOT_PLAIN or batch is None:
+            return {}
+        return {
+            "batch": batch,
+            "batch_source": self.batch_source,
+            "alignment": dataclasses.asdict(self._alignment) if self._alignment is not None else None,
+            "history": [dataclasses.asdict(evaluation) for evaluation in self.history],
+            "snapshots": [{f.name: getattr(s, f.name) for f in dataclasses.fields(s)} for s in self._snapshots],
+            "trajectory_steps": list(self._trajectory_steps),
+            "trajectories": list(self._trajectories),
+            "best_loss": self._best_loss,
+            "last_step": self._last_step,
+            "figure_step": self._figure_step,
+        }
+
+    @override
+    def restore_state(self, state: dict[str, Any]) -> None:
+        if state.get("batch") is None:
+            return
+        self._resumed_batch = state["batch"]  # to the device at on_train_start
+        self.batch_source = state.get("batch_source")
+        alignment = state.get("alignment")
+        self._alignment = Alignment(**alignment) if alignment is not None else None
+        self.history = [Evaluation(**evaluation) for evaluation in state.get("history", [])]
+        self._snapshots = [Snapshot(**snap) for snap in state.get("snapshots", [])]
+        self._trajectory_steps = [int(step) for step in state.get("trajectory_steps", [])]
+        self._trajectories = list(state.get("trajectories", []))
+        self._best_loss = float(state.get("best_loss", math.inf))
+        self._last_step = int(state.get("last_step", -1))
+        self._figure_step = int(state.get("figure_step", -1))
+
+    def _resume(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        """Take up the fixed batch of the interrupted run: no new read, no evaluation at the resumed step (the
+        interrupted run made its own there, when the step was due)."""
+        self.batch = trainer.strategy.batch_to_device(batch)
+        with _evaluating(pl_module):
+            self.adapter = self.adapter.fitted(pl_module, self.batch)
+        self._targets = self.adapter.get_targets(self.batch).detach().cpu()
+        self._examples_in_batch = self._examples(self.batch)
 
     # -- Lightning hooks -------------------------------------------------------------------------------
     @override
@@ -163,7 +230,10 @@ class PredictionDynamicsLogger(Monitor):
         if not self.enabled:
             return
         with self.guard(trainer):
-            if self._capture(trainer, pl_module):
+            if self._resumed_batch is not None:
+                batch, self._resumed_batch = self._resumed_batch, None
+                self._resume(trainer, pl_module, batch)
+            elif self._capture(trainer, pl_module):
                 self._evaluate(trainer, pl_module)
 
     @override
@@ -484,6 +554,26 @@ def _evaluating(module: torch.nn.Module) -> Iterator[None]:
         for submodule, training in modes:
             submodule.training = training  # per module: .train() would recurse and undo user choices
         rng.restore()
+
+
+_NOT_PLAIN = object()
+
+
+def _plain_on_host(value: Any) -> Any:
+    """``value`` with its tensors on the host, when it is plain data (tensors, numbers, strings, lists,
+    tuples and dicts with string keys): what ``torch.load(weights_only=True)`` reads back. ``_NOT_PLAIN`` when
+    it holds anything else (a dataclass, a namedtuple, a sparse tensor, a graph object)."""
+    if isinstance(value, Tensor):
+        return value.detach().cpu() if value.layout == torch.strided else _NOT_PLAIN
+    if value is None or type(value) in (bool, int, float, str):
+        return value
+    if type(value) in (list, tuple):
+        items = [_plain_on_host(item) for item in value]
+        return _NOT_PLAIN if any(item is _NOT_PLAIN for item in items) else type(value)(items)
+    if type(value) is dict and all(isinstance(key, str) for key in value):
+        plain = {key: _plain_on_host(item) for key, item in value.items()}
+        return _NOT_PLAIN if any(item is _NOT_PLAIN for item in plain.values()) else plain
+    return _NOT_PLAIN
 
 
 def _uniform(batch: Any, n: int, module: nn.Module | None = None) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -42,8 +43,19 @@ class _OptimizerWatch:
     medians: list[float] = field(default_factory=list)  # regular measurements (every n-th step): the verdicts
     early_medians: list[float] = field(default_factory=list)  # the first `window` steps: only an explosion counts
     retry: bool = False  # a regular measuring step carried no gradient: measure the next step instead
-    zero_streak: dict[int, int] = field(default_factory=dict)  # id(param) -> measured zero updates in a row
+    zero_streak: dict[str, int] = field(default_factory=dict)  # parameter name -> measured zero updates in a row
     pending: tuple[_Step, list[Tensor]] | None = None  # the step and the fp32 copies, during one step only
+
+    #: what a checkpoint keeps of a watch: everything but `index` (its position) and `pending` (within one step)
+    SAVED = ("steps", "too_high_at", "start_lrs", "medians", "early_medians", "retry", "zero_streak")
+
+    def state(self) -> dict[str, Any]:
+        return {name: copy.copy(getattr(self, name)) for name in self.SAVED}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        for name in self.SAVED:
+            if name in state:
+                setattr(self, name, copy.copy(state[name]))
 
 
 @dataclass(frozen=True)
@@ -90,6 +102,9 @@ class UpdateRatioMonitor(Monitor):
     the next step is measured instead. A bias that does not move because a normalisation right after its layer
     cancels it (gradient ~0 by construction while the layer's weight trains: plain SGD leaves it in place) is
     a harmless redundancy: it gets a note (``notes``, TensorBoard text ``notes``), not ``not_moving``.
+
+    A checkpoint keeps each optimizer's step count, windows of medians, zero-update streaks and starting learning
+    rates: a run resumed from it measures on the same steps and alerts as the uninterrupted one.
 
     Alerts (``.alerts``, each also one ``RecipeWarning``):
         ``ratio_too_high``: the median ratio above ``max_ratio`` for a window: learning rate too high.
@@ -171,6 +186,44 @@ class UpdateRatioMonitor(Monitor):
         self._names: dict[int, str] = {}
         self._tags: dict[str, str] = {}  # parameter name -> its scalar's tag, built once
         self._trainer: pl.Trainer | None = None
+        self._resumed: list[dict[str, Any]] | None = None  # each optimizer's watch, from a checkpoint
+
+    # -- state across a checkpoint resume ----------------------------------------------------------------
+
+    @override
+    def state_settings(self) -> dict[str, Any]:
+        return {
+            **super().state_settings(),
+            "window": self.window,
+            "max_ratio": self.max_ratio,
+            "min_ratio": self.min_ratio,
+            "min_weight_norm": self.min_weight_norm,
+        }
+
+    @override
+    def save_state(self) -> dict[str, Any]:
+        # per optimizer: its step count (what `every_n_steps` and the first `window` steps count), the windows of
+        # medians, the zero-update streaks by parameter name, the learning rates it started at
+        watches = [watch.state() for watch in self._watches] if self._watches else list(self._resumed or [])
+        return {
+            "optimizers": watches,
+            "early_losses": list(self._early_losses),
+            "measured_steps": [list(item) for item in self.measured_steps],
+            "skipped_steps": [list(item) for item in self.skipped_steps],
+            "notes": list(self.notes),
+            "noted": sorted(self._noted),
+            "last_ratios": dict(self.last_ratios),
+        }
+
+    @override
+    def restore_state(self, state: dict[str, Any]) -> None:
+        self._resumed = [dict(watch) for watch in state.get("optimizers", [])]  # applied at on_train_start
+        self._early_losses = [float(loss) for loss in state.get("early_losses", [])]
+        self.measured_steps = [(int(i), int(step)) for i, step in state.get("measured_steps", [])]
+        self.skipped_steps = [(int(i), int(step)) for i, step in state.get("skipped_steps", [])]
+        self.notes = list(state.get("notes", []))
+        self._noted = set(state.get("noted", []))
+        self.last_ratios = dict(state.get("last_ratios", {}))
 
     # -- wiring ------------------------------------------------------------------------------------------
 
@@ -195,8 +248,11 @@ class UpdateRatioMonitor(Monitor):
             self._trainer = trainer
             self._names = {id(p): name for name, p in pl_module.named_parameters()}
             self._watches = []
+            resumed, self._resumed = self._resumed or [], None
             for index, optimizer in enumerate(trainer.optimizers):
                 watch = _OptimizerWatch(index, start_lrs=[_start_lr(g) for g in optimizer.param_groups])
+                if index < len(resumed):  # a resumed run: its counts and windows go on
+                    watch.restore(resumed[index])
                 self._watches.append(watch)
                 self._handles.append(optimizer.register_step_pre_hook(self._pre_hook(watch)))
                 self._handles.append(optimizer.register_step_post_hook(self._post_hook(watch)))
@@ -418,9 +474,9 @@ class UpdateRatioMonitor(Monitor):
         stuck: list[str] = []
         lrs: set[float] = set()
         cancelled = ur.cancelled_biases(names, update_norms, gradient_norms, taken.has_grad)
-        for p, lr, name, norm in zip(taken.params, taken.param_lrs, names, update_norms, strict=True):
-            streak = watch.zero_streak.get(id(p), 0) + 1 if norm == 0.0 else 0
-            watch.zero_streak[id(p)] = streak
+        for lr, name, norm in zip(taken.param_lrs, names, update_norms, strict=True):
+            streak = watch.zero_streak.get(name, 0) + 1 if norm == 0.0 else 0
+            watch.zero_streak[name] = streak
             if ur.never_moved(streak, self.window):
                 if name in cancelled:
                     self._note_cancelled(trainer, name, cancelled[name], taken.step)
