@@ -361,8 +361,10 @@ class RecipeSuite(RecipeCallback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for child in self._all():
-            if child.state_key in state_dict:
-                child.load_state_dict(state_dict[child.state_key])
+            # a suite checkpoint written before monitors had a key per instance holds them under the class name
+            state = state_dict.get(child.state_key, state_dict.get(type(child).__name__))
+            if state:
+                child.load_state_dict(state)
 
     def _all(self) -> list[Callback]:
         return [*self.checks, *self.monitors]

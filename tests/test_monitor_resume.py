@@ -365,3 +365,31 @@ def test_monitors_resume_on_a_gpu(tmp_path: Path):
 
     whole, resumed = uninterrupted_and_resumed(tmp_path, zoo.lr_1e7, clusters, three, 40, 16, accelerator="gpu")
     _same_records(whole, resumed)
+
+
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
+def test_a_suite_checkpoint_with_the_old_monitor_state_still_loads(tmp_path: Path):
+    from lightning_recipe import RecipeSuite
+
+    def suite() -> RecipeSuite:
+        return RecipeSuite(
+            init_loss_check=False, batch_leakage_probe=False, overfit_one_batch=False,
+            prediction_dynamics_logger=False, first_layer_visualizer=False,
+        )  # fmt: skip
+
+    L.seed_everything(0, verbose=False)
+    first = suite()
+    saver = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=4, save_top_k=-1)
+    trainer(tmp_path, max_steps=4, callbacks=[first, saver], enable_checkpointing=True).fit(
+        zoo.LayerMissingFromOptimizer(), clusters()
+    )
+    assert [a.kind for a in first.monitors[0].alerts] == ["not_in_optimizer"]
+    path = tmp_path / "step=4.ckpt"
+    checkpoint = torch.load(path, weights_only=True)
+    (key,) = [k for k in checkpoint["callbacks"] if k.startswith("RecipeSuite")]
+    checkpoint["callbacks"][key] = {"UpdateRatioMonitor": {"alerted": [["not_in_optimizer", ""]]}}
+    torch.save(checkpoint, path)
+
+    second = suite()
+    trainer(tmp_path, max_steps=8, callbacks=[second]).fit(zoo.LayerMissingFromOptimizer(), clusters(), ckpt_path=path)
+    assert second.monitors[0].alerts == []  # raised before the checkpoint: not again
