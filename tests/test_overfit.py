@@ -15,7 +15,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_recipe import CheckStatus, OverfitOneBatch, RecipeCheckError, RecipeWarning
-from lightning_recipe.diagnostics.overfit import output_dependence, overfit_batch
+from lightning_recipe.diagnostics.dependence import output_dependence
+from lightning_recipe.diagnostics.overfit import overfit_batch
 from lightning_recipe.diagnostics.state import TrainingState
 from lightning_recipe.diagnostics.task import decode_predictions, looks_like_probabilities
 from tests.ddp import run_ddp

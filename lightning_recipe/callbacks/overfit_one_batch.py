@@ -27,6 +27,7 @@ from lightning_recipe.diagnostics.batch import (
     take_along,
     tensors_of,
 )
+from lightning_recipe.diagnostics.dependence import output_dependence
 from lightning_recipe.diagnostics.init_loss import loss_floor
 from lightning_recipe.diagnostics.overfit import (
     DEFAULT_LOSS_FRACTION,
@@ -34,7 +35,6 @@ from lightning_recipe.diagnostics.overfit import (
     DEFAULT_MAX_STEPS,
     Attempt,
     OverfitEvidence,
-    output_dependence,
     overfit_batch,
 )
 from lightning_recipe.diagnostics.state import TrainingState
