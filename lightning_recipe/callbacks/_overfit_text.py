@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from lightning_recipe.diagnostics.overfit import Attempt, OverfitEvidence
 from lightning_recipe.diagnostics.overfit_cause import Cause, Diagnosis, OutputFacts
 
-__all__ = ["TEXT", "Numbers", "goal_text", "label_text", "wording"]
+__all__ = ["TEXT", "Numbers", "goal_text", "label_text", "names", "wording"]
 
 _NAMES_SHOWN = 6
 

@@ -2,7 +2,8 @@
 
 Pure PyTorch, no Lightning: the caller passes closures for the loss (the user's own ``training_step``
 on the fixed batch), for the label check, and for putting the model back to its starting state between
-learning rates. :func:`overfit_batch` returns an :class:`OverfitEvidence` with everything it saw.
+learning rates. :func:`overfit_batch` returns an :class:`OverfitEvidence` with everything it saw;
+:func:`~lightning_recipe.diagnostics.overfit_cause.diagnose` names the cause of a failure from it.
 
 Why several learning rates: one fixed optimizer setting is too slow for some healthy models (BatchNorm,
 LSTM, transformer) and would raise false alarms, while the real failures (a loss floor, no gradient,
