@@ -15,7 +15,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_recipe import CheckStatus, OverfitOneBatch, RecipeCheckError, RecipeWarning
-from lightning_recipe.diagnostics.overfit import output_dependence, overfit_batch
+from lightning_recipe.callbacks._overfit_text import TEXT, wording
+from lightning_recipe.diagnostics.dependence import output_dependence
+from lightning_recipe.diagnostics.overfit import Attempt, OverfitEvidence, overfit_batch
+from lightning_recipe.diagnostics.overfit_cause import Cause, OutputFacts, diagnose
 from lightning_recipe.diagnostics.state import TrainingState
 from lightning_recipe.diagnostics.task import decode_predictions, looks_like_probabilities
 from tests.ddp import run_ddp
@@ -239,6 +242,106 @@ def test_regression_targets_have_no_labels_and_probabilities_use_half_threshold(
     assert decode_predictions(torch.randn(4, 1), torch.randn(4, 1) * 3) is None
     probs = decode_predictions(torch.tensor([0.2, 0.7, 0.9]), torch.tensor([0.0, 1.0, 1.0]))
     assert probs.correct == 3
+
+
+# -- the cause classifier on evidence built by hand ----------------------------------------------------
+
+
+def _attempt(curve=(2.0, 1.0, 0.5), reached=False, stop="plateau", correct=None, total=None, grad=0.1, **kwargs):
+    return Attempt(
+        lr=kwargs.pop("lr", 3e-3),
+        curve=tuple(curve),
+        steps=len(curve) - 1,
+        reached=reached,
+        stop=stop,
+        nonfinite_step=kwargs.pop("nonfinite_step", None),
+        correct=correct,
+        total=total,
+        final_grad_norm=grad,
+        **kwargs,
+    )
+
+
+def _evidence(*attempts, **kwargs):
+    fields = dict(loss_fraction=0.1, no_grad_params=(), frozen_params=(), trainable_params=("w", "b"))
+    return OverfitEvidence(attempts=attempts, **{**fields, **kwargs})
+
+
+_PROBABILITIES = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4], [0.5, 0.25, 0.25]])
+_LOGITS = torch.tensor([[2.0, -1.0, 0.1], [0.1, 3.0, -2.0], [0.3, -0.3, 0.4], [1.5, 0.25, -0.25]])
+_LABELS = torch.tensor([0, 1, 2, 0])
+
+
+@pytest.mark.parametrize(
+    ("evidence", "facts", "cause"),
+    [
+        (_evidence(trainable_params=(), frozen_params=("w",), frozen_numel=3), None, Cause.ALL_FROZEN),
+        (_evidence(_attempt(curve=(math.nan,))), None, Cause.NONFINITE_START),
+        (_evidence(_attempt(curve=(0.0,))), None, Cause.NONPOSITIVE_START),
+        (_evidence(_attempt(curve=(-1.0, -2.0))), None, Cause.NONPOSITIVE_START),
+        (_evidence(_attempt(curve=(2.0,)), loss_has_graph=False), None, Cause.NO_GRAPH),
+        (_evidence(_attempt(), no_grad_params=("w",)), None, Cause.NO_GRADIENT),
+        (_evidence(_attempt(curve=(2.0, 0.1), reached=True, stop="fit")), None, Cause.FITTED),
+        (_evidence(_attempt(curve=(2.0, math.nan), stop="nonfinite", nonfinite_step=1)), None, Cause.NONFINITE),
+        (_evidence(_attempt(curve=(2.0, 0.1), correct=3, total=4)), None, Cause.LABELS_NOT_FITTED),
+        (_evidence(_attempt(correct=4, total=4)), OutputFacts.read(_PROBABILITIES, _LABELS), Cause.DOUBLE_SOFTMAX),
+        (
+            _evidence(_attempt()),
+            OutputFacts.read(torch.tensor([[0.9], [0.2]]), torch.tensor([[1.0], [0.0]])),
+            Cause.DOUBLE_SIGMOID,
+        ),
+        (_evidence(_attempt(correct=4, total=4, grad=0.0)), OutputFacts.read(_LOGITS, _LABELS), Cause.CLAMPED_LOSS),
+        (_evidence(_attempt(correct=4, total=4, grad=0.5)), None, Cause.LOSS_FLOOR),
+        (_evidence(_attempt(correct=2, total=4), frozen_params=("f",)), None, Cause.FROZEN),
+        (_evidence(_attempt(grad=1e-13)), None, Cause.SATURATED),
+        (_evidence(_attempt(grad=None)), None, Cause.PLATEAU),
+    ],
+)
+def test_each_cause_is_named_from_the_evidence(evidence, facts, cause):
+    diagnosis = diagnose(evidence, facts)
+    assert diagnosis.cause is cause
+    assert diagnosis.start_loss == evidence.start_loss or math.isnan(evidence.start_loss)
+    summary, hint = wording(diagnosis, evidence, facts or OutputFacts(), used=4)
+    assert summary and "{" not in summary
+    assert bool(hint) is (cause not in (Cause.FITTED, Cause.NONPOSITIVE_START))
+
+
+def test_the_causes_of_a_failure_come_in_order_of_what_explains_most():
+    """A loss that fell to its target with labels unpredicted is a label mismatch even when the outputs look
+    like probabilities; double softmax comes before the all-labels-right floor; no gradient comes before a fit."""
+    fell = _attempt(curve=(2.0, 0.1), correct=3, total=4, grad=0.0)
+    facts = OutputFacts.read(_PROBABILITIES, _LABELS)
+    assert facts.probabilities and not facts.binary_probabilities
+    assert diagnose(_evidence(fell), facts).cause is Cause.LABELS_NOT_FITTED
+    stuck = _attempt(correct=4, total=4, grad=0.0)
+    assert diagnose(_evidence(stuck), facts).cause is Cause.DOUBLE_SOFTMAX
+    fitted = _attempt(curve=(2.0, 0.1), reached=True, stop="fit")
+    assert diagnose(_evidence(fitted, no_grad_params=("w",))).cause is Cause.NO_GRADIENT
+    # the decisive attempt is the closest one: its zero gradient makes the failure a saturation
+    closest, other = _attempt(curve=(2.0, 1.5), grad=0.0), _attempt(curve=(2.0, 1.9), grad=0.3, lr=3e-2)
+    diagnosis = diagnose(_evidence(other, closest))
+    assert diagnosis.cause is Cause.SATURATED and diagnosis.attempt is closest and diagnosis.flat_gradient
+
+
+def test_outputs_that_cannot_reach_the_targets_are_told_from_ones_that_can():
+    targets = torch.tensor([[5.0], [4.0], [6.0], [5.5]])
+    clamped = OutputFacts.read(torch.tensor([[0.5], [0.9], [-0.2], [0.99]]), targets)
+    assert clamped.output_range == pytest.approx((-0.2, 0.99)) and clamped.target_range == (4.0, 6.0)
+    assert clamped.out_of_reach
+    assert not OutputFacts.read(torch.tensor([[5.0], [-4.0], [6.0], [0.5]]), targets).out_of_reach
+    assert not OutputFacts.read(torch.zeros(0, 1), torch.zeros(0, 1)).out_of_reach  # nothing to compare
+    assert OutputFacts.read(None, targets) == OutputFacts()
+    diagnosis = diagnose(_evidence(_attempt()), clamped)
+    assert diagnosis.cause is Cause.PLATEAU and diagnosis.out_of_reach
+    summary, _ = wording(diagnosis, _evidence(_attempt()), clamped, used=4)
+    assert summary.endswith(
+        "the loss plateaus above a floor. The outputs stay within [-0.2, 0.99] while the targets span [4, 6]: "
+        "the output cannot reach them (clamp, ReLU, sigmoid or tanh on the output?)."
+    )
+
+
+def test_every_cause_has_one_row_of_words():
+    assert set(TEXT) == set(Cause)
 
 
 # -- models for the callback (module level: the DDP test imports them) ------------------------------

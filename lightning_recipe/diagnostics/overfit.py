@@ -2,7 +2,8 @@
 
 Pure PyTorch, no Lightning: the caller passes closures for the loss (the user's own ``training_step``
 on the fixed batch), for the label check, and for putting the model back to its starting state between
-learning rates. :func:`overfit_batch` returns an :class:`OverfitEvidence` with everything it saw.
+learning rates. :func:`overfit_batch` returns an :class:`OverfitEvidence` with everything it saw;
+:func:`~lightning_recipe.diagnostics.overfit_cause.diagnose` names the cause of a failure from it.
 
 Why several learning rates: one fixed optimizer setting is too slow for some healthy models (BatchNorm,
 LSTM, transformer) and would raise false alarms, while the real failures (a loss floor, no gradient,
@@ -31,13 +32,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from lightning_recipe.diagnostics.batch import tensors_of
+from lightning_recipe.diagnostics.dependence import Depends, GradientReach, grad_norm
 from lightning_recipe.diagnostics.task import Decoded
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "DEFAULT_MAX_STEPS",
     "Attempt",
     "OverfitEvidence",
+    "Stop",
     "overfit_batch",
 ]
 
@@ -57,6 +59,8 @@ DEFAULT_LOSS_FRACTION = 0.1
 DEFAULT_MAX_STEPS = 200
 
 OptimizerFactory = Callable[[list[nn.Parameter], float], torch.optim.Optimizer]
+#: why an attempt ended: it fitted, its best loss stopped improving, it ran out of steps, its loss was not finite
+Stop = Literal["fit", "plateau", "max_steps", "nonfinite"]
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,7 @@ class Attempt:
     curve: tuple[float, ...]
     steps: int
     reached: bool  # loss criterion met and (for classification) every label predicted
-    stop: str  # "fit" | "plateau" | "max_steps" | "nonfinite"
+    stop: Stop
     nonfinite_step: int | None
     correct: int | None
     total: int | None
@@ -163,14 +167,13 @@ def overfit_batch(
     optimizer: OptimizerFactory | None = None,
     fallback: tuple[str, float, OptimizerFactory] | None = None,
     floor: float = 0.0,
-    depends: Callable[[list[nn.Parameter]], list[bool]] | None = None,
+    depends: Depends | None = None,
 ) -> OverfitEvidence:
     """Train on one fixed batch until the loss is ``loss_fraction`` of its start and every label is
     predicted, trying each learning rate in ``lrs`` from the same starting state.
 
     Args:
-        named_parameters: the model's parameters; those with ``requires_grad`` are trained, the others
-            are reported as frozen.
+        named_parameters: the model's; those with ``requires_grad`` are trained, the others reported as frozen.
         loss_fn: computes the loss on the fixed batch (a scalar tensor with a graph).
         reset: puts the model (and RNGs) back to the starting state; called before every attempt.
         labels: returns the decoded predictions and labels on the batch (``None`` for regression); only
@@ -178,144 +181,231 @@ def overfit_batch(
         lrs: learning rates to try, in order; the first that fits ends the search.
         max_steps: updates per learning rate at most.
         loss_fraction: the loss must fall to this fraction of its starting value.
-        patience: an attempt stops early when its best loss improved by less than ``min_improvement``
-            of the starting loss over the last ``patience`` steps (a plateau). Once the loss target is
-            reached and only labels are left to line up, the attempt runs to ``max_steps``.
+        patience: an attempt stops at a plateau, its best loss improved by less than ``min_improvement`` of the
+            start over the last ``patience`` steps, while above the loss target (below it labels may still align).
         optimizer: ``(params, lr) -> Optimizer``; default ``torch.optim.Adam``.
+        fallback: ``(name, lr, factory)``, the run's own optimizer: one more attempt when no rate in ``lrs`` fits,
+            for a parameter that must travel farther than Adam's ~``lr`` per step allows (a bias 5 from its target).
         floor: the lowest loss any model can reach on the batch (the entropy of soft targets; 0 for hard
             labels): the loss must close ``1 - loss_fraction`` of the gap between its start and the floor.
-        fallback: ``(name, lr, factory)``, one more attempt when no learning rate in ``lrs`` fits: the run's own
-            optimizer. Adam moves each parameter by about ``lr`` per step, so a parameter that must travel far (a
-            bias towards targets of mean -5) cannot get there in ``max_steps`` at any of them, where the
-            optimizer the model was tuned with can.
-        depends: ``params -> [bool]``, whether the model's outputs depend on each parameter (see
-            :func:`output_dependence`). A loss gradient can be exactly 0 by value: the bias of an L1 regression
-            whose errors are as often positive as negative. Such a parameter is not reported as gradient-free
-            when the outputs depend on it; one behind all-zero weights or a ``detach`` is.
+        depends: ``params -> [bool]``, whether the outputs depend on each parameter (see
+            :class:`~lightning_recipe.diagnostics.dependence.GradientReach`): a parameter whose loss gradient
+            is exactly 0 by value (sign-balanced L1 errors) is then not reported as gradient-free.
     """
-    make_optimizer = optimizer or (lambda params, lr: torch.optim.Adam(params, lr=lr))
-    named = list(named_parameters)
-    seen_ids: set[int] = set()
-    trainable: list[tuple[str, nn.Parameter]] = []
-    frozen: list[tuple[str, nn.Parameter]] = []
-    for name, param in named:
-        if id(param) in seen_ids:
-            continue
-        seen_ids.add(id(param))
-        (trainable if param.requires_grad else frozen).append((name, param))
+    trainable, frozen = _split(named_parameters)
+    settings = _Settings(
+        tuple(lrs), max_steps, loss_fraction, patience, min_improvement, optimizer or _adam, fallback, floor, depends
+    )
     params = [p for _, p in trainable]
-    got_grad = [False] * len(params)
-    attempts: list[Attempt] = []
-    loss_has_graph = True
-    common: dict[str, Any] = dict(  # the fields both returns share
+    attempts, reached, has_graph = _search(params, loss_fn, reset, labels, settings) if params else ([], [], True)
+    no_grad = [(n, p) for (n, p), flag in zip(trainable, reached, strict=True) if not flag]
+    if not has_graph or not attempts or not attempts[0].steps:
+        no_grad = []  # the loss has no graph, or never got to a backward: nothing known about gradients
+    return OverfitEvidence(
+        attempts=tuple(attempts),
+        loss_fraction=loss_fraction,
+        no_grad_params=tuple(n for n, _ in no_grad),
         frozen_params=tuple(n for n, _ in frozen),
         trainable_params=tuple(n for n, _ in trainable),
+        no_grad_numel=sum(p.numel() for _, p in no_grad),
         trainable_numel=sum(p.numel() for p in params),
         frozen_numel=sum(p.numel() for _, p in frozen),
-        loss_fraction=loss_fraction,
+        loss_has_graph=has_graph,
         floor=floor,
     )
-    if not params:
-        return OverfitEvidence(attempts=(), no_grad_params=(), **common)
 
-    plan = [("Adam", lr, make_optimizer) for lr in lrs] + ([fallback] if fallback is not None else [])
+
+@dataclass(frozen=True)
+class _Settings:
+    """The keyword arguments of :func:`overfit_batch`: what the search tries and when an attempt stops."""
+
+    lrs: tuple[float, ...]
+    max_steps: int
+    loss_fraction: float
+    patience: int
+    min_improvement: float
+    optimizer: OptimizerFactory
+    fallback: tuple[str, float, OptimizerFactory] | None
+    floor: float
+    depends: Depends | None
+
+
+def _search(
+    params: list[nn.Parameter],
+    loss_fn: Callable[[], Tensor],
+    reset: Callable[[], None],
+    labels: Callable[[], Decoded | None] | None,
+    settings: _Settings,
+) -> tuple[list[Attempt], list[bool], bool]:
+    """Each learning rate in turn from the same starting state, then the fallback, until one fits, or a failure
+    shows that no other would (a loss without a graph, a start that is not finite or not positive, parameters
+    without a gradient). Returns the attempts, which parameters the gradient reached, and whether the loss had a
+    graph."""
+    reach = GradientReach(params, settings.depends)
+    attempts: list[Attempt] = []
+    plan = [("Adam", lr, settings.optimizer) for lr in settings.lrs]
+    plan += [settings.fallback] if settings.fallback is not None else []
     index = -1
     while index + 1 < len(plan):
         index += 1
         name, lr, factory = plan[index]
-        reset()
-        for p in params:
-            p.grad = None
-        try:
-            opt = factory(params, lr)
-        except Exception:  # the run's own optimizer may not take a plain parameter list
-            if name == "Adam":
-                raise
+        opt = _restart(reset, params, name, lr, factory)
+        if opt is None:
             break
-        curve: list[float] = []
-        stop, nonfinite_step, decoded, grad_norm, raised = "max_steps", None, None, None, ""
-        best, best_at_window_start = math.inf, math.inf
-        reached = False
-        for step in range(max_steps + 1):
-            opt.zero_grad(set_to_none=True)
-            try:
-                loss = loss_fn()
-            except Exception as error:  # judged below
-                if step == 0:
-                    raise  # on the starting weights: the loss's own error, not this attempt's
-                # the same call ran on the starting weights; on the weights this learning rate made it raises (a VAE's
-                # BCE refuses the NaN its exploded log-variance gives): this attempt diverged, as with a NaN loss
-                curve.append(math.nan)
-                stop, nonfinite_step, raised = "nonfinite", step, f"{type(error).__name__}: {error}".splitlines()[0]
-                break
-            value = float(loss.detach().float())
-            curve.append(value)
-            if not math.isfinite(value):
-                stop, nonfinite_step = "nonfinite", step
-                break
-            start = curve[0]
-            if start <= floor:
-                break  # nothing to take a fraction of; the caller reports it
-            if value <= goal(start, loss_fraction, floor):
-                decoded = labels() if labels is not None else None
-                if decoded is None or decoded.correct == decoded.total:
-                    reached, stop = True, "fit"
-                    break
-            if step == max_steps:
-                break
-            if not loss.requires_grad:
-                loss_has_graph = False
-                break
-            loss.backward()
-            if index == 0 and step < 5:
-                _note_gradients(params, got_grad)
-                if step == 0 and depends is not None and not all(got_grad):
-                    _note_dependence(params, got_grad, depends)
-            grad_norm = _grad_norm(params)
-            opt.step()
-            best = min(best, value)
-            # a plateau is judged only above the loss target: below it the labels may still be aligning
-            if step % patience == 0 and best > goal(start, loss_fraction, floor):
-                if step > 0 and best_at_window_start - best < min_improvement * start:
-                    stop = "plateau"
-                    break
-                best_at_window_start = best
-        if not reached and labels is not None and stop != "nonfinite" and curve and curve[0] > 0:
-            decoded = labels()
-        attempts.append(
-            Attempt(
-                lr=lr,
-                curve=tuple(curve),
-                steps=max(len(curve) - 1, 0),
-                reached=reached,
-                stop=stop,
-                nonfinite_step=nonfinite_step,
-                correct=None if decoded is None else decoded.correct,
-                total=None if decoded is None else decoded.total,
-                final_grad_norm=None if grad_norm is None else float(grad_norm),
-                ambiguous=0 if decoded is None else decoded.num_ambiguous,
-                optimizer=name,
-                floor=floor,
-                raised=raised,
-            )
-        )
-        if not loss_has_graph or not math.isfinite(curve[0]) or curve[0] <= 0 or reached:
+        run = _run_attempt(opt, params, loss_fn, labels, settings, reach.note if index == 0 else None)
+        attempts.append(run.attempt(lr, name, settings.floor))
+        if not run.has_graph:
+            return attempts, reach.reached, False
+        if not math.isfinite(run.curve[0]) or run.curve[0] <= 0 or run.reached:
             break
-        if index == 0 and len(curve) > 1 and not all(got_grad):
+        if index == 0 and len(run.curve) > 1 and not all(reach.reached):
             break  # parameters without a gradient fail at every learning rate: no need to try others
-        if index == len(plan) - 1 and lrs:
-            plan.extend(_larger_step(attempts, lrs, make_optimizer, loss_fraction))
+        if index == len(plan) - 1 and settings.lrs:
+            plan.extend(_larger_step(attempts, settings.lrs, settings.optimizer, settings.loss_fraction))
+    return attempts, reach.reached, True
 
-    no_grad = [(n, p) for (n, p), flag in zip(trainable, got_grad, strict=True) if not flag] if loss_has_graph else []
-    if not attempts[0].steps:  # never got to a backward: nothing known about gradients
-        no_grad = []
-    return OverfitEvidence(
-        attempts=tuple(attempts),
-        no_grad_params=tuple(n for n, _ in no_grad),
-        no_grad_numel=sum(p.numel() for _, p in no_grad),
-        loss_has_graph=loss_has_graph,
-        **common,
-    )
+
+def _adam(params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=lr)
+
+
+def _split(
+    named_parameters: Iterable[tuple[str, nn.Parameter]],
+) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
+    """The trainable and the frozen parameters, each once (a tied weight is listed under its first name)."""
+    seen_ids: set[int] = set()
+    trainable: list[tuple[str, nn.Parameter]] = []
+    frozen: list[tuple[str, nn.Parameter]] = []
+    for name, param in named_parameters:
+        if id(param) in seen_ids:
+            continue
+        seen_ids.add(id(param))
+        (trainable if param.requires_grad else frozen).append((name, param))
+    return trainable, frozen
+
+
+def _restart(
+    reset: Callable[[], None], params: list[nn.Parameter], name: str, lr: float, factory: OptimizerFactory
+) -> torch.optim.Optimizer | None:
+    """The starting state back and a fresh optimizer for one attempt; ``None`` when the run's own optimizer
+    cannot be built on a plain parameter list (our Adam always can: its error propagates)."""
+    reset()
+    for p in params:
+        p.grad = None
+    try:
+        return factory(params, lr)
+    except Exception:  # the run's own optimizer may not take a plain parameter list
+        if name == "Adam":
+            raise
+        return None
+
+
+@dataclass
+class _Run:
+    """One attempt while it runs; :meth:`attempt` freezes it into an :class:`Attempt`."""
+
+    curve: list[float] = field(default_factory=list)
+    stop: Stop = "max_steps"
+    nonfinite_step: int | None = None
+    decoded: Decoded | None = None
+    grad_norm: Tensor | None = None
+    raised: str = ""
+    reached: bool = False
+    has_graph: bool = True
+
+    def attempt(self, lr: float, optimizer: str, floor: float) -> Attempt:
+        decoded = self.decoded
+        return Attempt(
+            lr=lr,
+            curve=tuple(self.curve),
+            steps=max(len(self.curve) - 1, 0),
+            reached=self.reached,
+            stop=self.stop,
+            nonfinite_step=self.nonfinite_step,
+            correct=None if decoded is None else decoded.correct,
+            total=None if decoded is None else decoded.total,
+            final_grad_norm=None if self.grad_norm is None else float(self.grad_norm),
+            ambiguous=0 if decoded is None else decoded.num_ambiguous,
+            optimizer=optimizer,
+            floor=floor,
+            raised=self.raised,
+        )
+
+
+def _run_attempt(
+    opt: torch.optim.Optimizer,
+    params: list[nn.Parameter],
+    loss_fn: Callable[[], Tensor],
+    labels: Callable[[], Decoded | None] | None,
+    rules: _Settings,
+    after_backward: Callable[[int], None] | None,
+) -> _Run:
+    """One learning rate: up to ``max_steps`` updates from the starting state, stopping early at a fit, a
+    non-finite loss, a loss without a graph, or a plateau. The labels are read when the loss target is met (a
+    candidate fit) and once at the end of an attempt that did not fit."""
+    run = _Run()
+    best, best_at_window_start = math.inf, math.inf
+    for step in range(rules.max_steps + 1):
+        opt.zero_grad(set_to_none=True)
+        loss = _evaluate(loss_fn, step, run)
+        if loss is None:
+            break
+        value, start = run.curve[-1], run.curve[0]
+        if start <= rules.floor:
+            break  # nothing to take a fraction of; the caller reports it
+        if value <= goal(start, rules.loss_fraction, rules.floor) and _labels_fit(labels, run):
+            break
+        if step == rules.max_steps:
+            break
+        if not loss.requires_grad:
+            run.has_graph = False
+            break
+        loss.backward()
+        if after_backward is not None:
+            after_backward(step)
+        run.grad_norm = grad_norm(params)
+        opt.step()
+        best = min(best, value)
+        # a plateau is judged only above the loss target: below it the labels may still be aligning
+        if step % rules.patience == 0 and best > goal(start, rules.loss_fraction, rules.floor):
+            if step > 0 and best_at_window_start - best < rules.min_improvement * start:
+                run.stop = "plateau"
+                break
+            best_at_window_start = best
+    if not run.reached and labels is not None and run.stop != "nonfinite" and run.curve and run.curve[0] > 0:
+        run.decoded = labels()
+    return run
+
+
+def _evaluate(loss_fn: Callable[[], Tensor], step: int, run: _Run) -> Tensor | None:
+    """The loss at this step, its value appended to the curve; ``None`` when it is not finite or raised (the
+    attempt diverged: ``run`` records where)."""
+    try:
+        loss = loss_fn()
+    except Exception as error:  # judged below
+        if step == 0:
+            raise  # on the starting weights: the loss's own error, not this attempt's
+        # the same call ran on the starting weights; on the weights this learning rate made it raises (a VAE's
+        # BCE refuses the NaN its exploded log-variance gives): this attempt diverged, as with a NaN loss
+        run.curve.append(math.nan)
+        run.stop, run.nonfinite_step, run.raised = "nonfinite", step, f"{type(error).__name__}: {error}".splitlines()[0]
+        return None
+    value = float(loss.detach().float())
+    run.curve.append(value)
+    if not math.isfinite(value):
+        run.stop, run.nonfinite_step = "nonfinite", step
+        return None
+    return loss
+
+
+def _labels_fit(labels: Callable[[], Decoded | None] | None, run: _Run) -> bool:
+    """At a loss that meets the target: whether every label is predicted too (always, without labels); a fit
+    is recorded in ``run``."""
+    run.decoded = labels() if labels is not None else None
+    if run.decoded is None or run.decoded.correct == run.decoded.total:
+        run.reached, run.stop = True, "fit"
+        return True
+    return False
 
 
 def _larger_step(
@@ -337,63 +427,3 @@ def _larger_step(
 def goal(start: float, fraction: float, floor: float = 0.0) -> float:
     """The loss an attempt must reach: ``fraction`` of the way from ``floor`` to ``start``."""
     return floor + fraction * (start - floor)
-
-
-def _note_gradients(params: list[nn.Parameter], got_grad: list[bool]) -> None:
-    pending = [i for i, flag in enumerate(got_grad) if not flag]
-    checks = [(i, grad) for i in pending if (grad := params[i].grad) is not None]
-    if not checks:
-        return
-    nonzero = torch.stack([g.detach().ne(0).any() for _, g in checks]).tolist()
-    for (i, _), flag in zip(checks, nonzero, strict=True):
-        got_grad[i] = got_grad[i] or bool(flag)
-
-
-def _note_dependence(
-    params: list[nn.Parameter], got_grad: list[bool], depends: Callable[[list[nn.Parameter]], list[bool]]
-) -> None:
-    # only for a gradient that is there and exactly 0: a missing one (None) means the loss never reaches it
-    pending = [i for i, flag in enumerate(got_grad) if not flag and params[i].grad is not None]
-    if pending:
-        for i, flag in zip(pending, depends([params[i] for i in pending]), strict=True):
-            got_grad[i] = got_grad[i] or flag
-
-
-def output_dependence(module: nn.Module, loss_fn: Callable[[], Tensor], params: list[nn.Parameter]) -> list[bool]:
-    """Whether the outputs ``module`` computes during ``loss_fn()`` depend on each of ``params``: the
-    vector-Jacobian product of those outputs with a random cotangent is nonzero for it.
-
-    The outputs are the tensors the last module to finish returned (the model's own outputs, their ``logits``
-    when they have them), scalars left out (a loss). Where the loss's gradient misses a parameter by value
-    (sign-balanced L1 errors cancel a bias's gradient exactly), a random weighting of the outputs does not; where
-    the parameter sits behind all-zero weights, a dead layer or a ``detach``, nothing reaches it either way.
-    Writes no ``.grad``. All ``False`` when no outputs could be read: the loss gradient's zero then stands."""
-    last: list[Tensor] = []
-
-    def hook(_: nn.Module, __: Any, output: Any) -> None:
-        found = [
-            t
-            for t in tensors_of(output.logits if hasattr(output, "logits") else output)
-            if t.ndim > 0 and t.is_floating_point() and t.requires_grad
-        ]
-        if found:
-            last[:] = found
-
-    handles = [m.register_forward_hook(hook) for m in module.modules()]
-    try:
-        loss_fn()
-    finally:
-        for handle in handles:
-            handle.remove()
-    if not last:
-        return [False] * len(params)
-    generator = torch.Generator().manual_seed(0)
-    cotangents = [torch.randn(t.shape, generator=generator).to(t) for t in last]
-    grads = torch.autograd.grad(last, params, cotangents, allow_unused=True)
-    flags = [torch.zeros((), dtype=torch.bool) if g is None else g.detach().ne(0).any().cpu() for g in grads]
-    return torch.stack(flags).tolist() if flags else []
-
-
-def _grad_norm(params: list[nn.Parameter]) -> Tensor | None:
-    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-    return torch.stack(grads).norm() if grads else None
