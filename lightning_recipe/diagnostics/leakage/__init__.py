@@ -50,8 +50,9 @@ from lightning_recipe.diagnostics.leakage.evidence import (
     GraphReading,
     LeakageNotApplicable,
     LeakageReport,
+    LeakCause,
     ProbeSettings,
 )
 from lightning_recipe.diagnostics.leakage.probe import probe_batch_leakage
 
-__all__ = ["GraphReading", "LeakageNotApplicable", "LeakageReport", "ProbeSettings", "probe_batch_leakage"]
+__all__ = ["GraphReading", "LeakCause", "LeakageNotApplicable", "LeakageReport", "ProbeSettings", "probe_batch_leakage"]

@@ -9,6 +9,7 @@ field, so a field cannot be misspelled or forgotten on one path.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 
 from torch import Tensor
 
@@ -17,6 +18,7 @@ __all__ = [
     "CausalPlan",
     "CausalReading",
     "GraphReading",
+    "LeakCause",
     "LeakageNotApplicable",
     "LeakageReport",
     "Mixing",
@@ -44,6 +46,26 @@ class NoNodeFeatures(NoGradientPath):
 class NoGradient(LeakageNotApplicable):
     """There are inputs to read at, but no gradient reaches them from the outputs probed (detached or constant
     outputs, a zero-initialised final layer): another reading of the output may still pass one."""
+
+
+class LeakCause(str, Enum):
+    """The likely cause of what the probe saw, read from the evidence (:attr:`LeakageReport.cause`); the
+    callback words each one, and a new cause is a new member here and a new row in its table."""
+
+    NONE = "none"
+    """No output depends on what it should not."""
+    TIME_FIRST_LAYER = "time_first_layer"
+    """Mixing starts at a layer constructed with ``batch_first=False``: it reads dim 0 as time."""
+    BATCH_REDUCTION = "batch_reduction"
+    """Every output depends on every example: a reduction over the batch dimension."""
+    BATCH_SCRAMBLE = "batch_scramble"
+    """Each output depends on a few other examples: a reshape that scrambles the batch."""
+    BEYOND_NEIGHBOURHOOD = "beyond_neighbourhood"
+    """Nodes of a graph depend on nodes outside the neighbourhood the message passing reaches."""
+    FUTURE_SEEN = "future_seen"
+    """The earliest violating position sees the whole future: no causal mask."""
+    FUTURE_OFF_BY_ONE = "future_off_by_one"
+    """The earliest violating position sees only a few positions ahead: a causal mask off by one."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +139,7 @@ class Mixing:
     first: tuple[str, str] | None = None
     last_clean: tuple[str, str] | None = None
     note: str | None = None
+    first_time_first: bool = False  # the first is a layer that reads dim 0 as time (``batch_first=False``)
 
 
 @dataclass(frozen=True)
@@ -176,6 +199,8 @@ class LeakageReport:
             the dependencies were held to (``leaking_pairs`` then lists nodes outside it, by node index).
         probed_layer: the layer whose outputs were probed in place of the model's when no gradient reaches the
             inputs from the model's output (a zero-initialised final layer); ``None`` when the model's were.
+        first_mixing_time_first: whether ``first_mixing_module`` reads dim 0 as time (constructed with
+            ``batch_first=False``).
     """
 
     num_examples: int
@@ -198,6 +223,7 @@ class LeakageReport:
     dependency: Tensor = field(repr=False)
     graph: GraphReading | None = None
     probed_layer: str | None = None
+    first_mixing_time_first: bool = False
 
     @property
     def batch_leak(self) -> bool:
@@ -210,6 +236,26 @@ class LeakageReport:
     @property
     def total_backward_passes(self) -> int:
         return sum(self.backward_passes.values())
+
+    @property
+    def cause(self) -> LeakCause:
+        """The likely cause: a batch leak before a causal one, as the causal passes wait for independent
+        examples."""
+        if self.batch_leak:
+            b = self.num_examples
+            if self.graph is not None:
+                return LeakCause.BEYOND_NEIGHBOURHOOD
+            if self.first_mixing_time_first:
+                return LeakCause.TIME_FIRST_LAYER
+            return LeakCause.BATCH_REDUCTION if len(self.leaking_pairs) == b * (b - 1) else LeakCause.BATCH_SCRAMBLE
+        if self.causal_leak:
+            # a missing mask lets the earliest position see the whole future; a mask off by one lets t see t + 1
+            # (t + k after k layers), so the earliest violating position still stops short of the end
+            last = (self.sequence_length or 0) - 1
+            if self.causal_violations and max(self.causal_violations[0][1]) < last:
+                return LeakCause.FUTURE_OFF_BY_ONE
+            return LeakCause.FUTURE_SEEN
+        return LeakCause.NONE
 
 
 def assemble_report(
@@ -246,4 +292,5 @@ def assemble_report(
         tolerance=tolerance,
         dependency=dependencies.dependency,
         graph=graph,
+        first_mixing_time_first=mixing.first_time_first,
     )

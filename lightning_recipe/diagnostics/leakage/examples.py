@@ -40,11 +40,11 @@ from lightning_recipe.diagnostics.leakage.passes import (
     Recorded,
     Runner,
     batch_dependencies,
-    describe_module,
     dim_views,
     hooked_forward,
     locate_mixing,
     probe_leaf,
+    record,
 )
 from lightning_recipe.diagnostics.task import is_int
 
@@ -186,7 +186,7 @@ class _Tracer:
         dims = [d for d in range(t.ndim) if t.shape[d] == self.b]
         if dims:
             d = self.in_dim if self.in_dim in dims else dims[0]
-            self.recorded.append(Recorded(self.names.get(mod, "?"), describe_module(mod), t, d))
+            self.recorded.append(record(self.names.get(mod, "?"), mod, t, d))
 
     def attach(self, module: nn.Module) -> list[Any]:
         handles = []
@@ -268,17 +268,17 @@ def _probe_last_layer(
 ) -> LeakageReport | None:
     """No gradient reaches the inputs from the output (e.g. a zero-initialised final layer): chart the
     dependencies of the last layer outputs that do pass one; mixing after that layer stays unseen."""
-    for name, kind, t, d in reversed(traced.recorded[-8:]):
+    for layer in reversed(traced.recorded[-8:]):
         layout = (
-            f"output of layer `{name}` ({kind}): no gradient reaches the inputs from the model output "
+            f"output of layer `{layer.name}` ({layer.kind}): no gradient reaches the inputs from the model output "
             "(zero-initialised final layer?), so the last layer that passes one was probed"
         )
-        runner = Runner(traced.leaves, t.movedim(d, 0), settings.tolerance, settings.seed)
+        runner = Runner(traced.leaves, layer.tensor.movedim(layer.dim, 0), settings.tolerance, settings.seed)
         try:
             fallback = _run_passes(runner, b, in_dim, layout, traced.recorded, settings, plan)
         except (NoGradient, RuntimeError):
             continue
-        return replace(fallback, probed_layer=name)
+        return replace(fallback, probed_layer=layer.name)
     return None
 
 

@@ -37,11 +37,11 @@ from lightning_recipe.diagnostics.leakage.passes import (
     Probe,
     Recorded,
     Runner,
-    describe_module,
     dim_views,
     hooked_forward,
     locate_mixing,
     probe_leaf,
+    record,
 )
 
 __all__ = ["FoundGraph", "not_a_graph_model", "probe_graph", "read_graph"]
@@ -243,7 +243,7 @@ def _trace_nodes(module: nn.Module, forward: Forward, probe_inputs: Any, n: int)
             and t.ndim >= 1
             and t.shape[0] == n
         ):
-            recorded.append(Recorded(names.get(mod, "?"), describe_module(mod), t, 0))
+            recorded.append(record(names.get(mod, "?"), mod, t, 0))
 
     handles = [
         m.register_forward_hook(record_hook)

@@ -33,6 +33,8 @@ __all__ = [
     "hooked_forward",
     "locate_mixing",
     "probe_leaf",
+    "reads_time_first",
+    "record",
 ]
 
 Forward = Callable[[nn.Module, Any], Tensor]
@@ -53,6 +55,7 @@ class Recorded(NamedTuple):
     kind: str  # :func:`describe_module`
     tensor: Tensor
     dim: int
+    time_first: bool  # :func:`reads_time_first`
 
 
 # -- tracing the forward pass -------------------------------------------------------------------------
@@ -98,11 +101,21 @@ def hooked_forward(module: nn.Module, forward: Forward, inputs: Any, handles: li
     return raw
 
 
+def reads_time_first(m: nn.Module) -> bool:
+    """Whether ``m`` reads dim 0 as time and dim 1 as the batch (nn.LSTM, nn.MultiheadAttention, ... by default)."""
+    return getattr(m, "batch_first", None) is False
+
+
 def describe_module(m: nn.Module) -> str:
     text = type(m).__name__
-    if getattr(m, "batch_first", None) is False:
+    if reads_time_first(m):
         text += "(batch_first=False)"
     return text
+
+
+def record(name: str, m: nn.Module, t: Tensor, dim: int) -> Recorded:
+    """A layer's output as :func:`locate_mixing` searches it."""
+    return Recorded(name, describe_module(m), t, dim, reads_time_first(m))
 
 
 def dim_views(out: Tensor, b: int, in_dim: int, output_batch_dim: int | None) -> list[tuple[str, Tensor]]:
@@ -234,7 +247,9 @@ def locate_mixing(runner: Runner, recorded: list[Recorded], i: int, b: int) -> M
             hi = mid
         else:
             lo = mid + 1
-    first = (recorded[lo].name, recorded[lo].kind) if lo < len(recorded) else None
+    if lo == len(recorded):
+        clean = (recorded[lo - 1].name, recorded[lo - 1].kind) if lo > 0 else None
+        return Mixing(last_clean=clean, note="examples mix after the last layer, in the code of `forward`")
+    mixing = recorded[lo]
     clean = (recorded[lo - 1].name, recorded[lo - 1].kind) if lo > 0 else None
-    note = None if first is not None else "examples mix after the last layer, in the code of `forward`"
-    return Mixing(first=first, last_clean=clean, note=note)
+    return Mixing(first=(mixing.name, mixing.kind), last_clean=clean, first_time_first=mixing.time_first)
