@@ -136,7 +136,7 @@ def dim_views(out: Tensor, b: int, in_dim: int, output_batch_dim: int | None) ->
 # -- the backward passes ------------------------------------------------------------------------------
 
 
-def _per_example(g: Tensor, dim: int) -> Tensor:
+def _max_per_example(g: Tensor, dim: int) -> Tensor:
     """max |g| per example along ``dim``: shape ``(B,)``."""
     return g.detach().movedim(dim, 0).abs().reshape(g.shape[dim], -1).amax(1).float()
 
@@ -177,7 +177,7 @@ class Runner:
         for probe, g in zip(self.leaves, self.grads(source, purpose), strict=True):
             if g is None:
                 continue
-            per = _per_example(g, probe.batch_dim).to(rel.device)
+            per = _max_per_example(g, probe.batch_dim).to(rel.device)
             scale = per.max()
             if scale > 0 and torch.isfinite(scale):
                 rel = torch.maximum(rel, per / scale)
