@@ -42,6 +42,8 @@ Forward = Callable[[nn.Module, Any], Tensor]
 
 @dataclass
 class Probe:
+    """A tensor gradients are read at (an input, or an embedding's output), named for the report."""
+
     name: str
     tensor: Tensor  # a leaf that requires grad
     batch_dim: int
@@ -76,6 +78,7 @@ def probe_leaf(t: Tensor) -> tuple[Tensor, Tensor]:
 
 @contextmanager
 def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Eval mode for the probe (BatchNorm per example, dropout off), every module's own mode restored after."""
     modes = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
