@@ -10,6 +10,7 @@ With a time dimension the same trick checks causality: the output at ``t`` may d
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,7 +20,12 @@ from lightning_recipe import _logging
 from lightning_recipe._args import check_choice, check_fraction, check_int
 from lightning_recipe.callbacks._preflight import CheckContext, CheckSkipped, PreflightCheck
 from lightning_recipe.diagnostics.batch import BatchNotUnderstood, ForwardFn, InputsFn, TargetsFn
-from lightning_recipe.diagnostics.leakage import LeakageNotApplicable, LeakageReport, probe_batch_leakage
+from lightning_recipe.diagnostics.leakage import (
+    LeakageNotApplicable,
+    LeakageReport,
+    LeakCause,
+    probe_batch_leakage,
+)
 from lightning_recipe.report import CheckResult
 
 __all__ = ["BatchLeakageProbe"]
@@ -159,14 +165,14 @@ class BatchLeakageProbe(PreflightCheck):
                 f"of example {i} depends on the input of example {j}; expected none. Probed {b} examples "
                 f"in eval mode with {passes} backward passes{where}."
             )
-            return self.failed(summary, _batch_hint(r), details)
+            return self.failed(summary, _HINTS[r.cause](r), details)
         if r.causal_leak:
             summary = (
                 f"outputs see the future: {_violation_text(r)}; expected the output at position t to depend "
                 f"on input positions <= t only. Checked {len(r.cuts_checked)} cuts of a sequence of "
                 f"{r.sequence_length} positions in eval mode ({r.causal_reason})."
             )
-            return self.failed(summary, _causal_hint(r), details)
+            return self.failed(summary, _HINTS[r.cause](r), details)
         summary = (
             f"no output depends on another example's input: all {b * (b - 1)} pairs of {b} examples checked "
             f"with {passes} backward passes in eval mode (BatchNorm uses running statistics, dropout off)"
@@ -211,14 +217,7 @@ class BatchLeakageProbe(PreflightCheck):
             f"on nodes outside their {g.hops}-hop neighbourhood ({len(r.leaking_pairs)} such pairs), e.g. the "
             f"output of node {i} depends on node {j}; {seen}, and nothing further{_where(r)}."
         )
-        hint = (
-            "Something mixes nodes outside the message passing: a softmax or normalisation over the node "
-            "dimension (`log_softmax(x, dim=0)` instead of `dim=1`), statistics over dim 0 (`x - x.mean(0)`, "
-            "`x / x.norm(dim=0)`), or a `view`/`reshape` that scrambles the node axis. Reduce over the feature "
-            "dim instead. If every node is meant to see the whole graph (a global readout, a virtual node), "
-            "this check does not apply: leave BatchLeakageProbe out for this model."
-        )
-        return self.failed(summary, hint, details)
+        return self.failed(summary, _HINTS[r.cause](r), details)
 
     def _log(self, ctx: CheckContext, r: LeakageReport) -> None:
         _logging.log_scalars(
@@ -289,35 +288,58 @@ _GENERIC = (
 )
 
 
-def _batch_hint(r: LeakageReport) -> str:
-    b = r.num_examples
-    parts = []
-    kind = r.first_mixing_module[1] if r.first_mixing_module else ""
-    name = r.first_mixing_module[0] if r.first_mixing_module else ""
-    if "batch_first=False" in kind:
-        parts.append(
-            f"`{name}` is {kind}: it reads dim 0 as time and dim 1 as the batch. If you feed it `(N, T, ...)`, "
-            "construct it with `batch_first=True`; if you move the batch axis before it, use "
-            "`x.permute(1, 0, 2)` / `x.transpose(0, 1)`, never `view`/`reshape`."
-        )
-    dense = len(r.leaking_pairs) == b * (b - 1)
-    if parts:
-        pass  # the layer names the cause
-    elif dense:
-        parts.append(
-            "Every output depends on every example: something reduces over the batch dimension, e.g. "
-            "`x - x.mean(0)`, `x / x.std(0)` or `softmax(..., dim=0)`. Reduce over the feature dims instead "
-            "(`softmax(dim=-1)`, `x.mean(dim=-1, keepdim=True)`, nn.LayerNorm), or use nn.BatchNorm*d, "
-            "which switches to running statistics in eval mode."
-        )
-    else:
-        parts.append(
-            "Each output depends on a few other examples, the pattern of a reshape that scrambles the batch: "
-            "use `permute`/`transpose`, not `view`/`reshape`, to move the batch axis "
-            "(e.g. `(N, T, F) -> (T, N, F)` is `x.permute(1, 0, 2)`)."
-        )
-    parts.append(_GENERIC)
-    return " ".join(parts)
+def _time_first_hint(r: LeakageReport) -> str:
+    assert r.first_mixing_module is not None
+    name, kind = r.first_mixing_module
+    return (
+        f"`{name}` is {kind}: it reads dim 0 as time and dim 1 as the batch. If you feed it `(N, T, ...)`, "
+        "construct it with `batch_first=True`; if you move the batch axis before it, use "
+        f"`x.permute(1, 0, 2)` / `x.transpose(0, 1)`, never `view`/`reshape`. {_GENERIC}"
+    )
+
+
+_REDUCTION = (
+    "Every output depends on every example: something reduces over the batch dimension, e.g. "
+    "`x - x.mean(0)`, `x / x.std(0)` or `softmax(..., dim=0)`. Reduce over the feature dims instead "
+    "(`softmax(dim=-1)`, `x.mean(dim=-1, keepdim=True)`, nn.LayerNorm), or use nn.BatchNorm*d, "
+    "which switches to running statistics in eval mode."
+)
+_SCRAMBLE = (
+    "Each output depends on a few other examples, the pattern of a reshape that scrambles the batch: "
+    "use `permute`/`transpose`, not `view`/`reshape`, to move the batch axis "
+    "(e.g. `(N, T, F) -> (T, N, F)` is `x.permute(1, 0, 2)`)."
+)
+_BEYOND_NEIGHBOURHOOD = (
+    "Something mixes nodes outside the message passing: a softmax or normalisation over the node "
+    "dimension (`log_softmax(x, dim=0)` instead of `dim=1`), statistics over dim 0 (`x - x.mean(0)`, "
+    "`x / x.norm(dim=0)`), or a `view`/`reshape` that scrambles the node axis. Reduce over the feature "
+    "dim instead. If every node is meant to see the whole graph (a global readout, a virtual node), "
+    "this check does not apply: leave BatchLeakageProbe out for this model."
+)
+_MASK = "`torch.triu(torch.full((T, T), float('-inf')), diagonal=1)`"
+_OFF_BY_ONE = (
+    "Position t sees only a few positions ahead (t + 1 per attention layer): the causal mask is off by "
+    f"one and lets position t see the token it has to predict. The mask must hide positions j > t: {_MASK} "
+    "(diagonal=1, not 2), or `nn.Transformer.generate_square_subsequent_mask(T)`. Also check that the "
+    "targets are the inputs shifted by exactly one position."
+)
+_FUTURE = (
+    "Position t sees the whole future: add a causal mask to every attention layer, "
+    f"{_MASK} or `nn.Transformer.generate_square_subsequent_mask(T)` (or `is_causal=True` together with "
+    "the mask); bidirectional RNNs and convolutions padded on both sides leak the same way (pad on the "
+    "left only). If the model is meant to see the whole sequence, pass `causal=False`."
+)
+
+#: The hint for each cause the probe reads from its evidence (:attr:`LeakageReport.cause`): the one place that
+#: words them.
+_HINTS: dict[LeakCause, Callable[[LeakageReport], str]] = {
+    LeakCause.TIME_FIRST_LAYER: _time_first_hint,
+    LeakCause.BATCH_REDUCTION: lambda r: f"{_REDUCTION} {_GENERIC}",
+    LeakCause.BATCH_SCRAMBLE: lambda r: f"{_SCRAMBLE} {_GENERIC}",
+    LeakCause.BEYOND_NEIGHBOURHOOD: lambda r: _BEYOND_NEIGHBOURHOOD,
+    LeakCause.FUTURE_OFF_BY_ONE: lambda r: _OFF_BY_ONE,
+    LeakCause.FUTURE_SEEN: lambda r: _FUTURE,
+}
 
 
 def _violation_text(r: LeakageReport) -> str:
@@ -334,24 +356,3 @@ def _violation_text(r: LeakageReport) -> str:
             shown.append(f"output at t={t} depends on input position(s) {span}")
         return "; ".join(shown)
     return f"outputs up to positions {r.violating_cuts[:5]} depend on later inputs"
-
-
-def _causal_hint(r: LeakageReport) -> str:
-    mask = "`torch.triu(torch.full((T, T), float('-inf')), diagonal=1)`"
-    last = (r.sequence_length or 0) - 1
-    # a missing mask lets the earliest position see the whole future; a mask off by one lets t see t + 1
-    # (t + k after k layers), so the earliest violating position still stops short of the end
-    limited = bool(r.causal_violations) and max(r.causal_violations[0][1]) < last
-    if limited:
-        return (
-            "Position t sees only a few positions ahead (t + 1 per attention layer): the causal mask is off by "
-            f"one and lets position t see the token it has to predict. The mask must hide positions j > t: {mask} "
-            "(diagonal=1, not 2), or `nn.Transformer.generate_square_subsequent_mask(T)`. Also check that the "
-            "targets are the inputs shifted by exactly one position."
-        )
-    return (
-        "Position t sees the whole future: add a causal mask to every attention layer, "
-        f"{mask} or `nn.Transformer.generate_square_subsequent_mask(T)` (or `is_causal=True` together with "
-        "the mask); bidirectional RNNs and convolutions padded on both sides leak the same way (pad on the "
-        "left only). If the model is meant to see the whole sequence, pass `causal=False`."
-    )
