@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 __all__ = [
+    "draws_figures",
     "grid",
     "histogram_proto",
     "image_proto",
@@ -44,6 +45,12 @@ def tag(component: str, quantity: str) -> str:
 
 def _tensorboard_logger(trainer: pl.Trainer) -> TensorBoardLogger | None:
     return next((logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)), None)
+
+
+def draws_figures(trainer: pl.Trainer) -> bool:
+    """Whether a figure or image logged now would be written (rank zero, a TensorBoard logger): a component asks
+    before it spends the time to draw one."""
+    return trainer.global_rank == 0 and _tensorboard_logger(trainer) is not None
 
 
 def _writer(trainer: pl.Trainer) -> Any | None:

@@ -130,3 +130,13 @@ def test_scalars_and_histograms_logged_together_read_back_and_other_loggers_get_
     assert list(histogram.histogram_value.bucket) == list(_logging.histogram_proto([-3.1, -3.0, 0.5], EDGES).bucket)
     text = (Path(csv.log_dir) / "metrics.csv").read_text()
     assert text.splitlines()[0].split(",") == ["a", "b", "step"] and "h" not in text.splitlines()[0].split(",")
+
+
+def test_figures_are_drawn_only_where_tensorboard_will_write_them(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from tests.models import trainer
+
+    assert _logging.draws_figures(trainer(logger=TensorBoardLogger(str(tmp_path))))
+    assert not _logging.draws_figures(trainer(logger=CSVLogger(str(tmp_path))))
+    assert not _logging.draws_figures(trainer(logger=False))

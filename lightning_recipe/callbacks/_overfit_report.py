@@ -6,7 +6,6 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
 from lightning_recipe import _logging
@@ -80,7 +79,7 @@ def log_run(ctx: CheckContext, ev: OverfitEvidence, outputs: Tensor | None, targ
     for step, value in enumerate(decisive.curve):
         if math.isfinite(value):
             _logging.log_scalars(trainer, {ctx.tag("loss"): value}, step=step)
-    if trainer.global_rank != 0 or not any(isinstance(lg, TensorBoardLogger) for lg in trainer.loggers):
+    if not _logging.draws_figures(trainer):
         return  # figures cost ~0.1 s each; skip them when nobody draws them
     _logging.log_figure(trainer, ctx.tag("loss_curve"), _loss_figure(ev), step=0)
     if outputs is not None and targets is not None:

@@ -10,7 +10,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
@@ -504,7 +503,7 @@ class PredictionDynamicsLogger(Monitor):
 
     # -- figures --------------------------------------------------------------------------------------
     def _draw(self, trainer: pl.Trainer) -> None:
-        if trainer.global_rank != 0 or not any(isinstance(lg, TensorBoardLogger) for lg in trainer.loggers):
+        if not _logging.draws_figures(trainer):
             return
         if not self._trajectories or not self._snapshots:
             return
