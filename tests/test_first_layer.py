@@ -176,12 +176,12 @@ def test_moved_from_init_and_verdicts():
     assert fl.moved_from_init([torch.ones(3)], [torch.zeros(3)]) == math.inf
     assert fl.moved_from_init([torch.zeros(3)], [torch.zeros(3)]) == 0.0
     t = fl.Thresholds()
-    assert fl.assess(99, 0.0, 1.0, t) == []
-    assert fl.assess(100, 0.0, 1.0, t) == ["not_changing"]
-    assert fl.assess(1999, 0.01, 1.0, t) == []  # looks alone mislead early
-    assert fl.assess(2000, 0.01, 1.0, t) == ["noisy"]
-    assert fl.assess(2000, 0.5, 1.0, t) == []  # it moved: not stuck at init
-    assert fl.assess(2000, 0.01, None, t) == []  # not image-like: never noisy
+    assert fl.filter_alerts(99, 0.0, 1.0, t) == []
+    assert fl.filter_alerts(100, 0.0, 1.0, t) == ["not_changing"]
+    assert fl.filter_alerts(1999, 0.01, 1.0, t) == []  # looks alone mislead early
+    assert fl.filter_alerts(2000, 0.01, 1.0, t) == ["noisy"]
+    assert fl.filter_alerts(2000, 0.5, 1.0, t) == []  # it moved: not stuck at init
+    assert fl.filter_alerts(2000, 0.01, None, t) == []  # not image-like: never noisy
 
 
 # -- through a real Trainer ---------------------------------------------------------------------------

@@ -1,5 +1,7 @@
-"""The contract every monitor shares, on a monitor written for the test: alerts once per kind and key, an
-internal error switches the monitor off with one warning and training goes on, and its cost is counted."""
+"""The contract every monitor shares, on a monitor written for the test: the lifecycle the base owns (start,
+waiting for the first batch, measuring on the schedule once per optimizer step, finishing), alerts once per kind
+and key, an internal error switches the monitor off with one warning and training goes on, and its cost is
+counted."""
 
 from __future__ import annotations
 
@@ -17,14 +19,11 @@ class Probe(Monitor):
         self.fail_at = fail_at
         self.calls = 0
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if not self.enabled or not self.due(trainer.global_step):
-            return
-        with self.guard(trainer):
-            self.calls += 1
-            if trainer.global_step == self.fail_at:
-                raise RuntimeError("boom")
-            self.alert(trainer, "seen", f"measured step {trainer.global_step}; expected nothing; fix: none")
+    def measure(self, trainer, pl_module, step):
+        self.calls += 1
+        if step == self.fail_at:
+            raise RuntimeError("boom")
+        self.alert(trainer, "seen", f"measured step {step}; expected nothing; fix: none")
 
 
 def _fit(monitor, steps=8):
@@ -58,6 +57,89 @@ def test_an_internal_error_switches_the_monitor_off_and_training_goes_on():
 def test_every_n_steps_is_checked_at_construction():
     with pytest.raises(ValueError, match=r"Expected `every_n_steps` to be an integer >= 1, but got 0"):
         Probe.__bases__[0](every_n_steps=0)
+
+
+class Lifecycle(Monitor):
+    """Records what the base calls, in order; waits for the first batch when asked to."""
+
+    def __init__(self, wait: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.wait = wait
+        self.events = []
+
+    def start(self, trainer, pl_module):
+        self.events.append(("start", trainer.global_step))
+        if self.wait:
+            self.wait_for_first_batch("a stream")
+
+    def start_with_batch(self, trainer, pl_module, batch, reason):
+        self.events.append(("start_with_batch", trainer.global_step, reason))
+        batch[0].zero_()  # the monitor's own copy: training's batch is untouched
+
+    def measure(self, trainer, pl_module, step):
+        self.events.append(("measure", step))
+
+    def finish(self, trainer, pl_module):
+        self.events.append(("finish", trainer.global_step))
+
+
+def test_the_base_calls_the_lifecycle_in_order_on_the_schedule():
+    monitor = Lifecycle(every_n_steps=3)
+    _fit(monitor, steps=7)
+    assert monitor.events == [("start", 0), ("measure", 3), ("measure", 6), ("finish", 7)]
+
+
+def test_gradient_accumulation_measures_once_per_optimizer_step():
+    monitor = Lifecycle(every_n_steps=2)
+    torch.manual_seed(0)
+    trainer(max_steps=4, accumulate_grad_batches=3, callbacks=[monitor]).fit(MLPClassifier(), loader(cluster_data()))
+    assert [e for e in monitor.events if e[0] == "measure"] == [("measure", 2), ("measure", 4)]
+
+
+def test_an_injected_schedule_says_when():
+    monitor = Lifecycle(every_n_steps=100)
+    monitor.schedule = lambda step: step in (1, 5)
+    _fit(monitor, steps=6)
+    assert [e for e in monitor.events if e[0] == "measure"] == [("measure", 1), ("measure", 5)]
+
+
+def test_a_waiting_monitor_starts_on_its_own_copy_of_the_first_batch():
+    seen = []
+
+    class Model(MLPClassifier):
+        def training_step(self, batch, batch_idx):
+            if batch_idx == 0:
+                seen.append(batch[0].abs().sum().item())
+            return super().training_step(batch, batch_idx)
+
+    monitor = Lifecycle(wait=True, every_n_steps=2)
+    torch.manual_seed(0)
+    trainer(max_steps=2, callbacks=[monitor]).fit(Model(), loader(cluster_data()))
+    assert monitor.events[:2] == [("start", 0), ("start_with_batch", 0, "a stream")]
+    assert seen[0] > 0  # the monitor zeroed its copy, not the batch training stepped on
+
+
+def test_a_monitor_that_is_not_ready_is_not_measured_nor_finished():
+    class NotReady(Lifecycle):
+        def ready(self):
+            return False
+
+    monitor = NotReady(every_n_steps=1)
+    _fit(monitor, steps=3)
+    assert monitor.events == [("start", 0)]
+
+
+def test_an_error_in_start_switches_the_monitor_off_and_nothing_else_runs():
+    class Broken(Lifecycle):
+        def start(self, trainer, pl_module):
+            super().start(trainer, pl_module)
+            raise RuntimeError("broken start")
+
+    monitor = Broken(every_n_steps=1)
+    with pytest.warns(RecipeWarning, match="switched itself off.*broken start"):
+        t = _fit(monitor, steps=3)
+    assert t.global_step == 3 and not monitor.enabled
+    assert monitor.events == [("start", 0)]
 
 
 # -- reads that wait for the device: the GPU path, forced on CPU tensors -------------------------------------

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from lightning_recipe import PredictionDynamicsLogger, RecipeWarning
+from lightning_recipe.diagnostics import dynamics_verdict as dv
 from lightning_recipe.diagnostics import prediction_dynamics as pd
 from tests.ddp import run_ddp
 from tests.models import cluster_data, loader, trainer
@@ -201,7 +202,7 @@ def test_a_reading_resolved_once_reads_later_outputs_as_task_views_does(layout: 
     """The fixed batch's reading is resolved from the first outputs: later outputs of the same shape (other
     values, some not finite) must give the very snapshot a fresh inference gives."""
     first, targets = _layouts()[layout]
-    reading = pd.Reading.resolve(first, targets)
+    reading = pd.OutputReading.resolve(first, targets)
     assert reading is not None and reading.shape == tuple(first.shape)
     later = torch.randn(first.shape, generator=torch.Generator().manual_seed(1)) * 3
     later.view(-1)[1] = math.nan
@@ -217,7 +218,7 @@ def test_a_reading_resolved_once_reads_later_outputs_as_task_views_does(layout: 
 
 
 def test_a_reading_for_another_shape_is_not_used():
-    reading = pd.Reading.resolve(torch.zeros(4, 3), torch.tensor([0, 1, 2, 0]))
+    reading = pd.OutputReading.resolve(torch.zeros(4, 3), torch.tensor([0, 1, 2, 0]))
     assert reading is not None
     snap = pd.snapshot(torch.zeros(4, 1), torch.tensor([[0.0], [1.0], [1.0], [0.0]]), step=0, reading=reading)
     assert snap.task == "binary"  # inferred afresh: the multiclass reading was for (4, 3) outputs
@@ -256,9 +257,9 @@ def test_non_finite_outputs_are_flagged_not_raised():
     assert huge.finite and math.isfinite(huge.loss)
 
 
-def _history(jitters: list[float], losses: list[float], every: int = 20) -> list[pd.Evaluation]:
+def _history(jitters: list[float], losses: list[float], every: int = 20) -> list[dv.Evaluation]:
     return [
-        pd.Evaluation(i * every, loss, None, None, j) for i, (j, loss) in enumerate(zip(jitters, losses, strict=True))
+        dv.Evaluation(i * every, loss, None, None, j) for i, (j, loss) in enumerate(zip(jitters, losses, strict=True))
     ]
 
 
@@ -268,23 +269,23 @@ JUDGE = dict(window=5, warmup_steps=50, thrash_jitter=0.05, frozen_movement=5e-3
 def test_thrashing_needs_high_jitter_a_stalled_loss_and_warm_up():
     flat = [1.0, 0.9, 0.95, 0.9, 1.0, 0.92, 0.97]
     jumpy = [math.nan] + [0.2] * 6
-    assert pd.judge(_history(jumpy, flat), 0.5, **JUDGE).kind == "thrashing"
+    assert dv.judge(_history(jumpy, flat), 0.5, **JUDGE).kind == "thrashing"
     falling = [1.0, 0.8, 0.6, 0.45, 0.3, 0.2, 0.1]
-    assert pd.judge(_history(jumpy, falling), 0.5, **JUDGE).kind is None  # early training: moves and learns
+    assert dv.judge(_history(jumpy, falling), 0.5, **JUDGE).kind is None  # early training: moves and learns
     calm = [math.nan] + [0.01] * 6
-    assert pd.judge(_history(calm, flat), 0.5, **JUDGE).kind is None
-    assert pd.judge(_history(jumpy, flat, every=5), 0.5, **JUDGE).kind is None  # still in warm-up
-    assert pd.judge(_history(jumpy[:5], flat[:5]), 0.5, **JUDGE).kind is None  # window not full
+    assert dv.judge(_history(calm, flat), 0.5, **JUDGE).kind is None
+    assert dv.judge(_history(jumpy, flat, every=5), 0.5, **JUDGE).kind is None  # still in warm-up
+    assert dv.judge(_history(jumpy[:5], flat[:5]), 0.5, **JUDGE).kind is None  # window not full
 
 
 def test_frozen_needs_no_movement_and_no_progress():
     flat = [1.0] * 7
     still = [math.nan] + [0.0] * 6
-    verdict = pd.judge(_history(still, flat), 1e-5, **JUDGE)
+    verdict = dv.judge(_history(still, flat), 1e-5, **JUDGE)
     assert verdict.kind == "frozen" and verdict.evidence["window_movement"] == 1e-5
-    assert pd.judge(_history(still, flat), 0.05, **JUDGE).kind is None
+    assert dv.judge(_history(still, flat), 0.05, **JUDGE).kind is None
     learnt_then_settled = [1.0, 0.5, 0.1, 0.05, 0.05, 0.05, 0.05]  # e.g. a cosine schedule reaching zero
-    assert pd.judge(_history(still, learnt_then_settled), 1e-5, **JUDGE).kind is None
+    assert dv.judge(_history(still, learnt_then_settled), 1e-5, **JUDGE).kind is None
 
 
 def test_movement_is_computed_only_when_the_frozen_verdict_needs_it():
@@ -295,9 +296,9 @@ def test_movement_is_computed_only_when_the_frozen_verdict_needs_it():
         return 1e-5
 
     still = [math.nan] + [0.0] * 6
-    assert pd.judge(_history(still, [1.0] * 7), moved, **JUDGE).kind == "frozen" and calls == [1]
+    assert dv.judge(_history(still, [1.0] * 7), moved, **JUDGE).kind == "frozen" and calls == [1]
     learnt = [1.0, 0.5, 0.1, 0.05, 0.05, 0.05, 0.05]
-    verdict = pd.judge(_history(still, learnt), moved, **JUDGE)
+    verdict = dv.judge(_history(still, learnt), moved, **JUDGE)
     assert verdict.kind is None and calls == [1] and verdict.evidence["window_movement"] is None
 
 
@@ -308,11 +309,11 @@ def test_a_trimmed_history_with_the_run_extremes_judges_like_the_whole_history()
     for history, movement in ((whole, 1e-5), (whole, 0.5), (_history([math.nan] + [0.2] * 9, [3.0] * 10), 0.5)):
         trimmed = history[-2 * JUDGE["window"] - 1 :]  # the window and as many before it (the trend)
         first, best = history[0].loss, min(e.loss for e in history)
-        assert pd.judge(history, movement, **JUDGE) == pd.judge(
+        assert dv.judge(history, movement, **JUDGE) == dv.judge(
             trimmed, movement, first_loss=first, best_loss=best, **JUDGE
         )
-    assert pd.judge(whole, 1e-5, **JUDGE).kind is None  # it learnt: settled, not frozen
-    assert pd.judge(whole[-6:], 1e-5, **JUDGE).kind == "frozen"  # the window alone cannot tell
+    assert dv.judge(whole, 1e-5, **JUDGE).kind is None  # it learnt: settled, not frozen
+    assert dv.judge(whole[-6:], 1e-5, **JUDGE).kind == "frozen"  # the window alone cannot tell
 
 
 # -- arguments ------------------------------------------------------------------------------------
@@ -541,15 +542,15 @@ def test_ddp_both_ranks_evaluate_and_only_rank_zero_writes(tmp_path):
 
 def test_label_flips_are_beyond_chance_from_the_binomial_upper_tail():
     # 12 labels x 4 evaluations under a 5% flip rate: P[X >= 7] = 0.0036, P[X >= 6] = 0.013 (alpha 0.01)
-    assert pd.flips_beyond_chance(7, 48) and not pd.flips_beyond_chance(6, 48)
-    assert pd.flips_beyond_chance(4, 12) and not pd.flips_beyond_chance(3, 12)  # one evaluation: P[X >= 4] = 0.002
-    assert not pd.flips_beyond_chance(0, 48) and not pd.flips_beyond_chance(3, 0)
-    assert pd.flips_beyond_chance(60, 768) and not pd.flips_beyond_chance(45, 768)  # 12 x 16 positions x 4: mean 38
+    assert dv.flips_beyond_chance(7, 48) and not dv.flips_beyond_chance(6, 48)
+    assert dv.flips_beyond_chance(4, 12) and not dv.flips_beyond_chance(3, 12)  # one evaluation: P[X >= 4] = 0.002
+    assert not dv.flips_beyond_chance(0, 48) and not dv.flips_beyond_chance(3, 0)
+    assert dv.flips_beyond_chance(60, 768) and not dv.flips_beyond_chance(45, 768)  # 12 x 16 positions x 4: mean 38
 
 
-def _flipping(churns: list[float | None], jitters: list[float], losses: list[float]) -> list[pd.Evaluation]:
+def _flipping(churns: list[float | None], jitters: list[float], losses: list[float]) -> list[dv.Evaluation]:
     return [
-        pd.Evaluation(i * 25, loss, None, c, j, labels=12)
+        dv.Evaluation(i * 25, loss, None, c, j, labels=12)
         for i, (c, j, loss) in enumerate(zip(churns, jitters, losses, strict=True))
     ]
 
@@ -560,7 +561,7 @@ def test_one_loss_spike_of_a_converged_model_is_not_thrashing():
     jitters = [math.nan, 0.1, 0.5, 0.006, 0.004, 0.006, 0.002, 0.001, 0.001, 0.0, 0.0, 0.227, 0.229]
     losses = [0.69, 0.74, 0.013, 0.01, 0.01, 0.004, 0.002, 0.002, 0.001, 0.001, 0.001, 0.949, 0.005]
     for end in range(6, len(losses) + 1):
-        verdict = pd.judge(_flipping(churns[:end], jitters[:end], losses[:end]), 0.5, **THRASH_JUDGE)
+        verdict = dv.judge(_flipping(churns[:end], jitters[:end], losses[:end]), 0.5, **THRASH_JUDGE)
         assert verdict.kind is None, (end, verdict.evidence)
 
 
@@ -569,11 +570,11 @@ def test_labels_flipping_again_and_again_on_a_stalled_loss_are_thrashing():
     churns = [None, 0.67, 0.58, 0.0, 0.0, 0.0, 1 / 12, 7 / 12]
     jitters = [math.nan, 0.38, 0.2, 0.011, 0.025, 0.02, 0.076, 0.029]
     losses = [1.36, 0.96, 0.73, 0.76, 0.63, 0.72, 0.71, 0.74]
-    verdict = pd.judge(_flipping(churns, jitters, losses), 0.5, **THRASH_JUDGE)
+    verdict = dv.judge(_flipping(churns, jitters, losses), 0.5, **THRASH_JUDGE)
     assert verdict.kind == "thrashing" and verdict.evidence["flips"] == 8 and verdict.evidence["flip_trials"] == 48
     # the same flips on a falling loss are learning
     falling = [1.36, 0.96, 0.73, 0.6, 0.5, 0.4, 0.3, 0.2]
-    assert pd.judge(_flipping(churns, jitters, falling), 0.5, **THRASH_JUDGE).kind is None
+    assert dv.judge(_flipping(churns, jitters, falling), 0.5, **THRASH_JUDGE).kind is None
 
 
 THRASH_JUDGE = dict(window=4, warmup_steps=50, thrash_jitter=0.05, frozen_movement=5e-3)
@@ -655,30 +656,30 @@ def test_a_language_model_at_its_noise_floor_is_not_thrashing():
     jitters = [math.nan, 0.118, 0.13, 0.073, 0.048, 0.034, 0.034, 0.037, 0.058, 0.058, 0.056]
     losses = [3.455, 2.256, 1.815, 1.629, 1.561, 1.522, 1.489, 1.474, 1.498, 1.493, 1.490]
     history = [
-        pd.Evaluation(i * 25, loss, None, c, j, labels=192)
+        dv.Evaluation(i * 25, loss, None, c, j, labels=192)
         for i, (c, j, loss) in enumerate(zip(churns, jitters, losses, strict=True))
     ]
-    verdict = pd.judge(history, 0.5, **THRASH_JUDGE)
+    verdict = dv.judge(history, 0.5, **THRASH_JUDGE)
     assert verdict.kind is None and verdict.evidence["loss_jump"] < 0.02
     # the same jitter with a loss that jumps by 10-30% between evaluations is thrashing
     jumping = [*losses[:-4], 1.9, 1.4, 2.0, 1.5]
     history = [replace(e, loss=loss) for e, loss in zip(history, jumping, strict=True)]
-    assert pd.judge(history, 0.5, **THRASH_JUDGE).kind == "thrashing"
+    assert dv.judge(history, 0.5, **THRASH_JUDGE).kind == "thrashing"
 
 
 def test_regression_has_no_flips_to_count_so_a_thrash_needs_most_of_the_window():
     losses = [3.0, 2.0, 1.5, 1.0, 3.0, 1.2, 2.8, 1.1]  # stalls and jumps between 1 and 3 from step 75 on
     spike = [math.nan, 0.5, 0.3, 0.01, 0.2, 0.2, 0.01, 0.01]  # two wobbling evaluations of the last four
     steady = [math.nan, 0.5, 0.3, 0.01, 0.2, 0.2, 0.2, 0.01]  # three
-    assert pd.judge(_flipping([None] * 8, spike, losses), 0.5, **THRASH_JUDGE).kind is None
-    assert pd.judge(_flipping([None] * 8, steady, losses), 0.5, **THRASH_JUDGE).kind == "thrashing"
+    assert dv.judge(_flipping([None] * 8, spike, losses), 0.5, **THRASH_JUDGE).kind is None
+    assert dv.judge(_flipping([None] * 8, steady, losses), 0.5, **THRASH_JUDGE).kind == "thrashing"
 
 
 def test_a_jumpy_run_whose_loss_falls_4x_from_one_window_to_the_next_is_learning():
     # SGD at 0.1 on the polynomial regression (seed 4): 14x jumps between evaluations, yet 980 -> 170 -> 20
     losses = [862.0, 1107.0, 2359.0, 557.0, 166.6, 207.9, 154.4, 34.3, 471.2]
     jitters = [math.nan, 1.1, 0.47, 0.52, 0.22, 0.06, 0.051, 0.136, 0.34]
-    verdict = pd.judge(_flipping([None] * 9, jitters, losses), 0.5, **THRASH_JUDGE)
+    verdict = dv.judge(_flipping([None] * 9, jitters, losses), 0.5, **THRASH_JUDGE)
     assert verdict.kind is None and verdict.evidence["loss_median_before_window"] == pytest.approx(984.5)
     flat_before = [300.0] * 4 + losses[4:]  # the same window after a plateau: thrashing
-    assert pd.judge(_flipping([None] * 9, jitters, flat_before), 0.5, **THRASH_JUDGE).kind == "thrashing"
+    assert dv.judge(_flipping([None] * 9, jitters, flat_before), 0.5, **THRASH_JUDGE).kind == "thrashing"

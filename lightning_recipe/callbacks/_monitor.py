@@ -1,5 +1,16 @@
-"""What every training monitor shares: its alerts, the guard that keeps it out of the user's way, and when
-it measures.
+"""What every training monitor shares: one lifecycle, its alerts, the guard that keeps it out of the user's way,
+and when it measures.
+
+The base owns Lightning's hooks; a monitor fills in four steps, each run under :meth:`Monitor.guard` and only
+while the monitor is on:
+
+- :meth:`Monitor.start` at ``on_train_start`` (find the layer, read the fixed batch, register hooks), which may
+  instead :meth:`Monitor.wait_for_first_batch`: then :meth:`Monitor.start_with_batch` gets a copy of the first
+  batch training fetches (a stream cannot be read twice, see :mod:`lightning_recipe.callbacks._data`);
+- :meth:`Monitor.measure` at the end of a batch whose optimizer step the schedule names
+  (:mod:`lightning_recipe.callbacks._schedule`), once per optimizer step under gradient accumulation, after the
+  deferred reads that have arrived are flushed;
+- :meth:`Monitor.finish` at ``on_train_end``, after which every deferred read is drained.
 
 A monitor never raises into the training loop: :meth:`Monitor.guard` turns an internal error into one
 :class:`RecipeWarning` and switches the monitor off. Each alert is recorded in ``.alerts`` and emitted once
@@ -34,7 +45,9 @@ from typing_extensions import override
 from lightning_recipe import _logging
 from lightning_recipe._args import check_int
 from lightning_recipe.callbacks._base import RecipeCallback
+from lightning_recipe.callbacks._data import own_copy
 from lightning_recipe.callbacks._errors import CheckSkipped, UserCodeError
+from lightning_recipe.callbacks._schedule import Every, Schedule
 from lightning_recipe.diagnostics.batch import BatchAdapter, BatchNotUnderstood, ForwardFn, InputsFn, TargetsFn
 from lightning_recipe.diagnostics.task import TaskNotInferred
 from lightning_recipe.report import Alert, RecipeWarning, jsonable
@@ -52,10 +65,16 @@ class Monitor(RecipeCallback):
     """Base of the callbacks that watch a training run.
 
     Args:
-        every_n_steps: measure on optimizer steps that are multiples of this.
+        every_n_steps: measure on optimizer steps that are multiples of this (``schedule``, which a subclass or a
+            caller may replace with any ``step -> bool``).
         inputs, targets, forward: how to read a batch, as for the checks
             (:class:`~lightning_recipe.callbacks._preflight.PreflightCheck`).
     """
+
+    #: whether :meth:`measure` is called at the end of scheduled batches; a monitor that must see the weights
+    #: on both sides of the optimizer step (the update ratio) measures in the optimizer's step hooks instead,
+    #: with the same schedule and guard
+    measures_at_batch_end = True
 
     def __init__(
         self,
@@ -67,6 +86,10 @@ class Monitor(RecipeCallback):
     ) -> None:
         check_int("every_n_steps", every_n_steps, 1)
         self.every_n_steps = every_n_steps
+        #: the optimizer steps the monitor measures at
+        self.schedule: Schedule = Every(every_n_steps)
+        #: the optimizer step :meth:`measure` ran at last (-1: none yet)
+        self.last_step = -1
         self.adapter = BatchAdapter.build(inputs, targets, forward)
         self.alerts: list[Alert] = []
         self.enabled = True
@@ -77,10 +100,79 @@ class Monitor(RecipeCallback):
         self._pending: deque[tuple[list[Tensor], Any, Callable[[list[Tensor]], None]]] = deque()
         self._always_defer = False  # tests: queue reads of CPU tensors too, to exercise the GPU path
         self._state_key: str | None = None
+        self._waiting: str | None = None  # why the monitor starts on the first batch training fetches
+        self._stepped_to = 0  # the optimizer step the last batch ended on (or training started at)
 
-    def due(self, step: int) -> bool:
-        """Whether optimizer step ``step`` is a measuring step."""
-        return self.enabled and step % self.every_n_steps == 0
+    # -- the lifecycle a monitor fills in -----------------------------------------------------------------
+
+    def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """At ``on_train_start``: get ready to measure (or :meth:`wait_for_first_batch`)."""
+
+    def wait_for_first_batch(self, reason: str) -> None:
+        """Start on a copy of the first batch training fetches instead of reading one now: the loader cannot be
+        read twice without changing what training reads (``reason`` says why, for the logged text)."""
+        self._waiting = reason
+
+    def start_with_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, reason: str) -> None:
+        """After :meth:`wait_for_first_batch`: start on ``batch``, the monitor's own copy of the first batch."""
+
+    def ready(self) -> bool:
+        """Whether there is something to measure yet (the layer found, the fixed batch read)."""
+        return True
+
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        """At the end of a batch whose optimizer step ``step`` the schedule names, once per step."""
+
+    def finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """At ``on_train_end``, before the deferred reads are drained: the last measurement, the last figure."""
+
+    # -- Lightning's hooks, owned here ---------------------------------------------------------------------
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stepped_to = int(trainer.global_step)
+        if self.enabled:
+            with self.guard(trainer):
+                self.start(trainer, pl_module)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._waiting is None or not self.enabled:
+            return
+        reason, self._waiting = self._waiting, None
+        with self.guard(trainer):
+            self.start_with_batch(trainer, pl_module, own_copy(batch), reason)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self.enabled:
+            return
+        if self._pending:
+            with self.guard(trainer):
+                self.flush()  # measurements whose copies have reached the host
+        step = int(trainer.global_step)
+        # under gradient accumulation most batches end without an optimizer step: a step is measured once, at
+        # the batch that completed it; most steps end here too, with no guard to pay for
+        stepped, self._stepped_to = step != self._stepped_to, step
+        if not stepped or not self.measures_at_batch_end or not self.schedule(step):
+            return
+        if self.enabled and self.ready():
+            self.last_step = step
+            with self.guard(trainer):
+                self.measure(trainer, pl_module, step)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.enabled and self.ready():
+            with self.guard(trainer):
+                self.finish(trainer, pl_module)
+                self.flush(wait=True)  # the last readings: at the end of training waiting costs nothing
+
+    # -- what keeps a monitor out of the user's way -------------------------------------------------------
 
     @contextmanager
     def guard(self, trainer: pl.Trainer | None = None) -> Iterator[None]:

@@ -19,17 +19,18 @@ from typing_extensions import override
 
 from lightning_recipe import _logging
 from lightning_recipe._args import check_int, check_positive
-from lightning_recipe.callbacks._data import fresh_pass_refusal, loader_generators, own_copy, peek_batches
+from lightning_recipe.callbacks._data import fresh_pass_refusal, loader_generators, peek_batches
 from lightning_recipe.callbacks._errors import CheckSkipped
 from lightning_recipe.callbacks._monitor import Monitor
+from lightning_recipe.callbacks._schedule import AnyOf, Every
 from lightning_recipe.diagnostics.batch import BatchNotUnderstood, ForwardFn, InputsFn, TargetsFn, tensors_of
 from lightning_recipe.diagnostics.compiled import eager
 from lightning_recipe.diagnostics.first_layer import (
     LayerTrace,
     LayerView,
     Thresholds,
-    assess,
     describe_layer,
+    filter_alerts,
     filter_images,
     gathered,
     layer_weights,
@@ -140,6 +141,9 @@ class FirstLayerVisualizer(Monitor):
         self.layer = layer
         self.measure_every_n_steps = measure_every_n_steps
         self.max_images = max_images
+        # two cadences: the filter images every `every_n_steps`, the measurements every `measure_every_n_steps`
+        self._images_due, self._measure_due = Every(every_n_steps), Every(measure_every_n_steps)
+        self.schedule = AnyOf((self._images_due, self._measure_due))
         self.thresholds = Thresholds(
             not_changing_after_steps=not_changing_after_steps,
             late_after_steps=late_after_steps,
@@ -161,7 +165,6 @@ class FirstLayerVisualizer(Monitor):
         self._start_step = 0
         self._last_measured = -1
         self._last_images = -1
-        self._waiting: str | None = None  # why the layer is traced on the first batch training fetches
 
     # -- state across a checkpoint resume ------------------------------------------------------------
     @override
@@ -219,7 +222,6 @@ class FirstLayerVisualizer(Monitor):
         self.note = state.get("note")
         self._last_measured = int(state.get("last_measured", -1))
         self._last_images = int(state.get("last_images", -1))
-        self._waiting = None
 
     # -- configuration, refused early ----------------------------------------------------------------
     @override
@@ -234,65 +236,43 @@ class FirstLayerVisualizer(Monitor):
         if self.layer is not None:
             resolve_layer(pl_module, self.layer)
 
-    # -- hooks ---------------------------------------------------------------------------------------
+    # -- the monitor's lifecycle -----------------------------------------------------------------------
     @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.enabled:
-            return
+    def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._resumed is not None:  # the layer and its start come from the checkpoint
             resumed, self._resumed = self._resumed, None
-            with self.guard(trainer):
-                self._resume(pl_module, resumed)
+            self._resume(pl_module, resumed)
             return
         # the layer is found by tracing a batch: from a fresh pass, or where a second pass could change what
         # training reads (see callbacks/_data.py), from the first batch training fetches
-        self._waiting = fresh_pass_refusal(trainer.train_dataloader) if trainer.global_step == 0 else None
-        if self._waiting is None:
-            with self.guard(trainer):
-                self._start(trainer, pl_module)
+        refusal = fresh_pass_refusal(trainer.train_dataloader) if trainer.global_step == 0 else None
+        if refusal is not None:
+            self.wait_for_first_batch(refusal)
+        else:
+            self._start(trainer, pl_module)
 
     @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        if self._waiting is None or not self.enabled:
-            return
-        self._waiting = None
-        with self.guard(trainer):
-            self._start(trainer, pl_module, own_copy(batch))
+    def start_with_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, reason: str) -> None:
+        self._start(trainer, pl_module, batch)
 
     @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if not self.enabled or self._module is None:
-            return
+    def ready(self) -> bool:
+        return self._module is not None
+
+    @override
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        if self._images_due(step):
+            self._log_images(trainer, step)
+        if self._measure_due(step):
+            self._measure(trainer, step)
+
+    @override
+    def finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = int(trainer.global_step)
-        due = step % self.every_n_steps == 0 or step % self.measure_every_n_steps == 0
-        if not self._pending and not due:  # most steps: nothing to do, and no guard to pay for
-            return
-        if self._pending:
-            with self.guard(trainer):
-                self.flush()  # measurements whose weights have reached the host
-        if step == self._last_measured or not self.enabled:  # gradient accumulation: several batches a step
-            return
-        with self.guard(trainer):
-            if step % self.every_n_steps == 0:
-                self._log_images(trainer, step)
-            if step % self.measure_every_n_steps == 0:
-                self._measure(trainer, step)
-
-    @override
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.enabled or self._module is None:
-            return
-        step = int(trainer.global_step)
-        with self.guard(trainer):
-            if step != self._last_images:
-                self._log_images(trainer, step)
-            if step != self._last_measured:
-                self._measure(trainer, step)
-            self.flush(wait=True)
+        if step != self._last_images:
+            self._log_images(trainer, step)
+        if step != self._last_measured:
+            self._measure(trainer, step)
 
     @override
     def on_disabled(self) -> None:
@@ -408,7 +388,7 @@ class FirstLayerVisualizer(Monitor):
         if score is not None:
             scalars[self.tag("noise_score")] = score
         _logging.log_scalars(trainer, scalars, step)
-        for kind in assess(step - self._start_step, moved, score, self.thresholds):
+        for kind in filter_alerts(step - self._start_step, moved, score, self.thresholds):
             if kind == "not_changing" and self._frozen_on_purpose(weights[0], score):
                 self._note_frozen(trainer, step, score)
                 continue

@@ -16,7 +16,7 @@ from typing_extensions import override
 
 from lightning_recipe import _logging
 from lightning_recipe._args import check_choice, check_fraction, check_int, check_positive
-from lightning_recipe.callbacks._data import fresh_pass_refusal, loader_generators, own_copy, peek_batches
+from lightning_recipe.callbacks._data import fresh_pass_refusal, loader_generators, peek_batches
 from lightning_recipe.callbacks._monitor import Monitor
 from lightning_recipe.callbacks._preflight import CheckContext, CheckSkipped, silenced_logging
 from lightning_recipe.diagnostics.batch import (
@@ -30,17 +30,8 @@ from lightning_recipe.diagnostics.batch import (
     tensors_of,
 )
 from lightning_recipe.diagnostics.compiled import eager
-from lightning_recipe.diagnostics.prediction_dynamics import (
-    SETTLED_FLIP_RATE,
-    Evaluation,
-    Reading,
-    Snapshot,
-    churn,
-    jitter,
-    judge,
-    movement,
-    snapshot,
-)
+from lightning_recipe.diagnostics.dynamics_verdict import SETTLED_FLIP_RATE, Evaluation, judge
+from lightning_recipe.diagnostics.prediction_dynamics import OutputReading, Snapshot, churn, jitter, movement, snapshot
 from lightning_recipe.diagnostics.state import RngState, attributes_preserved, preserved
 from lightning_recipe.diagnostics.task import TASKS, Alignment
 
@@ -90,7 +81,7 @@ class PredictionDynamicsLogger(Monitor):
             as wobbling, in (0, 1). Thrashing also needs the wobble at half the window or more, label flips beyond
             what a settled model makes by chance at this batch size (a binomial null, 5% per label and
             evaluation), and a loss that jumps without improving
-            (:func:`~lightning_recipe.diagnostics.prediction_dynamics.judge`): zero false alarms on tiny BERT,
+            (:func:`~lightning_recipe.diagnostics.dynamics_verdict.judge`): zero false alarms on tiny BERT,
             GPT-2 and causal encoder LMs over 10 seeds (``benchmarks/false_alarms.py``).
         frozen_movement: relative output movement over a window below which predictions count as frozen.
         task: ``"auto"`` or one of ``"multiclass"``, ``"binary"``, ``"multilabel"``, ``"regression"``.
@@ -153,12 +144,10 @@ class PredictionDynamicsLogger(Monitor):
         self._trajectories: list[Tensor] = []  # (N,) per evaluation
         self._targets: Tensor | None = None  # the fixed batch's targets, on the host
         self._examples_in_batch = 0
-        self._reading: Reading | None = None  # how its outputs are read, resolved at the first evaluation
+        self._reading: OutputReading | None = None  # how its outputs are read, resolved at the first evaluation
         self._alignment: Alignment | None = None  # which target each output position is trained towards
         self._best_loss = math.inf  # lowest loss on the batch so far (the history is not rescanned each time)
-        self._last_step = -1
         self._figure_step = -1
-        self._waiting: str | None = None  # why the fixed batch is taken from the first batch training fetches
         self._resumed_batch: Any = None  # the fixed batch from a checkpoint, on the host until on_train_start
 
     # -- state across a checkpoint resume ----------------------------------------------------------------
@@ -194,7 +183,7 @@ class PredictionDynamicsLogger(Monitor):
             "trajectory_steps": list(self._trajectory_steps),
             "trajectories": list(self._trajectories),
             "best_loss": self._best_loss,
-            "last_step": self._last_step,
+            "last_step": self.last_step,
             "figure_step": self._figure_step,
         }
 
@@ -211,7 +200,7 @@ class PredictionDynamicsLogger(Monitor):
         self._trajectory_steps = [int(step) for step in state.get("trajectory_steps", [])]
         self._trajectories = list(state.get("trajectories", []))
         self._best_loss = float(state.get("best_loss", math.inf))
-        self._last_step = int(state.get("last_step", -1))
+        self.last_step = int(state.get("last_step", -1))
         self._figure_step = int(state.get("figure_step", -1))
 
     def _resume(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
@@ -223,55 +212,38 @@ class PredictionDynamicsLogger(Monitor):
         self._targets = self.adapter.get_targets(self.batch).detach().cpu()
         self._examples_in_batch = self._examples(self.batch)
 
-    # -- Lightning hooks -------------------------------------------------------------------------------
+    # -- the monitor's lifecycle -------------------------------------------------------------------
     @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.enabled:
-            return
-        with self.guard(trainer):
-            if self._resumed_batch is not None:
-                batch, self._resumed_batch = self._resumed_batch, None
-                self._resume(trainer, pl_module, batch)
-            elif self._capture(trainer, pl_module):
-                self._evaluate(trainer, pl_module)
+    def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._resumed_batch is not None:
+            batch, self._resumed_batch = self._resumed_batch, None
+            self._resume(trainer, pl_module, batch)
+        elif self._capture(trainer, pl_module):
+            self._evaluate(trainer, pl_module)
 
     @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        if self._waiting is None or not self.enabled:
-            return
-        reason, self._waiting = self._waiting, None
+    def start_with_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, reason: str) -> None:
         if trainer.global_step > 0:
             return
-        with self.guard(trainer):
-            where = f"the first training batch training fetched, copied before its step ({reason})"
-            self._use([own_copy(batch)], "train", where, trainer, pl_module, [])
-            self._evaluate(trainer, pl_module)
+        where = f"the first training batch training fetched, copied before its step ({reason})"
+        self._use([batch], "train", where, trainer, pl_module, [])
+        self._evaluate(trainer, pl_module)
 
     @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        step = int(trainer.global_step)
-        if self._pending and self.enabled:
-            with self.guard(trainer):
-                self.flush()  # evaluations whose predictions have reached the host
-        if not self.due(step) or step == self._last_step or self.batch is None:
-            return  # with gradient accumulation several batches end on one optimizer step
-        with self.guard(trainer):
-            self._evaluate(trainer, pl_module)
+    def ready(self) -> bool:
+        return self.batch is not None
 
     @override
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.enabled or self.batch is None:
-            return
-        with self.guard(trainer):
-            if int(trainer.global_step) != self._last_step:
-                self._evaluate(trainer, pl_module, figure=False)
-            self.flush(wait=True)
-            if self._figure_step != self._last_step:
-                self._draw(trainer)
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        self._evaluate(trainer, pl_module)
+
+    @override
+    def finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if int(trainer.global_step) != self.last_step:
+            self._evaluate(trainer, pl_module, figure=False)
+        self.flush(wait=True)
+        if self._figure_step != self.last_step:
+            self._draw(trainer)
 
     @override
     def on_disabled(self) -> None:
@@ -295,7 +267,9 @@ class PredictionDynamicsLogger(Monitor):
             else:
                 why = "there is no validation loader" if self.source == "val" else "source='train'"
             if train_refused is not None:
-                self._waiting = f"{why}; and a fresh pass over the training loader cannot be taken: {train_refused}"
+                self.wait_for_first_batch(
+                    f"{why}; and a fresh pass over the training loader cannot be taken: {train_refused}"
+                )
                 return False
             assert isinstance(train, DataLoader)  # fresh_pass_refusal refuses anything else
             loader, source = train, "train"
@@ -390,7 +364,7 @@ class PredictionDynamicsLogger(Monitor):
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, figure: bool = True) -> None:
         """Predict now; read the predictions when they reach the host (on a GPU, at a later hook)."""
         step = int(trainer.global_step)
-        self._last_step = step
+        self.last_step = step
         outputs = self._predict(trainer, pl_module)
         self.defer([outputs], lambda host: self._record(trainer, host[0], step, figure))
 
@@ -399,7 +373,7 @@ class PredictionDynamicsLogger(Monitor):
         assert targets is not None  # set with the batch
         if self._reading is None or self._reading.shape != tuple(outputs.shape):
             # the targets never change
-            self._reading = Reading.resolve(outputs, targets, self.task, self._alignment)
+            self._reading = OutputReading.resolve(outputs, targets, self.task, self._alignment)
         current = snapshot(
             outputs, targets, step, task=self.task, examples=self._examples_in_batch, reading=self._reading
         )

@@ -16,6 +16,7 @@ from typing_extensions import override
 from lightning_recipe import _logging
 from lightning_recipe._args import check_int, check_positive
 from lightning_recipe.callbacks._monitor import Monitor
+from lightning_recipe.callbacks._schedule import Every
 from lightning_recipe.diagnostics import update_ratio as ur
 from lightning_recipe.diagnostics.batch import ForwardFn, InputsFn, TargetsFn
 
@@ -145,6 +146,9 @@ class UpdateRatioMonitor(Monitor):
         ``alerts``: the alert texts.
     """
 
+    #: the update needs the weights on both sides of the optimizer's step: measured in its step hooks
+    measures_at_batch_end = False
+
     def __init__(
         self,
         every_n_steps: int = 50,
@@ -168,6 +172,10 @@ class UpdateRatioMonitor(Monitor):
                 f"max_ratio={max_ratio!r}; the healthy ratio is near {ur.TARGET_RATIO:g}."
             )
         self.window = window
+        # measured: each of the optimizer's first `window` steps (judged for an explosion only) and every n-th
+        # (the regular window the verdicts use)
+        self.schedule = Every(every_n_steps, first=window)
+        self._regular = Every(every_n_steps)
         self.max_ratio = float(max_ratio)
         self.min_ratio = float(min_ratio)
         self.min_weight_norm = float(min_weight_norm)
@@ -231,6 +239,7 @@ class UpdateRatioMonitor(Monitor):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         # the training loss of the first steps only (one host read each): whether large first steps overshoot
         if not self.enabled or len(self._early_losses) > self.window:
             return
@@ -240,30 +249,20 @@ class UpdateRatioMonitor(Monitor):
                 self._early_losses.append(float(trainer.strategy.reduce(loss.detach().float(), reduce_op="mean")))
 
     @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.enabled:
-            return
-        with self.guard(trainer):
-            self._remove_hooks()
-            self._trainer = trainer
-            self._names = {id(p): name for name, p in pl_module.named_parameters()}
-            self._watches = []
-            resumed, self._resumed = self._resumed or [], None
-            for index, optimizer in enumerate(trainer.optimizers):
-                watch = _OptimizerWatch(index, start_lrs=[_start_lr(g) for g in optimizer.param_groups])
-                if index < len(resumed):  # a resumed run: its counts and windows go on
-                    watch.restore(resumed[index])
-                self._watches.append(watch)
-                self._handles.append(optimizer.register_step_pre_hook(self._pre_hook(watch)))
-                self._handles.append(optimizer.register_step_post_hook(self._post_hook(watch)))
-            self._check_all_in_optimizer(trainer, pl_module)
-
-    @override
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.enabled:
-            return
-        with self.guard(trainer):
-            self.flush(wait=True)  # the last readings
+    def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_hooks()
+        self._trainer = trainer
+        self._names = {id(p): name for name, p in pl_module.named_parameters()}
+        self._watches = []
+        resumed, self._resumed = self._resumed or [], None
+        for index, optimizer in enumerate(trainer.optimizers):
+            watch = _OptimizerWatch(index, start_lrs=[_start_lr(g) for g in optimizer.param_groups])
+            if index < len(resumed):  # a resumed run: its counts and windows go on
+                watch.restore(resumed[index])
+            self._watches.append(watch)
+            self._handles.append(optimizer.register_step_pre_hook(self._pre_hook(watch)))
+            self._handles.append(optimizer.register_step_post_hook(self._post_hook(watch)))
+        self._check_all_in_optimizer(trainer, pl_module)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -296,14 +295,14 @@ class UpdateRatioMonitor(Monitor):
             # before the weights have grown so large that the ratio falls back into the band (then the network
             # dies). They are judged apart from the regular, sustained window (large first steps are normal).
             early = watch.steps < self.window
-            due = early or watch.steps % self.every_n_steps == 0 or watch.retry
+            due = self.schedule(watch.steps) or watch.retry
             if not due and not self._pending:  # most steps: count it and stay out of the way (no guard, no copy)
                 watch.steps += 1
                 watch.pending = None
                 return
             with self.guard(self._trainer), torch.no_grad():
                 self.flush()  # readings of earlier steps that have reached the host (may set `retry`)
-                regular = watch.steps % self.every_n_steps == 0 or watch.retry
+                regular = self._regular(watch.steps) or watch.retry
                 due = (early or regular) and self.enabled  # a reading may have switched the monitor off
                 watch.retry = False
                 watch.steps += 1

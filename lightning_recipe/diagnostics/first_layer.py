@@ -17,7 +17,7 @@ Pure: modules and tensors in, numbers and frozen dataclasses out; no Lightning.
 - :func:`noise_score`: mean squared difference of neighbouring entries over twice their variance, ~1 for
   i.i.d. noise, towards 0 for smooth filters.
 - :func:`filter_images` renders filters for ``add_images``; :func:`moved_from_init` is
-  ``||W - W0|| / ||W0||``; :func:`assess` turns the numbers into alert kinds.
+  ``||W - W0|| / ||W0||``; :func:`filter_alerts` turns the numbers into alert kinds.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ __all__ = [
     "LayerTrace",
     "LayerView",
     "Thresholds",
-    "assess",
+    "filter_alerts",
     "looks_random",
     "spectral_excess",
     "describe_layer",
@@ -385,7 +385,7 @@ class Thresholds:
     noisy_moved_below: float = 0.1
 
 
-def assess(step: int, moved: float, score: float | None, thresholds: Thresholds) -> list[str]:
+def filter_alerts(step: int, moved: float, score: float | None, thresholds: Thresholds) -> list[str]:
     """Alert kinds for optimizer step ``step``: ``"not_changing"`` and/or ``"noisy"``. ``score`` is ``None``
     (or nan) for layers that are not image-like: they are never ``noisy``."""
     kinds = []
