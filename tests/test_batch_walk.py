@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader
 
 import lightning_recipe
 from lightning_recipe import CheckStatus
+from lightning_recipe.callbacks._fixed_batch import _concat, _rows
 from lightning_recipe.callbacks.overfit_one_batch import _take
-from lightning_recipe.callbacks.prediction_dynamics_logger import _concat, _rows
 from lightning_recipe.diagnostics.batch import (
     default_inputs,
     default_targets,

@@ -26,9 +26,9 @@ from lightning_recipe import (
     RecipeCheckError,
     UpdateRatioMonitor,
 )
+from lightning_recipe.callbacks._fixed_batch import _concat, _uniform
 from lightning_recipe.callbacks.init_loss_check import _input_stats
 from lightning_recipe.callbacks.overfit_one_batch import _take
-from lightning_recipe.callbacks.prediction_dynamics_logger import _concat, _uniform
 from lightning_recipe.diagnostics.batch import (
     BatchAdapter,
     all_finite,

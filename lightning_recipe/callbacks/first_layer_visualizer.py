@@ -21,6 +21,7 @@ from lightning_recipe import _logging
 from lightning_recipe._args import check_int, check_positive
 from lightning_recipe.callbacks._data import fresh_pass_refusal, loader_generators, peek_batches
 from lightning_recipe.callbacks._errors import CheckSkipped
+from lightning_recipe.callbacks._first_layer_text import cause_text, frozen_note, noisy_text, not_changing_text
 from lightning_recipe.callbacks._monitor import Monitor
 from lightning_recipe.callbacks._schedule import AnyOf, Every
 from lightning_recipe.diagnostics.batch import BatchNotUnderstood, ForwardFn, InputsFn, TargetsFn, tensors_of
@@ -42,6 +43,7 @@ from lightning_recipe.diagnostics.first_layer import (
     spectral_excess,
     trace_first_layer,
     weighted_modules,
+    why_not_changing,
 )
 from lightning_recipe.diagnostics.state import RngState, attributes_preserved
 from lightning_recipe.report import RecipeWarning
@@ -404,65 +406,27 @@ class FirstLayerVisualizer(Monitor):
     def _note_frozen(self, trainer: pl.Trainer, step: int, score: float | None) -> None:
         if self.note is not None:
             return
-        shown = f"noise score {score:.2f}; " if score is not None else ""
         excess = spectral_excess(self._initial[0]) if self._initial else float("nan")
-        self.note = (
-            f"the first layer `{self.layer_name}` is frozen (requires_grad=False) and does not move; its weights "
-            f"have structure ({shown}largest singular value {excess:.2f}x a random matrix's), so it looks "
-            "pretrained and frozen on purpose: no alert."
-        )
+        self.note = frozen_note(self.layer_name, score, excess)
         _logging.log_text(trainer, self.tag("notes"), f"[lightning_recipe] {self.name} note: {self.note}", step)
 
     def _raise(self, trainer: pl.Trainer, kind: str, step: int, moved: float, score: float | None) -> None:
-        name = self.layer_name
         steps = step - self._start_step
         details: dict[str, Any] = {
-            "layer": name,
+            "layer": self.layer_name,
             "moved_from_init": moved,
             "noise_score": score,
             "noise_score_at_start": self.baseline_score,
             "steps": steps,
         }
         if kind == "not_changing":
-            cause = self._why_not_changing(trainer)
-            details["cause"] = cause
-            message = (
-                f"the first layer `{name}` has not changed in {steps} optimizer steps: ||W - W0|| / ||W0|| = "
-                f"{moved:.2g}, expected a healthy first layer to move well above "
-                f"{self.thresholds.not_changing_below:g}. Likely cause: {cause}. The network then learns "
-                "everything on top of random input features. Fix: train it (requires_grad=True and its "
-                "parameters in `configure_optimizers`). If you freeze a pretrained first layer on purpose, pass "
-                "`layer=` naming a layer that trains, or remove the FirstLayerVisualizer."
-            )
+            assert self._module is not None
+            cause = why_not_changing(layer_weights(self._module), trainer.optimizers)
+            details["cause"] = cause_text(cause)
+            message = not_changing_text(self.layer_name, steps, moved, self.thresholds, details["cause"])
         else:
-            message = (
-                f"the first layer `{name}` still looks like noise after {steps} optimizer steps: noise score "
-                f"{score:.2f} (it was {self.baseline_score:.2f} at the start; i.i.d. noise ~1, trained filters "
-                f"below {self.thresholds.noisy_above:g}) and it moved only {moved:.2g} of its norm from its "
-                f"initialisation (expected >= {self.thresholds.noisy_moved_below:g}). Likely causes: a learning "
-                "rate too low for this layer, vanishing gradients before the first layer, or too little training "
-                "signal. Fix: check the update ratio of this layer (UpdateRatioMonitor), raise its learning "
-                "rate, or add normalisation after it."
-            )
+            message = noisy_text(self.layer_name, steps, moved, score, self.baseline_score, self.thresholds)
         self.alert(trainer, kind, message, details, step=step)
-
-    def _why_not_changing(self, trainer: pl.Trainer) -> str:
-        assert self._module is not None
-        weights = layer_weights(self._module)
-        if not any(w.requires_grad for w in weights):
-            return "its weights have requires_grad=False (frozen)"
-        in_optimizer = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
-        if not any(id(w) in in_optimizer for w in weights):
-            return "its weights are in no optimizer (missing from `configure_optimizers`)"
-        if all(w.grad is None or not bool(torch.any(w.grad != 0)) for w in weights):
-            return "no gradient reaches it (a `.detach()` or `torch.no_grad()` between input and loss)"
-        lrs = [
-            g.get("lr")
-            for opt in trainer.optimizers
-            for g in opt.param_groups
-            if any(id(p) in {id(w) for w in weights} for p in g["params"])
-        ]
-        return f"its updates are too small to register (learning rate {lrs})"
 
 
 _THRESHOLD_ARGUMENTS = ("not_changing_after_steps", "late_after_steps", "noisy_above", "noisy_moved_below")

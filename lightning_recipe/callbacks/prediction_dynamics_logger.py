@@ -4,35 +4,30 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_recipe import _logging
 from lightning_recipe._args import check_choice, check_fraction, check_int, check_positive
 from lightning_recipe.callbacks._data import fresh_pass_refusal, loader_generators, peek_batches
+from lightning_recipe.callbacks._dynamics_text import cause_text, non_finite_text
+from lightning_recipe.callbacks._fixed_batch import NOT_PLAIN, evaluating, first_examples, plain_on_host, val_loader
 from lightning_recipe.callbacks._monitor import Monitor
 from lightning_recipe.callbacks._preflight import CheckContext, CheckSkipped, silenced_logging
 from lightning_recipe.diagnostics.batch import (
     ForwardFn,
     InputsFn,
     TargetsFn,
-    graph_adjacency,
-    is_sparse,
-    map_tensors,
-    slice_batch,
-    tensors_of,
 )
 from lightning_recipe.diagnostics.compiled import eager
-from lightning_recipe.diagnostics.dynamics_verdict import SETTLED_FLIP_RATE, Evaluation, judge
+from lightning_recipe.diagnostics.dynamics_verdict import Evaluation, judge
 from lightning_recipe.diagnostics.prediction_dynamics import OutputReading, Snapshot, churn, jitter, movement, snapshot
-from lightning_recipe.diagnostics.state import RngState, attributes_preserved, preserved
+from lightning_recipe.diagnostics.state import RngState, preserved
 from lightning_recipe.diagnostics.task import TASKS, Alignment
 
 __all__ = ["PredictionDynamicsLogger"]
@@ -171,8 +166,8 @@ class PredictionDynamicsLogger(Monitor):
         # and jitter compare with them) and the figure's trajectories. A batch that is not plain tensors and
         # containers is not saved (a checkpoint must load with `weights_only=True`): the resumed run then starts
         # afresh on a newly read batch.
-        batch = _plain_on_host(self.batch if self._resumed_batch is None else self._resumed_batch)
-        if batch is _NOT_PLAIN or batch is None:
+        batch = plain_on_host(self.batch if self._resumed_batch is None else self._resumed_batch)
+        if batch is NOT_PLAIN or batch is None:
             return {}
         return {
             "batch": batch,
@@ -207,7 +202,7 @@ class PredictionDynamicsLogger(Monitor):
         """Take up the fixed batch of the interrupted run: no new read, no evaluation at the resumed step (the
         interrupted run made its own there, when the step was due)."""
         self.batch = trainer.strategy.batch_to_device(batch)
-        with _evaluating(pl_module):
+        with evaluating(pl_module):
             self.adapter = self.adapter.fitted(pl_module, self.batch)
         self._targets = self.adapter.get_targets(self.batch).detach().cpu()
         self._examples_in_batch = self._examples(self.batch)
@@ -256,7 +251,7 @@ class PredictionDynamicsLogger(Monitor):
         what training reads (see :mod:`lightning_recipe.callbacks._data`), wait for the first batch training
         fetches. ``True`` when the batch was read now."""
         train = trainer.train_dataloader
-        val = self._val_loader(trainer) if self.source == "val" else None
+        val = val_loader(trainer) if self.source == "val" else None
         val_refused = fresh_pass_refusal(val) if val is not None else None
         if val is not None and val_refused is None:
             loader, source, where = val, "val", "the first validation batch"
@@ -300,9 +295,9 @@ class PredictionDynamicsLogger(Monitor):
         pl_module: pl.LightningModule,
         generators: list[torch.Generator],
     ) -> None:
-        self.batch = self._fixed_batch(batches, pl_module)
+        self.batch = first_examples(batches, [self._examples(b) for b in batches], self.num_examples, pl_module)
         self.batch_source = source
-        with _evaluating(pl_module):
+        with evaluating(pl_module):
             # fitted first: reading `forward`'s signature can move the targets (`(x, adj, y)` batches)
             self.adapter = self.adapter.fitted(pl_module, self.batch)
         self._targets = self.adapter.get_targets(self.batch).detach().cpu()  # fixed: on the host once
@@ -328,36 +323,15 @@ class PredictionDynamicsLogger(Monitor):
             except CheckSkipped:
                 return None
 
-    @staticmethod
-    def _val_loader(trainer: pl.Trainer) -> DataLoader | None:
-        loaders: Any = trainer.val_dataloaders
-        if isinstance(loaders, Mapping):
-            loaders = list(loaders.values())
-        if isinstance(loaders, (list, tuple)):
-            loaders = next((item for item in loaders if isinstance(item, DataLoader)), None)
-        return loaders if isinstance(loaders, DataLoader) else None
-
     def _examples(self, batch: Any) -> int:
         targets = self.adapter.get_targets(batch)
         return int(targets.shape[0]) if targets.ndim else 1
-
-    def _fixed_batch(self, batches: list[Any], module: nn.Module | None = None) -> Any:
-        """The first ``num_examples`` examples: batches joined and cut along dim 0 where every tensor has the
-        batch size there; otherwise (a time-major ``(T, N, F)`` batch) the first batch as it is."""
-        sizes = [self._examples(b) for b in batches]
-        if not all(_uniform(b, n, module) for b, n in zip(batches, sizes, strict=True)):
-            return batches[0]
-        batch = batches[0] if len(batches) == 1 else _concat(batches)
-        total = sum(sizes)
-        if total > self.num_examples:
-            batch = slice_batch(batch, slice(0, self.num_examples), total)
-        return batch
 
     # -- evaluation -----------------------------------------------------------------------------------
     def _predict(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor:
         # in the precision context Lightning validates in (autocast under mixed precision): the predictions
         # are the ones validation would see, at the cost of a validation forward pass
-        with _evaluating(pl_module), trainer.precision_plugin.val_step_context():
+        with evaluating(pl_module), trainer.precision_plugin.val_step_context():
             outputs = self.adapter.predict(pl_module, self.adapter.get_inputs(self.batch))
         return outputs.detach().float()
 
@@ -414,16 +388,7 @@ class PredictionDynamicsLogger(Monitor):
     # -- alerts ---------------------------------------------------------------------------------------
     def _decide(self, trainer: pl.Trainer, current: Snapshot) -> None:
         if not current.finite:
-            self.alert(
-                trainer,
-                "non_finite",
-                f"the model's predictions on the fixed batch are NaN or infinite at step {current.step} (expected "
-                "finite outputs). Likely cause: the learning rate is so high that training diverged, or a "
-                "log/division of zero in the model. Fix: lower the learning rate ~10x, add gradient clipping "
-                "(`Trainer(gradient_clip_val=1.0)`), and check the loss for log(0).",
-                {"step": current.step},
-                step=current.step,
-            )
+            self.alert(trainer, "non_finite", non_finite_text(current.step), {"step": current.step}, step=current.step)
             return
         oldest = self._snapshots[0] if len(self._snapshots) > self.window else None
         losses = [e.loss for e in self.history[-1:] if math.isfinite(e.loss)]
@@ -438,42 +403,9 @@ class PredictionDynamicsLogger(Monitor):
             thrash_jitter=self.thrash_jitter,
             frozen_movement=self.frozen_movement,
         )
-        e = verdict.evidence
-        what = "p(true class)" if current.task != "regression" else "prediction / target std"
-        if verdict.kind == "thrashing":
-            flips = e["flips"]
-            churn_text = (
-                f"; {flips} of {e['flip_trials']} predicted labels flipped (a settled model flips about "
-                f"{SETTLED_FLIP_RATE:.0%}, {flips / max(e['flip_trials'], 1):.0%} is beyond chance at this batch size)"
-                if flips is not None
-                else ""
-            )
-            self.alert(
-                trainer,
-                "thrashing",
-                f"predictions on the fixed batch thrash: over steps {e['window_steps'][0]}-{e['window_steps'][1]} "
-                f"{e['wobbling_evaluations']} of {self.window} evaluations moved {what} by {self.thrash_jitter} or "
-                f"more (mean change {e['mean_jitter']:.3f}){churn_text}, while the loss went from "
-                f"{e['loss_window_start']:.4g} to {e['loss_window_end']:.4g} (expected after warm-up: calm "
-                "predictions, or a falling loss). Likely cause: the learning rate "
-                "is too high, each step overshoots. Fix: lower the learning rate ~10x (or add warm-up / "
-                "gradient clipping).",
-                e,
-                step=current.step,
-            )
-        elif verdict.kind == "frozen":
-            self.alert(
-                trainer,
-                "frozen",
-                f"predictions on the fixed batch do not move: over steps {e['window_steps'][0]}-"
-                f"{e['window_steps'][1]} the outputs changed by {e['window_movement']:.2e} relative to their size "
-                f"(expected > {self.frozen_movement:.0e}), and the loss stayed at {e['loss_window_end']:.4g} "
-                f"(first {e['first_loss']:.4g}). Likely cause: the learning rate is far too low, or nothing "
-                "trains. Fix: check that `configure_optimizers` gets the model's parameters and that they have "
-                "`requires_grad=True`, then raise the learning rate (10-100x).",
-                e,
-                step=current.step,
-            )
+        if verdict.kind is not None:
+            message = cause_text(verdict.kind, verdict.evidence, self.window, current.task == "regression")
+            self.alert(trainer, verdict.kind, message, verdict.evidence, step=current.step)
 
     # -- figures --------------------------------------------------------------------------------------
     def _draw(self, trainer: pl.Trainer) -> None:
@@ -509,63 +441,3 @@ class PredictionDynamicsLogger(Monitor):
             ax.set_title(f"{values.shape[1]} fixed {self.batch_source} examples")
         self._figure_step = last.step  # the step drawn (a deferred read runs a hook after it)
         _logging.log_figure(trainer, self.tag("trajectories"), figure, self._figure_step)
-
-
-@contextmanager
-def _evaluating(module: torch.nn.Module) -> Iterator[None]:
-    """Eval mode and no gradients inside; the mode of every submodule and every RNG put back after, so a
-    stochastic forward does not shift the run and a submodule the user keeps in eval stays so. The module's
-    plain attributes too: a forward that caches or counts must not change what training sees. A compiled
-    model runs eagerly (see :mod:`lightning_recipe.diagnostics.compiled`)."""
-    modes = [(m, m.training) for m in module.modules()]
-    rng = RngState.capture()
-    try:
-        module.eval()
-        with torch.no_grad(), attributes_preserved(module), eager():
-            yield
-    finally:
-        for submodule, training in modes:
-            submodule.training = training  # per module: .train() would recurse and undo user choices
-        rng.restore()
-
-
-_NOT_PLAIN = object()
-
-
-def _plain_on_host(value: Any) -> Any:
-    """``value`` with its tensors on the host, when it is plain data (tensors, numbers, strings, lists,
-    tuples and dicts with string keys): what ``torch.load(weights_only=True)`` reads back. ``_NOT_PLAIN`` when
-    it holds anything else (a dataclass, a namedtuple, a sparse tensor, a graph object)."""
-    if isinstance(value, Tensor):
-        return value.detach().cpu() if value.layout == torch.strided else _NOT_PLAIN
-    if value is None or type(value) in (bool, int, float, str):
-        return value
-    if type(value) in (list, tuple):
-        items = [_plain_on_host(item) for item in value]
-        return _NOT_PLAIN if any(item is _NOT_PLAIN for item in items) else type(value)(items)
-    if type(value) is dict and all(isinstance(key, str) for key in value):
-        plain = {key: _plain_on_host(item) for key, item in value.items()}
-        return _NOT_PLAIN if any(item is _NOT_PLAIN for item in plain.values()) else plain
-    return _NOT_PLAIN
-
-
-def _uniform(batch: Any, n: int, module: nn.Module | None = None) -> bool:
-    """Whether every tensor in ``batch`` has ``n`` on dim 0 (so it can be cut and joined there), and the
-    batch is not one graph whose ``n`` examples are nodes (cutting them would cut edges)."""
-    return _rows(batch, n) and graph_adjacency(batch, n, module) is None
-
-
-def _rows(batch: Any, n: int) -> bool:
-    return all(t.ndim > 0 and t.shape[0] == n for t in tensors_of(batch))
-
-
-def _concat(batches: list[Any]) -> Any:
-    """The batches joined along dim 0, tensor by tensor, in the first batch's structure."""
-    joined = iter([_cat(list(column)) for column in zip(*map(tensors_of, batches), strict=True)])
-    return map_tensors(batches[0], lambda _: next(joined))
-
-
-def _cat(tensors: list[Tensor]) -> Tensor:
-    if any(is_sparse(t) for t in tensors):  # torch.cat joins sparse COO tensors only with each other
-        return torch.cat([t.to_sparse_coo() if is_sparse(t) else t.to_sparse() for t in tensors])
-    return torch.cat(tensors)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -38,20 +38,22 @@ from lightning_recipe.diagnostics.batch import tensors_of
 __all__ = [
     "LayerTrace",
     "LayerView",
+    "StillCause",
     "Thresholds",
-    "filter_alerts",
-    "looks_random",
-    "spectral_excess",
     "describe_layer",
+    "filter_alerts",
     "filter_images",
     "gathered",
     "layer_weights",
+    "looks_random",
     "moved_from_init",
-    "norm",
     "noise_score",
+    "norm",
     "resolve_layer",
+    "spectral_excess",
     "trace_first_layer",
     "weighted_modules",
+    "why_not_changing",
 ]
 
 #: the smallest side of a rendered filter tile, in pixels: 3x3 kernels are scaled up to be seen
@@ -399,3 +401,26 @@ def filter_alerts(step: int, moved: float, score: float | None, thresholds: Thre
     ):
         kinds.append("noisy")
     return kinds
+
+
+@dataclass(frozen=True)
+class StillCause:
+    """Why a first layer does not move: ``kind`` is ``"frozen"`` (requires_grad=False), ``"not_in_optimizer"``,
+    ``"no_gradient"`` (nothing reaches it) or ``"small_updates"`` (then ``lrs``: the learning rates of its
+    parameter groups)."""
+
+    kind: Literal["frozen", "not_in_optimizer", "no_gradient", "small_updates"]
+    lrs: tuple[float | None, ...] = ()
+
+
+def why_not_changing(weights: Sequence[Tensor], optimizers: Sequence[torch.optim.Optimizer]) -> StillCause:
+    """The first of the reasons a layer with ``weights`` does not move that holds, in the order a user checks."""
+    if not any(w.requires_grad for w in weights):
+        return StillCause("frozen")
+    ids = {id(w) for w in weights}
+    groups = [group for optimizer in optimizers for group in optimizer.param_groups]
+    if not any(id(p) in ids for group in groups for p in group["params"]):
+        return StillCause("not_in_optimizer")
+    if all(w.grad is None or not bool(torch.any(w.grad != 0)) for w in weights):
+        return StillCause("no_gradient")
+    return StillCause("small_updates", tuple(g.get("lr") for g in groups if any(id(p) in ids for p in g["params"])))
