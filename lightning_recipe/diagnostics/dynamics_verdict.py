@@ -4,6 +4,35 @@ The numbers of each evaluation (loss, accuracy, churn, jitter) come from
 :mod:`lightning_recipe.diagnostics.prediction_dynamics`; this module decides on a window of them, as a typed cause
 (:data:`DynamicsCause`) with its evidence. The callback words it.
 
+The rules of :func:`judge`, on the last ``window`` evaluations:
+
+Thrashing is a wobble that persists and is larger than noise at this many examples, all three of:
+
+- *sustained*: past ``warmup_steps``, at least half of the window's evaluations (more than half for
+  regression, which has no labels to count flips of) wobble: p(true class) moved
+  by ``thrash_jitter`` or more on average, or at least ``thrash_churn`` of the labels flipped at once, more
+  than chance allows at that one evaluation (a language model at its entropy floor flips 5-10% of its
+  near-tie positions at every evaluation with p(true class) still: that is not thrashing; a learning rate
+  too high flips a large share in unison, again and again; one bad step, e.g. an Adam spike on a converged
+  model, moves one evaluation and its way back the next);
+- *significant* (classification): the predicted labels that flipped over the window are more than a
+  settled model flips by chance (:func:`flips_beyond_chance`: a binomial null with ``flip_rate`` per label
+  per evaluation, level ``alpha``), so 3 flips among 12 examples are not read as thrashing;
+- *stalled and jumping* (needs up to ``2 * window + 1`` evaluations for the trend; fewer are fine):
+  the loss did not improve by ``improvement`` (relative) from the start of the window
+  to its end (each end the mean of two evaluations, so one lucky evaluation does not decide), and it jumps:
+  its mean change between evaluations is at least ``loss_jump`` of its mean over the window. Early training
+  moves predictions a lot too, but there the loss falls; a model at its noise floor (a language model at
+  the entropy of its data: p(true class) moves ~0.05 per evaluation under AdamW's minibatch noise) keeps a
+  steady loss (changes of 1-2%), a learning rate too high makes it jump (9-65% on the MLP at Adam 0.3). An
+  evaluation that sets the run's best loss is never stalled (a transformer that learns in spikes: 0.28,
+  1.19, then 0.007), nor one whose median loss over the window is below ``TRENDING`` (1/4) of the median of
+  the evaluations before it (a jumpy run still on its way down).
+
+Frozen: ``window_movement`` (:func:`~lightning_recipe.diagnostics.prediction_dynamics.movement` between the outputs ``window`` evaluations ago and now) is
+below ``frozen_movement`` and the loss never improved by ``improvement`` over the whole run (a model
+that learnt and then settled, e.g. at the end of a cosine schedule, is not frozen).
+
 >>> history = [Evaluation(step=10 * i, loss=1.0, accuracy=None, churn=None, jitter=0.0) for i in range(5)]
 >>> judge(history, 1e-6, window=4, warmup_steps=0, thrash_jitter=0.05, frozen_movement=5e-3).kind
 'frozen'
@@ -104,34 +133,7 @@ def judge(
     thrash_churn: float = 0.25,
     loss_jump: float = 0.05,
 ) -> DynamicsVerdict:
-    """Decide on the last ``window`` evaluations of ``history``.
-
-    Thrashing is a wobble that persists and is larger than noise at this many examples, all three of:
-
-    - *sustained*: past ``warmup_steps``, at least half of the window's evaluations (more than half for
-      regression, which has no labels to count flips of) wobble: p(true class) moved
-      by ``thrash_jitter`` or more on average, or at least ``thrash_churn`` of the labels flipped at once, more
-      than chance allows at that one evaluation (a language model at its entropy floor flips 5-10% of its
-      near-tie positions at every evaluation with p(true class) still: that is not thrashing; a learning rate
-      too high flips a large share in unison, again and again; one bad step, e.g. an Adam spike on a converged
-      model, moves one evaluation and its way back the next);
-    - *significant* (classification): the predicted labels that flipped over the window are more than a
-      settled model flips by chance (:func:`flips_beyond_chance`: a binomial null with ``flip_rate`` per label
-      per evaluation, level ``alpha``), so 3 flips among 12 examples are not read as thrashing;
-    - *stalled and jumping* (needs up to ``2 * window + 1`` evaluations for the trend; fewer are fine):
-      the loss did not improve by ``improvement`` (relative) from the start of the window
-      to its end (each end the mean of two evaluations, so one lucky evaluation does not decide), and it jumps:
-      its mean change between evaluations is at least ``loss_jump`` of its mean over the window. Early training
-      moves predictions a lot too, but there the loss falls; a model at its noise floor (a language model at
-      the entropy of its data: p(true class) moves ~0.05 per evaluation under AdamW's minibatch noise) keeps a
-      steady loss (changes of 1-2%), a learning rate too high makes it jump (9-65% on the MLP at Adam 0.3). An
-      evaluation that sets the run's best loss is never stalled (a transformer that learns in spikes: 0.28,
-      1.19, then 0.007), nor one whose median loss over the window is below ``TRENDING`` (1/4) of the median of
-      the evaluations before it (a jumpy run still on its way down).
-
-    Frozen: ``window_movement`` (:func:`movement` between the outputs ``window`` evaluations ago and now) is
-    below ``frozen_movement`` and the loss never improved by ``improvement`` over the whole run (a model
-    that learnt and then settled, e.g. at the end of a cosine schedule, is not frozen).
+    """Decide on the last ``window`` evaluations of ``history``: the rules are in the module's docstring.
 
     ``window_movement`` may be a function that computes it: it is then called only when the frozen verdict
     needs it (the loss never improved), so a run that learns never pays for it. ``first_loss`` and
