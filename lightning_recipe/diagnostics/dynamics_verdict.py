@@ -29,8 +29,8 @@ Thrashing is a wobble that persists and is larger than noise at this many exampl
   1.19, then 0.007), nor one whose median loss over the window is below ``TRENDING`` (1/4) of the median of
   the evaluations before it (a jumpy run still on its way down).
 
-Frozen: ``window_movement`` (:func:`~lightning_recipe.diagnostics.prediction_dynamics.movement` between the outputs ``window`` evaluations ago and now) is
-below ``frozen_movement`` and the loss never improved by ``improvement`` over the whole run (a model
+Frozen: ``window_movement`` (:func:`~lightning_recipe.diagnostics.prediction_dynamics.movement` between the
+outputs ``window`` evaluations ago and now) is below ``frozen_movement`` and the loss never improved by ``improvement`` over the whole run (a model
 that learnt and then settled, e.g. at the end of a cosine schedule, is not frozen).
 
 >>> history = [Evaluation(step=10 * i, loss=1.0, accuracy=None, churn=None, jitter=0.0) for i in range(5)]
