@@ -30,8 +30,9 @@ Thrashing is a wobble that persists and is larger than noise at this many exampl
   the evaluations before it (a jumpy run still on its way down).
 
 Frozen: ``window_movement`` (:func:`~lightning_recipe.diagnostics.prediction_dynamics.movement` between the
-outputs ``window`` evaluations ago and now) is below ``frozen_movement`` and the loss never improved by ``improvement`` over the whole run (a model
-that learnt and then settled, e.g. at the end of a cosine schedule, is not frozen).
+outputs ``window`` evaluations ago and now) is below ``frozen_movement`` and the loss never improved by
+``improvement`` over the whole run (a model that learnt and then settled, e.g. at the end of a cosine schedule,
+is not frozen).
 
 >>> history = [Evaluation(step=10 * i, loss=1.0, accuracy=None, churn=None, jitter=0.0) for i in range(5)]
 >>> judge(history, 1e-6, window=4, warmup_steps=0, thrash_jitter=0.05, frozen_movement=5e-3).kind
