@@ -22,7 +22,7 @@ from lightning_recipe._args import check_int, check_positive
 from lightning_recipe.callbacks._data import fresh_pass_refusal, loader_generators, own_copy, peek_batches
 from lightning_recipe.callbacks._errors import CheckSkipped
 from lightning_recipe.callbacks._monitor import Monitor
-from lightning_recipe.diagnostics.batch import BatchNotUnderstood, ForwardFn, InputsFn, TargetsFn, tensors_of
+from lightning_recipe.diagnostics.batch import BatchNotUnderstood, ForwardFn, InputsFn, TargetsFn
 from lightning_recipe.diagnostics.compiled import eager
 from lightning_recipe.diagnostics.first_layer import (
     LayerTrace,
@@ -43,6 +43,7 @@ from lightning_recipe.diagnostics.first_layer import (
     weighted_modules,
 )
 from lightning_recipe.diagnostics.state import RngState, attributes_preserved
+from lightning_recipe.diagnostics.walk import tensors_of
 from lightning_recipe.report import RecipeWarning
 
 __all__ = ["FirstLayerVisualizer"]

@@ -19,16 +19,8 @@ from lightning_recipe._args import check_choice, check_fraction, check_int, chec
 from lightning_recipe.callbacks._data import fresh_pass_refusal, loader_generators, own_copy, peek_batches
 from lightning_recipe.callbacks._monitor import Monitor
 from lightning_recipe.callbacks._preflight import CheckContext, CheckSkipped, silenced_logging
-from lightning_recipe.diagnostics.batch import (
-    ForwardFn,
-    InputsFn,
-    TargetsFn,
-    graph_adjacency,
-    is_sparse,
-    map_tensors,
-    slice_batch,
-    tensors_of,
-)
+from lightning_recipe.diagnostics.alignment import Alignment
+from lightning_recipe.diagnostics.batch import ForwardFn, InputsFn, TargetsFn
 from lightning_recipe.diagnostics.compiled import eager
 from lightning_recipe.diagnostics.prediction_dynamics import (
     SETTLED_FLIP_RATE,
@@ -41,8 +33,10 @@ from lightning_recipe.diagnostics.prediction_dynamics import (
     movement,
     snapshot,
 )
+from lightning_recipe.diagnostics.sparse import graph_adjacency, is_sparse, slice_batch
 from lightning_recipe.diagnostics.state import RngState, attributes_preserved, preserved
-from lightning_recipe.diagnostics.task import TASKS, Alignment
+from lightning_recipe.diagnostics.task import TASKS
+from lightning_recipe.diagnostics.walk import map_tensors, tensors_of
 
 __all__ = ["PredictionDynamicsLogger"]
 
