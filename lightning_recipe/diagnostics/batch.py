@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NoReturn
 
 from torch import Tensor, nn
 
@@ -176,53 +176,59 @@ class BatchAdapter:
         as a ``forward(self, batch)`` wants), or, for a module without ``forward`` that wraps one model, one that
         calls that model (:class:`ChildForward`). Raises :class:`BatchNotUnderstood` naming the arguments to pass
         when neither works. Runs the model once or twice: call it under ``torch.no_grad()`` on a snapshot."""
-        guessed = self.inputs is default_inputs and self.forward is default_forward
+        guessed = self._guessed
         first: Exception | None = None
         inputs = None
         try:
             inputs = self.get_inputs(batch)
-            if not guessed or self._per_example(self.predict(module, inputs), batch):
+            if not guessed or self._predicts_each_example(self.predict(module, inputs), batch):
                 return self
-        except BatchNotUnderstood as error:
-            first = error
         except Exception as error:  # noqa: BLE001 - the user's forward on what we guessed it takes
             first = error
-        if guessed and (by_name := self._by_signature(module, batch)) is not None:
-            # `forward(self, x, adj)` fed from `(x, adj, y, ...)`, or `forward(self, x, adj)` from a dict
-            # with those keys: the batch entries the signature names are the inputs
-            try:
-                if by_name._per_example(by_name.predict(module, by_name.get_inputs(batch)), batch):
-                    return by_name
-            except Exception:  # noqa: BLE001 - the first error is the one worth reporting
-                pass
-        if guessed and not isinstance(batch, Tensor):
-            whole = replace(self, inputs=whole_batch, forward=call_with_batch)
-            try:
-                if self._per_example(whole.predict(module, batch), batch):
-                    return whole
-            except Exception:  # noqa: BLE001 - the first error is the one worth reporting
-                pass
+        if guessed:
+            for other in self._other_readings(module, batch, first):
+                if other._runs_on(module, batch):
+                    return other
         if first is None:
             return self  # odd outputs from the default call, and no better reading: leave it to the check
-        child = _sole_model(module) if guessed and isinstance(first, NotImplementedError) else None
+        self._raise_not_understood(first, inputs, batch)
+
+    @property
+    def _guessed(self) -> bool:
+        """Whether ``inputs=`` and ``forward=`` were left to their defaults, so the reading is ours to change."""
+        return self.inputs is default_inputs and self.forward is default_forward
+
+    def _other_readings(self, module: nn.Module, batch: Any, first: Exception | None) -> Iterator[BatchAdapter]:
+        """The readings of ``batch`` to try when the default one failed (``first`` is its error) or returned no
+        prediction per example, most specific first; each is built only when the one before it did not fit."""
+        by_name = self._by_signature(module, batch)
+        if by_name is not None:
+            # `forward(self, x, adj)` fed from `(x, adj, y, ...)`, or `forward(self, x, adj)` from a dict
+            # with those keys: the batch entries the signature names are the inputs
+            yield by_name
+        if not isinstance(batch, Tensor):
+            yield replace(self, inputs=whole_batch, forward=call_with_batch)
+        child = _sole_model(module) if isinstance(first, NotImplementedError) else None
         if child is not None:
             # a LightningModule without `forward` that wraps one model (`self.model(**batch)` in training_step,
             # as Hugging Face users write it): call that model, with the whole dict batch first (attention
             # masks included), then with the input alone
-            candidates = [ChildForward(child, whole=True)] if isinstance(batch, Mapping) else []
-            for forward in [*candidates, ChildForward(child, whole=False)]:
-                adapter = (
-                    replace(self, inputs=whole_batch, forward=forward)
-                    if forward.whole
-                    else replace(self, forward=forward)
-                )
-                try:
-                    if self._per_example(adapter.predict(module, adapter.get_inputs(batch)), batch):
-                        return adapter
-                except Exception:  # noqa: BLE001 - the first error is the one worth reporting
-                    pass
+            if isinstance(batch, Mapping):
+                yield replace(self, inputs=whole_batch, forward=ChildForward(child, whole=True))
+            yield replace(self, forward=ChildForward(child, whole=False))
+
+    def _runs_on(self, module: nn.Module, batch: Any) -> bool:
+        """Whether the model, called through this adapter on ``batch``, returns a prediction per example."""
+        try:
+            return self._predicts_each_example(self.predict(module, self.get_inputs(batch)), batch)
+        except Exception:  # noqa: BLE001 - the first error is the one worth reporting
+            return False
+
+    def _raise_not_understood(self, first: Exception, inputs: Inputs, batch: Any) -> NoReturn:
+        """Raise what the default reading of ``batch`` met, naming the arguments that would tell us more."""
         if isinstance(first, BatchNotUnderstood):
             raise first
+        guessed = self._guessed
         tried = f"`module(x)` with x = {_describe(inputs)}" if guessed else "your `inputs=` / `forward=`"
         also = " and `module(batch)` with the whole batch" if guessed and not isinstance(batch, Tensor) else ""
         raise BatchNotUnderstood(
@@ -254,7 +260,7 @@ class BatchAdapter:
             return replace(self, inputs=_Keys(named))
         return None
 
-    def _per_example(self, output: Tensor, batch: Any) -> bool:
+    def _predicts_each_example(self, output: Tensor, batch: Any) -> bool:
         """Whether ``output`` can hold one prediction per example: a dimension of the targets' batch size,
         or flattened rows (``(N*T, ...)``). A forward that took a guessed input and still ran can return
         something else (``batch[0]`` of a tensor is its first row)."""
