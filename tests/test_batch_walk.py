@@ -1,4 +1,4 @@
-"""One walk over nested batches and outputs (`diagnostics.batch.map_tensors` / `tensors_of`): every container kind
+"""One walk over nested batches and outputs (`diagnostics.walk.map_tensors` / `tensors_of`): every container kind
 a user's batch comes in, the same order for listing and rebuilding, and a dataclass batch through all six
 components in a real `fit`."""
 
@@ -18,14 +18,9 @@ import lightning_recipe
 from lightning_recipe import CheckStatus
 from lightning_recipe.callbacks._fixed_batch import _concat, _rows
 from lightning_recipe.callbacks.overfit_one_batch import _take
-from lightning_recipe.diagnostics.batch import (
-    default_inputs,
-    default_targets,
-    first_tensor,
-    map_tensors,
-    slice_batch,
-    tensors_of,
-)
+from lightning_recipe.diagnostics.batch import default_inputs, default_targets
+from lightning_recipe.diagnostics.sparse import slice_batch
+from lightning_recipe.diagnostics.walk import first_tensor, map_tensors, tensors_of
 from tests.models import MLPClassifier, cluster_data, trainer
 
 Pair = namedtuple("Pair", ["x", "y"])

@@ -17,10 +17,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_recipe import CheckStatus, OverfitOneBatch, RecipeCheckError, RecipeWarning
 from lightning_recipe.callbacks._overfit_text import TEXT, wording
 from lightning_recipe.diagnostics.dependence import output_dependence
+from lightning_recipe.diagnostics.labels import decode_predictions, looks_like_probabilities
 from lightning_recipe.diagnostics.overfit import Attempt, OverfitEvidence, overfit_batch
 from lightning_recipe.diagnostics.overfit_cause import Cause, OutputFacts, diagnose
 from lightning_recipe.diagnostics.state import TrainingState
-from lightning_recipe.diagnostics.task import decode_predictions, looks_like_probabilities
 from tests.ddp import run_ddp
 from tests.models import MLPClassifier, cluster_data, loader, trainer
 from tests.tensorboard import read_events
@@ -542,7 +542,7 @@ def test_ddp_double_softmax_fails_on_both_ranks_without_hanging(tmp_path):
 
 
 def test_conflicting_labels_marks_identical_inputs_with_different_labels():
-    from lightning_recipe.diagnostics.task import conflicting_labels
+    from lightning_recipe.diagnostics.labels import conflicting_labels
 
     x = torch.tensor([[1.0, 2.0], [1.0, 2.0], [3.0, 4.0], [3.0, 4.0]])
     assert conflicting_labels(x, torch.tensor([0, 1, 0, 0])).tolist() == [True, True, False, False]

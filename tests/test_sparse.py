@@ -29,8 +29,10 @@ from lightning_recipe import (
 from lightning_recipe.callbacks._fixed_batch import _concat, _uniform
 from lightning_recipe.callbacks.init_loss_check import _input_stats
 from lightning_recipe.callbacks.overfit_one_batch import _take
-from lightning_recipe.diagnostics.batch import (
-    BatchAdapter,
+from lightning_recipe.diagnostics.batch import BatchAdapter
+from lightning_recipe.diagnostics.labels import conflicting_labels
+from lightning_recipe.diagnostics.leakage import LeakageNotApplicable, probe_batch_leakage
+from lightning_recipe.diagnostics.sparse import (
     all_finite,
     examples_in_loss,
     graph_adjacency,
@@ -39,9 +41,7 @@ from lightning_recipe.diagnostics.batch import (
     take_along,
     value_stats,
 )
-from lightning_recipe.diagnostics.leakage import LeakageNotApplicable, probe_batch_leakage
 from lightning_recipe.diagnostics.state import preserved
-from lightning_recipe.diagnostics.task import conflicting_labels
 from tests.graph_models import (
     GCN,
     EdgeListGCN,

@@ -1,6 +1,7 @@
-"""Task reading in one place (diagnostics/task.py): which target each output position is trained towards, read
-from the gradient of the user's own loss, and every check reading next-token training the same way whether the
-shift is in the batch or inside the model (the Hugging Face / litgpt ``labels = input_ids`` convention)."""
+"""Task reading in one place (diagnostics/task.py, labels.py, alignment.py): which target each output position is
+trained towards, read from the gradient of the user's own loss, and every check reading next-token training the
+same way whether the shift is in the batch or inside the model (the Hugging Face / litgpt ``labels = input_ids``
+convention)."""
 
 from __future__ import annotations
 
@@ -15,16 +16,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_recipe import BatchLeakageProbe, InitLossCheck, OverfitOneBatch, RecipeCheckError, RecipeWarning
-from lightning_recipe.diagnostics.task import (
+from lightning_recipe.diagnostics.alignment import (
     Alignment,
-    conflicting_labels,
-    decode_predictions,
     gradient_at_outputs,
-    is_probabilities,
     may_shift,
     read_alignment,
     trained_classes,
 )
+from lightning_recipe.diagnostics.labels import conflicting_labels, decode_predictions
+from lightning_recipe.diagnostics.task import is_probabilities
 from tests.models import trainer
 from tests.zoo import CausalLM
 

@@ -17,9 +17,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from lightning_recipe.diagnostics.batch import graph_adjacency, is_sparse, map_tensors, slice_batch, tensors_of
 from lightning_recipe.diagnostics.compiled import eager
+from lightning_recipe.diagnostics.sparse import graph_adjacency, is_sparse, slice_batch
 from lightning_recipe.diagnostics.state import RngState, attributes_preserved
+from lightning_recipe.diagnostics.walk import map_tensors, tensors_of
 
 __all__ = ["NOT_PLAIN", "evaluating", "first_examples", "plain_on_host", "val_loader"]
 

@@ -10,8 +10,8 @@ from torch import Tensor
 
 from lightning_recipe import _logging
 from lightning_recipe.callbacks._preflight import CheckContext
+from lightning_recipe.diagnostics.labels import decode_predictions
 from lightning_recipe.diagnostics.overfit import OverfitEvidence
-from lightning_recipe.diagnostics.task import decode_predictions
 
 __all__ = ["details", "log_run"]
 

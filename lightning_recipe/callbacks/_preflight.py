@@ -38,10 +38,10 @@ from lightning_recipe.callbacks._data import (
     own_copy,
 )
 from lightning_recipe.callbacks._errors import CheckSkipped, NoLoss, UserCodeError, user_code_location
+from lightning_recipe.diagnostics.alignment import Alignment, gradient_at_outputs, may_shift, read_alignment
 from lightning_recipe.diagnostics.batch import BatchAdapter, BatchNotUnderstood, ForwardFn, InputsFn, TargetsFn
 from lightning_recipe.diagnostics.compiled import eager
 from lightning_recipe.diagnostics.state import ModuleAttributes, preserved
-from lightning_recipe.diagnostics.task import Alignment, gradient_at_outputs, may_shift, read_alignment
 from lightning_recipe.report import CheckResult, CheckStatus, RecipeCheckError, RecipeWarning, jsonable
 
 __all__ = [
@@ -103,8 +103,8 @@ class CheckContext:
 
     def alignment(self, batch: Any) -> Alignment | None:
         """Which target each output position of ``batch`` is trained towards, read from the gradient of the
-        user's own loss (:func:`~lightning_recipe.diagnostics.task.read_alignment`): next-token training with the
-        shift inside the model (``labels = input_ids``), labels shifted twice. ``None`` when the loss is not a
+        user's own loss (:func:`~lightning_recipe.diagnostics.alignment.read_alignment`): next-token training with
+        the shift inside the model (``labels = input_ids``), labels shifted twice. ``None`` when the loss is not a
         classification loss over integer targets, or ``training_step`` cannot be called (manual optimization).
         Runs ``training_step`` once with gradients (none written to ``.grad``); the caller's snapshot restores
         what it changes."""

@@ -24,7 +24,7 @@ from lightning_recipe.callbacks._errors import CheckSkipped
 from lightning_recipe.callbacks._first_layer_text import cause_text, frozen_note, noisy_text, not_changing_text
 from lightning_recipe.callbacks._monitor import Monitor
 from lightning_recipe.callbacks._schedule import AnyOf, Every
-from lightning_recipe.diagnostics.batch import BatchNotUnderstood, ForwardFn, InputsFn, TargetsFn, tensors_of
+from lightning_recipe.diagnostics.batch import BatchNotUnderstood, ForwardFn, InputsFn, TargetsFn
 from lightning_recipe.diagnostics.compiled import eager
 from lightning_recipe.diagnostics.first_layer import (
     LayerTrace,
@@ -46,6 +46,7 @@ from lightning_recipe.diagnostics.first_layer import (
     why_not_changing,
 )
 from lightning_recipe.diagnostics.state import RngState, attributes_preserved
+from lightning_recipe.diagnostics.walk import tensors_of
 from lightning_recipe.report import RecipeWarning
 
 __all__ = ["FirstLayerVisualizer"]

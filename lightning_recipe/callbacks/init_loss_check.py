@@ -18,20 +18,16 @@ from typing_extensions import override
 from lightning_recipe import _logging
 from lightning_recipe._args import check_choice, check_int, check_integer
 from lightning_recipe.callbacks._preflight import CheckContext, CheckSkipped, PreflightCheck, shifted_twice_text
+from lightning_recipe.diagnostics.alignment import Alignment
 from lightning_recipe.diagnostics.batch import (
     BatchNotUnderstood,
     ChildForward,
     ForwardFn,
     InputsFn,
     TargetsFn,
-    all_finite,
     default_forward,
     default_targets,
-    first_tensor,
-    is_sparse,
     select_output,
-    tensors_of,
-    value_stats,
 )
 from lightning_recipe.diagnostics.init_loss import (
     CONSISTENT_RATIO,
@@ -49,7 +45,9 @@ from lightning_recipe.diagnostics.init_loss import (
     references,
     standard_loss,
 )
-from lightning_recipe.diagnostics.task import IGNORE_INDEX, TASKS, Alignment, TaskNotInferred, TaskView, is_binary
+from lightning_recipe.diagnostics.sparse import all_finite, is_sparse, value_stats
+from lightning_recipe.diagnostics.task import IGNORE_INDEX, TASKS, TaskNotInferred, TaskView, is_binary
+from lightning_recipe.diagnostics.walk import first_tensor, tensors_of
 from lightning_recipe.report import CheckResult
 
 __all__ = ["InitLossCheck"]

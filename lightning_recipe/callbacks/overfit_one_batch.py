@@ -14,20 +14,11 @@ from lightning_recipe.callbacks._overfit_report import details, log_run
 from lightning_recipe.callbacks._overfit_text import wording
 from lightning_recipe.callbacks._preflight import CheckContext, CheckSkipped, PreflightCheck, shifted_twice_text
 from lightning_recipe.callbacks.init_loss_check import InitLossCheck
-from lightning_recipe.diagnostics.batch import (
-    BatchNotUnderstood,
-    ForwardFn,
-    InputsFn,
-    TargetsFn,
-    batch_size_of,
-    examples_in_loss,
-    graph_adjacency,
-    map_tensors,
-    take_along,
-    tensors_of,
-)
+from lightning_recipe.diagnostics.alignment import Alignment
+from lightning_recipe.diagnostics.batch import BatchNotUnderstood, ForwardFn, InputsFn, TargetsFn, batch_size_of
 from lightning_recipe.diagnostics.dependence import output_dependence
 from lightning_recipe.diagnostics.init_loss import loss_floor
+from lightning_recipe.diagnostics.labels import Decoded, decode_predictions
 from lightning_recipe.diagnostics.overfit import (
     DEFAULT_LOSS_FRACTION,
     DEFAULT_LRS,
@@ -36,13 +27,10 @@ from lightning_recipe.diagnostics.overfit import (
     overfit_batch,
 )
 from lightning_recipe.diagnostics.overfit_cause import Cause, OutputFacts, diagnose
+from lightning_recipe.diagnostics.sparse import examples_in_loss, graph_adjacency, take_along
 from lightning_recipe.diagnostics.state import TrainingState
-from lightning_recipe.diagnostics.task import (
-    IGNORE_INDEX,
-    Alignment,
-    Decoded,
-    decode_predictions,
-)
+from lightning_recipe.diagnostics.task import IGNORE_INDEX
+from lightning_recipe.diagnostics.walk import map_tensors, tensors_of
 from lightning_recipe.report import CheckResult
 
 __all__ = ["OverfitOneBatch"]

@@ -19,16 +19,13 @@ from lightning_recipe.callbacks._dynamics_text import cause_text, non_finite_tex
 from lightning_recipe.callbacks._fixed_batch import NOT_PLAIN, evaluating, first_examples, plain_on_host, val_loader
 from lightning_recipe.callbacks._monitor import Monitor
 from lightning_recipe.callbacks._preflight import CheckContext, CheckSkipped, silenced_logging
-from lightning_recipe.diagnostics.batch import (
-    ForwardFn,
-    InputsFn,
-    TargetsFn,
-)
+from lightning_recipe.diagnostics.alignment import Alignment
+from lightning_recipe.diagnostics.batch import ForwardFn, InputsFn, TargetsFn
 from lightning_recipe.diagnostics.compiled import eager
 from lightning_recipe.diagnostics.dynamics_verdict import Evaluation, judge
 from lightning_recipe.diagnostics.prediction_dynamics import OutputReading, Snapshot, churn, jitter, movement, snapshot
 from lightning_recipe.diagnostics.state import RngState, preserved
-from lightning_recipe.diagnostics.task import TASKS, Alignment
+from lightning_recipe.diagnostics.task import TASKS
 
 __all__ = ["PredictionDynamicsLogger"]
 

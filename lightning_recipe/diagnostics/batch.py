@@ -1,42 +1,35 @@
 """Understanding a user's batch: what goes into the model, what the target is, what comes out.
 
 Every check and monitor accepts the same three keyword arguments, ``inputs=``, ``targets=`` and
-``forward=``; this module holds their defaults and the one error that names the argument to pass.
+``forward=``; this module holds their defaults, the :class:`BatchAdapter` that bundles them (and, when they were
+left to their defaults, finds a reading of the batch the model accepts), and the one error that names the
+argument to pass. Walking the tensors inside a batch is :mod:`lightning_recipe.diagnostics.walk`'s; reading
+sparse tensors and graph batches is :mod:`lightning_recipe.diagnostics.sparse`'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NoReturn
 
-import torch
 from torch import Tensor, nn
+
+from lightning_recipe.diagnostics.sparse import is_sparse
+from lightning_recipe.diagnostics.walk import first_tensor
 
 __all__ = [
     "BatchAdapter",
     "BatchNotUnderstood",
     "ChildForward",
-    "all_finite",
-    "call_with_batch",
     "batch_size_of",
+    "call_with_batch",
     "default_forward",
     "default_inputs",
     "default_targets",
-    "examples_in_loss",
-    "first_tensor",
-    "graph_adjacency",
-    "held_tensors",
-    "is_edge_list",
-    "is_sparse",
-    "map_tensors",
     "select_output",
-    "slice_batch",
-    "take_along",
-    "tensors_of",
-    "value_stats",
     "whole_batch",
 ]
 
@@ -134,59 +127,6 @@ def select_output(outputs: Any) -> Tensor:
     )
 
 
-# -- the one walk over nested batches and outputs ----------------------------------------------------
-#
-# Every part of the package that looks inside a batch, the model's inputs or its outputs goes through
-# `map_tensors` (rebuild with each tensor replaced) or `tensors_of` (list the tensors), which walk the same
-# containers in the same order: mappings (dict, OrderedDict, Hugging Face `BatchEncoding`), namedtuples, tuples
-# and lists, and dataclasses (frozen ones too; a Hugging Face `ModelOutput` is one). Anything else is a leaf.
-
-
-def _children(value: Any) -> list[Any] | None:
-    """The items of a container, in walking order; ``None`` for a leaf."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return [getattr(value, f.name) for f in dataclasses.fields(value) if f.init]
-    if isinstance(value, Mapping):
-        return list(value.values())
-    if isinstance(value, (tuple, list)):
-        return list(value)
-    return None
-
-
-def map_tensors(value: Any, fn: Callable[[Tensor], Any]) -> Any:
-    """``value`` rebuilt with ``fn(t)`` in place of every tensor ``t``, depth first; everything but tensors and
-    the containers listed above is kept as it is."""
-    if isinstance(value, Tensor):
-        return fn(value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        changes = {f.name: map_tensors(getattr(value, f.name), fn) for f in dataclasses.fields(value) if f.init}
-        return dataclasses.replace(value, **changes)
-    if isinstance(value, Mapping):
-        items = {key: map_tensors(item, fn) for key, item in value.items()}
-        try:
-            return type(value)(items)  # type: ignore[call-arg]
-        except Exception:  # noqa: BLE001 - a mapping type that cannot be built from a dict
-            return items
-    if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
-        return type(value)(*(map_tensors(item, fn) for item in value))
-    if isinstance(value, (tuple, list)):
-        return type(value)(map_tensors(item, fn) for item in value)
-    return value
-
-
-def tensors_of(value: Any) -> list[Tensor]:
-    """Every tensor in ``value``, depth first, in the order :func:`map_tensors` visits them."""
-    if isinstance(value, Tensor):
-        return [value]
-    children = _children(value)
-    return [t for item in children for t in tensors_of(item)] if children is not None else []
-
-
-def first_tensor(value: Any) -> Tensor | None:
-    """The first tensor found in ``value``, depth first."""
-    return next(iter(tensors_of(value)), None)
-
-
 def batch_size_of(inputs: Inputs) -> int:
     """Size of the first dimension of the first tensor in ``inputs``."""
     tensor = first_tensor(inputs)
@@ -236,53 +176,59 @@ class BatchAdapter:
         as a ``forward(self, batch)`` wants), or, for a module without ``forward`` that wraps one model, one that
         calls that model (:class:`ChildForward`). Raises :class:`BatchNotUnderstood` naming the arguments to pass
         when neither works. Runs the model once or twice: call it under ``torch.no_grad()`` on a snapshot."""
-        guessed = self.inputs is default_inputs and self.forward is default_forward
+        guessed = self._guessed
         first: Exception | None = None
         inputs = None
         try:
             inputs = self.get_inputs(batch)
-            if not guessed or self._per_example(self.predict(module, inputs), batch):
+            if not guessed or self._predicts_each_example(self.predict(module, inputs), batch):
                 return self
-        except BatchNotUnderstood as error:
-            first = error
         except Exception as error:  # noqa: BLE001 - the user's forward on what we guessed it takes
             first = error
-        if guessed and (by_name := self._by_signature(module, batch)) is not None:
-            # `forward(self, x, adj)` fed from `(x, adj, y, ...)`, or `forward(self, x, adj)` from a dict
-            # with those keys: the batch entries the signature names are the inputs
-            try:
-                if by_name._per_example(by_name.predict(module, by_name.get_inputs(batch)), batch):
-                    return by_name
-            except Exception:  # noqa: BLE001 - the first error is the one worth reporting
-                pass
-        if guessed and not isinstance(batch, Tensor):
-            whole = replace(self, inputs=whole_batch, forward=call_with_batch)
-            try:
-                if self._per_example(whole.predict(module, batch), batch):
-                    return whole
-            except Exception:  # noqa: BLE001 - the first error is the one worth reporting
-                pass
+        if guessed:
+            for other in self._other_readings(module, batch, first):
+                if other._runs_on(module, batch):
+                    return other
         if first is None:
             return self  # odd outputs from the default call, and no better reading: leave it to the check
-        child = _sole_model(module) if guessed and isinstance(first, NotImplementedError) else None
+        self._raise_not_understood(first, inputs, batch)
+
+    @property
+    def _guessed(self) -> bool:
+        """Whether ``inputs=`` and ``forward=`` were left to their defaults, so the reading is ours to change."""
+        return self.inputs is default_inputs and self.forward is default_forward
+
+    def _other_readings(self, module: nn.Module, batch: Any, first: Exception | None) -> Iterator[BatchAdapter]:
+        """The readings of ``batch`` to try when the default one failed (``first`` is its error) or returned no
+        prediction per example, most specific first; each is built only when the one before it did not fit."""
+        by_name = self._by_signature(module, batch)
+        if by_name is not None:
+            # `forward(self, x, adj)` fed from `(x, adj, y, ...)`, or `forward(self, x, adj)` from a dict
+            # with those keys: the batch entries the signature names are the inputs
+            yield by_name
+        if not isinstance(batch, Tensor):
+            yield replace(self, inputs=whole_batch, forward=call_with_batch)
+        child = _sole_model(module) if isinstance(first, NotImplementedError) else None
         if child is not None:
             # a LightningModule without `forward` that wraps one model (`self.model(**batch)` in training_step,
             # as Hugging Face users write it): call that model, with the whole dict batch first (attention
             # masks included), then with the input alone
-            candidates = [ChildForward(child, whole=True)] if isinstance(batch, Mapping) else []
-            for forward in [*candidates, ChildForward(child, whole=False)]:
-                adapter = (
-                    replace(self, inputs=whole_batch, forward=forward)
-                    if forward.whole
-                    else replace(self, forward=forward)
-                )
-                try:
-                    if self._per_example(adapter.predict(module, adapter.get_inputs(batch)), batch):
-                        return adapter
-                except Exception:  # noqa: BLE001 - the first error is the one worth reporting
-                    pass
+            if isinstance(batch, Mapping):
+                yield replace(self, inputs=whole_batch, forward=ChildForward(child, whole=True))
+            yield replace(self, forward=ChildForward(child, whole=False))
+
+    def _runs_on(self, module: nn.Module, batch: Any) -> bool:
+        """Whether the model, called through this adapter on ``batch``, returns a prediction per example."""
+        try:
+            return self._predicts_each_example(self.predict(module, self.get_inputs(batch)), batch)
+        except Exception:  # noqa: BLE001 - the first error is the one worth reporting
+            return False
+
+    def _raise_not_understood(self, first: Exception, inputs: Inputs, batch: Any) -> NoReturn:
+        """Raise what the default reading of ``batch`` met, naming the arguments that would tell us more."""
         if isinstance(first, BatchNotUnderstood):
             raise first
+        guessed = self._guessed
         tried = f"`module(x)` with x = {_describe(inputs)}" if guessed else "your `inputs=` / `forward=`"
         also = " and `module(batch)` with the whole batch" if guessed and not isinstance(batch, Tensor) else ""
         raise BatchNotUnderstood(
@@ -314,7 +260,7 @@ class BatchAdapter:
             return replace(self, inputs=_Keys(named))
         return None
 
-    def _per_example(self, output: Tensor, batch: Any) -> bool:
+    def _predicts_each_example(self, output: Tensor, batch: Any) -> bool:
         """Whether ``output`` can hold one prediction per example: a dimension of the targets' batch size,
         or flattened rows (``(N*T, ...)``). A forward that took a guessed input and still ran can return
         something else (``batch[0]`` of a tensor is its first row)."""
@@ -395,176 +341,3 @@ def _describe(value: Any) -> str:
     if isinstance(value, (tuple, list)):
         return f"a {type(value).__name__} of {len(value)} ({', '.join(type(v).__name__ for v in value)})"
     return type(value).__name__
-
-
-def slice_batch(value: Any, index: Tensor | slice, batch_size: int, dim: int = 0) -> Any:
-    """Take ``index`` along ``dim`` of every tensor in ``value`` whose size there is ``batch_size``.
-
-    Sparse tensors are cut with ``index_select`` (they have no strided views). A sparse ``(N, N)`` adjacency
-    of a graph batch is cut on both dimensions, so the result is the subgraph the kept nodes induce rather
-    than a ``(k, N)`` matrix no graph layer can take."""
-
-    def cut(t: Tensor) -> Tensor:
-        if t.ndim <= dim or t.shape[dim] != batch_size:
-            return t
-        if is_sparse(t):
-            for d in (0, 1) if dim == 0 and _square_adjacency(t, batch_size) else (dim,):
-                t = take_along(t, index, d)
-            return t
-        return t[(slice(None),) * dim + (index,)]
-
-    return map_tensors(value, cut)
-
-
-# -- sparse tensors and graph batches ----------------------------------------------------------------
-#
-# A sparse tensor (``torch.sparse_coo_tensor``, CSR, ...) has no strides: basic indexing, ``narrow``, ``view``,
-# comparisons and most reductions raise NotImplementedError on it. Everything the package does to a user's
-# batch goes through the helpers below, which read and cut sparse tensors without densifying them.
-
-
-def is_sparse(t: Tensor) -> bool:
-    """Whether ``t`` has a sparse layout (COO, CSR, CSC, BSR, BSC)."""
-    return t.layout != torch.strided
-
-
-def take_along(t: Tensor, index: Tensor | slice, dim: int) -> Tensor:
-    """``t`` indexed by ``index`` along ``dim``, for strided and sparse tensors alike (sparse ones keep
-    their layout)."""
-    if not is_sparse(t):
-        return t[(slice(None),) * dim + (index,)]
-    positions = torch.arange(t.shape[dim])[index] if isinstance(index, slice) else index.reshape(-1)
-    positions = positions.to(device=t.device, dtype=torch.long)
-    if t.layout == torch.sparse_coo:
-        return t.index_select(dim, positions)
-    return t.to_sparse_coo().index_select(dim, positions).to_sparse(layout=t.layout)
-
-
-def value_stats(t: Tensor) -> dict[str, Any] | None:
-    """Mean, std, largest magnitude and finiteness of every element of ``t`` (the implicit zeros of a
-    sparse tensor included), in float64; ``None`` for a non-float or empty tensor."""
-    if not t.is_floating_point() or t.numel() == 0:
-        return None
-    t = t.detach()
-    if is_sparse(t):
-        stored = t.to_sparse_coo().coalesce().values().double().reshape(-1)
-        zeros = t.numel() - stored.numel()  # hybrid tensors store dense blocks: numel counts them
-    else:
-        stored, zeros = t.double().reshape(-1), 0
-    finite = stored[torch.isfinite(stored)]
-    count = finite.numel() + zeros
-    if count < 2:
-        return {"finite": False}
-    total = finite.sum()
-    mean = total / count
-    var = ((finite - mean).square().sum() + zeros * mean.square()) / (count - 1)
-    abs_max = finite.abs().max() if finite.numel() else torch.zeros((), dtype=torch.float64)
-    return {
-        "mean": float(mean),
-        "std": float(var.sqrt()),
-        "abs_max": float(abs_max),
-        "finite": finite.numel() == stored.numel(),
-        "sparse": is_sparse(t),
-    }
-
-
-def all_finite(value: Any) -> bool:
-    """Whether every floating tensor in ``value`` holds finite numbers only (sparse ones: their stored
-    values; the implicit zeros are finite)."""
-    for t in tensors_of(value):
-        if not t.is_floating_point():
-            continue
-        stored = t.to_sparse_coo().coalesce().values() if is_sparse(t) else t
-        if not bool(torch.isfinite(stored).all()):
-            return False
-    return True
-
-
-def _square_adjacency(t: Tensor, n: int) -> bool:
-    return t.ndim == 2 and tuple(t.shape) == (n, n)
-
-
-def held_tensors(module: nn.Module) -> list[Tensor]:
-    """The tensors a model holds besides its parameters: buffers and plain tensor attributes of every
-    submodule (code written for one fixed graph keeps the adjacency there: ``self.adj = adj``)."""
-    found: dict[int, Tensor] = {}
-    for m in module.modules():
-        for t in list(m.buffers(recurse=False)) + list(vars(m).values()):
-            if isinstance(t, Tensor) and not isinstance(t, nn.Parameter):
-                found.setdefault(id(t), t)
-    return list(found.values())
-
-
-def is_edge_list(t: Tensor, n: int) -> bool:
-    """Whether ``t`` is an edge list over ``n`` nodes, as message-passing code without an adjacency matrix
-    carries it (``edge_index``): integers of shape ``(2, E)``, every entry a node index in ``[0, n)``."""
-    return (
-        n > 2
-        and t.ndim == 2
-        and t.shape[0] == 2
-        and t.shape[1] not in (0, n)
-        and not is_sparse(t)
-        and not t.is_floating_point()
-        and t.dtype != torch.bool
-        and bool((t >= 0).all())
-        and bool((t < n).all())
-    )
-
-
-def graph_adjacency(value: Any, n: int, module: nn.Module | None = None) -> Tensor | None:
-    """The ``(n, n)`` adjacency (or ``(2, E)`` edge list) of a graph batch whose ``n`` examples are the nodes
-    of one graph, or ``None``.
-
-    A sparse ``(n, n)`` matrix in the batch, or held by ``module`` (a buffer or attribute), is one. A dense
-    one in the batch only when a feature tensor with ``n`` rows of another shape sits beside it (a lone
-    ``(n, n)`` tensor is more likely ``n`` examples of ``n`` features; a dense ``(n, n)`` buffer more likely a
-    mask). Cutting examples out of such a batch cuts edges of the graph: callers keep the graph whole, or
-    take the subgraph the kept nodes induce."""
-    tensors = tensors_of(value)
-    squares = [t for t in tensors if _square_adjacency(t, n)]
-    held = [t for t in held_tensors(module) if _square_adjacency(t, n)] if module is not None else []
-    sparse = [t for t in squares + held if is_sparse(t)]
-    if sparse:
-        return sparse[0]
-    features = [
-        t
-        for t in tensors
-        if t.ndim >= 2 and t.shape[0] == n and not _square_adjacency(t, n) and (t.is_floating_point() or is_sparse(t))
-    ]
-    if squares and features:
-        return squares[0]
-    # an edge list beside node features (message passing by `index_add` / `scatter`)
-    edges = [t for t in tensors if is_edge_list(t, n)]
-    return edges[0] if edges and features else None
-
-
-def examples_in_loss(module: nn.Module, loss_fn: Callable[[], Tensor], n: int) -> Tensor | None:
-    """Which of ``n`` examples the loss reads: ``(n,)`` bool, True where the model's output row of the
-    example receives a gradient from ``loss_fn()``. ``None`` when no output with ``n`` rows was seen.
-
-    Full-batch graph training predicts every node and computes the loss on the labelled ones only
-    (``loss(out[train_mask], y[train_mask])`` or ``out[idx_train]``): the other nodes' labels are never
-    trained on, and comparing predictions with them tells nothing about fitting. Their output rows get an
-    exactly zero gradient, whatever form the mask takes. Runs ``loss_fn`` once with a backward pass through
-    autograd (no ``.grad`` is written): call it on a snapshot."""
-    captured: list[Tensor] = []
-
-    def hook(mod: nn.Module, args: Any, out: Any) -> None:
-        t = out if isinstance(out, Tensor) else first_tensor(out)
-        if t is not None and t.requires_grad and t.ndim >= 1 and t.shape[0] == n and not is_sparse(t):
-            captured.append(t)
-
-    handles = [m.register_forward_hook(hook) for m in module.modules()]
-    try:
-        with torch.enable_grad():
-            loss = loss_fn()
-    finally:
-        for h in handles:
-            h.remove()
-    if not captured or not loss.requires_grad:
-        return None
-    output = captured[-1]  # the last module to finish: the model itself, or the one training_step called
-    (grad,) = torch.autograd.grad(loss, output, allow_unused=True)
-    if grad is None:
-        return None
-    return grad.detach().reshape(n, -1).ne(0).any(1)

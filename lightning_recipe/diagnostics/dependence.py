@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_recipe.diagnostics.batch import tensors_of
+from lightning_recipe.diagnostics.walk import tensors_of
 
 __all__ = ["NOTED_STEPS", "GradientReach", "grad_norm", "output_dependence"]
 

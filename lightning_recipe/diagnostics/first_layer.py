@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.overrides import TorchFunctionMode
 
-from lightning_recipe.diagnostics.batch import tensors_of
+from lightning_recipe.diagnostics.walk import tensors_of
 
 __all__ = [
     "LayerTrace",

@@ -13,7 +13,7 @@ from the same state; the first one that fits ends the search.
 Example::
 
     >>> import torch
-    >>> from lightning_recipe.diagnostics.task import decode_predictions
+    >>> from lightning_recipe.diagnostics.labels import decode_predictions
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
     <torch._C.Generator object at ...>
     >>> model = torch.nn.Linear(3, 2)
@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_recipe.diagnostics.dependence import Depends, GradientReach, grad_norm
-from lightning_recipe.diagnostics.task import Decoded
+from lightning_recipe.diagnostics.labels import Decoded
 
 __all__ = [
     "DEFAULT_LOSS_FRACTION",

@@ -23,8 +23,9 @@ from enum import Enum
 
 from torch import Tensor
 
+from lightning_recipe.diagnostics.labels import looks_like_probabilities
 from lightning_recipe.diagnostics.overfit import Attempt, OverfitEvidence
-from lightning_recipe.diagnostics.task import is_binary, looks_like_probabilities
+from lightning_recipe.diagnostics.task import is_binary
 
 __all__ = ["FLAT_GRADIENT", "REACH_ATOL", "REACH_RTOL", "Cause", "Diagnosis", "OutputFacts", "diagnose"]
 

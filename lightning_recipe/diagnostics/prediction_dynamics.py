@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_recipe.diagnostics.alignment import Alignment
 from lightning_recipe.diagnostics.init_loss import standard_loss
-from lightning_recipe.diagnostics.task import Alignment, TaskView, is_probabilities, task_views
+from lightning_recipe.diagnostics.task import TaskView, is_probabilities, task_views
 
 __all__ = [
     "OutputReading",

@@ -14,14 +14,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_recipe.diagnostics.batch import (
-    graph_adjacency,
-    is_edge_list,
-    is_sparse,
-    map_tensors,
-    slice_batch,
-    tensors_of,
-)
 from lightning_recipe.diagnostics.leakage.causal import causal_passes
 from lightning_recipe.diagnostics.leakage.evidence import (
     CausalPlan,
@@ -46,7 +38,9 @@ from lightning_recipe.diagnostics.leakage.passes import (
     probe_leaf,
     record,
 )
+from lightning_recipe.diagnostics.sparse import graph_adjacency, is_edge_list, is_sparse, slice_batch
 from lightning_recipe.diagnostics.task import is_int
+from lightning_recipe.diagnostics.walk import map_tensors, tensors_of
 
 __all__ = ["input_batch_dims", "probe_examples"]
 

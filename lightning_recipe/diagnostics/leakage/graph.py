@@ -19,7 +19,6 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from lightning_recipe.diagnostics.batch import held_tensors, is_edge_list, is_sparse, map_tensors, tensors_of
 from lightning_recipe.diagnostics.leakage.evidence import (
     BatchDependencies,
     CausalReading,
@@ -43,6 +42,8 @@ from lightning_recipe.diagnostics.leakage.passes import (
     probe_leaf,
     record,
 )
+from lightning_recipe.diagnostics.sparse import held_tensors, is_edge_list, is_sparse
+from lightning_recipe.diagnostics.walk import map_tensors, tensors_of
 
 __all__ = ["FoundGraph", "not_a_graph_model", "probe_graph", "read_graph"]
 

@@ -18,8 +18,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from lightning_recipe.diagnostics.batch import is_sparse
 from lightning_recipe.diagnostics.leakage.evidence import BatchDependencies, LeakageNotApplicable, Mixing, NoGradient
+from lightning_recipe.diagnostics.sparse import is_sparse
 
 __all__ = [
     "Forward",
