@@ -27,7 +27,7 @@ from lightning_recipe.diagnostics.batch import (
     tensors_of,
 )
 from lightning_recipe.diagnostics.dependence import output_dependence
-from lightning_recipe.diagnostics.init_loss import loss_floor
+from lightning_recipe.diagnostics.loss_reading import loss_floor
 from lightning_recipe.diagnostics.overfit import (
     DEFAULT_LOSS_FRACTION,
     DEFAULT_LRS,
