@@ -162,6 +162,8 @@ class InitLossCheck(PreflightCheck):
     # -- measuring ---------------------------------------------------------------------------------
     @override
     def run(self, ctx: CheckContext) -> CheckResult:
+        """Measure the loss over the batches, find the reading that explains it, and judge it: a non-finite loss
+        fails before any reading is needed, and a loss nothing explains is skipped unless ``expected=`` is given."""
         manual = not ctx.module.automatic_optimization
         seen = _Seen()
         with torch.no_grad():
@@ -241,6 +243,7 @@ class InitLossCheck(PreflightCheck):
     def _measured_details(
         self, ctx: CheckContext, seen: _Seen, readings: list[Reading], measured: float, manual: bool
     ) -> dict[str, Any]:
+        """The numbers every result carries, whatever the reading: the loss, where it came from, the inputs."""
         alignment = seen.alignment
         return {
             "alignment": asdict(alignment) if alignment.target_shift or alignment.input_shift is not None else None,
