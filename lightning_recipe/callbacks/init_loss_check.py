@@ -82,6 +82,11 @@ class _Seen:
     misread: bool = False  # the outputs have an input's size, not the targets': an autoencoder read as a classifier
     same_pass: bool = True  # every batch's outputs are the ones its loss was computed from
 
+    @property
+    def ratio(self) -> float:
+        """How close a reading must land to the measured loss: closer when the outputs are the loss's own."""
+        return CONSISTENT_RATIO if self.same_pass else SECOND_PASS_RATIO
+
 
 class InitLossCheck(PreflightCheck):
     """Measures the loss at initialisation and holds it to *chance* and the *prior-optimal* constant.
@@ -178,11 +183,11 @@ class InitLossCheck(PreflightCheck):
             view = readings[0].view if readings else None
             summary, hint = non_finite_text(non_finite_cause(all_finite(seen.first_inputs), view), measured)
             return self.failed(summary, hint, details)
-        ratio = CONSISTENT_RATIO if seen.same_pass else SECOND_PASS_RATIO
-        details["consistency_ratio"] = ratio
-        tried = list(readings)
-        reading = self._reading(readings, seen.pairs, seen.examples, measured, manual, details, ratio, tried)
+        details["consistency_ratio"] = seen.ratio
+        reading, against_inputs = self._reading(readings, seen, measured, manual)
+        details["readings"].update({f"{r.name} vs {r.against}": r.value for r in against_inputs})
         if reading is None and self.expected is None:
+            tried = readings + against_inputs
             raise CheckSkipped(unexplained(measured, tried, seen.not_inferred, seen.misread or not readings))
         return self._judge(ctx, measured, reading, seen, details)
 
@@ -296,26 +301,12 @@ class InitLossCheck(PreflightCheck):
         OverfitOneBatch asks it which targets the loss compares and how low the loss can go."""
         if not ctx.module.automatic_optimization:
             return None
+        seen = _Seen()
         with torch.no_grad():
-            measured, seen = self._loss_and_outputs(ctx, batch, 0)
-            inputs = ctx.adapter.get_inputs(batch)
-            if seen is None:
-                with ctx.autocast():
-                    seen_outputs = ctx.adapter.predict(ctx.module, inputs)
-            else:
-                seen_outputs = seen
-            examples = [int(seen_outputs.shape[0]) if seen_outputs.ndim else 1]
-            forms: list[list[tuple[str, TaskView]]] = []
-            try:
-                targets = ctx.adapter.get_targets(batch)
-                outputs, targets, _ = (ctx.alignment(batch) or Alignment()).apply(seen_outputs, targets)
-                examples = [int(targets.shape[0]) if targets.ndim else 1]
-                forms = [loss_views(outputs, targets, self.task, self.regression_loss, self.ignore_index)]
-            except (TaskNotInferred, BatchNotUnderstood):
-                pass
-        readings = loss_readings(forms, examples) if forms else []
-        ratio = CONSISTENT_RATIO if seen is not None else SECOND_PASS_RATIO
-        return self._reading(readings, [(seen_outputs, inputs)], examples, measured, False, {"readings": {}}, ratio, [])
+            if self._read_batch(ctx, batch, 0, False, seen) is not None:
+                return None  # labels shifted twice: no reading explains the loss until that is fixed
+        readings = loss_readings(seen.forms, seen.examples) if seen.forms else []
+        return self._reading(readings, seen, seen.losses[0], False)[0]
 
     def _loss_and_outputs(self, ctx: CheckContext, batch: Any, index: int) -> tuple[float, Tensor | None]:
         """The loss ``training_step`` returns on ``batch``, and the outputs that loss was computed from when
@@ -356,33 +347,26 @@ class InitLossCheck(PreflightCheck):
         return forms
 
     def _reading(
-        self,
-        readings: list[Reading],
-        seen_pairs: list[tuple[Tensor, Any]],
-        examples: list[int],
-        measured: float,
-        manual: bool,
-        details: dict[str, Any],
-        ratio: float,
-        tried: list[Reading],
-    ) -> Reading | None:
+        self, readings: list[Reading], seen: _Seen, measured: float, manual: bool
+    ) -> tuple[Reading | None, list[Reading]]:
         """The reading that explains the measured loss: against the targets first, else against an input
-        (only with the default targets). With ``expected=`` and nothing explaining the loss, ``None``."""
+        (only with the default targets); ``None`` when nothing does. Second, the readings against the inputs
+        tried on the way, for the result's details and the skip message."""
         if manual:
-            return next(r for r in readings if r.reduction == "mean")
-        found = consistent_readings(readings, measured, ratio)
+            return next(r for r in readings if r.reduction == "mean"), []
+        found = consistent_readings(readings, measured, seen.ratio)
         if found:
-            return found[0]
-        input_forms = [self._forms_against_inputs(outputs, inputs) for outputs, inputs in seen_pairs]
+            return found[0], []
+        tried: list[Reading] = []
+        input_forms = [self._forms_against_inputs(outputs, inputs) for outputs, inputs in seen.pairs]
         count = min((len(forms) for forms in input_forms), default=0)
         for i in range(count):
-            candidates = loss_readings([forms[i] for forms in input_forms], examples, against="inputs")
-            details["readings"].update({f"{r.name} vs {r.against}": r.value for r in candidates})
+            candidates = loss_readings([forms[i] for forms in input_forms], seen.examples, against="inputs")
             tried.extend(candidates)
-            found = consistent_readings(candidates, measured, ratio)
+            found = consistent_readings(candidates, measured, seen.ratio)
             if found:
-                return found[0]
-        return None
+                return found[0], tried
+        return None, tried
 
     def _log(self, ctx: CheckContext, details: dict[str, Any]) -> None:
         scalars = {
