@@ -12,7 +12,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_recipe import CheckStatus, InitLossCheck, RecipeCheckError, RecipeWarning
-from lightning_recipe.diagnostics.init_loss import assess, choose_view, output_stats, references, standard_loss
+from lightning_recipe.diagnostics.init_loss import choose_view, output_stats, references, standard_loss
+from lightning_recipe.diagnostics.init_loss_cause import judge_init_loss
 from lightning_recipe.diagnostics.task import TaskNotInferred, task_views
 from tests.ddp import run_ddp
 from tests.models import MLPClassifier, cluster_data, loader, trainer
@@ -120,13 +121,13 @@ def test_explicit_task_that_does_not_fit_the_shapes_is_explained():
         task_views(torch.zeros(6, 4), torch.arange(6) % 4, task="regression")
 
 
-def test_assess_thresholds_for_cross_entropy():
+def test_judge_init_loss_thresholds_for_cross_entropy():
     refs = references(_view(torch.zeros(40, 4), torch.arange(40) % 4))
     ln4 = math.log(4)
-    assert assess(ln4 + 0.9, "cross_entropy", refs).ok  # default init on roughly standardised inputs
-    assert assess(ln4 + 1.1, "cross_entropy", refs).reason == "above_chance"
-    assert assess(0.2, "cross_entropy", refs).reason == "below_prior"
-    assert assess(0.2, "cross_entropy", refs, expected=0.2).ok
+    assert judge_init_loss(ln4 + 0.9, "cross_entropy", refs).ok  # default init on roughly standardised inputs
+    assert judge_init_loss(ln4 + 1.1, "cross_entropy", refs).reason == "above_chance"
+    assert judge_init_loss(0.2, "cross_entropy", refs).reason == "below_prior"
+    assert judge_init_loss(0.2, "cross_entropy", refs, expected=0.2).ok
 
 
 # -- the check through a real Trainer ---------------------------------------------------------------
@@ -466,14 +467,14 @@ def test_ddp_same_verdict_on_both_ranks(tmp_path):
 
 
 def _readings(outputs, targets, examples=None):
-    from lightning_recipe.diagnostics.init_loss import loss_readings, loss_views
+    from lightning_recipe.diagnostics.loss_reading import loss_readings, loss_views
 
     n = examples if examples is not None else targets.shape[0]
     return loss_readings([loss_views(outputs, targets)], [n])
 
 
 def _explains(outputs, targets, measured):
-    from lightning_recipe.diagnostics.init_loss import consistent_readings
+    from lightning_recipe.diagnostics.loss_reading import consistent_readings
 
     found = consistent_readings(_readings(outputs, targets), measured)
     return [(r.form, r.reduction) for r in found]
@@ -561,12 +562,12 @@ def _offset_view(stds: float):
 
 @pytest.mark.parametrize(("stds", "ok", "advice"), [(0.5, True, False), (3.0, True, True), (6.0, False, False)])
 def test_target_offset_fails_only_from_five_target_stds_and_is_advice_below(stds, ok, advice):
-    from lightning_recipe.diagnostics.init_loss import OFFSET_STDS
+    from lightning_recipe.diagnostics.init_loss_cause import OFFSET_STDS
 
     view = _offset_view(stds)
     refs = references(view)
     assert refs.extra["offset_stds"] == pytest.approx(stds, rel=1e-3)
-    verdict = assess(float(standard_loss(view)), "mse", refs)
+    verdict = judge_init_loss(float(standard_loss(view)), "mse", refs)
     assert (verdict.ok, verdict.bias_advice) == (ok, advice)
     if not ok:
         assert verdict.reason == "target_offset" and verdict.limit == OFFSET_STDS
@@ -737,7 +738,7 @@ def test_regression_whose_target_mean_matters_fails_with_the_exact_bias_per_chan
 @pytest.mark.parametrize("kind", ["cross_entropy", "bce", "mse"])
 @pytest.mark.parametrize("width", [3, 100, 101, 1000])
 def test_bias_hint_reads_as_one_sentence_at_every_width(kind, width):
-    from lightning_recipe.callbacks.init_loss_check import _bias_advice, _bias_values
+    from lightning_recipe.callbacks._init_loss_text import bias_advice, bias_values
 
     g = torch.Generator().manual_seed(0)
     if kind == "cross_entropy":
@@ -746,8 +747,8 @@ def test_bias_hint_reads_as_one_sentence_at_every_width(kind, width):
         targets = (torch.rand(4 * width, width, generator=g) < 0.1).float() + (5.0 if kind == "mse" else 0.0)
     (view,) = [v for v in task_views(torch.zeros(4 * width, width), targets) if v.loss_kind == kind]
     refs = references(view)
-    phrase = _bias_values(view, refs)
-    hint = _bias_advice(view, refs, refs.chance)
+    phrase = bias_values(view, refs)
+    hint = bias_advice(view, refs, refs.chance)
     assert f"bias to {phrase}" in hint and hint.count("log class priors") <= 1
     assert "priors the" not in hint and "to the log class priors the" not in hint
     if width > 100:

@@ -614,7 +614,7 @@ class PixelAutoencoder(L.LightningModule):
 
 
 def test_a_loss_against_the_inputs_is_fitted_to_its_floor_not_to_the_unused_labels():
-    from lightning_recipe.diagnostics.init_loss import Reading, loss_floor
+    from lightning_recipe.diagnostics.loss_reading import Reading, loss_floor
     from lightning_recipe.diagnostics.task import TaskView
 
     g = torch.Generator().manual_seed(0)

@@ -17,8 +17,8 @@ from lightning_recipe.callbacks.init_loss_check import InitLossCheck
 from lightning_recipe.diagnostics.alignment import Alignment
 from lightning_recipe.diagnostics.batch import BatchNotUnderstood, ForwardFn, InputsFn, TargetsFn, batch_size_of
 from lightning_recipe.diagnostics.dependence import output_dependence
-from lightning_recipe.diagnostics.init_loss import loss_floor
 from lightning_recipe.diagnostics.labels import Decoded, decode_predictions
+from lightning_recipe.diagnostics.loss_reading import loss_floor
 from lightning_recipe.diagnostics.overfit import (
     DEFAULT_LOSS_FRACTION,
     DEFAULT_LRS,
