@@ -1,7 +1,7 @@
 """Regenerate docs/images/tensorboard.png, what the quick-start leaves in TensorBoard, from its event files.
 
-    python examples/quickstart.py --epochs 40 --logdir /tmp/readme_logs
-    python docs/make_images.py /tmp/readme_logs/quickstart/version_0
+python examples/quickstart.py --epochs 40 --logdir /tmp/readme_logs
+python docs/make_images.py /tmp/readme_logs/quickstart/version_0
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.image as mpimg  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+import matplotlib.image as mpimg
+import matplotlib.pyplot as plt
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 
 def main(log_dir: str) -> None:
@@ -31,8 +31,10 @@ def main(log_dir: str) -> None:
         ax.imshow(image(filters, index), interpolation="nearest")
         ax.set_title(f"{filters}: {title}", fontsize=9)
         ax.axis("off")
-    for ax, tag in ((axes[0, 1], "recipe/prediction_dynamics_logger/trajectories"),
-                    (axes[0, 2], "recipe/overfit_one_batch/loss_curve")):
+    for ax, tag in (
+        (axes[0, 1], "recipe/prediction_dynamics_logger/trajectories"),
+        (axes[0, 2], "recipe/overfit_one_batch/loss_curve"),
+    ):
         ax.imshow(image(tag, -1))
         ax.set_title(tag, fontsize=9)
         ax.axis("off")
@@ -41,8 +43,10 @@ def main(log_dir: str) -> None:
     axes[1, 1].axhline(-3, color="gray", linestyle="--", label="1e-3 (CS231n)")
     axes[1, 1].set(title="recipe/update_ratio_monitor/median_log10_ratio", xlabel="step")
     axes[1, 1].legend()
-    for tag, label in (("recipe/prediction_dynamics_logger/accuracy", "accuracy"),
-                       ("recipe/prediction_dynamics_logger/churn", "churn")):
+    for tag, label in (
+        ("recipe/prediction_dynamics_logger/accuracy", "accuracy"),
+        ("recipe/prediction_dynamics_logger/churn", "churn"),
+    ):
         series = events.Scalars(tag)
         axes[1, 2].plot([e.step for e in series], [e.value for e in series], marker=".", label=label)
     axes[1, 2].set(title="recipe/prediction_dynamics_logger/{accuracy, churn}", xlabel="step")
