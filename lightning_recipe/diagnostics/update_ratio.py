@@ -1,7 +1,7 @@
 """The update-to-weight ratio ``||ΔW|| / ||W||`` per parameter tensor (CS231n: "want ~1e-3"), and the window
 statistics that decide when it is out of the healthy band. No Lightning here.
 
-Measuring is two calls around an optimizer step: :func:`snapshot` copies the parameters (fp32, one fused
+Measuring is two calls around an optimizer step: :func:`copy_weights` copies the parameters (fp32, one fused
 copy), :func:`measure` compares the stepped parameters with the copy using ``torch._foreach_*`` ops and returns
 per-tensor norms. Under sharded parameters (FSDP2 ``DTensor``) each rank holds a shard: the *squared* norms are
 summed over the mesh dimensions the tensor is sharded along before the ratio is taken
@@ -11,6 +11,7 @@ summed over the mesh dimensions the tensor is sharded along before the ratio is 
 Decisions are pure functions of the measured history: :func:`median_ratio` (over weight matrices, where the
 ratio means something: biases start at zero and norm-layer gains at one, their ratios are off-scale by design),
 :func:`sustained` (a window, not one step: healthy Adam runs have single steps above 1e-2), :func:`never_moved`.
+:mod:`~lightning_recipe.diagnostics.update_ratio_cause` combines them with the monitor's thresholds into a cause.
 """
 
 from __future__ import annotations
@@ -26,8 +27,7 @@ __all__ = [
     "TARGET_RATIO",
     "UpdateRatios",
     "cancelled_biases",
-    "fmt",
-    "format_names",
+    "copy_weights",
     "gradient_squared_norms",
     "local_tensor",
     "loss_diverged",
@@ -37,7 +37,6 @@ __all__ = [
     "never_moved",
     "no_gradient",
     "reduce_squared_norms",
-    "snapshot",
     "squared_norms",
     "sustained",
 ]
@@ -55,8 +54,9 @@ def local_tensor(t: Tensor) -> Tensor:
     return t.to_local() if _is_dtensor(t) else t  # type: ignore[attr-defined]
 
 
-def snapshot(params: Sequence[Tensor]) -> list[Tensor]:
-    """fp32 copies of the (local shards of the) parameters, taken just before an optimizer step."""
+def copy_weights(params: Sequence[Tensor]) -> list[Tensor]:
+    """fp32 copies of the (local shards of the) parameters, taken just before an optimizer step: what
+    :func:`measure` compares the stepped parameters with."""
     local = [local_tensor(p).detach() for p in params]
     copies: list[Tensor | None] = [None] * len(local)
     fp32 = [i for i, t in enumerate(local) if t.dtype == torch.float32]
@@ -203,7 +203,7 @@ def cancelled_biases(
 
 
 def measure(params: Sequence[Tensor], before: Sequence[Tensor]) -> UpdateRatios:
-    """Compare the parameters now with their :func:`snapshot` from before the step; reduces across shards.
+    """Compare the parameters now with their :func:`copy_weights` from before the step; reduces across shards.
     Consumes ``before``. Waits for the device: :func:`squared_norms` is the part that does not."""
     return UpdateRatios.from_squared(squared_norms(params, before).cpu())
 
@@ -270,18 +270,3 @@ def never_moved(zero_streak: int, window: int) -> bool:
     """A parameter whose update was exactly zero on ``window`` measured steps in a row. One zero step is no
     evidence (a step skipped by the AMP grad scaler, a sparse gradient); a window of them is."""
     return window >= 1 and zero_streak >= window
-
-
-def format_names(names: Sequence[str], limit: int = 5) -> str:
-    """``a, b, c and 4 more``."""
-    names = list(names)
-    if len(names) <= limit:
-        return ", ".join(names)
-    return f"{', '.join(names[:limit])} and {len(names) - limit} more"
-
-
-def fmt(x: float) -> str:
-    """A ratio or learning rate for a message: ``3e-03``-style, readable across decades."""
-    if x == 0 or not math.isfinite(x):
-        return str(x)
-    return f"{x:.1e}"
