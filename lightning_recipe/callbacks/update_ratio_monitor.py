@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -16,22 +15,18 @@ from typing_extensions import override
 
 from lightning_recipe import _logging
 from lightning_recipe._args import check_int, check_positive
+from lightning_recipe.callbacks import _update_ratio_log as ratio_log
 from lightning_recipe.callbacks import _update_ratio_text as text
 from lightning_recipe.callbacks._monitor import Monitor
 from lightning_recipe.callbacks._schedule import Every
 from lightning_recipe.diagnostics import update_ratio as ur
 from lightning_recipe.diagnostics import update_ratio_cause as cause
 from lightning_recipe.diagnostics.batch import ForwardFn, InputsFn, TargetsFn
+from lightning_recipe.diagnostics.update_ratio import is_adaptive as _adaptive
+from lightning_recipe.diagnostics.update_ratio import start_lr as _start_lr
 from lightning_recipe.diagnostics.update_ratio_cause import EXPLODE_RATIO
 
 __all__ = ["UpdateRatioMonitor"]
-
-_LOG10_ZERO = -12.0  # where a parameter that did not move is drawn (log10 of 0 is -inf)
-_HIST_EDGES = [x / 4 for x in range(-49, 10)]  # log10 ratio from -12.25 to 2.25; fixed edges are ~6x cheaper
-
-
-def _log10(x: float) -> float:
-    return math.log10(x) if x > 0 else (_LOG10_ZERO if x == 0 else math.nan)
 
 
 @dataclass
@@ -369,7 +364,7 @@ class UpdateRatioMonitor(Monitor):
         self.measured_steps.append((watch.index, taken.step))
         reading = self._reading(watch, taken, measured, gradient_norms)
         self.last_ratios.update(zip(reading.names, reading.ratios, strict=True))
-        self._log(trainer, watch, reading.names, reading.ratios, reading.median, taken.step)
+        ratio_log.log_ratios(trainer, self.tag, self._tags, watch.index, reading)
         verdict = cause.judge(reading, self._history(watch), self._limits())
         self._remember(watch, verdict.history)
         for name, weight in verdict.cancelled.items():
@@ -427,32 +422,6 @@ class UpdateRatioMonitor(Monitor):
         message = text.message(finding, self._limits(), self.every_n_steps)
         self.alert(trainer, finding.kind, message, finding.details, key=key, step=step)
 
-    def _log(
-        self,
-        trainer: pl.Trainer,
-        watch: _OptimizerWatch,
-        names: Sequence[str],
-        ratios: Sequence[float],
-        median: float | None,
-        step: int,
-    ) -> None:
-        if trainer.global_rank != 0 or not trainer.loggers:
-            return
-        logs = [_log10(r) for r in ratios]
-        suffix = "" if watch.index == 0 else f"_optimizer{watch.index}"
-        scalars = {self._ratio_tag(n): v for n, v in zip(names, logs, strict=True) if math.isfinite(v)}
-        if median is not None:
-            scalars[self.tag(f"median_log10_ratio{suffix}")] = _log10(median)
-        finite = [min(max(v, _LOG10_ZERO), _HIST_EDGES[-1]) for v in logs if math.isfinite(v)]
-        histogram = {self.tag(f"log10_ratios{suffix}"): (finite, _HIST_EDGES)}
-        _logging.log_scalars(trainer, scalars, step, histograms=histogram)  # one event: each costs ~0.1 ms
-
-    def _ratio_tag(self, name: str) -> str:
-        tag = self._tags.get(name)
-        if tag is None:
-            tag = self._tags[name] = self.tag(f"log10_ratio/{name}")
-        return tag
-
     def _check_all_in_optimizer(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         optimized = (p for o in trainer.optimizers for g in o.param_groups for p in g["params"])
         missing = cause.not_in_optimizer(pl_module.named_parameters(), optimized)
@@ -471,17 +440,3 @@ class UpdateRatioMonitor(Monitor):
     @staticmethod
     def _lrs(optimizer: torch.optim.Optimizer) -> list[float]:
         return [float(g.get("lr", math.nan)) for g in optimizer.param_groups]
-
-
-_SECOND_MOMENTS = ("exp_avg_sq", "square_avg", "sum", "exp_inf")  # Adam(W)/NAdam/RAdam, RMSprop, Adagrad, Adamax
-
-
-def _adaptive(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether the optimizer divides its steps by a running second moment of the gradient (its state says so)."""
-    return any(key in state for state in optimizer.state.values() for key in _SECOND_MOMENTS)
-
-
-def _start_lr(group: dict[str, Any]) -> float:
-    """The learning rate the user asked for: a scheduler keeps it in ``initial_lr`` (warmup schedulers change
-    ``lr`` already when they are built)."""
-    return float(group.get("initial_lr", group.get("lr", math.nan)))

@@ -11,14 +11,16 @@ summed over the mesh dimensions the tensor is sharded along before the ratio is 
 Decisions are pure functions of the measured history: :func:`median_ratio` (over weight matrices, where the
 ratio means something: biases start at zero and norm-layer gains at one, their ratios are off-scale by design),
 :func:`sustained` (a window, not one step: healthy Adam runs have single steps above 1e-2), :func:`never_moved`.
+What the step ran under is read from the optimizer: :func:`is_adaptive`, :func:`start_lr`.
 :mod:`~lightning_recipe.diagnostics.update_ratio_cause` combines them with the monitor's thresholds into a cause.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -29,6 +31,7 @@ __all__ = [
     "cancelled_biases",
     "copy_weights",
     "gradient_squared_norms",
+    "is_adaptive",
     "local_tensor",
     "loss_diverged",
     "loss_rise",
@@ -38,6 +41,7 @@ __all__ = [
     "no_gradient",
     "reduce_squared_norms",
     "squared_norms",
+    "start_lr",
     "sustained",
 ]
 
@@ -270,3 +274,19 @@ def never_moved(zero_streak: int, window: int) -> bool:
     """A parameter whose update was exactly zero on ``window`` measured steps in a row. One zero step is no
     evidence (a step skipped by the AMP grad scaler, a sparse gradient); a window of them is."""
     return window >= 1 and zero_streak >= window
+
+
+#: the optimizer state of a running second moment: Adam(W)/NAdam/RAdam, RMSprop, Adagrad, Adamax
+_SECOND_MOMENTS = ("exp_avg_sq", "square_avg", "sum", "exp_inf")
+
+
+def is_adaptive(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer divides its steps by a running second moment of the gradient (its state says so):
+    its steps are then ~lr per entry whatever the gradient, and a large first ratio means a large learning rate."""
+    return any(key in state for state in optimizer.state.values() for key in _SECOND_MOMENTS)
+
+
+def start_lr(group: Mapping[str, Any]) -> float:
+    """The learning rate the user asked for: a scheduler keeps it in ``initial_lr`` (warmup schedulers change
+    ``lr`` already when they are built)."""
+    return float(group.get("initial_lr", group.get("lr", math.nan)))
