@@ -40,8 +40,18 @@ from lightning_recipe.diagnostics.update_ratio import (
     sustained,
 )
 
-__all__ = ["EXPLODE_RATIO", "LR_DECAYED", "Cause", "Finding", "History", "Limits", "Measurement", "Verdict"]
-__all__ += ["judge", "not_in_optimizer"]
+__all__ = [
+    "EXPLODE_RATIO",
+    "LR_DECAYED",
+    "Cause",
+    "Finding",
+    "History",
+    "Limits",
+    "Measurement",
+    "Verdict",
+    "judge",
+    "not_in_optimizer",
+]
 
 EXPLODE_RATIO = 1.0
 """In the first steps, a median update larger than the weights themselves (ratio above 1) on most of them is an
@@ -224,10 +234,13 @@ def judge(m: Measurement, history: History, limits: Limits) -> Verdict:
     """The verdict on one measured step, given the optimizer's history: non-finite values end it (the ratios of a
     diverged step say nothing more); then parameters that never move; then the learning rate, on the first steps
     and on the sustained window of regular measurements."""
-    bad = tuple(n for n, u, w in zip(m.names, m.update_norms, m.weight_norms, strict=True) if not _finite(u, w))
+    norms = zip(m.names, m.update_norms, m.weight_norms, strict=True)
+    bad = tuple(n for n, u, w in norms if not (math.isfinite(u) and math.isfinite(w)))
     if bad:
-        nan = Finding(Cause.NON_FINITE, m.step, parameters=bad, lrs=tuple(m.lrs), start_lrs=tuple(history.start_lrs))
-        return Verdict(history, (nan,))
+        diverged = Finding(
+            Cause.NON_FINITE, m.step, parameters=bad, lrs=tuple(m.lrs), start_lrs=tuple(history.start_lrs)
+        )
+        return Verdict(history, (diverged,))
     streaks, stuck, cancelled = _zero_streaks(m, history.zero_streak, limits.window)
     history = replace(history, zero_streak=streaks)
     findings = [stuck] if stuck is not None else []
@@ -237,10 +250,6 @@ def judge(m: Measurement, history: History, limits: Limits) -> Verdict:
         if m.regular:
             history = _judge_window(m, m.median, history, limits, findings)
     return Verdict(history, tuple(findings), cancelled)
-
-
-def _finite(*values: float) -> bool:
-    return all(math.isfinite(v) for v in values)
 
 
 def _zero_streaks(
