@@ -17,6 +17,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 from lightning_recipe import UpdateRatioMonitor
+from lightning_recipe.callbacks import _update_ratio_text as text
 from lightning_recipe.diagnostics import update_ratio as ur
 from tests.ddp import run_ddp, run_script
 from tests.models import MLPClassifier, cluster_data, cluster_loader, loader, trainer
@@ -32,7 +33,7 @@ ALERTS = "ignore::lightning_recipe.report.RecipeWarning"
 
 def test_known_update_gives_the_exact_ratio():
     w = torch.full((3, 4), 2.0)  # ||W|| = sqrt(12 * 4)
-    before = ur.snapshot([w])
+    before = ur.copy_weights([w])
     w[0, 0] += 0.3
     w[1, 2] -= 0.4  # ||ΔW|| = 0.5
     measured = ur.measure([w], before)
@@ -45,7 +46,7 @@ def test_foreach_ratios_equal_a_brute_force_loop():
     g = torch.Generator().manual_seed(0)
     params = [torch.randn(shape, generator=g) for shape in [(5, 3), (7,), (2, 3, 4, 4), (1,)]]
     reference_before = [p.clone() for p in params]
-    before = ur.snapshot(params)
+    before = ur.copy_weights(params)
     for p in params:
         p.add_(torch.randn(p.shape, generator=g) * 0.01)
     measured = ur.measure(params, before)
@@ -56,7 +57,7 @@ def test_foreach_ratios_equal_a_brute_force_loop():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_parameters_are_measured_in_fp32(dtype):
     p = torch.linspace(1, 2, 4096).to(dtype)
-    before = ur.snapshot([p])
+    before = ur.copy_weights([p])
     assert before[0].dtype == torch.float32
     exact_before = p.double()
     p.add_(torch.full_like(p, 2**-6))
@@ -69,7 +70,7 @@ def test_half_precision_parameters_are_measured_in_fp32(dtype):
 
 def test_non_finite_weights_or_updates_are_flagged():
     params = [torch.ones(2, 2), torch.ones(3), torch.ones(2, 2)]
-    before = ur.snapshot(params)
+    before = ur.copy_weights(params)
     params[0][0, 0] = float("nan")
     params[2][1, 1] = float("inf")
     assert ur.measure(params, before).non_finite.tolist() == [True, False, True]
@@ -101,8 +102,8 @@ def test_one_zero_update_is_no_evidence_of_a_parameter_that_never_moves():
 
 
 def test_names_are_listed_a_few_then_counted():
-    assert ur.format_names(["a", "b"]) == "a, b"
-    assert ur.format_names([f"p{i}" for i in range(8)], limit=3) == "p0, p1, p2 and 5 more"
+    assert text.format_names(["a", "b"]) == "a, b"
+    assert text.format_names([f"p{i}" for i in range(8)], limit=3) == "p0, p1, p2 and 5 more"
 
 
 # -- construction --------------------------------------------------------------------------------------------
@@ -441,7 +442,7 @@ FSDP_SCRIPT = textwrap.dedent(
         fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
         params = list(model.parameters())
         full_before = [p.full_tensor().detach().clone() for p in params]
-        before = ur.snapshot(params)
+        before = ur.copy_weights(params)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         model(torch.randn(4, 5)).square().sum().backward()
         opt.step()

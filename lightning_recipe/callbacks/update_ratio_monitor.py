@@ -15,22 +15,18 @@ from typing_extensions import override
 
 from lightning_recipe import _logging
 from lightning_recipe._args import check_int, check_positive
+from lightning_recipe.callbacks import _update_ratio_log as ratio_log
+from lightning_recipe.callbacks import _update_ratio_text as text
 from lightning_recipe.callbacks._monitor import Monitor
 from lightning_recipe.callbacks._schedule import Every
 from lightning_recipe.diagnostics import update_ratio as ur
+from lightning_recipe.diagnostics import update_ratio_cause as cause
 from lightning_recipe.diagnostics.batch import ForwardFn, InputsFn, TargetsFn
+from lightning_recipe.diagnostics.update_ratio import is_adaptive as _adaptive
+from lightning_recipe.diagnostics.update_ratio import start_lr as _start_lr
+from lightning_recipe.diagnostics.update_ratio_cause import EXPLODE_RATIO
 
 __all__ = ["UpdateRatioMonitor"]
-
-EXPLODE_RATIO = 1.0
-"""In the first steps, a median update larger than the weights themselves (ratio above 1) on most of them is an
-explosion; anything below is judged on the sustained window only."""
-_LOG10_ZERO = -12.0  # where a parameter that did not move is drawn (log10 of 0 is -inf)
-_HIST_EDGES = [x / 4 for x in range(-49, 10)]  # log10 ratio from -12.25 to 2.25; fixed edges are ~6x cheaper
-
-
-def _log10(x: float) -> float:
-    return math.log10(x) if x > 0 else (_LOG10_ZERO if x == 0 else math.nan)
 
 
 @dataclass
@@ -319,7 +315,7 @@ class UpdateRatioMonitor(Monitor):
                         regular=regular,
                         early=early,
                     )
-                    watch.pending = (taken, ur.snapshot(params))
+                    watch.pending = (taken, ur.copy_weights(params))
 
         return hook
 
@@ -357,268 +353,90 @@ class UpdateRatioMonitor(Monitor):
         measured: ur.UpdateRatios,
         gradient_norms: list[float],
     ) -> None:
-        step, params = taken.step, taken.params
+        """Read one measured step: log its ratios, judge it against the optimizer's history, and raise what the
+        verdict found."""
         if ur.no_gradient(gradient_norms, taken.has_grad):
             # `training_step` returned None (Lightning's way to skip a batch) and the optimizer stepped without
             # gradients: this step says nothing about the learning rate. Measure the next one instead.
             watch.retry = watch.retry or taken.regular
-            self.skipped_steps.append((watch.index, step))
+            self.skipped_steps.append((watch.index, taken.step))
             return
-        self.measured_steps.append((watch.index, step))
+        self.measured_steps.append((watch.index, taken.step))
+        reading = self._reading(watch, taken, measured, gradient_norms)
+        self.last_ratios.update(zip(reading.names, reading.ratios, strict=True))
+        ratio_log.log_ratios(trainer, self.tag, self._tags, watch.index, reading)
+        verdict = cause.judge(reading, self._history(watch), self._limits())
+        self._remember(watch, verdict.history)
+        for name, weight in verdict.cancelled.items():
+            self._note_cancelled(trainer, name, weight, taken.step)
+        for finding in verdict.findings:
+            self._raise(trainer, finding, key=f"optimizer{watch.index}", step=taken.step)
+
+    def _reading(
+        self, watch: _OptimizerWatch, taken: _Step, measured: ur.UpdateRatios, gradient_norms: list[float]
+    ) -> cause.Measurement:
+        """The measured step as the verdict reads it: names and plain numbers, and the median it judges."""
+        params = taken.params
         names = [self._names.get(id(p), f"optimizer{watch.index}.param{i}") for i, p in enumerate(params)]
-        updates, weights = measured.update_norms.tolist(), measured.weight_norms.tolist()
-        ratios = measured.ratios.tolist()
-        self.last_ratios.update(zip(names, ratios, strict=True))
-        median = ur.median_ratio(ratios, weights, [p.ndim >= 2 for p in params], self.min_weight_norm)
-        self._log(trainer, watch, names, ratios, median, step)
+        ratios, weights = measured.ratios.tolist(), measured.weight_norms.tolist()
+        return cause.Measurement(
+            step=taken.step,
+            names=names,
+            update_norms=measured.update_norms.tolist(),
+            weight_norms=weights,
+            ratios=ratios,
+            gradient_norms=gradient_norms,
+            has_grad=taken.has_grad,
+            param_lrs=taken.param_lrs,
+            lrs=taken.lrs,
+            median=ur.median_ratio(ratios, weights, [p.ndim >= 2 for p in params], self.min_weight_norm),
+            early=taken.early,
+            regular=taken.regular,
+            adaptive=taken.adaptive,
+            early_losses=tuple(self._early_losses),
+        )
 
-        finite = [math.isfinite(u) and math.isfinite(w) for u, w in zip(updates, weights, strict=True)]
-        bad = [n for n, ok in zip(names, finite, strict=True) if not ok]
-        if bad:
-            self.alert(
-                trainer,
-                "non_finite",
-                f"the weights or the update of {len(bad)} parameter tensor(s) hold NaN/Inf after the "
-                f"optimizer step: {ur.format_names(bad)} (learning rate {self._lr_text(taken.lrs, watch)}). "
-                "Expected finite values. Likely causes: a learning rate so high that training diverged, a loss "
-                "that produced NaN (log of 0, division by 0), or fp16 overflow. Fix: lower the learning rate, "
-                "clip gradients (`Trainer(gradient_clip_val=1.0)`), check the loss for log(0), or use bf16.",
-                {"parameters": bad, "step": step},
-                key=f"optimizer{watch.index}",
-                step=step,
-            )
-            return  # ratios of a diverged step say nothing more about the learning rate
+    def _limits(self) -> cause.Limits:
+        return cause.Limits(self.window, self.max_ratio, self.min_ratio, self.explode_ratio)
 
-        self._check_not_moving(trainer, watch, taken, names, updates, gradient_norms)
-        if median is None:
-            return
-        if taken.early:
-            # the first steps of a tiny model rewrite a large part of its weights by design (SGD at 0.1 on a
-            # 5-parameter regression: ratio ~0.1 for a few steps, then it converges); only an update larger
-            # than the weights themselves on most of them is an explosion worth an alert this early
-            watch.early_medians.append(median)
-            exploding = ur.sustained(watch.early_medians, self.explode_ratio, above=True, window=self.window)
-            # an adaptive optimizer's first steps are ~lr per entry whatever the gradient (Adam's first step is
-            # lr * sign(g)): there the ratio is the learning rate over the weights' scale, not a large gradient
-            overshooting = ur.sustained(watch.early_medians, self.max_ratio, above=True, window=self.window) and (
-                taken.adaptive or ur.loss_diverged(self._early_losses)
-            )
-            if exploding or overshooting:
-                self._alert_too_high(trainer, watch, taken, names, ratios, median, early=True)
-            # far too low is no normal start, unless a warm-up is still ramping the learning rate up
-            ramping = any(lr < start for lr, start in zip(taken.lrs, watch.start_lrs, strict=False))
-            if not ramping and ur.sustained(watch.early_medians, self.min_ratio, above=False, window=self.window):
-                self._alert_too_low(trainer, watch, taken, median)
-        if not taken.regular:
-            return
-        watch.medians = (watch.medians + [median])[-self.window :]
-        if ur.sustained(watch.medians, self.max_ratio, above=True, window=self.window):
-            self._alert_too_high(trainer, watch, taken, names, ratios, median)
-        elif ur.sustained(watch.medians, self.min_ratio, above=False, window=self.window):
-            self._alert_too_low(trainer, watch, taken, median)
+    @staticmethod
+    def _history(watch: _OptimizerWatch) -> cause.History:
+        return cause.History(
+            start_lrs=watch.start_lrs,
+            steps=watch.steps,
+            medians=watch.medians,
+            early_medians=watch.early_medians,
+            zero_streak=watch.zero_streak,
+            too_high_at=watch.too_high_at,
+        )
 
-    def _log(
-        self,
-        trainer: pl.Trainer,
-        watch: _OptimizerWatch,
-        names: list[str],
-        ratios: list[float],
-        median: float | None,
-        step: int,
-    ) -> None:
-        if trainer.global_rank != 0 or not trainer.loggers:
-            return
-        logs = [_log10(r) for r in ratios]
-        suffix = "" if watch.index == 0 else f"_optimizer{watch.index}"
-        scalars = {self._ratio_tag(n): v for n, v in zip(names, logs, strict=True) if math.isfinite(v)}
-        if median is not None:
-            scalars[self.tag(f"median_log10_ratio{suffix}")] = _log10(median)
-        finite = [min(max(v, _LOG10_ZERO), _HIST_EDGES[-1]) for v in logs if math.isfinite(v)]
-        histogram = {self.tag(f"log10_ratios{suffix}"): (finite, _HIST_EDGES)}
-        _logging.log_scalars(trainer, scalars, step, histograms=histogram)  # one event: each costs ~0.1 ms
+    @staticmethod
+    def _remember(watch: _OptimizerWatch, history: cause.History) -> None:
+        """Keep what the verdict will need at the next step (plain lists and dicts: a checkpoint saves them)."""
+        watch.medians = list(history.medians)
+        watch.early_medians = list(history.early_medians)
+        watch.zero_streak = dict(history.zero_streak)
+        watch.too_high_at = history.too_high_at
 
-    def _ratio_tag(self, name: str) -> str:
-        tag = self._tags.get(name)
-        if tag is None:
-            tag = self._tags[name] = self.tag(f"log10_ratio/{name}")
-        return tag
+    def _raise(self, trainer: pl.Trainer, finding: cause.Finding, key: str = "", step: int | None = None) -> None:
+        message = text.message(finding, self._limits(), self.every_n_steps)
+        self.alert(trainer, finding.kind, message, finding.details, key=key, step=step)
 
     def _check_all_in_optimizer(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        in_optimizer = {id(p) for o in trainer.optimizers for g in o.param_groups for p in g["params"]}
-        missing = [n for n, p in pl_module.named_parameters() if p.requires_grad and id(p) not in in_optimizer]
-        if not missing or not trainer.optimizers:
-            return
-        total = sum(1 for p in pl_module.parameters() if p.requires_grad)
-        self.alert(
-            trainer,
-            "not_in_optimizer",
-            f"{len(missing)} of {total} trainable parameter tensors are in no optimizer's param_groups: "
-            f"{ur.format_names(missing)}. They have requires_grad=True but will never be updated, so those layers "
-            "keep their random initialisation (the learning rate in effect for them is 0). Expected every "
-            "trainable parameter in an optimizer. Fix: build the optimizer from `self.parameters()` in "
-            "`configure_optimizers` (or add the missing modules), or freeze them on purpose with "
-            "`requires_grad_(False)`.",
-            {"parameters": missing, "trainable": total},
-        )
-
-    def _check_not_moving(
-        self,
-        trainer: pl.Trainer,
-        watch: _OptimizerWatch,
-        taken: _Step,
-        names: list[str],
-        update_norms: list[float],
-        gradient_norms: list[float],
-    ) -> None:
-        stuck: list[str] = []
-        lrs: set[float] = set()
-        cancelled = ur.cancelled_biases(names, update_norms, gradient_norms, taken.has_grad)
-        for lr, name, norm in zip(taken.param_lrs, names, update_norms, strict=True):
-            streak = watch.zero_streak.get(name, 0) + 1 if norm == 0.0 else 0
-            watch.zero_streak[name] = streak
-            if ur.never_moved(streak, self.window):
-                if name in cancelled:
-                    self._note_cancelled(trainer, name, cancelled[name], taken.step)
-                    continue
-                stuck.append(name)
-                lrs.add(lr)
-        if not stuck:
-            return
-        lr_text = ", ".join(ur.fmt(lr) for lr in sorted(lrs))
-        cause = (
-            "their param group's learning rate is 0: set a non-zero `lr` for that group"
-            if lrs == {0.0}
-            else "no gradient reaches them (a branch not used in the loss, a `.detach()` or `torch.no_grad()` on "
-            "the way, or an output the loss ignores): check that the loss depends on them, or freeze them on "
-            "purpose with `requires_grad_(False)`"
-        )
-        self.alert(
-            trainer,
-            "not_moving",
-            f"{len(stuck)} trainable parameter tensor(s) did not change at all on the last {self.window} measured "
-            f"optimizer steps (every {self.every_n_steps} steps): {ur.format_names(stuck)}; learning rate in "
-            f"effect {lr_text}. Expected every trainable parameter to move (update/weight ratio near "
-            f"{ur.TARGET_RATIO:g}). Likely cause: {cause}.",
-            {"parameters": stuck, "lr": sorted(lrs)},
-            key=f"optimizer{watch.index}",
-            step=taken.step,
-        )
+        optimized = (p for o in trainer.optimizers for g in o.param_groups for p in g["params"])
+        missing = cause.not_in_optimizer(pl_module.named_parameters(), optimized)
+        if missing is not None and trainer.optimizers:
+            self._raise(trainer, missing)
 
     def _note_cancelled(self, trainer: pl.Trainer, name: str, weight: str, step: int) -> None:
         """Say once, without an alert, that a bias does not move because a normalisation cancels it."""
         if name in self._noted:
             return
         self._noted.add(name)
-        text = (
-            f"`{name}` does not move, and that is harmless: its gradient is ~0 while `{weight}` of the same layer "
-            "trains, the signature of a bias right before a normalisation (BatchNorm / LayerNorm) that subtracts "
-            "the mean and so cancels it. It can be dropped (`bias=False`) to save a parameter; not an alert."
-        )
-        self.notes.append(text)
-        _logging.log_text(trainer, self.tag("notes"), f"[lightning_recipe] {self.name} note: {text}", step)
-
-    def _alert_too_high(
-        self,
-        trainer: pl.Trainer,
-        watch: _OptimizerWatch,
-        taken: _Step,
-        names: list[str],
-        ratios: list[float],
-        median: float,
-        early: bool = False,
-    ) -> None:
-        order = sorted((i for i in range(len(names)) if math.isfinite(ratios[i])), key=lambda i: -ratios[i])
-        worst = [f"{names[i]} {ur.fmt(ratios[i])}" for i in order]
-        factor = median / ur.TARGET_RATIO
-        if watch.too_high_at is None:
-            watch.too_high_at = taken.step
-        self.alert(
-            trainer,
-            "ratio_too_high",
-            f"the median update/weight ratio ||ΔW||/||W|| of the weight matrices is {ur.fmt(median)} per step, "
-            + (
-                f"above {ur.fmt(self.max_ratio)} on most of the first {self.window} optimizer steps "
-                + (
-                    "of an adaptive optimizer (its steps are ~lr per entry, whatever the gradient) "
-                    if taken.adaptive
-                    else f"while the training loss rose {ur.loss_rise(self._early_losses):.3g}x above its first "
-                    "value (steps that overshoot) "
-                )
-                if early
-                else f"above {ur.fmt(self.max_ratio)} on most of the last {self.window} measurements "
-            )
-            + f"(expected near {ur.TARGET_RATIO:g}; 1e-3 to 1e-2 is typical). Largest: "
-            f"{ur.format_names(worst, 3)}. Learning "
-            f"rate in effect: {self._lr_text(taken.lrs, watch)}. Each step rewrites a large part of the weights: "
-            f"the learning rate is too high. Fix: divide the learning rate by ~{factor:.0f} to bring the median "
-            f"ratio near {ur.TARGET_RATIO:g}, or add warmup.",
-            {"median_ratio": median, "history": watch.medians, "lr": taken.lrs, "factor": factor},
-            key=f"optimizer{watch.index}",
-            step=taken.step,
-        )
-
-    def _alert_too_low(self, trainer: pl.Trainer, watch: _OptimizerWatch, taken: _Step, median: float) -> None:
-        lrs = taken.lrs
-        decayed = [s / lr if lr > 0 else math.inf for s, lr in zip(watch.start_lrs, lrs, strict=False) if s > 0]
-        fell = bool(decayed) and min(decayed) >= 10
-        factor = ur.TARGET_RATIO / median if median > 0 else math.inf
-        if watch.too_high_at is not None:
-            cause = (
-                f"the ratio was far too high earlier (alert at step {watch.too_high_at}) and has collapsed since: "
-                "a learning rate too high makes the weights grow until units die (dead ReLUs) and nothing moves. "
-                "Fix: lower the learning rate (see the ratio_too_high alert), do not raise it."
-            )
-        elif fell:
-            cause = (
-                f"the learning rate fell from {self._lr_list(watch.start_lrs)} at the start to "
-                f"{self._lr_list(lrs)} now ({min(decayed):.3g}x lower after {watch.steps} steps of this optimizer): "
-                "an LR scheduler that steps every batch instead of every epoch? Fix: schedule per epoch "
-                '(`"interval": "epoch"` in `configure_optimizers`) or size the schedule in steps, so the learning '
-                "rate stays near its starting value for most of training."
-            )
-        else:
-            how = f"multiply the learning rate by ~{factor:.0f}" if math.isfinite(factor) else "raise the learning rate"
-            cause = (
-                f"the learning rate {self._lr_list(lrs)} is too low: the weights barely change. Fix: {how} to bring "
-                f"the median ratio near {ur.TARGET_RATIO:g}."
-            )
-        self.alert(
-            trainer,
-            "ratio_too_low",
-            f"the median update/weight ratio ||ΔW||/||W|| of the weight matrices is {ur.fmt(median)} per step, "
-            f"below {ur.fmt(self.min_ratio)} on most of the last {self.window} measurements (expected near "
-            f"{ur.TARGET_RATIO:g}). Learning rate in effect: {self._lr_text(taken.lrs, watch)}. Likely cause: "
-            f"{cause}",
-            {"median_ratio": median, "history": watch.medians, "lr": lrs, "start_lr": watch.start_lrs},
-            key=f"optimizer{watch.index}",
-            step=taken.step,
-        )
+        note = text.cancelled_note(name, weight)
+        self.notes.append(note)
+        _logging.log_text(trainer, self.tag("notes"), f"[lightning_recipe] {self.name} note: {note}", step)
 
     @staticmethod
     def _lrs(optimizer: torch.optim.Optimizer) -> list[float]:
         return [float(g.get("lr", math.nan)) for g in optimizer.param_groups]
-
-    @staticmethod
-    def _lr_list(lrs: list[float]) -> str:
-        return ", ".join(ur.fmt(lr) for lr in lrs)
-
-    def _lr_text(self, lrs: list[float], watch: _OptimizerWatch) -> str:
-        text = self._lr_list(lrs) + (" (per param group)" if len(lrs) > 1 else "")
-        pairs = zip(watch.start_lrs, lrs, strict=False)  # a param group added mid-run has no start
-        if any(abs(a - b) > 1e-12 * max(abs(a), abs(b)) for a, b in pairs):
-            text += f", changed by a scheduler from {self._lr_list(watch.start_lrs)} at the start"
-        return text
-
-
-_SECOND_MOMENTS = ("exp_avg_sq", "square_avg", "sum", "exp_inf")  # Adam(W)/NAdam/RAdam, RMSprop, Adagrad, Adamax
-
-
-def _adaptive(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether the optimizer divides its steps by a running second moment of the gradient (its state says so)."""
-    return any(key in state for state in optimizer.state.values() for key in _SECOND_MOMENTS)
-
-
-def _start_lr(group: dict[str, Any]) -> float:
-    """The learning rate the user asked for: a scheduler keeps it in ``initial_lr`` (warmup schedulers change
-    ``lr`` already when they are built)."""
-    return float(group.get("initial_lr", group.get("lr", math.nan)))

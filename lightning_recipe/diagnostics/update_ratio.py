@@ -1,7 +1,7 @@
 """The update-to-weight ratio ``||ΔW|| / ||W||`` per parameter tensor (CS231n: "want ~1e-3"), and the window
 statistics that decide when it is out of the healthy band. No Lightning here.
 
-Measuring is two calls around an optimizer step: :func:`snapshot` copies the parameters (fp32, one fused
+Measuring is two calls around an optimizer step: :func:`copy_weights` copies the parameters (fp32, one fused
 copy), :func:`measure` compares the stepped parameters with the copy using ``torch._foreach_*`` ops and returns
 per-tensor norms. Under sharded parameters (FSDP2 ``DTensor``) each rank holds a shard: the *squared* norms are
 summed over the mesh dimensions the tensor is sharded along before the ratio is taken
@@ -11,13 +11,16 @@ summed over the mesh dimensions the tensor is sharded along before the ratio is 
 Decisions are pure functions of the measured history: :func:`median_ratio` (over weight matrices, where the
 ratio means something: biases start at zero and norm-layer gains at one, their ratios are off-scale by design),
 :func:`sustained` (a window, not one step: healthy Adam runs have single steps above 1e-2), :func:`never_moved`.
+What the step ran under is read from the optimizer: :func:`is_adaptive`, :func:`start_lr`.
+:mod:`~lightning_recipe.diagnostics.update_ratio_cause` combines them with the monitor's thresholds into a cause.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -26,9 +29,9 @@ __all__ = [
     "TARGET_RATIO",
     "UpdateRatios",
     "cancelled_biases",
-    "fmt",
-    "format_names",
+    "copy_weights",
     "gradient_squared_norms",
+    "is_adaptive",
     "local_tensor",
     "loss_diverged",
     "loss_rise",
@@ -37,8 +40,8 @@ __all__ = [
     "never_moved",
     "no_gradient",
     "reduce_squared_norms",
-    "snapshot",
     "squared_norms",
+    "start_lr",
     "sustained",
 ]
 
@@ -55,8 +58,9 @@ def local_tensor(t: Tensor) -> Tensor:
     return t.to_local() if _is_dtensor(t) else t  # type: ignore[attr-defined]
 
 
-def snapshot(params: Sequence[Tensor]) -> list[Tensor]:
-    """fp32 copies of the (local shards of the) parameters, taken just before an optimizer step."""
+def copy_weights(params: Sequence[Tensor]) -> list[Tensor]:
+    """fp32 copies of the (local shards of the) parameters, taken just before an optimizer step: what
+    :func:`measure` compares the stepped parameters with."""
     local = [local_tensor(p).detach() for p in params]
     copies: list[Tensor | None] = [None] * len(local)
     fp32 = [i for i, t in enumerate(local) if t.dtype == torch.float32]
@@ -203,7 +207,7 @@ def cancelled_biases(
 
 
 def measure(params: Sequence[Tensor], before: Sequence[Tensor]) -> UpdateRatios:
-    """Compare the parameters now with their :func:`snapshot` from before the step; reduces across shards.
+    """Compare the parameters now with their :func:`copy_weights` from before the step; reduces across shards.
     Consumes ``before``. Waits for the device: :func:`squared_norms` is the part that does not."""
     return UpdateRatios.from_squared(squared_norms(params, before).cpu())
 
@@ -272,16 +276,17 @@ def never_moved(zero_streak: int, window: int) -> bool:
     return window >= 1 and zero_streak >= window
 
 
-def format_names(names: Sequence[str], limit: int = 5) -> str:
-    """``a, b, c and 4 more``."""
-    names = list(names)
-    if len(names) <= limit:
-        return ", ".join(names)
-    return f"{', '.join(names[:limit])} and {len(names) - limit} more"
+#: the optimizer state of a running second moment: Adam(W)/NAdam/RAdam, RMSprop, Adagrad, Adamax
+_SECOND_MOMENTS = ("exp_avg_sq", "square_avg", "sum", "exp_inf")
 
 
-def fmt(x: float) -> str:
-    """A ratio or learning rate for a message: ``3e-03``-style, readable across decades."""
-    if x == 0 or not math.isfinite(x):
-        return str(x)
-    return f"{x:.1e}"
+def is_adaptive(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer divides its steps by a running second moment of the gradient (its state says so):
+    its steps are then ~lr per entry whatever the gradient, and a large first ratio means a large learning rate."""
+    return any(key in state for state in optimizer.state.values() for key in _SECOND_MOMENTS)
+
+
+def start_lr(group: Mapping[str, Any]) -> float:
+    """The learning rate the user asked for: a scheduler keeps it in ``initial_lr`` (warmup schedulers change
+    ``lr`` already when they are built)."""
+    return float(group.get("initial_lr", group.get("lr", math.nan)))
