@@ -33,8 +33,9 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lightning_recipe import __version__
 from lightning_recipe.callbacks._preflight import PreflightCheck
+from lightning_recipe.registry import resolve_checks
 from lightning_recipe.report import Report
-from lightning_recipe.suite import RecipeSuite, resolve_checks, sanity_run, sanity_suite
+from lightning_recipe.suite import RecipeSuite, sanity_run, sanity_suite
 
 __all__ = ["main"]
 
