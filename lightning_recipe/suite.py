@@ -282,10 +282,11 @@ def sanity_suite(
 ) -> RecipeSuite:
     """A suite in sanity mode that returns from ``fit`` (no exit) and holds only ``checks``."""
     chosen = resolve_checks(checks)
-    picked: dict[str, ComponentSpec] = {
+    # Any: the keys are component keywords only, but mypy cannot tell them from the suite's own arguments
+    picked: dict[str, Any] = {
         name: next((c for c in chosen if isinstance(c, cls)), None) for name, cls in CHECKS.items()
     }
-    monitors_off: dict[str, ComponentSpec] = dict.fromkeys(MONITORS)
+    monitors_off: dict[str, Any] = dict.fromkeys(MONITORS)
     return RecipeSuite(sanity_run=True, exit_process=False, report_dir=report_dir, **picked, **monitors_off)
 
 

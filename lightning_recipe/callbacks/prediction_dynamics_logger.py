@@ -16,9 +16,10 @@ from typing_extensions import override
 
 from lightning_recipe import _logging
 from lightning_recipe._args import check_choice, check_fraction, check_int, check_positive
+from lightning_recipe.callbacks._context import CheckContext, silenced_logging
 from lightning_recipe.callbacks._data import fresh_pass_refusal, loader_generators, own_copy, peek_batches
+from lightning_recipe.callbacks._errors import CheckSkipped
 from lightning_recipe.callbacks._monitor import Monitor
-from lightning_recipe.callbacks._preflight import CheckContext, CheckSkipped, silenced_logging
 from lightning_recipe.diagnostics.batch import (
     ForwardFn,
     InputsFn,
