@@ -31,7 +31,7 @@ from lightning_recipe.callbacks.overfit_one_batch import OverfitOneBatch
 from lightning_recipe.callbacks.prediction_dynamics_logger import PredictionDynamicsLogger
 from lightning_recipe.callbacks.update_ratio_monitor import UpdateRatioMonitor
 
-__all__ = ["CHECKS", "COMPONENTS", "MONITORS", "component_key", "find", "resolve_checks"]
+__all__ = ["CHECKS", "COMPONENTS", "MONITORS", "by_kind", "component_key", "find", "resolve_checks"]
 
 #: Every component, one registration line each. The checks run in this order, the two cheap ones first in the
 #: recipe's order (about 3 and 1 training steps of the quick-start model), then the one that trains a copy (about
