@@ -35,16 +35,13 @@ __all__ = ["ComponentSpec", "RecipeSuite", "sanity_run", "sanity_suite"]
 #: None/False (left out); each keyword's own type, in the generated signature, names the component's class
 ComponentSpec: TypeAlias = bool | dict[str, Any] | RecipeCallback | None
 
-#: RecipeSuite's own arguments, besides one keyword per component
-_OWN_ARGUMENTS = ("sanity_run", "on_fail", "report_dir", "exit_process", "inputs", "targets", "forward")
-
 
 class RecipeSuite(RecipeCallback):
     """The checks and the monitors as one callback, and the sanity-run mode.
 
     Without sanity mode it behaves as the separate callbacks would: the checks run before the first optimizer
-    step in a fixed order (``InitLossCheck``, ``BatchLeakageProbe``, ``OverfitOneBatch``: cheap ones first), a
-    failure raises :class:`~lightning_recipe.RecipeCheckError` or warns per ``on_fail``, and the monitors
+    step in the registry's order (``InitLossCheck``, ``BatchLeakageProbe``, ``OverfitOneBatch``: cheap ones
+    first), a failure raises :class:`~lightning_recipe.RecipeCheckError` or warns per ``on_fail``, and the monitors
     watch the training that follows.
 
     In sanity mode (``sanity_run=True``, or ``LIGHTNING_RECIPE_SANITY_RUN=1`` with ``sanity_run`` left unset)
@@ -65,12 +62,11 @@ class RecipeSuite(RecipeCallback):
         report_dir: the folder a sanity run writes its report to; ``None``: next to the logs; ``False``: no files.
         exit_process: end the process after a sanity run, with its verdict as the exit status.
         **components: one keyword per registered check or monitor (:data:`lightning_recipe.registry.COMPONENTS`),
-            its class name in snake_case: ``init_loss_check``, ``batch_leakage_probe``, ``overfit_one_batch``,
-            ``update_ratio_monitor``, ``prediction_dynamics_logger``, ``first_layer_visualizer``. ``True``
-            (default) builds it with default arguments, a dict builds it with those keyword arguments, an
-            instance is used as it is, ``None`` or ``False`` leaves it out. Another name is refused, with the
-            valid ones listed. ``inspect.signature(RecipeSuite)`` lists each keyword with its type, which is
-            what LightningCLI (jsonargparse) reads from a config.
+            its class name in snake_case (``init_loss_check``, ``overfit_one_batch``, ``first_layer_visualizer``,
+            ...). ``True`` (default) builds it with default arguments, a dict builds it with those keyword
+            arguments, an instance is used as it is, ``None`` or ``False`` leaves it out. Another name is refused,
+            with the valid ones listed. ``inspect.signature(RecipeSuite)`` lists every keyword with its type,
+            which is what ``help()`` shows and LightningCLI (jsonargparse) reads from a config.
         inputs, targets, forward: how to read a batch, given to every check and monitor the suite builds.
 
     Example::
@@ -254,6 +250,8 @@ def _signature() -> inspect.Signature:
     return written.replace(parameters=[*own[:at], *keywords, *own[at:]])
 
 
+#: RecipeSuite's own arguments, besides one keyword per component (named in the message refusing another keyword)
+_OWN_ARGUMENTS = tuple(name for name in inspect.signature(RecipeSuite).parameters if name != "components")
 RecipeSuite.__init__.__signature__ = _signature()  # type: ignore[attr-defined]
 
 

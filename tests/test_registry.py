@@ -132,3 +132,13 @@ def test_checks_are_resolved_by_either_name_in_the_registry_order():
         resolve_checks(["InitLossCheck", "init_loss_check"])
     with pytest.raises(ValueError, match=r"at least one check, one of \['init_loss_check', "):
         resolve_checks([])
+
+
+def test_a_misspelled_keyword_is_refused_naming_every_component_and_the_suites_own_arguments():
+    keys = [component_key(cls) for cls in COMPONENTS]
+    with pytest.raises(ValueError) as refused:
+        RecipeSuite(overfit=None)
+    assert str(refused.value) == (
+        f"Expected the component keywords of RecipeSuite to name checks or monitors, one of {keys}, but got "
+        f"'overfit'. Its other arguments are: {', '.join(OWN_ARGUMENTS)}."
+    )
