@@ -25,9 +25,10 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from quickstart import ShapesCNN, make_shapes
 
-from lightning_recipe import BatchLeakageProbe, InitLossCheck, OverfitOneBatch
+from lightning_recipe.registry import CHECKS as REGISTERED_CHECKS
 
-CHECKS = {"InitLossCheck": InitLossCheck, "OverfitOneBatch": OverfitOneBatch, "BatchLeakageProbe": BatchLeakageProbe}
+#: every registered check by class name, in the order they run (lightning_recipe/registry.py)
+CHECKS = {cls.__name__: cls for cls in REGISTERED_CHECKS.values()}
 
 
 class StepTimer(L.Callback):

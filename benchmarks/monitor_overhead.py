@@ -41,14 +41,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quickstart import ShapesCNN, make_shapes
 from resnet import ResNet18
 
-from lightning_recipe import FirstLayerVisualizer, PredictionDynamicsLogger, UpdateRatioMonitor
+from lightning_recipe import PredictionDynamicsLogger
+from lightning_recipe.registry import MONITORS as REGISTERED_MONITORS
 
 WARMUP = 5
-MONITORS = {
-    "UpdateRatioMonitor": UpdateRatioMonitor,
-    "PredictionDynamicsLogger": PredictionDynamicsLogger,
-    "FirstLayerVisualizer": FirstLayerVisualizer,
-}
+#: every registered monitor by class name (lightning_recipe/registry.py)
+MONITORS = {cls.__name__: cls for cls in REGISTERED_MONITORS.values()}
 
 
 def _sync() -> None:

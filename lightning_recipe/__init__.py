@@ -18,7 +18,8 @@ from lightning_recipe.callbacks.overfit_one_batch import OverfitOneBatch
 from lightning_recipe.callbacks.prediction_dynamics_logger import PredictionDynamicsLogger
 from lightning_recipe.callbacks.update_ratio_monitor import UpdateRatioMonitor
 from lightning_recipe.report import Alert, CheckResult, CheckStatus, RecipeCheckError, RecipeWarning, Report
-from lightning_recipe.suite import RecipeSuite, SanityRunExit, sanity_run
+from lightning_recipe.sanity import SanityRunExit
+from lightning_recipe.suite import RecipeSuite, sanity_run
 
 __version__ = "0.1.0"
 

@@ -32,19 +32,31 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lightning_recipe import __version__
+from lightning_recipe._loading import (
+    UsageError,
+    build_data,
+    build_model,
+    import_from_current_folder,
+    json_object,
+    load_object,
+)
 from lightning_recipe.callbacks._preflight import PreflightCheck
+from lightning_recipe.registry import CHECKS, resolve_checks
 from lightning_recipe.report import Report
-from lightning_recipe.suite import RecipeSuite, resolve_checks, sanity_run, sanity_suite
+from lightning_recipe.suite import RecipeSuite, sanity_run, sanity_suite
 
 __all__ = ["main"]
 
 EXIT_PASSED, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
-_DESCRIPTION = """\
+#: the registered checks, as --checks takes them and the help lists them
+_CHECK_NAMES = ", ".join(cls.__name__ for cls in CHECKS.values())
+
+_DESCRIPTION = f"""\
 Karpathy's "Recipe for Training Neural Networks" as PyTorch Lightning callbacks.
 
 commands:
-  check   run the pre-flight checks (InitLossCheck, BatchLeakageProbe, OverfitOneBatch) on a model and its
+  check   run the pre-flight checks ({_CHECK_NAMES}) on a model and its
           data without training, print a summary table, optionally write the report; exit 0 when every check
           passed, 1 when one failed, 2 on bad usage. `lightning-recipe check --help` lists its options.
 
@@ -73,10 +85,6 @@ examples:
 """
 
 
-class UsageError(Exception):
-    """Bad command-line usage: reported as a one-line message with exit status 2."""
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lightning-recipe", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -98,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
         "--checks",
         nargs="+",
         metavar="NAME",
-        help="the checks to run (InitLossCheck, BatchLeakageProbe, OverfitOneBatch); default: all",
+        help=f"the checks to run ({_CHECK_NAMES}); default: all",
     )
     check.add_argument("--report", metavar="PATH", help="write the report as JSON to PATH and Markdown beside it")
     check.add_argument("--config", metavar="YAML", help="a LightningCLI config (see below)")
@@ -124,10 +132,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    model_args = _json_object("--model-args", args.model_args)
-    data_args = _json_object("--data-args", args.data_args)
+    model_args = json_object("--model-args", args.model_args)
+    data_args = json_object("--data-args", args.data_args)
     trainer_kwargs = _trainer_kwargs(args)
-    _import_from_current_folder()
+    import_from_current_folder()
     if args.model is None and args.config is None:
         raise UsageError("expected a model as MODULE:Model (or a LightningCLI --config), but got none.")
     try:
@@ -138,14 +146,14 @@ def _check(args: argparse.Namespace) -> int:
         if args.config is not None:
             model, report = _run_config(args, checks)
         else:
-            model = _build_model(args.model, model_args)
+            model = build_model(args.model, model_args)
             if args.data is None and not is_overridden("train_dataloader", model):
                 raise UsageError(
                     f"expected training data, but {args.model} defines no train_dataloader and no --data was "
                     f"given: pass --data MODULE:DataModule (a LightningDataModule, a DataLoader, or a (train, val) "
                     f"pair), or define train_dataloader in the model."
                 )
-            fit_kwargs = _build_data(args.data, data_args) if args.data else {}
+            fit_kwargs = build_data(args.data, data_args) if args.data else {}
             report = sanity_run(model, checks=checks, **fit_kwargs, **trainer_kwargs)
     except UsageError:
         raise
@@ -226,14 +234,6 @@ def _given(args: argparse.Namespace) -> dict[str, Any]:
     }
     defaults = {"accelerator": "auto", "devices": "1", "strategy": "auto", "num_nodes": 1}
     return {key: value for key, value in given.items() if value != defaults[key]}
-
-
-def _import_from_current_folder() -> None:
-    """Make the modules of the current folder importable, as ``python -m`` does. The installed console script
-    has its own ``bin`` folder first on ``sys.path`` instead, so without this neither ``MODULE:Model`` nor the
-    ``class_path`` entries of a ``--config`` could name the project's own modules."""
-    if "" not in sys.path and str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
 
 
 def _trainer_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -359,105 +359,6 @@ def _trainer_refusal(error: BaseException, args: argparse.Namespace, trainer_kwa
         f"Lightning's Trainer refused {option} {getattr(args, key)}{given}: {reason} {option} takes "
         f"{_valid_choices(key, trainer_kwargs)}."
     )
-
-
-def _json_object(option: str, text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise UsageError(
-            f"expected {option} to be a JSON object like '{{\"width\": 64}}', but got {text!r} ({error})."
-        ) from None
-    if not isinstance(value, dict):
-        raise UsageError(f"expected {option} to be a JSON object like '{{\"width\": 64}}', but got {text!r}.")
-    return value
-
-
-def load_object(target: str, option: str) -> Any:
-    """``"package.module:Name"`` or ``"path/to/file.py:Name"`` -> the object; usage errors name ``option``."""
-    module_name, sep, attr = target.partition(":")
-    if not sep or not module_name or not attr:
-        raise UsageError(f"expected {option} as MODULE:NAME (e.g. my_project.models:Classifier), but got {target!r}.")
-    if module_name.endswith(".py"):
-        path = Path(module_name)
-        if not path.is_file():
-            raise UsageError(f"expected {option} to name an existing .py file, but {str(path)!r} does not exist.")
-        sys.path.insert(0, str(path.resolve().parent))
-        spec = importlib.util.spec_from_file_location(path.stem, path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[path.stem] = module
-        spec.loader.exec_module(module)
-    else:
-        _import_from_current_folder()
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name is not None and module_name.startswith(error.name):
-                raise UsageError(
-                    f"expected {option} to name an importable module, but {module_name!r} was not found "
-                    f"(run from the folder that holds it, or set PYTHONPATH)."
-                ) from None
-            raise  # the module exists and an import inside it failed: the user's traceback says more
-    obj: Any = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            defined = [
-                name
-                for name, value in vars(module).items()
-                if not name.startswith("_") and callable(value) and getattr(value, "__module__", "") == module.__name__
-            ]
-            raise UsageError(
-                f"expected {option} to name a class or function in {module_name}, but {attr!r} is not there; it "
-                f"defines: {', '.join(sorted(defined)) or 'none'}."
-            )
-        obj = getattr(obj, part)
-    return obj
-
-
-def _build_model(target: str, kwargs: dict[str, Any]) -> Any:
-    obj = load_object(target, "the model")
-    model = _call(obj, kwargs, "--model-args", target)
-    if not isinstance(model, pl.LightningModule):
-        raise UsageError(f"expected {target} to be (or make) a LightningModule, but got {type(model).__name__}.")
-    return model
-
-
-def _build_data(target: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-    data = _call(load_object(target, "--data"), kwargs, "--data-args", target)
-    if isinstance(data, pl.LightningDataModule):
-        return {"datamodule": data}
-    if isinstance(data, (tuple, list)) and len(data) == 2:
-        return {"train_dataloaders": data[0], "val_dataloaders": data[1]}
-    if hasattr(data, "__iter__"):
-        return {"train_dataloaders": data}
-    raise UsageError(
-        f"expected --data {target} to be (or make) a LightningDataModule, a DataLoader or a (train, val) pair, "
-        f"but got {type(data).__name__}."
-    )
-
-
-def _call(obj: Any, kwargs: dict[str, Any], option: str, target: str) -> Any:
-    if not callable(obj) or isinstance(obj, torch.nn.Module):
-        if kwargs:
-            raise UsageError(f"expected {target} to be a class or function for {option}, but it is an instance.")
-        return obj
-    try:
-        return obj(**kwargs)
-    except TypeError as error:
-        if _signature_mismatch(obj, kwargs):
-            raise UsageError(f"{target} does not take {option} {json.dumps(kwargs)}: {error}.") from None
-        raise
-
-
-def _signature_mismatch(obj: Any, kwargs: dict[str, Any]) -> bool:
-    try:
-        inspect.signature(obj).bind(**kwargs)
-    except TypeError:
-        return True
-    except ValueError:  # no signature to read
-        return False
-    return False
 
 
 if __name__ == "__main__":

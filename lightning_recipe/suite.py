@@ -1,23 +1,18 @@
-"""RecipeSuite: the checks and monitors as one callback, and the sanity-run mode for cluster jobs.
+"""RecipeSuite: the registered checks and monitors as one callback, and the sanity-run mode for cluster jobs.
 
-A *sanity run* is the same training script with one environment variable set
-(``LIGHTNING_RECIPE_SANITY_RUN=1``) or ``RecipeSuite(sanity_run=True)``: every check runs (a failure does not
-stop the others), the report is written next to the logs as JSON and Markdown, a summary table is printed,
-the same text goes to TensorBoard's text tab, and ``fit`` ends before the first optimizer step. The process
-then exits with status 0 when every check passed and 1 when one failed, so a job script can put
-``LIGHTNING_RECIPE_SANITY_RUN=1 srun python train.py || exit 1`` in front of the real run.
-
-:func:`sanity_run` does the same for notebooks and tests and returns the :class:`Report` instead of exiting.
+The suite builds one component per keyword, from the registry (:mod:`lightning_recipe.registry`), and hands
+Lightning's hooks to them; in sanity-run mode it runs only the checks and ends ``fit``, leaving the report, the
+table and the exit status to :mod:`lightning_recipe.sanity`. :func:`sanity_run` does the same for notebooks and
+tests and returns the :class:`Report` instead of exiting.
 """
 
 from __future__ import annotations
 
-import json
-import multiprocessing
+import inspect
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -29,138 +24,24 @@ from lightning_recipe._args import ON_FAIL_CHOICES, check_choice
 from lightning_recipe.callbacks._base import RecipeCallback
 from lightning_recipe.callbacks._monitor import Monitor
 from lightning_recipe.callbacks._preflight import PreflightCheck
-from lightning_recipe.callbacks.batch_leakage_probe import BatchLeakageProbe
-from lightning_recipe.callbacks.first_layer_visualizer import FirstLayerVisualizer
-from lightning_recipe.callbacks.init_loss_check import InitLossCheck
-from lightning_recipe.callbacks.overfit_one_batch import OverfitOneBatch
-from lightning_recipe.callbacks.prediction_dynamics_logger import PredictionDynamicsLogger
-from lightning_recipe.callbacks.update_ratio_monitor import UpdateRatioMonitor
 from lightning_recipe.diagnostics.batch import ForwardFn, InputsFn, TargetsFn
-from lightning_recipe.report import CheckStatus, RecipeWarning, Report
+from lightning_recipe.registry import CHECKS, COMPONENTS, MONITORS, component_key, resolve_checks
+from lightning_recipe.report import RecipeWarning, Report
+from lightning_recipe.sanity import SanityRunExit, log_dir, may_exit, publish, sanity_run_requested
 
-__all__ = [
-    "CHECKS",
-    "ENV_VAR",
-    "MONITORS",
-    "REPORT_NAME",
-    "RecipeSuite",
-    "SanityRunExit",
-    "resolve_checks",
-    "sanity_run",
-    "sanity_run_requested",
-    "sanity_suite",
-    "summary_table",
-]
+__all__ = ["ComponentSpec", "RecipeSuite", "sanity_run", "sanity_suite"]
 
-#: the environment variable that turns a training script into a sanity run
-ENV_VAR = "LIGHTNING_RECIPE_SANITY_RUN"
-#: the report's file names, without suffix (``.json`` and ``.md``)
-REPORT_NAME = "sanity_run"
-
-#: the checks, in the order they run: the two cheap ones first, in the recipe's order (about 3 and 1 training
-#: steps of the quick-start model), then the one that trains a copy (about 6; benchmarks/results/check_cost.md)
-CHECKS: dict[str, type[PreflightCheck]] = {
-    "init_loss_check": InitLossCheck,
-    "batch_leakage_probe": BatchLeakageProbe,
-    "overfit_one_batch": OverfitOneBatch,
-}
-MONITORS: dict[str, type[Monitor]] = {
-    "update_ratio_monitor": UpdateRatioMonitor,
-    "prediction_dynamics_logger": PredictionDynamicsLogger,
-    "first_layer_visualizer": FirstLayerVisualizer,
-}
-_COMPONENTS: dict[str, type[RecipeCallback]] = {**CHECKS, **MONITORS}
-
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off", "")
-
-
-class SanityRunExit(SystemExit):
-    """Ends the process after a sanity run: ``code`` 0 when every check passed, 1 when one failed.
-
-    Raised out of ``trainer.fit`` by :class:`RecipeSuite` in sanity-run mode, once the report is written and
-    on every rank at once. Lightning tears the run down as for any exception; Python then exits with ``code``
-    and no traceback. Catch it to go on in the same process; ``.report`` holds the results.
-    """
-
-    def __init__(self, report: Report) -> None:
-        super().__init__(0 if report.passed else 1)
-        self.report = report
-
-
-def sanity_run_requested() -> bool:
-    """Whether ``LIGHTNING_RECIPE_SANITY_RUN`` asks for a sanity run (``1``, ``true``, ``yes``, ``on``)."""
-    value = os.environ.get(ENV_VAR, "").strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise ValueError(
-        f"Expected the environment variable {ENV_VAR} to be 1 or 0 (or true/false, yes/no, on/off), but got "
-        f"{os.environ[ENV_VAR]!r}."
-    )
-
-
-def _component_name(name: str, registry: Mapping[str, type[RecipeCallback]]) -> str:
-    """``"InitLossCheck"`` or ``"init_loss_check"`` -> ``"init_loss_check"``; refuses other names."""
-    by_class = {cls.__name__: key for key, cls in registry.items()}
-    if name in registry:
-        return name
-    if name in by_class:
-        return by_class[name]
-    valid = ", ".join(f"{cls.__name__} ({key})" for key, cls in registry.items())
-    raise ValueError(f"Expected a check name, one of {valid}, but got {name!r}.")
-
-
-def resolve_checks(checks: Iterable[str | PreflightCheck] | None) -> list[PreflightCheck]:
-    """The checks named (class name or snake_case) or given, in the suite's fixed order; all when ``None``.
-
-    Raises:
-        ValueError: an unknown name (the message lists the valid ones), a repeated check, or no check at all.
-    """
-    if checks is None:
-        return [cls() for cls in CHECKS.values()]
-    if isinstance(checks, (str, PreflightCheck)):
-        checks = [checks]
-    chosen: dict[str, PreflightCheck] = {}
-    for item in checks:
-        if isinstance(item, PreflightCheck):
-            key = _component_name(type(item).__name__, CHECKS)
-            instance = item
-        elif isinstance(item, str):
-            key = _component_name(item, CHECKS)
-            instance = CHECKS[key]()
-        else:
-            raise TypeError(f"Expected `checks` to hold check names or check instances, but got {item!r}.")
-        if key in chosen:
-            raise ValueError(f"Expected each check once in `checks`, but {CHECKS[key].__name__} is there twice.")
-        chosen[key] = instance
-    if not chosen:
-        raise ValueError(f"Expected `checks` to name at least one check, one of {list(CHECKS)}, but it is empty.")
-    return [chosen[key] for key in CHECKS if key in chosen]
-
-
-def summary_table(report: Report, header: str = "lightning_recipe sanity run") -> str:
-    """The report as a plain-text table for the console: one line per check, then the fixes."""
-    failed = [r for r in report.results if r.status is CheckStatus.FAILED]
-    verdict = "PASSED" if report.passed else f"FAILED ({len(failed)} of {len(report.results)} checks failed)"
-    width = max([len("check"), *(len(r.name) for r in report.results)])
-    lines = [f"{header}: {verdict}", f"  {'check':<{width}}  {'status':<7}  {'time (s)':>8}  summary"]
-    for r in report.results:
-        status = r.status.value.upper() if r.status is CheckStatus.FAILED else r.status.value
-        lines.append(f"  {r.name:<{width}}  {status:<7}  {r.duration_s:>8.2f}  {r.summary}")
-    if failed:
-        lines.append("How to fix:")
-        lines += [f"  {r.name}: {r.hint}" for r in failed if r.hint]
-    return "\n".join(lines)
+#: what a component keyword of RecipeSuite takes: True (default arguments), a dict of arguments, an instance, or
+#: None/False (left out); each keyword's own type, in the generated signature, names the component's class
+ComponentSpec: TypeAlias = bool | dict[str, Any] | RecipeCallback | None
 
 
 class RecipeSuite(RecipeCallback):
     """The checks and the monitors as one callback, and the sanity-run mode.
 
     Without sanity mode it behaves as the separate callbacks would: the checks run before the first optimizer
-    step in a fixed order (``InitLossCheck``, ``BatchLeakageProbe``, ``OverfitOneBatch``: cheap ones first), a
-    failure raises :class:`~lightning_recipe.RecipeCheckError` or warns per ``on_fail``, and the monitors
+    step in the registry's order (``InitLossCheck``, ``BatchLeakageProbe``, ``OverfitOneBatch``: cheap ones
+    first), a failure raises :class:`~lightning_recipe.RecipeCheckError` or warns per ``on_fail``, and the monitors
     watch the training that follows.
 
     In sanity mode (``sanity_run=True``, or ``LIGHTNING_RECIPE_SANITY_RUN=1`` with ``sanity_run`` left unset)
@@ -180,11 +61,12 @@ class RecipeSuite(RecipeCallback):
         on_fail: ``"raise"`` or ``"warn"``, for the checks the suite builds (ignored in sanity mode).
         report_dir: the folder a sanity run writes its report to; ``None``: next to the logs; ``False``: no files.
         exit_process: end the process after a sanity run, with its verdict as the exit status.
-        init_loss_check, batch_leakage_probe, overfit_one_batch, update_ratio_monitor,
-            prediction_dynamics_logger, first_layer_visualizer: one keyword per check or monitor: ``True``
-            (default) builds it with default arguments, a dict builds it with those keyword arguments, an
-            instance is used as it is, ``None`` or ``False`` leaves it out. Another name is refused, with the
-            valid ones listed.
+        **components: one keyword per registered check or monitor (:data:`lightning_recipe.registry.COMPONENTS`),
+            its class name in snake_case (``init_loss_check``, ``overfit_one_batch``, ``first_layer_visualizer``,
+            ...). ``True`` (default) builds it with default arguments, a dict builds it with those keyword
+            arguments, an instance is used as it is, ``None`` or ``False`` leaves it out. Another name is refused,
+            with the valid ones listed. ``inspect.signature(RecipeSuite)`` lists every keyword with its type,
+            which is what ``help()`` shows and LightningCLI (jsonargparse) reads from a config.
         inputs, targets, forward: how to read a batch, given to every check and monitor the suite builds.
 
     Example::
@@ -206,34 +88,21 @@ class RecipeSuite(RecipeCallback):
         on_fail: str = "raise",
         report_dir: str | os.PathLike[str] | Literal[False] | None = None,
         exit_process: bool = True,
-        init_loss_check: bool | dict[str, Any] | InitLossCheck | None = True,
-        batch_leakage_probe: bool | dict[str, Any] | BatchLeakageProbe | None = True,
-        overfit_one_batch: bool | dict[str, Any] | OverfitOneBatch | None = True,
-        update_ratio_monitor: bool | dict[str, Any] | UpdateRatioMonitor | None = True,
-        prediction_dynamics_logger: bool | dict[str, Any] | PredictionDynamicsLogger | None = True,
-        first_layer_visualizer: bool | dict[str, Any] | FirstLayerVisualizer | None = True,
         inputs: InputsFn | None = None,
         targets: TargetsFn | None = None,
         forward: ForwardFn | None = None,
-        **unknown: Any,
+        **components: ComponentSpec,
     ) -> None:
         check_choice("sanity_run", sanity_run, (None, True, False))
         check_choice("on_fail", on_fail, ON_FAIL_CHOICES)
         check_choice("exit_process", exit_process, (True, False))
+        keys = [component_key(cls) for cls in COMPONENTS]
+        unknown = [name for name in components if name not in keys]
         if unknown:  # caught here rather than by Python, so the message can list the valid names
             raise ValueError(
                 f"Expected the component keywords of RecipeSuite to name checks or monitors, one of "
-                f"{list(_COMPONENTS)}, but got {next(iter(unknown))!r}. Its other arguments are: sanity_run, "
-                "on_fail, report_dir, exit_process, inputs, targets, forward."
+                f"{keys}, but got {unknown[0]!r}. Its other arguments are: {', '.join(_OWN_ARGUMENTS)}."
             )
-        components = {
-            "init_loss_check": init_loss_check,
-            "batch_leakage_probe": batch_leakage_probe,
-            "overfit_one_batch": overfit_one_batch,
-            "update_ratio_monitor": update_ratio_monitor,
-            "prediction_dynamics_logger": prediction_dynamics_logger,
-            "first_layer_visualizer": first_layer_visualizer,
-        }
         self.sanity_run = sanity_run_requested() if sanity_run is None else sanity_run
         self.on_fail = on_fail
         if report_dir is not None and report_dir is not False and not isinstance(report_dir, (str, os.PathLike)):
@@ -244,7 +113,10 @@ class RecipeSuite(RecipeCallback):
         self.exit_process = exit_process
         adapters = {"inputs": inputs, "targets": targets, "forward": forward}
         adapters = {key: fn for key, fn in adapters.items() if fn is not None}
-        built = {name: _build(name, cls, components[name], adapters, on_fail) for name, cls in _COMPONENTS.items()}
+        built = {
+            key: _build(key, cls, components.get(key, True), adapters, on_fail)
+            for key, cls in zip(keys, COMPONENTS, strict=True)
+        }
         self.checks: list[PreflightCheck] = [c for n in CHECKS if isinstance(c := built[n], PreflightCheck)]
         self.monitors: list[Monitor] = [m for n in MONITORS if isinstance(m := built[n], Monitor)]
         self.report: Report | None = None
@@ -252,8 +124,7 @@ class RecipeSuite(RecipeCallback):
         if self.sanity_run and not self.checks:
             rank_zero_warn(
                 "lightning_recipe: RecipeSuite is in sanity-run mode with every check removed, so the sanity run "
-                "checks nothing and passes. Keep at least one of init_loss_check, batch_leakage_probe, "
-                "overfit_one_batch.",
+                f"checks nothing and passes. Keep at least one of {', '.join(CHECKS)}.",
                 category=RecipeWarning,
             )
 
@@ -284,10 +155,10 @@ class RecipeSuite(RecipeCallback):
             results.append(check.result)
         self.report = Report(results)
         # trainer.log_dir is a collective (a broadcast from rank zero): every rank asks
-        directory = None if self.report_dir is False else self.report_dir or _log_dir(trainer)
-        exits = self.exit_process and _may_exit(self.report.passed)
+        directory = None if self.report_dir is False else self.report_dir or log_dir(trainer)
+        exits = self.exit_process and may_exit(self.report.passed)
         if trainer.is_global_zero:
-            self._publish(trainer, pl_module, directory, exits)
+            self.report_paths = publish(trainer, pl_module, self.report, directory, self.tag("report"), exits)
         trainer.strategy.barrier("lightning_recipe.sanity_run")  # the report exists before any rank exits
         if exits:
             raise SanityRunExit(self.report)
@@ -295,41 +166,6 @@ class RecipeSuite(RecipeCallback):
         # `should_stop` is obeyed only once min_epochs / min_steps are met: no training in a sanity run
         trainer.fit_loop.min_epochs = 0
         trainer.fit_loop.epoch_loop.min_steps = None
-
-    def _publish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, directory: Path | None, exits: bool) -> None:
-        """Rank zero: the files, TensorBoard's text tab, the table. Never raises: the other ranks wait at a
-        barrier, and an error here would leave them hanging."""
-        assert self.report is not None
-        lines = [f"\n{summary_table(self.report)}"]
-        try:
-            if directory is not None:
-                self.report_paths = self._write(trainer, pl_module, directory)
-                lines.append(f"Report: {' and '.join(str(p) for p in self.report_paths)}")
-            _logging.log_text(trainer, self.tag("report"), self.report.to_markdown(), trainer.global_step)
-        except Exception as error:  # noqa: BLE001 - see the docstring
-            lines.append(
-                f"Report: could not be written to {directory}: {type(error).__name__}: {error}. The table above is "
-                "the whole verdict; pass RecipeSuite(report_dir=...) to write it elsewhere."
-            )
-        if exits:
-            lines.append(f"Sanity run: training skipped, exit status {0 if self.report.passed else 1}.")
-        print("\n".join(lines), flush=True)
-
-    def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, directory: Path) -> list[Path]:
-        assert self.report is not None
-        directory = directory.resolve()
-        directory.mkdir(parents=True, exist_ok=True)
-        data = {
-            **self.report.to_dict(),
-            "model": type(pl_module).__qualname__,
-            "world_size": trainer.world_size,
-            "global_step": trainer.global_step,
-            "lightning_recipe": _version(),
-        }
-        json_path, md_path = directory / f"{REPORT_NAME}.json", directory / f"{REPORT_NAME}.md"
-        json_path.write_text(json.dumps(data, indent=2) + "\n")
-        md_path.write_text(self.report.to_markdown())
-        return [json_path, md_path]
 
     @override
     def on_train_batch_start(
@@ -394,6 +230,31 @@ for _hook in _FORWARDED:
     setattr(RecipeSuite, _hook, _forwarding(_hook))
 
 
+def _signature() -> inspect.Signature:
+    """RecipeSuite's signature with one keyword per registered component, typed with the component's class, in
+    place of ``**components``: what ``help()``, IPython and Jupyter show, and what LightningCLI (jsonargparse)
+    reads to build the suite from a config and to refuse a misspelled keyword there. The keywords sit where the
+    written ones used to, between ``exit_process`` and ``inputs``."""
+    written = inspect.signature(RecipeSuite.__init__)
+    own = [p for p in written.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    at = [p.name for p in own].index("inputs")
+    keywords = [
+        inspect.Parameter(
+            component_key(cls),
+            inspect.Parameter.KEYWORD_ONLY,
+            default=True,
+            annotation=bool | dict[str, Any] | cls | None,
+        )
+        for cls in COMPONENTS
+    ]
+    return written.replace(parameters=[*own[:at], *keywords, *own[at:]])
+
+
+#: RecipeSuite's own arguments, besides one keyword per component (named in the message refusing another keyword)
+_OWN_ARGUMENTS = tuple(name for name in inspect.signature(RecipeSuite).parameters if name != "components")
+RecipeSuite.__init__.__signature__ = _signature()  # type: ignore[attr-defined]
+
+
 def _build(
     name: str, cls: type[RecipeCallback], spec: Any, adapters: dict[str, Any], on_fail: str
 ) -> RecipeCallback | None:
@@ -414,43 +275,16 @@ def _build(
     )
 
 
-def _log_dir(trainer: pl.Trainer) -> Path:
-    """``trainer.log_dir`` (the TensorBoard/CSV version folder, a logger's save_dir), else ``default_root_dir``."""
-    return Path(trainer.log_dir or trainer.default_root_dir)
-
-
-def _may_exit(passed: bool) -> bool:
-    """Whether raising SystemExit ends the job cleanly. In a worker started by multiprocessing (``ddp_spawn``,
-    ``ddp_fork``, ``ddp_notebook``, a worker pool) the parent waits for the worker's return value: a clean exit
-    would hang it, while a non-zero one fails it (which is the verdict). So there a passing run returns."""
-    if multiprocessing.parent_process() is None or not passed:
-        return True
-    rank_zero_warn(
-        "lightning_recipe: every check passed, and this process was started by multiprocessing (ddp_spawn, "
-        "ddp_fork, ddp_notebook, or a worker pool), whose parent would hang on a clean exit: the sanity run ends "
-        "`fit` without exiting, so the code after `fit` runs. Use strategy='ddp' (or torchrun, srun) for a sanity "
-        "run that stops the script.",
-        category=RecipeWarning,
-    )
-    return False
-
-
-def _version() -> str:
-    from lightning_recipe import __version__
-
-    return __version__
-
-
 def sanity_suite(
     checks: Iterable[str | PreflightCheck] | None, report_dir: str | os.PathLike[str] | Literal[False] | None
 ) -> RecipeSuite:
     """A suite in sanity mode that returns from ``fit`` (no exit) and holds only ``checks``."""
     chosen = resolve_checks(checks)
-    # each keyword takes its own component type (or None); the dicts hold several, hence Any
+    # Any: the keys are component keywords only, but mypy cannot tell them from the suite's own arguments
     picked: dict[str, Any] = {
         name: next((c for c in chosen if isinstance(c, cls)), None) for name, cls in CHECKS.items()
     }
-    monitors_off: dict[str, Any] = {name: None for name in MONITORS}
+    monitors_off: dict[str, Any] = dict.fromkeys(MONITORS)
     return RecipeSuite(sanity_run=True, exit_process=False, report_dir=report_dir, **picked, **monitors_off)
 
 

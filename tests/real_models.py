@@ -23,6 +23,8 @@ from lightning.pytorch.demos import LightningLSTM, LightningTransformer, Sequenc
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from tests.zoo import CHECKS, MONITORS  # noqa: F401 - MONITORS: test_real_models and the benchmark import it here
+
 # -- procedural data -------------------------------------------------------------------------------------------
 
 PAD = 0  # the padding id of every token model here; real tokens are 1..vocab-1
@@ -899,8 +901,7 @@ def polynomial_data() -> DataLoader:
 
 # -- the catalogue ------------------------------------------------------------------------------------------------
 
-CHECKS = ("InitLossCheck", "OverfitOneBatch", "BatchLeakageProbe")
-MONITORS = ("UpdateRatioMonitor", "PredictionDynamicsLogger", "FirstLayerVisualizer")
+#: CHECKS and MONITORS, the registered components by class name, come from tests/zoo.py (the registry's order)
 
 
 def _graph_inputs(batch: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:

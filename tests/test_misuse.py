@@ -19,10 +19,11 @@ from lightning_recipe import (
     RecipeCheckError,
     RecipeSuite,
 )
+from lightning_recipe.registry import CHECKS as REGISTERED_CHECKS
 from tests.models import MLPClassifier, cluster_data, loader, trainer
 from tests.zoo import DictDataset
 
-CHECKS = [InitLossCheck, OverfitOneBatch, BatchLeakageProbe]
+CHECKS = list(REGISTERED_CHECKS.values())  # every registered check
 ids = [c.__name__ for c in CHECKS]
 
 

@@ -21,8 +21,8 @@ from lightning_recipe import (
     InitLossCheck,
     OverfitOneBatch,
     PredictionDynamicsLogger,
-    UpdateRatioMonitor,
 )
+from lightning_recipe.registry import CHECKS, MONITORS
 from tests.models import trainer
 from tests.zoo import BatchNormCNN, CausalLM, shapes, token_data, tokens
 
@@ -113,9 +113,9 @@ def _compiled_module(backend: str):
 def _run(make_model, data, with_checks: bool, steps: int = 8, deterministic: bool = True, checks_too: bool = True):
     L.seed_everything(123, workers=True, verbose=False)
     model = make_model()
-    checks = [InitLossCheck(), OverfitOneBatch(), BatchLeakageProbe()] if with_checks and checks_too else []
+    checks = [cls() for cls in CHECKS.values()] if with_checks and checks_too else []  # every registered check
     # the monitors measure every step: the most chances to disturb the run
-    monitors = [m(every_n_steps=1) for m in (UpdateRatioMonitor, PredictionDynamicsLogger, FirstLayerVisualizer)]
+    monitors = [cls(every_n_steps=1) for cls in MONITORS.values()]
     t = trainer(max_steps=steps, callbacks=checks + (monitors if with_checks else []), deterministic=deterministic)
     t.fit(model, data(), data())
     if with_checks:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from lightning_recipe import CheckStatus, RecipeCheckError, RecipeWarning
-from lightning_recipe.callbacks._preflight import CheckContext, PreflightCheck
+from lightning_recipe.callbacks._context import CheckContext
+from lightning_recipe.callbacks._preflight import PreflightCheck
 from lightning_recipe.diagnostics.batch import BatchAdapter, BatchNotUnderstood, default_inputs, select_output
 from lightning_recipe.diagnostics.state import preserved
 from tests.models import MLPClassifier, cluster_data, loader, trainer

@@ -23,7 +23,7 @@ from lightning_recipe import (
     UpdateRatioMonitor,
     sanity_run,
 )
-from lightning_recipe.suite import ENV_VAR, summary_table
+from lightning_recipe.sanity import ENV_VAR, summary_table
 from tests.models import trainer
 from tests.tensorboard import read_events
 from tests.zoo import MLP, DoubleSoftmax, clusters

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from lightning_recipe import registry
 from tests.models import cluster_data
 
 # -- data ----------------------------------------------------------------------------------------
@@ -452,7 +453,8 @@ class OffByOneMaskLM(CausalLM):
 
 # -- the catalogue --------------------------------------------------------------------------------
 
-CHECKS = ("InitLossCheck", "OverfitOneBatch", "BatchLeakageProbe")
+#: the registered checks and monitors by class name, in the registry's order (lightning_recipe/registry.py)
+CHECKS = tuple(cls.__name__ for cls in registry.CHECKS.values())
 
 
 @dataclass(frozen=True)
@@ -622,7 +624,7 @@ class MonitorCase:
         return f"{self.name}-{self.monitor}"
 
 
-MONITORS = ("UpdateRatioMonitor", "PredictionDynamicsLogger", "FirstLayerVisualizer")
+MONITORS = tuple(cls.__name__ for cls in registry.MONITORS.values())
 
 MONITOR_BUGS = [
     MonitorCase("lr_100x_too_high", lr_100x_too_high, clusters, "UpdateRatioMonitor", "ratio_too_high"),

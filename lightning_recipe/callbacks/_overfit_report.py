@@ -9,7 +9,7 @@ from typing import Any
 from torch import Tensor
 
 from lightning_recipe import _logging
-from lightning_recipe.callbacks._preflight import CheckContext
+from lightning_recipe.callbacks._context import CheckContext
 from lightning_recipe.diagnostics.labels import decode_predictions
 from lightning_recipe.diagnostics.overfit import OverfitEvidence
 

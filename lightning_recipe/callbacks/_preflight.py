@@ -5,7 +5,7 @@ A check runs before the first optimizer step, after the optimizers exist and the
 ``on_train_start`` on a fresh pass over the training dataloader, or, where a second pass could change what training
 reads (a stream, a stateful sampler: see :mod:`lightning_recipe.callbacks._data`), at the first
 ``on_train_batch_start`` on a copy of the batch training fetched. Subclasses implement :meth:`PreflightCheck.run`
-on a :class:`CheckContext`.
+on a :class:`~lightning_recipe.callbacks._context.CheckContext` (what a check works with).
 """
 
 from __future__ import annotations
@@ -13,179 +13,39 @@ from __future__ import annotations
 import time
 import traceback
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from itertools import islice
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
-from torch import Tensor
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_recipe import _logging
 from lightning_recipe._args import ON_FAIL_CHOICES, check_choice
 from lightning_recipe.callbacks._base import RecipeCallback
+from lightning_recipe.callbacks._context import CheckContext, silenced_logging
 from lightning_recipe.callbacks._data import (
     first_batch_note,
     fresh_batches,
-    fresh_containers,
     fresh_pass_refusal,
     loader_generators,
     own_copy,
 )
 from lightning_recipe.callbacks._errors import CheckSkipped, NoLoss, UserCodeError, user_code_location
-from lightning_recipe.diagnostics.alignment import Alignment, gradient_at_outputs, may_shift, read_alignment
 from lightning_recipe.diagnostics.batch import BatchAdapter, BatchNotUnderstood, ForwardFn, InputsFn, TargetsFn
 from lightning_recipe.diagnostics.compiled import eager
 from lightning_recipe.diagnostics.state import ModuleAttributes, preserved
 from lightning_recipe.report import CheckResult, CheckStatus, RecipeCheckError, RecipeWarning, jsonable
 
-__all__ = [
-    "CheckContext",
-    "CheckSkipped",
-    "PreflightCheck",
-    "UserCodeError",
-    "shifted_twice_text",
-]
+__all__ = ["PreflightCheck", "agree_across_ranks"]
+
+#: the first batch training fetched, its ``batch_idx``, and why the check waited for it
+FirstBatch = tuple[Any, int, str]
 
 _SEVERITY = {CheckStatus.PASSED: 0, CheckStatus.SKIPPED: 1, CheckStatus.FAILED: 2}
-
-
-@dataclass
-class CheckContext:
-    """What a check works with: the trainer, the (unwrapped) module, a few training batches already on
-    the device, and the user's batch adapter.
-
-    ``start`` holds the module's plain attributes as the check found them: every ``training_step`` the check
-    calls starts from them (see :meth:`training_step_loss`)."""
-
-    trainer: pl.Trainer
-    module: pl.LightningModule
-    batches: list[Any]
-    adapter: BatchAdapter
-    component: str
-    start: ModuleAttributes | None = field(default=None, repr=False)
-    #: ``id(batch) -> its place in the fresh pass``, for batches that are not the pass's first ones (batches on
-    #: which ``training_step`` returned no loss were passed over): the ``batch_idx`` training would give them
-    positions: dict[int, int] = field(default_factory=dict, repr=False)
-    _alignments: dict[int, Alignment | None] = field(default_factory=dict, repr=False)
-
-    @property
-    def device(self) -> torch.device:
-        return self.trainer.strategy.root_device
-
-    def autocast(self) -> Any:
-        """The precision context Lightning runs ``training_step`` in (autocast for mixed precision)."""
-        plugin = getattr(self.trainer, "precision_plugin", None)
-        return plugin.train_step_context() if plugin is not None else nullcontext()
-
-    def training_step_loss(self, batch: Any, batch_idx: int = 0) -> Tensor:
-        """The loss the user's own ``training_step`` returns on ``batch`` (``self.log`` is silenced).
-
-        Each call starts from the plain attributes the module had when the check began: a ``training_step``
-        that carries state (an RNN hidden state, a counter) sees what the first real step will see, and a
-        check that repeats one batch (OverfitOneBatch) fits one fixed function, not a moving one. The state
-        a call leaves is the module's from the batch just run, which training would carry to the *next*
-        batch; the check's batches are not consecutive training batches."""
-        if self.start is not None:
-            self.start.restore()
-        batch_idx = self.positions.get(id(batch), batch_idx)
-        step = self.module.training_step
-        # as Lightning does: `batch_idx` only when the signature takes it
-        args = (batch, batch_idx) if is_param_in_hook_signature(step, "batch_idx", min_args=2) else (batch,)
-        with self.autocast():
-            output = step(fresh_containers(args[0]), *args[1:])  # a step may pop keys from its batch
-        return loss_of(output)
-
-    def alignment(self, batch: Any) -> Alignment | None:
-        """Which target each output position of ``batch`` is trained towards, read from the gradient of the
-        user's own loss (:func:`~lightning_recipe.diagnostics.alignment.read_alignment`): next-token training with
-        the shift inside the model (``labels = input_ids``), labels shifted twice. ``None`` when the loss is not a
-        classification loss over integer targets, or ``training_step`` cannot be called (manual optimization).
-        Runs ``training_step`` once with gradients (none written to ``.grad``); the caller's snapshot restores
-        what it changes."""
-        key = id(batch)
-        if key not in self._alignments:
-            self._alignments[key] = self._read_alignment(batch)
-        return self._alignments[key]
-
-    def _read_alignment(self, batch: Any) -> Alignment | None:
-        if not self.module.automatic_optimization:
-            return None
-        try:
-            inputs, targets = self.adapter.get_inputs(batch), self.adapter.get_targets(batch)
-        except BatchNotUnderstood:
-            return None
-        if not may_shift(targets, inputs):
-            return None  # one label per example: no position to shift, no training_step to spend
-        with torch.no_grad(), self.autocast():
-            outputs = self.adapter.predict(self.module, inputs)
-        try:
-            with torch.enable_grad():
-                grad = gradient_at_outputs(self.module, lambda: self.training_step_loss(batch), outputs.shape)
-        except CheckSkipped:
-            return None
-        return None if grad is None else read_alignment(grad, targets, inputs)
-
-    def tag(self, quantity: str) -> str:
-        return _logging.tag(self.component, quantity)
-
-
-def shifted_twice_text(alignment: Alignment) -> tuple[str, str]:
-    """Summary and hint for labels shifted twice, in one voice for every check that reads it."""
-    shift = alignment.input_shift
-    summary = (
-        f"labels shifted twice: the loss trains position t to predict input token t + {shift}, expected t + 1 "
-        "(next-token training). The labels in the batch are already shifted by one"
-        + (" and the model's loss shifts them again." if alignment.target_shift else ".")
-    )
-    hint = (
-        "Shift once. Models that shift inside their own loss (Hugging Face `...ForCausalLM`, litgpt with "
-        "`labels=`) take `labels = input_ids` unshifted (padding at -100); a model whose loss compares "
-        "`logits[:, t]` with `labels[:, t]` takes `labels = input_ids[:, 1:]` with `input_ids[:, :-1]` as input. "
-        "As it is, every position learns the token after next, which no causal model can predict."
-    )
-    return summary, hint
-
-
-def loss_of(output: Any) -> Tensor:
-    """The loss in what ``training_step`` returned: a tensor, or a dict with ``"loss"``."""
-    if isinstance(output, dict):
-        output = output.get("loss")
-    if output is None:
-        raise NoLoss(
-            "`training_step` returned no loss (None, or a dict without 'loss'), so there is nothing to measure. "
-            "Return the loss tensor (or {'loss': loss}) from `training_step`; with manual optimization the "
-            "check cannot drive training itself."
-        )
-    if not isinstance(output, Tensor) or output.numel() != 1:
-        raise CheckSkipped(
-            f"Expected `training_step` to return a scalar loss tensor or a dict with 'loss', but got "
-            f"{type(output).__name__}{tuple(output.shape) if isinstance(output, Tensor) else ''}."
-        )
-    return output.reshape(())
-
-
-@contextmanager
-def silenced_logging(module: pl.LightningModule) -> Iterator[None]:
-    """``self.log`` and ``self.log_dict`` do nothing inside the block, so a check's extra
-    ``training_step`` calls neither crash nor leak into the logged metrics."""
-    missing = object()
-    saved = {name: module.__dict__.get(name, missing) for name in ("log", "log_dict")}
-    for name in saved:
-        module.__dict__[name] = _ignore
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is missing:
-                module.__dict__.pop(name, None)
-            else:
-                module.__dict__[name] = value
 
 
 def _one_line(error: BaseException, limit: int = 300) -> str:
@@ -213,8 +73,13 @@ def _own_step_error(ctx: CheckContext) -> Exception | None:
     return None
 
 
-def _ignore(*args: Any, **kwargs: Any) -> None:
-    return None
+def _blame(ctx: CheckContext, failure: Exception) -> Exception:
+    """Whose error is it? The check calls the model on guesses of ours (an input read from the batch, a slice of
+    it), where a model may rightly raise; the user's ``training_step`` on the user's own batch is what training
+    will call. If that raises, the bug is the user's (:class:`UserCodeError`); else ``failure`` is ours. Called
+    outside any ``except`` block, so the user's exception does not get ours as its ``__context__``."""
+    own = _own_step_error(ctx)
+    return UserCodeError(own, "running `training_step` on a training batch") if own is not None else failure
 
 
 def agree_across_ranks(trainer: pl.Trainer, result: CheckResult) -> CheckResult:
@@ -310,7 +175,7 @@ class PreflightCheck(RecipeCallback):
         )
 
     def execute(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, first: tuple[Any, int, str] | None = None
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, first: FirstBatch | None = None
     ) -> CheckResult:
         """Run the check under a full snapshot, on fresh batches or, given ``first = (batch, batch_idx, why)``, on
         that batch (a copy of the first one training fetched); never raises (an internal error is a ``skipped``
@@ -326,60 +191,17 @@ class PreflightCheck(RecipeCallback):
         return agree_across_ranks(trainer, result)
 
     def _execute_local(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, first: tuple[Any, int, str] | None
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, first: FirstBatch | None
     ) -> CheckResult:
+        """This rank's result, every way out of the check sorted into one: the user's error (failed), a reason
+        not to run (skipped), or an internal error (skipped, with a warning that asks for a report)."""
         if trainer.global_step > 0:
             return self.skipped(
                 f"training already ran {trainer.global_step} optimizer steps (resumed run); "
                 "the check only applies before the first step."
             )
         try:
-            loader = trainer.train_dataloader
-            generators = loader_generators(loader) if isinstance(loader, DataLoader) else []
-            schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
-            with (
-                preserved(pl_module, trainer.optimizers, schedulers, generators) as state,
-                silenced_logging(pl_module),
-                eager(),  # a compiled model runs uncompiled: see diagnostics/compiled.py
-                torch.enable_grad(),
-            ):
-                stream = fresh_batches(trainer) if first is None else iter(())
-                try:
-                    batches = list(islice(stream, self.num_batches)) if first is None else [first[0]]
-                    if not batches:
-                        raise CheckSkipped("the training dataloader yielded no batch.")
-                    ctx = CheckContext(
-                        trainer, pl_module, batches, self.adapter, self.component, start=state.attributes
-                    )
-                    if first is not None:
-                        ctx.positions[id(first[0])] = first[1]
-                    failure: Exception | None = None
-                    try:
-                        try:
-                            return self._run_fitted(ctx)
-                        except NoLoss:
-                            if not self.needs_loss or not self._batches_with_loss(ctx, stream):
-                                raise
-                        return self._run_fitted(ctx)
-                    except CheckSkipped:
-                        raise
-                    except Exception as error:  # noqa: BLE001 - re-raised below unless it is the user's
-                        failure = error
-                finally:
-                    if hasattr(stream, "close"):
-                        stream.close()
-                # Whose error is it? The check calls the model on guesses of ours (an input read from the batch,
-                # a slice of it), where a model may rightly raise; the user's `training_step` on the user's own
-                # batch is what training will call. If that raises, the bug is the user's. (Tried outside the
-                # `except` block, so the user's exception does not get ours as its __context__.) It runs from the
-                # state the check began with: a check that drove the weights to NaN (a learning rate too large for
-                # the model) must not make the user's own step on the user's own weights look broken.
-                state.restore()
-                own = _own_step_error(ctx)
-                if own is not None:
-                    raise UserCodeError(own, "running `training_step` on a training batch")
-                assert failure is not None  # every other way out of the block above returns or raises
-                raise failure
+            return self._run_isolated(trainer, pl_module, first)
         except UserCodeError as marked:
             return self._user_failed(marked)
         except (CheckSkipped, BatchNotUnderstood) as reason:
@@ -394,6 +216,68 @@ class PreflightCheck(RecipeCallback):
                 f"{self.name} could not run: {type(error).__name__}: {_one_line(error)}",
                 {"traceback": traceback.format_exc(limit=-6)},
             )
+
+    def _run_isolated(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, first: FirstBatch | None
+    ) -> CheckResult:
+        """Read the batches and run the check inside a full snapshot (module, optimizers, schedulers, RNGs, the
+        loader's generators), with ``self.log`` silenced and a compiled model run eagerly; an error it raises
+        comes out blamed on the user or on us (:func:`_blame`)."""
+        loader = trainer.train_dataloader
+        generators = loader_generators(loader) if isinstance(loader, DataLoader) else []
+        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+        with (
+            preserved(pl_module, trainer.optimizers, schedulers, generators) as state,
+            silenced_logging(pl_module),
+            eager(),  # a compiled model runs uncompiled: see diagnostics/compiled.py
+            torch.enable_grad(),
+        ):
+            stream = fresh_batches(trainer) if first is None else iter(())
+            try:
+                ctx = self._context(trainer, pl_module, stream, first, state.attributes)
+                outcome = self._attempt(ctx, stream)
+            finally:
+                if hasattr(stream, "close"):
+                    stream.close()
+            if isinstance(outcome, CheckResult):
+                return outcome
+            # the user's step runs from the state the check began with: a check that drove the weights to NaN (a
+            # learning rate too large for the model) must not make the user's own step look broken
+            state.restore()
+            raise _blame(ctx, outcome)
+
+    def _context(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        stream: Iterator[Any],
+        first: FirstBatch | None,
+        start: ModuleAttributes,
+    ) -> CheckContext:
+        """The check's context on its first :attr:`num_batches` batches of the fresh pass, or on ``first``."""
+        batches = list(islice(stream, self.num_batches)) if first is None else [first[0]]
+        if not batches:
+            raise CheckSkipped("the training dataloader yielded no batch.")
+        ctx = CheckContext(trainer, pl_module, batches, self.adapter, self.component, start=start)
+        if first is not None:
+            ctx.positions[id(first[0])] = first[1]
+        return ctx
+
+    def _attempt(self, ctx: CheckContext, stream: Iterator[Any]) -> CheckResult | Exception:
+        """The check's result, or the exception it raised for :func:`_blame` to sort (``CheckSkipped`` means what
+        it says and goes up). A check that needs the loss, where ``training_step`` returned none on the first
+        batches, tries again on the batches of the same pass that have one."""
+        try:
+            try:
+                return self._run_fitted(ctx)
+            except NoLoss:
+                if not self.needs_loss or not self._batches_with_loss(ctx, stream):
+                    raise
+            return self._run_fitted(ctx)
+        except CheckSkipped:
+            raise
+        except Exception as error:  # noqa: BLE001 - returned to be blamed, outside this `except` block
+            return error
 
     def _run_fitted(self, ctx: CheckContext) -> CheckResult:
         with torch.no_grad(), ctx.autocast():

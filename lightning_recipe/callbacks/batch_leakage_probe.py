@@ -18,7 +18,9 @@ from typing_extensions import override
 
 from lightning_recipe import _logging
 from lightning_recipe._args import check_choice, check_fraction, check_int
-from lightning_recipe.callbacks._preflight import CheckContext, CheckSkipped, PreflightCheck
+from lightning_recipe.callbacks._context import CheckContext
+from lightning_recipe.callbacks._errors import CheckSkipped
+from lightning_recipe.callbacks._preflight import PreflightCheck
 from lightning_recipe.diagnostics.batch import BatchNotUnderstood, ForwardFn, InputsFn, TargetsFn
 from lightning_recipe.diagnostics.leakage import (
     LeakageNotApplicable,

@@ -19,8 +19,10 @@ from typing_extensions import override
 
 from lightning_recipe import _logging
 from lightning_recipe._args import check_choice, check_int, check_integer
+from lightning_recipe.callbacks._context import CheckContext, shifted_twice_text
+from lightning_recipe.callbacks._errors import CheckSkipped
 from lightning_recipe.callbacks._init_loss_text import MAX_LISTED, non_finite_text, unexplained, wording
-from lightning_recipe.callbacks._preflight import CheckContext, CheckSkipped, PreflightCheck, shifted_twice_text
+from lightning_recipe.callbacks._preflight import PreflightCheck
 from lightning_recipe.diagnostics.alignment import Alignment
 from lightning_recipe.diagnostics.batch import (
     BatchNotUnderstood,

@@ -10,9 +10,11 @@ import torch
 from torch import Tensor, nn
 
 from lightning_recipe._args import check_fraction, check_int, check_positive
+from lightning_recipe.callbacks._context import CheckContext, shifted_twice_text
+from lightning_recipe.callbacks._errors import CheckSkipped
 from lightning_recipe.callbacks._overfit_report import details, log_run
 from lightning_recipe.callbacks._overfit_text import wording
-from lightning_recipe.callbacks._preflight import CheckContext, CheckSkipped, PreflightCheck, shifted_twice_text
+from lightning_recipe.callbacks._preflight import PreflightCheck
 from lightning_recipe.callbacks.init_loss_check import InitLossCheck
 from lightning_recipe.diagnostics.alignment import Alignment
 from lightning_recipe.diagnostics.batch import BatchNotUnderstood, ForwardFn, InputsFn, TargetsFn, batch_size_of

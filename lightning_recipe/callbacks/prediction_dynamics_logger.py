@@ -14,11 +14,12 @@ from typing_extensions import override
 
 from lightning_recipe import _logging
 from lightning_recipe._args import check_choice, check_fraction, check_int, check_positive
+from lightning_recipe.callbacks._context import CheckContext, silenced_logging
 from lightning_recipe.callbacks._data import fresh_pass_refusal, loader_generators, peek_batches
 from lightning_recipe.callbacks._dynamics_text import cause_text, non_finite_text
+from lightning_recipe.callbacks._errors import CheckSkipped
 from lightning_recipe.callbacks._fixed_batch import NOT_PLAIN, evaluating, first_examples, plain_on_host, val_loader
 from lightning_recipe.callbacks._monitor import Monitor
-from lightning_recipe.callbacks._preflight import CheckContext, CheckSkipped, silenced_logging
 from lightning_recipe.diagnostics.alignment import Alignment
 from lightning_recipe.diagnostics.batch import ForwardFn, InputsFn, TargetsFn
 from lightning_recipe.diagnostics.compiled import eager

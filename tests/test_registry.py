@@ -1,0 +1,144 @@
+"""The one registry of components (lightning_recipe/registry.py): what RecipeSuite, the sanity run, the command
+line, the zoo and the benchmarks read, so a new component is one registration line. The suite's keywords are
+generated from it: they must still reach ``inspect.signature`` and LightningCLI's jsonargparse."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import warnings
+
+import pytest
+from lightning.pytorch.callbacks import Callback
+
+import lightning_recipe
+from lightning_recipe import RecipeSuite
+from lightning_recipe.callbacks._base import RecipeCallback
+from lightning_recipe.callbacks._monitor import Monitor
+from lightning_recipe.callbacks._preflight import PreflightCheck
+from lightning_recipe.registry import CHECKS, COMPONENTS, MONITORS, by_kind, component_key, resolve_checks
+from tests import real_models, zoo
+
+OWN_ARGUMENTS = ["sanity_run", "on_fail", "report_dir", "exit_process", "inputs", "targets", "forward"]
+
+
+def test_every_component_is_a_check_or_a_monitor_under_its_snake_case_key():
+    assert list(CHECKS) == ["init_loss_check", "batch_leakage_probe", "overfit_one_batch"]  # the order they run
+    assert list(MONITORS) == ["update_ratio_monitor", "prediction_dynamics_logger", "first_layer_visualizer"]
+    assert [*CHECKS.values(), *MONITORS.values()] == list(COMPONENTS)
+    assert all(issubclass(cls, PreflightCheck) for cls in CHECKS.values())
+    assert all(issubclass(cls, Monitor) for cls in MONITORS.values())
+    for cls in COMPONENTS:  # the key is the component its TensorBoard tags live under
+        assert component_key(cls) == cls().component
+
+
+def test_a_registry_with_a_stranger_or_a_component_twice_is_refused():
+    class NotAComponent(RecipeCallback):
+        pass
+
+    with pytest.raises(TypeError, match=r"check \(PreflightCheck\) or a monitor \(Monitor\), but NotAComponent is"):
+        by_kind([*COMPONENTS, NotAComponent], Monitor)
+    with pytest.raises(TypeError, match=r"registered once, but InitLossCheck is there twice"):
+        by_kind([*COMPONENTS, lightning_recipe.InitLossCheck], PreflightCheck)
+
+
+def test_the_public_api_exports_exactly_the_registered_components():
+    """The second line a new component needs (its export in __init__.py) is held to the first."""
+    exported = {
+        name
+        for name in lightning_recipe.__all__
+        if isinstance(obj := getattr(lightning_recipe, name), type)
+        and issubclass(obj, Callback)
+        and obj is not RecipeSuite
+    }
+    assert exported == {cls.__name__ for cls in COMPONENTS}
+    assert all(getattr(lightning_recipe, cls.__name__) is cls for cls in COMPONENTS)
+
+
+def test_the_zoo_and_the_real_models_name_the_registered_components():
+    assert tuple(cls.__name__ for cls in CHECKS.values()) == zoo.CHECKS
+    assert tuple(cls.__name__ for cls in MONITORS.values()) == zoo.MONITORS
+    assert (real_models.CHECKS, real_models.MONITORS) == (zoo.CHECKS, zoo.MONITORS)
+
+
+def test_the_suite_builds_every_registered_component_by_default_and_none_when_each_is_left_out():
+    suite = RecipeSuite(sanity_run=False)
+    assert [type(c) for c in suite.checks] == list(CHECKS.values())
+    assert [type(m) for m in suite.monitors] == list(MONITORS.values())
+    empty = RecipeSuite(sanity_run=False, **dict.fromkeys(CHECKS), **dict.fromkeys(MONITORS, False))
+    assert empty.checks == [] and empty.monitors == []
+
+
+def test_the_suite_signature_lists_every_component_keyword_with_its_class():
+    parameters = inspect.signature(RecipeSuite).parameters
+    keys = [component_key(cls) for cls in COMPONENTS]
+    assert list(parameters) == [*OWN_ARGUMENTS[:4], *keys, *OWN_ARGUMENTS[4:]]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters.values())  # no **kwargs left
+    for cls in COMPONENTS:
+        parameter = parameters[component_key(cls)]
+        assert parameter.default is True
+        assert cls in parameter.annotation.__args__ and dict in [
+            getattr(a, "__origin__", a) for a in parameter.annotation.__args__
+        ]
+    # the signature is the truth: it accepts what the suite accepts, and refuses what it refuses
+    inspect.signature(RecipeSuite).bind(overfit_one_batch={"max_steps": 5}, first_layer_visualizer=None)
+    with pytest.raises(TypeError):
+        inspect.signature(RecipeSuite).bind(overfit=None)
+
+
+def _parser():
+    """A jsonargparse parser with a ``Callback`` field: how LightningCLI reads ``trainer.callbacks``."""
+    jsonargparse = pytest.importorskip("jsonargparse")
+    parser = jsonargparse.ArgumentParser(exit_on_error=False)
+    parser.add_argument("--callback", type=Callback)
+    return parser
+
+
+def test_jsonargparse_builds_the_suite_from_a_config_naming_component_keywords():
+    parser = _parser()
+    config = {
+        "class_path": "lightning_recipe.RecipeSuite",
+        "init_args": {
+            "on_fail": "warn",
+            "overfit_one_batch": {"max_steps": 50},
+            "batch_leakage_probe": {"num_examples": 4},
+            "first_layer_visualizer": None,
+            "prediction_dynamics_logger": False,
+        },
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        suite = parser.instantiate(parser.parse_args(["--callback", json.dumps(config)])).callback
+    assert isinstance(suite, RecipeSuite)
+    assert [type(c).__name__ for c in suite.checks] == ["InitLossCheck", "BatchLeakageProbe", "OverfitOneBatch"]
+    assert suite.checks[2].max_steps == 50 and suite.checks[1].num_examples == 4
+    assert all(c.on_fail == "warn" for c in suite.checks)
+    assert [type(m).__name__ for m in suite.monitors] == ["UpdateRatioMonitor"]
+
+
+def test_jsonargparse_refuses_a_misspelled_component_keyword_in_a_config():
+    parser = _parser()
+    config = {"class_path": "lightning_recipe.RecipeSuite", "init_args": {"overfit": {"max_steps": 50}}}
+    refused = pytest.importorskip("jsonargparse").ArgumentError
+    with pytest.raises(refused, match=r"(?s)lightning_recipe.RecipeSuite.*'overfit(\.max_steps)?' is not accepted"):
+        parser.parse_args(["--callback", json.dumps(config)])
+
+
+def test_checks_are_resolved_by_either_name_in_the_registry_order():
+    chosen = resolve_checks(["OverfitOneBatch", "init_loss_check"])
+    assert [type(c) for c in chosen] == [CHECKS["init_loss_check"], CHECKS["overfit_one_batch"]]
+    assert [type(c) for c in resolve_checks(None)] == list(CHECKS.values())
+    with pytest.raises(ValueError, match=r"each check once in `checks`, but InitLossCheck is there twice"):
+        resolve_checks(["InitLossCheck", "init_loss_check"])
+    with pytest.raises(ValueError, match=r"at least one check, one of \['init_loss_check', "):
+        resolve_checks([])
+
+
+def test_a_misspelled_keyword_is_refused_naming_every_component_and_the_suites_own_arguments():
+    keys = [component_key(cls) for cls in COMPONENTS]
+    with pytest.raises(ValueError) as refused:
+        RecipeSuite(overfit=None)
+    assert str(refused.value) == (
+        f"Expected the component keywords of RecipeSuite to name checks or monitors, one of {keys}, but got "
+        f"'overfit'. Its other arguments are: {', '.join(OWN_ARGUMENTS)}."
+    )
