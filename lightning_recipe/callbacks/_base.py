@@ -1,13 +1,16 @@
-"""What every lightning_recipe callback has: a name, the component its TensorBoard tags live under."""
+"""What every lightning_recipe callback has: a name, the component its TensorBoard tags live under, and the way a
+component that cannot read the user's data twice waits for the first batch training fetches."""
 
 from __future__ import annotations
 
 import functools
 import re
+from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
 from lightning_recipe import _logging
+from lightning_recipe.callbacks._data import own_copy
 
 __all__ = ["RecipeCallback", "snake_case"]
 
@@ -30,3 +33,20 @@ class RecipeCallback(Callback):
 
     def tag(self, quantity: str) -> str:
         return _logging.tag(self.component, quantity)
+
+    #: why the component waits for the first batch training fetches; ``None`` when it does not
+    _waiting: str | None = None
+
+    def wait_for_first_batch(self, reason: str) -> None:
+        """Work on a copy of the first batch training fetches instead of reading one now: a second pass over the
+        loader could change what training reads (see :mod:`lightning_recipe.callbacks._data`); ``reason`` says
+        why, for the report."""
+        self._waiting = reason
+
+    def take_first_batch(self, batch: Any) -> tuple[Any, str] | None:
+        """At ``on_train_batch_start``: the component's own copy of ``batch`` and why it waited, once; ``None``
+        when it is not waiting."""
+        if self._waiting is None:
+            return None
+        reason, self._waiting = self._waiting, None
+        return own_copy(batch), reason

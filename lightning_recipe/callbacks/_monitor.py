@@ -45,7 +45,6 @@ from typing_extensions import override
 from lightning_recipe import _logging
 from lightning_recipe._args import check_int
 from lightning_recipe.callbacks._base import RecipeCallback
-from lightning_recipe.callbacks._data import own_copy
 from lightning_recipe.callbacks._errors import CheckSkipped, UserCodeError
 from lightning_recipe.callbacks._schedule import Every, Schedule
 from lightning_recipe.diagnostics.batch import BatchAdapter, BatchNotUnderstood, ForwardFn, InputsFn, TargetsFn
@@ -100,18 +99,12 @@ class Monitor(RecipeCallback):
         self._pending: deque[tuple[list[Tensor], Any, Callable[[list[Tensor]], None]]] = deque()
         self._always_defer = False  # tests: queue reads of CPU tensors too, to exercise the GPU path
         self._state_key: str | None = None
-        self._waiting: str | None = None  # why the monitor starts on the first batch training fetches
         self._stepped_to = 0  # the optimizer step the last batch ended on (or training started at)
 
     # -- the lifecycle a monitor fills in -----------------------------------------------------------------
 
     def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """At ``on_train_start``: get ready to measure (or :meth:`wait_for_first_batch`)."""
-
-    def wait_for_first_batch(self, reason: str) -> None:
-        """Start on a copy of the first batch training fetches instead of reading one now: the loader cannot be
-        read twice without changing what training reads (``reason`` says why, for the logged text)."""
-        self._waiting = reason
 
     def start_with_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, reason: str) -> None:
         """After :meth:`wait_for_first_batch`: start on ``batch``, the monitor's own copy of the first batch."""
@@ -131,6 +124,7 @@ class Monitor(RecipeCallback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._stepped_to = int(trainer.global_step)
+        self._waiting = None
         if self.enabled:
             with self.guard(trainer):
                 self.start(trainer, pl_module)
@@ -140,10 +134,11 @@ class Monitor(RecipeCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self._waiting is None or not self.enabled:
-            return
-        reason, self._waiting = self._waiting, None
-        with self.guard(trainer):
-            self.start_with_batch(trainer, pl_module, own_copy(batch), reason)
+            return  # every batch but the first of a waiting monitor
+        first = self.take_first_batch(batch)
+        if first is not None:
+            with self.guard(trainer):
+                self.start_with_batch(trainer, pl_module, *first)
 
     @override
     def on_train_batch_end(

@@ -32,7 +32,6 @@ from lightning_recipe.callbacks._data import (
     fresh_batches,
     fresh_pass_refusal,
     loader_generators,
-    own_copy,
 )
 from lightning_recipe.callbacks._errors import CheckSkipped, NoLoss, UserCodeError, user_code_location
 from lightning_recipe.diagnostics.batch import BatchAdapter, BatchNotUnderstood, ForwardFn, InputsFn, TargetsFn
@@ -130,7 +129,7 @@ class PreflightCheck(RecipeCallback):
         self.adapter = BatchAdapter.build(inputs, targets, forward)
         self.result: CheckResult | None = None
         self._user_error: BaseException | None = None
-        self._waiting: str | None = None  # why the check waits for the first batch training fetches
+        self._waiting = None
 
     def run(self, ctx: CheckContext) -> CheckResult:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -148,18 +147,21 @@ class PreflightCheck(RecipeCallback):
     # -- Lightning hooks -------------------------------------------------------------------------
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._waiting = fresh_pass_refusal(trainer.train_dataloader) if trainer.global_step == 0 else None
-        if self._waiting is None:
+        self._waiting = None
+        refusal = fresh_pass_refusal(trainer.train_dataloader) if trainer.global_step == 0 else None
+        if refusal is not None:
+            self.wait_for_first_batch(refusal)
+        else:
             self.finish(trainer, self.execute(trainer, pl_module))
 
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self._waiting is None:
-            return
-        reason, self._waiting = self._waiting, None
-        self.finish(trainer, self.execute(trainer, pl_module, first=(own_copy(batch), batch_idx, reason)))
+        first = self.take_first_batch(batch)
+        if first is not None:
+            copy, reason = first
+            self.finish(trainer, self.execute(trainer, pl_module, first=(copy, batch_idx, reason)))
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
