@@ -6,6 +6,7 @@ components read the first batch training fetches, and say so."""
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import lightning.pytorch as L
 import pytest
@@ -25,15 +26,19 @@ from torch.utils.data import (
 )
 
 import lightning_recipe
-from lightning_recipe import CheckStatus, RecipeSuite, sanity_run
+from lightning_recipe import (
+    CheckStatus,
+    FirstLayerVisualizer,
+    PredictionDynamicsLogger,
+    RecipeSuite,
+    registry,
+    sanity_run,
+)
 from lightning_recipe.callbacks._data import fresh_pass_refusal, own_copy
 from tests.ddp import run_ddp
 from tests.models import MLPClassifier, cluster_data, trainer
 
 torch.set_num_threads(1)
-
-CHECKS = ("InitLossCheck", "OverfitOneBatch", "BatchLeakageProbe")
-MONITORS = ("UpdateRatioMonitor", "FirstLayerVisualizer", "PredictionDynamicsLogger")
 
 
 # -- pipelines -----------------------------------------------------------------------------------------------------
@@ -151,9 +156,13 @@ def _run(make_loader, callbacks: list[L.Callback], steps: int = 6, epochs: int =
 def _components(on_fail: str = "raise") -> list[L.Callback]:
     # the batch carries example ids third: the checks and monitors read `x` and `y` from the first two
     kwargs = dict(inputs=lambda b: b[0], targets=lambda b: b[1])
-    checks = [getattr(lightning_recipe, n)(on_fail=on_fail, **kwargs) for n in CHECKS]
-    monitors = [getattr(lightning_recipe, n)(every_n_steps=1, **kwargs) for n in MONITORS]
+    checks = [cls(on_fail=on_fail, **kwargs) for cls in registry.CHECKS.values()]
+    monitors = [cls(every_n_steps=1, **kwargs) for cls in registry.MONITORS.values()]
     return checks + monitors
+
+
+def _one(components: list[L.Callback], cls: type) -> Any:
+    return next(c for c in components if isinstance(c, cls))
 
 
 # -- which loaders a second pass is safe for --------------------------------------------------------------------
@@ -210,15 +219,15 @@ def test_training_gets_the_same_records_in_the_same_order_and_ends_bit_identical
     assert seen_checked == seen_plain
     for key, value in state_plain.items():
         assert torch.equal(value, state_checked[key]), key
-    for check in components[: len(CHECKS)]:
+    for check in components[: len(registry.CHECKS)]:
         assert check.result.status is CheckStatus.PASSED, check.result.format()
         assert "Read from the first batch training fetched" in check.result.summary
         assert check.result.details["read"]
-    for monitor in components[len(CHECKS) :]:
+    for monitor in components[len(registry.CHECKS) :]:
         assert monitor.enabled and monitor.alerts == [], (monitor.name, [a.message for a in monitor.alerts])
-    dynamics = components[-1]
+    dynamics = _one(components, PredictionDynamicsLogger)
     assert dynamics.batch is not None and dynamics.batch_source == "train"
-    assert components[-2].layer_name == "net.0"
+    assert _one(components, FirstLayerVisualizer).layer_name == "net.0"
 
 
 def test_on_a_stream_the_stream_is_read_only_by_training():
@@ -254,7 +263,7 @@ def test_a_training_step_that_edits_its_batch_in_place_gets_the_batch_untouched(
     for on in (False, True):
         L.seed_everything(7, verbose=False)
         model = EditsItsBatch()
-        checks = [getattr(lightning_recipe, n)(on_fail="warn") for n in CHECKS] if on else []
+        checks = [cls(on_fail="warn") for cls in registry.CHECKS.values()] if on else []
         t = trainer(max_steps=2, callbacks=checks)
         t.fit(model, DataLoader(Dicts(), batch_size=32))
         assert t.global_step == 2
@@ -272,7 +281,7 @@ def test_the_suite_waits_for_the_first_batch_too():
 
 
 def test_a_stream_that_ends_before_its_first_batch_skips_the_checks_saying_why():
-    checks = [getattr(lightning_recipe, n)() for n in CHECKS]
+    checks = [cls() for cls in registry.CHECKS.values()]
     t = trainer(max_steps=2, max_epochs=1, callbacks=checks)
     t.fit(MLPClassifier(), DataLoader(QueueStream(SharedCursor(n=0)), batch_size=32))
     for check in checks:
@@ -287,7 +296,7 @@ def test_a_sanity_run_reads_a_fresh_pass_even_of_a_stream():
         MLPClassifier(),
         train_dataloaders=DataLoader(PairStream(cursor), batch_size=32),
         accelerator="cpu",
-        checks=list(CHECKS),
+        checks=list(registry.CHECKS),
     )
     assert report.passed, report.to_markdown()
     assert cursor.position > 0
@@ -337,7 +346,7 @@ def test_under_ddp_the_checks_run_on_each_ranks_first_batch_and_agree(tmp_path):
         tmp_path,
         "tests.models:MLPClassifier",
         "tests.test_data_pipelines:ddp_stream_loader",
-        list(CHECKS),
+        list(registry.CHECKS),
         max_steps=3,
     )
     assert code == 0, output[-3000:]
