@@ -346,7 +346,7 @@ def test_under_ddp_the_checks_run_on_each_ranks_first_batch_and_agree(tmp_path):
         tmp_path,
         "tests.models:MLPClassifier",
         "tests.test_data_pipelines:ddp_stream_loader",
-        list(registry.CHECKS),
+        [cls.__name__ for cls in registry.CHECKS.values()],
         max_steps=3,
     )
     assert code == 0, output[-3000:]
