@@ -23,8 +23,10 @@ OWN_ARGUMENTS = ["sanity_run", "on_fail", "report_dir", "exit_process", "inputs"
 
 
 def test_every_component_is_a_check_or_a_monitor_under_its_snake_case_key():
-    assert list(CHECKS) == ["init_loss_check", "batch_leakage_probe", "overfit_one_batch"]  # the order they run
-    assert list(MONITORS) == ["update_ratio_monitor", "prediction_dynamics_logger", "first_layer_visualizer"]
+    # the design card's components, the checks in the order they run (cheap first); a new component adds to them
+    recipe_checks = ["init_loss_check", "batch_leakage_probe", "overfit_one_batch"]
+    assert [key for key in CHECKS if key in recipe_checks] == recipe_checks
+    assert {"update_ratio_monitor", "prediction_dynamics_logger", "first_layer_visualizer"} <= set(MONITORS)
     assert [*CHECKS.values(), *MONITORS.values()] == list(COMPONENTS)
     assert all(issubclass(cls, PreflightCheck) for cls in CHECKS.values())
     assert all(issubclass(cls, Monitor) for cls in MONITORS.values())
@@ -113,7 +115,10 @@ def test_jsonargparse_builds_the_suite_from_a_config_naming_component_keywords()
     assert [type(c).__name__ for c in suite.checks] == ["InitLossCheck", "BatchLeakageProbe", "OverfitOneBatch"]
     assert suite.checks[2].max_steps == 50 and suite.checks[1].num_examples == 4
     assert all(c.on_fail == "warn" for c in suite.checks)
-    assert [type(m).__name__ for m in suite.monitors] == ["UpdateRatioMonitor"]
+    turned_off = {"FirstLayerVisualizer", "PredictionDynamicsLogger"}
+    assert [type(m).__name__ for m in suite.monitors] == [
+        c.__name__ for c in MONITORS.values() if c.__name__ not in turned_off
+    ]
 
 
 def test_jsonargparse_refuses_a_misspelled_component_keyword_in_a_config():

@@ -4,6 +4,7 @@ TensorBoard text, the exit status, no optimizer step, and ``sanity_run()`` retur
 from __future__ import annotations
 
 import json
+import re
 
 import lightning.pytorch as L
 import pytest
@@ -13,8 +14,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_recipe import (
     BatchLeakageProbe,
+    FirstLayerVisualizer,
     InitLossCheck,
     OverfitOneBatch,
+    PredictionDynamicsLogger,
     RecipeCheckError,
     RecipeSuite,
     RecipeWarning,
@@ -23,6 +26,7 @@ from lightning_recipe import (
     UpdateRatioMonitor,
     sanity_run,
 )
+from lightning_recipe.registry import COMPONENTS, MONITORS, component_key
 from lightning_recipe.sanity import ENV_VAR, summary_table
 from tests.models import trainer
 from tests.tensorboard import read_events
@@ -59,7 +63,9 @@ def _no_env(monkeypatch):
 
 
 def test_unknown_component_names_are_refused_listing_the_valid_ones():
-    with pytest.raises(ValueError, match=r"one of \['init_loss_check', .*'first_layer_visualizer'\], but got 'overfit"):
+    keys = [component_key(cls) for cls in COMPONENTS]  # every registered component, in order
+    assert keys[:3] == ["init_loss_check", "batch_leakage_probe", "overfit_one_batch"]
+    with pytest.raises(ValueError, match=re.escape(f"one of {keys}, but got 'overfit'")):
         RecipeSuite(overfit=None)
 
 
@@ -84,7 +90,9 @@ def test_components_are_configured_removed_or_given_and_checks_run_cheap_first()
     assert suite.checks[1] is probe
     assert suite.checks[2].max_steps == 50
     assert suite.checks[0].on_fail == "warn" and suite.checks[2].on_fail == "warn"
-    assert [type(m) for m in suite.monitors] == [UpdateRatioMonitor]
+    turned_off = (FirstLayerVisualizer, PredictionDynamicsLogger)
+    assert [type(m) for m in suite.monitors] == [c for c in MONITORS.values() if c not in turned_off]
+    assert UpdateRatioMonitor in [type(m) for m in suite.monitors]
     assert not suite.sanity_run
 
 
