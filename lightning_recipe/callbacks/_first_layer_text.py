@@ -11,15 +11,18 @@ from lightning_recipe.diagnostics.first_layer import StillCause, Thresholds
 __all__ = ["cause_text", "frozen_note", "noisy_text", "not_changing_text"]
 
 
+#: why the layer does not move, in words, for each :class:`StillCause` kind
+_CAUSES = {
+    "frozen": "its weights have requires_grad=False (frozen)",
+    "not_in_optimizer": "its weights are in no optimizer (missing from `configure_optimizers`)",
+    "no_gradient": "no gradient reaches it (a `.detach()` or `torch.no_grad()` between input and loss)",
+    "small_updates": "its updates are too small to register (learning rate {lrs})",
+}
+
+
 def cause_text(cause: StillCause) -> str:
     """Why the layer does not move, in words."""
-    if cause.kind == "frozen":
-        return "its weights have requires_grad=False (frozen)"
-    if cause.kind == "not_in_optimizer":
-        return "its weights are in no optimizer (missing from `configure_optimizers`)"
-    if cause.kind == "no_gradient":
-        return "no gradient reaches it (a `.detach()` or `torch.no_grad()` between input and loss)"
-    return f"its updates are too small to register (learning rate {list(cause.lrs)})"
+    return _CAUSES[cause.kind].format(lrs=list(cause.lrs))
 
 
 def not_changing_text(name: str | None, steps: int, moved: float, thresholds: Thresholds, cause: str) -> str:

@@ -87,8 +87,6 @@ class Monitor(RecipeCallback):
         self.every_n_steps = every_n_steps
         #: the optimizer steps the monitor measures at
         self.schedule: Schedule = Every(every_n_steps)
-        #: the optimizer step :meth:`measure` ran at last (-1: none yet)
-        self.last_step = -1
         self.adapter = BatchAdapter.build(inputs, targets, forward)
         self.alerts: list[Alert] = []
         self.enabled = True
@@ -156,7 +154,6 @@ class Monitor(RecipeCallback):
         if not stepped or not self.measures_at_batch_end or not self.schedule(step):
             return
         if self.enabled and self.ready():
-            self.last_step = step
             with self.guard(trainer):
                 self.measure(trainer, pl_module, step)
 

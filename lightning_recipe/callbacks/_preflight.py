@@ -129,7 +129,6 @@ class PreflightCheck(RecipeCallback):
         self.adapter = BatchAdapter.build(inputs, targets, forward)
         self.result: CheckResult | None = None
         self._user_error: BaseException | None = None
-        self._waiting = None
 
     def run(self, ctx: CheckContext) -> CheckResult:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -140,6 +140,7 @@ class PredictionDynamicsLogger(Monitor):
         self._reading: OutputReading | None = None  # how its outputs are read, resolved at the first evaluation
         self._alignment: Alignment | None = None  # which target each output position is trained towards
         self._best_loss = math.inf  # lowest loss on the batch so far (the history is not rescanned each time)
+        self._last_step = -1  # the step evaluated last (at the start, on the schedule, at the end)
         self._figure_step = -1
         self._resumed_batch: Any = None  # the fixed batch from a checkpoint, on the host until on_train_start
 
@@ -176,7 +177,7 @@ class PredictionDynamicsLogger(Monitor):
             "trajectory_steps": list(self._trajectory_steps),
             "trajectories": list(self._trajectories),
             "best_loss": self._best_loss,
-            "last_step": self.last_step,
+            "last_step": self._last_step,
             "figure_step": self._figure_step,
         }
 
@@ -193,7 +194,7 @@ class PredictionDynamicsLogger(Monitor):
         self._trajectory_steps = [int(step) for step in state.get("trajectory_steps", [])]
         self._trajectories = list(state.get("trajectories", []))
         self._best_loss = float(state.get("best_loss", math.inf))
-        self.last_step = int(state.get("last_step", -1))
+        self._last_step = int(state.get("last_step", -1))
         self._figure_step = int(state.get("figure_step", -1))
 
     def _resume(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
@@ -232,10 +233,10 @@ class PredictionDynamicsLogger(Monitor):
 
     @override
     def finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if int(trainer.global_step) != self.last_step:
+        if int(trainer.global_step) != self._last_step:
             self._evaluate(trainer, pl_module, figure=False)
         self.flush(wait=True)
-        if self._figure_step != self.last_step:
+        if self._figure_step != self._last_step:
             self._draw(trainer)
 
     @override
@@ -336,7 +337,7 @@ class PredictionDynamicsLogger(Monitor):
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, figure: bool = True) -> None:
         """Predict now; read the predictions when they reach the host (on a GPU, at a later hook)."""
         step = int(trainer.global_step)
-        self.last_step = step
+        self._last_step = step
         outputs = self._predict(trainer, pl_module)
         self.defer([outputs], lambda host: self._record(trainer, host[0], step, figure))
 
