@@ -21,8 +21,9 @@ from lightning_recipe.diagnostics.leakage.evidence import (
 )
 from lightning_recipe.diagnostics.leakage.examples import input_batch_dims, probe_examples
 from lightning_recipe.diagnostics.leakage.graph import not_a_graph_model, probe_graph, read_graph
-from lightning_recipe.diagnostics.leakage.passes import Forward, eval_mode
+from lightning_recipe.diagnostics.leakage.passes import Forward
 from lightning_recipe.diagnostics.sparse import is_edge_list, is_sparse
+from lightning_recipe.diagnostics.state import eval_mode
 from lightning_recipe.diagnostics.task import is_int
 from lightning_recipe.diagnostics.walk import map_tensors
 
