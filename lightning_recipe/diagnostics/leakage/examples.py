@@ -103,7 +103,7 @@ def _examples(inputs: Any, in_dim: int, num_examples: int) -> tuple[Any, int]:
         # them); it only gets here when asked to (`graph=False`). Sparse tensors are cut with index_select.
         adjacency = graph_adjacency(inputs, n) if in_dim == 0 else None
         inputs = map_tensors(inputs, lambda t: t[:b, :b] if t is adjacency and not is_sparse(t) else t)
-        inputs = slice_batch(inputs, slice(0, b), n, in_dim)
+        inputs = slice_batch(inputs, slice(0, b), n, (in_dim,))
         inputs = map_tensors(inputs, lambda t: _edges_within(t, b) if is_edge_list(t, n) else t)
     return inputs, b
 
