@@ -17,7 +17,6 @@ from torch.utils.data import DataLoader
 import lightning_recipe
 from lightning_recipe import CheckStatus
 from lightning_recipe.callbacks._fixed_batch import _concat, _rows
-from lightning_recipe.callbacks.overfit_one_batch import _take
 from lightning_recipe.diagnostics.batch import default_inputs, default_targets
 from lightning_recipe.diagnostics.sparse import slice_batch
 from lightning_recipe.diagnostics.walk import first_tensor, map_tensors, tensors_of
@@ -66,13 +65,13 @@ def test_the_cutters_and_the_joiner_take_dataclass_batches():
     batch = Batch(torch.arange(8.0).view(4, 2), torch.arange(4))
     cut = slice_batch(batch, slice(0, 2), 4)
     assert isinstance(cut, Batch) and cut.x.shape == (2, 2) and cut.y.tolist() == [0, 1]
-    taken = _take(batch, 3, 4)
+    taken = slice_batch(batch, slice(0, 3), 4, (0, 1))
     assert isinstance(taken, Batch) and taken.y.tolist() == [0, 1, 2]
     joined = _concat([batch, batch])
     assert isinstance(joined, Batch) and joined.y.tolist() == [0, 1, 2, 3] * 2 and joined.name == "clusters"
     assert _rows(batch, 4) and not _rows(batch, 3)
     time_major = {"x": torch.zeros(7, 4, 3), "y": torch.zeros(7, 4)}  # (T, N, F): cut on dim 1
-    assert _take(time_major, 2, 4)["x"].shape == (7, 2, 3)
+    assert slice_batch(time_major, slice(0, 2), 4, (0, 1))["x"].shape == (7, 2, 3)
 
 
 def test_a_dataclass_batch_is_read_by_its_field_names():

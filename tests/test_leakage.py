@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_recipe import BatchLeakageProbe, CheckStatus, RecipeCheckError, RecipeWarning
-from lightning_recipe.diagnostics.leakage import LeakageNotApplicable, probe_batch_leakage
+from lightning_recipe.diagnostics.leakage import LeakageNotApplicable, ProbeSettings, probe_batch_leakage
 from tests.ddp import run_ddp
 from tests.models import trainer
 from tests.tensorboard import read_events
@@ -315,6 +315,10 @@ def test_larger_batches_are_probed_on_a_bounded_number_of_examples():
     torch.manual_seed(0)
     report = _probe(PerExampleMLP(), torch.randn(64, 6), num_examples=16)
     assert report.num_examples == 16 and report.total_backward_passes == 8
+    report = _probe(PerExampleMLP(), torch.randn(64, 6), settings=ProbeSettings(num_examples=4, tolerance=1e-3))
+    assert report.num_examples == 4 and report.tolerance == 1e-3
+    report = _probe(PerExampleMLP(), torch.randn(64, 6), settings=ProbeSettings(num_examples=4), num_examples=8)
+    assert report.num_examples == 8, "a keyword replaces the field of `settings`"
 
 
 # -- the callback through a real Trainer ----------------------------------------------------------------
@@ -364,6 +368,12 @@ def test_healthy_model_passes_through_fit_and_says_eval_mode():
     assert probe.result.details["eval_mode"] is True
     assert probe.result.details["total_backward_passes"] == 8
     assert t.global_step == 2
+
+
+def test_the_callbacks_settings_reach_the_probe():
+    probe = BatchLeakageProbe(num_examples=4, tolerance=1e-3)
+    trainer(callbacks=[probe], max_steps=1).fit(LitSequences(), sequence_loader())
+    assert probe.result.details["num_examples"] == 4 and probe.result.details["tolerance"] == 1e-3
 
 
 def test_view_bug_stops_fit_with_the_permute_fix():

@@ -113,7 +113,7 @@ def test_jsonargparse_builds_the_suite_from_a_config_naming_component_keywords()
         suite = parser.instantiate(parser.parse_args(["--callback", json.dumps(config)])).callback
     assert isinstance(suite, RecipeSuite)
     assert [type(c).__name__ for c in suite.checks] == ["InitLossCheck", "BatchLeakageProbe", "OverfitOneBatch"]
-    assert suite.checks[2].max_steps == 50 and suite.checks[1].num_examples == 4
+    assert suite.checks[2].max_steps == 50 and suite.checks[1].settings.num_examples == 4
     assert all(c.on_fail == "warn" for c in suite.checks)
     turned_off = {"FirstLayerVisualizer", "PredictionDynamicsLogger"}
     assert [type(m).__name__ for m in suite.monitors] == [

@@ -28,7 +28,6 @@ from lightning_recipe import (
 )
 from lightning_recipe.callbacks._fixed_batch import _concat, _uniform
 from lightning_recipe.callbacks.init_loss_check import _input_stats
-from lightning_recipe.callbacks.overfit_one_batch import _take
 from lightning_recipe.diagnostics.batch import BatchAdapter
 from lightning_recipe.diagnostics.labels import conflicting_labels
 from lightning_recipe.diagnostics.leakage import LeakageNotApplicable, probe_batch_leakage
@@ -115,9 +114,9 @@ def test_init_loss_input_stats_read_a_sparse_feature_matrix():
     assert math.isclose(stats["mean"], float(x.to_dense().double().mean()), rel_tol=1e-9, abs_tol=1e-12)
 
 
-def test_overfit_take_cuts_sparse_tensors_on_the_batch_dim():
+def test_slice_batch_cuts_sparse_tensors_on_the_first_batch_dim_that_fits():
     x, tokens = _sparse_matrix(6, 3), torch.arange(12).reshape(2, 6)  # time-major (T, N)
-    cut_x, cut_tokens = _take((x, tokens), 2, 6)
+    cut_x, cut_tokens = slice_batch((x, tokens), slice(0, 2), 6, (0, 1))
     torch.testing.assert_close(cut_x.to_dense(), x.to_dense()[:2])
     assert torch.equal(cut_tokens, tokens[:, :2])
 

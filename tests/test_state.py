@@ -11,7 +11,14 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_recipe.diagnostics.state import ModuleAttributes, TrainingState, attributes_preserved, preserved
+from lightning_recipe.diagnostics.state import (
+    ModuleAttributes,
+    TrainingState,
+    attributes_preserved,
+    eval_mode,
+    evaluating,
+    preserved,
+)
 
 
 class Child(nn.Module):
@@ -215,6 +222,30 @@ def test_attributes_preserved_restores_when_the_body_raises():
         m.history.clear()
         raise RuntimeError("user code")
     assert m.history == [1.0]
+
+
+@pytest.mark.parametrize("switch", [eval_mode, evaluating, preserved])
+def test_every_submodules_own_mode_is_put_back_when_the_body_raises(switch):
+    """Per module: a `.train()` on the root afterwards would switch on the BatchNorm the user keeps frozen."""
+    m = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2), nn.Dropout()).train()
+    m[1].eval()
+    with pytest.raises(RuntimeError), switch(m):
+        m.eval()  # what a check does inside `preserved`; already so inside the other two
+        raise RuntimeError("user code")
+    assert [s.training for s in m.modules()] == [True, True, False, True]
+
+
+def test_evaluating_runs_without_gradients_and_leaves_rng_and_attributes_as_found():
+    m = Stateful()
+    torch.manual_seed(0)
+    with evaluating(m):
+        assert not m.training and not torch.is_grad_enabled()
+        torch.randn(3)
+        m.child.counter += 1
+    drawn = torch.randn(3)
+    torch.manual_seed(0)
+    assert torch.equal(drawn, torch.randn(3))
+    assert m.child.counter == 0
 
 
 def test_a_view_of_a_parameter_is_left_to_the_parameter_snapshot():

@@ -17,7 +17,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 from lightning_recipe import UpdateRatioMonitor
-from lightning_recipe.callbacks import _update_ratio_text as text
+from lightning_recipe.callbacks._base import format_names
 from lightning_recipe.diagnostics import update_ratio as ur
 from tests.ddp import run_ddp, run_script
 from tests.models import MLPClassifier, cluster_data, cluster_loader, loader, trainer
@@ -102,8 +102,9 @@ def test_one_zero_update_is_no_evidence_of_a_parameter_that_never_moves():
 
 
 def test_names_are_listed_a_few_then_counted():
-    assert text.format_names(["a", "b"]) == "a, b"
-    assert text.format_names([f"p{i}" for i in range(8)], limit=3) == "p0, p1, p2 and 5 more"
+    assert format_names(["a", "b"]) == "a, b"
+    assert format_names(tuple(f"p{i}" for i in range(8))) == "p0, p1, p2, p3, p4 and 3 more"
+    assert format_names([f"p{i}" for i in range(8)], limit=3) == "p0, p1, p2 and 5 more"
 
 
 # -- construction --------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from lightning.pytorch.callbacks import Callback
@@ -12,12 +13,18 @@ from lightning.pytorch.callbacks import Callback
 from lightning_recipe import _logging
 from lightning_recipe.callbacks._data import own_copy
 
-__all__ = ["RecipeCallback", "snake_case"]
+__all__ = ["RecipeCallback", "format_names", "snake_case"]
 
 
 @functools.cache  # tags are built on every logging step: keep the regex off that path
 def snake_case(name: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def format_names(names: Sequence[str], limit: int = 5) -> str:
+    """``a, b, c, d, e and 4 more``: the names in a message, the first ``limit`` of them."""
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 class RecipeCallback(Callback):

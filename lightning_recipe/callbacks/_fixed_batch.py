@@ -1,15 +1,13 @@
-"""The fixed batch PredictionDynamicsLogger evaluates: where it is read from, how batches join into it, how the
-model is run on it without touching the run, and what of it a checkpoint can keep.
+"""The fixed batch PredictionDynamicsLogger evaluates: where it is read from, how batches join into it, and what
+of it a checkpoint can keep.
 
 The batch is fixed for the whole run, so it must be cut and joined without breaking examples apart (a graph whose
-examples are nodes is taken whole), and each evaluation must leave every mode, random number generator and
-attribute of the model as it found it.
+examples are nodes is taken whole).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -17,12 +15,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from lightning_recipe.diagnostics.compiled import eager
 from lightning_recipe.diagnostics.sparse import graph_adjacency, is_sparse, slice_batch
-from lightning_recipe.diagnostics.state import RngState, attributes_preserved
 from lightning_recipe.diagnostics.walk import map_tensors, tensors_of
 
-__all__ = ["NOT_PLAIN", "evaluating", "first_examples", "plain_on_host", "val_loader"]
+__all__ = ["NOT_PLAIN", "first_examples", "plain_on_host", "val_loader"]
 
 
 def val_loader(trainer: pl.Trainer) -> DataLoader | None:
@@ -46,24 +42,6 @@ def first_examples(batches: list[Any], sizes: list[int], n: int, module: nn.Modu
     if total > n:
         batch = slice_batch(batch, slice(0, n), total)
     return batch
-
-
-@contextmanager
-def evaluating(module: torch.nn.Module) -> Iterator[None]:
-    """Eval mode and no gradients inside; the mode of every submodule and every RNG put back after, so a
-    stochastic forward does not shift the run and a submodule the user keeps in eval stays so. The module's
-    plain attributes too: a forward that caches or counts must not change what training sees. A compiled
-    model runs eagerly (see :mod:`lightning_recipe.diagnostics.compiled`)."""
-    modes = [(m, m.training) for m in module.modules()]
-    rng = RngState.capture()
-    try:
-        module.eval()
-        with torch.no_grad(), attributes_preserved(module), eager():
-            yield
-    finally:
-        for submodule, training in modes:
-            submodule.training = training  # per module: .train() would recurse and undo user choices
-        rng.restore()
 
 
 NOT_PLAIN = object()

@@ -7,15 +7,13 @@ asks for it (the nonfinite-start summary has no best loss to show).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
+from lightning_recipe.callbacks._base import format_names
 from lightning_recipe.diagnostics.overfit import Attempt, OverfitEvidence
 from lightning_recipe.diagnostics.overfit_cause import Cause, Diagnosis, OutputFacts
 
-__all__ = ["TEXT", "Numbers", "goal_text", "label_text", "names", "wording"]
-
-_NAMES_SHOWN = 6
+__all__ = ["TEXT", "Numbers", "goal_text", "label_text", "wording"]
 
 _FLOOR_HINT = (
     "A loss with a floor above zero: `.clamp(min=...)` / `max(loss, c)` on the loss, softmax or "
@@ -203,7 +201,7 @@ class Numbers:
         share = ev.frozen_numel / max(ev.frozen_numel + ev.trainable_numel, 1)
         return (
             f"{len(ev.frozen_params)} parameter tensors ({share:.0%} of the weights) are frozen "
-            f"(requires_grad=False): {names(ev.frozen_params)}"
+            f"(requires_grad=False): {format_names(ev.frozen_params)}"
         )
 
     @property
@@ -219,7 +217,7 @@ class Numbers:
 
     @property
     def no_grad_names(self) -> str:
-        return names(self.ev.no_grad_params)
+        return format_names(self.ev.no_grad_params)
 
     @property
     def fitted_anyway(self) -> str:
@@ -283,9 +281,3 @@ def label_text(attempt: Attempt) -> str:
             "and a different label)"
         )
     return text
-
-
-def names(params: Sequence[str]) -> str:
-    """The first few parameter names, and how many more."""
-    shown = ", ".join(params[:_NAMES_SHOWN])
-    return shown + (f" and {len(params) - _NAMES_SHOWN} more" if len(params) > _NAMES_SHOWN else "")

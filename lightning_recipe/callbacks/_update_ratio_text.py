@@ -12,10 +12,11 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from lightning_recipe.callbacks._base import format_names
 from lightning_recipe.diagnostics.update_ratio import TARGET_RATIO
 from lightning_recipe.diagnostics.update_ratio_cause import Cause, Finding, Limits
 
-__all__ = ["TEXT", "cancelled_note", "fmt", "format_names", "lr_list", "lr_text", "message"]
+__all__ = ["TEXT", "cancelled_note", "fmt", "lr_list", "lr_text", "message"]
 
 _MEDIAN = "the median update/weight ratio ||ΔW||/||W|| of the weight matrices is {median} per step, "
 _START = "above {max_ratio} on most of the first {window} optimizer steps "
@@ -105,14 +106,6 @@ def cancelled_note(name: str, weight: str) -> str:
         "trains, the signature of a bias right before a normalisation (BatchNorm / LayerNorm) that subtracts "
         "the mean and so cancels it. It can be dropped (`bias=False`) to save a parameter; not an alert."
     )
-
-
-def format_names(names: Sequence[str], limit: int = 5) -> str:
-    """``a, b, c and 4 more``."""
-    names = list(names)
-    if len(names) <= limit:
-        return ", ".join(names)
-    return f"{', '.join(names[:limit])} and {len(names) - limit} more"
 
 
 def fmt(x: float) -> str:

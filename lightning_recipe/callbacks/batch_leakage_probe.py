@@ -26,6 +26,7 @@ from lightning_recipe.diagnostics.leakage import (
     LeakageNotApplicable,
     LeakageReport,
     LeakCause,
+    ProbeSettings,
     probe_batch_leakage,
 )
 from lightning_recipe.report import CheckResult
@@ -105,13 +106,15 @@ class BatchLeakageProbe(PreflightCheck):
         check_fraction("tolerance", tolerance)
         if time_dim is not None and batch_dim is not None and time_dim == batch_dim:
             raise ValueError(f"Expected `time_dim` and `batch_dim` to differ, but both are {time_dim}.")
-        self.batch_dim = batch_dim
-        self.output_batch_dim = output_batch_dim
-        self.causal = causal
-        self.time_dim = time_dim
-        self.num_examples = num_examples
-        self.tolerance = tolerance
-        self.graph = graph
+        self.settings = ProbeSettings(
+            batch_dim=batch_dim,
+            output_batch_dim=output_batch_dim,
+            causal=causal,
+            time_dim=time_dim,
+            num_examples=num_examples,
+            tolerance=tolerance,
+            graph=graph,
+        )
 
     @override
     def run(self, ctx: CheckContext) -> CheckResult:
@@ -127,24 +130,13 @@ class BatchLeakageProbe(PreflightCheck):
                 return ctx.adapter.predict(module, x)
 
         next_token = None
-        if self.causal is None and self.time_dim is None:
+        if self.settings.causal is None and self.settings.time_dim is None:
             alignment = ctx.alignment(batch)
             if alignment is not None and alignment.next_token:
                 next_token = f"next-token training: {alignment.describe()}"
         try:
             report = probe_batch_leakage(
-                ctx.module,
-                inputs,
-                forward,
-                targets=targets,
-                batch_dim=self.batch_dim,
-                output_batch_dim=self.output_batch_dim,
-                causal=self.causal,
-                time_dim=self.time_dim,
-                num_examples=self.num_examples,
-                tolerance=self.tolerance,
-                next_token=next_token,
-                graph=self.graph,
+                ctx.module, inputs, forward, targets=targets, settings=self.settings, next_token=next_token
             )
         except LeakageNotApplicable as reason:
             raise CheckSkipped(str(reason)) from None
@@ -188,7 +180,7 @@ class BatchLeakageProbe(PreflightCheck):
             summary += f"; causality not checked: {r.causal_reason}."
         if r.probed_layer is not None:
             summary += f" Probed at the {r.output_layout}."
-            if self.causal:
+            if self.settings.causal:
                 return self.skipped(
                     f"{self.name} checked the batch ({summary}) but could not check causality as asked. Pass "
                     "`time_dim=` (the time dimension of the inputs) or `forward=` returning per-position outputs.",

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
@@ -25,7 +24,6 @@ from lightning_recipe.callbacks._first_layer_text import cause_text, frozen_note
 from lightning_recipe.callbacks._monitor import Monitor
 from lightning_recipe.callbacks._schedule import AnyOf, Every
 from lightning_recipe.diagnostics.batch import BatchNotUnderstood, ForwardFn, InputsFn, TargetsFn
-from lightning_recipe.diagnostics.compiled import eager
 from lightning_recipe.diagnostics.first_layer import (
     LayerTrace,
     LayerView,
@@ -45,7 +43,7 @@ from lightning_recipe.diagnostics.first_layer import (
     weighted_modules,
     why_not_changing,
 )
-from lightning_recipe.diagnostics.state import RngState, attributes_preserved
+from lightning_recipe.diagnostics.state import RngState, evaluating
 from lightning_recipe.diagnostics.walk import tensors_of
 from lightning_recipe.report import RecipeWarning
 
@@ -333,11 +331,9 @@ class FirstLayerVisualizer(Monitor):
         generators = loader_generators(loader) if isinstance(loader, DataLoader) else []
         self._model_input_shape = None
         rng = RngState.capture(generators)
-        modes = [(m, m.training) for m in pl_module.modules()]
         try:
             batch = peek_batches(trainer, 1)[0] if batch is None else batch
-            pl_module.eval()
-            with torch.no_grad(), attributes_preserved(pl_module), eager():
+            with evaluating(pl_module):
                 adapter = self.adapter
                 try:
                     return self._trace_with(pl_module, adapter, batch)
@@ -347,8 +343,6 @@ class FirstLayerVisualizer(Monitor):
         except (CheckSkipped, BatchNotUnderstood):
             return None  # then `layer=` is needed, and the caller says so
         finally:
-            for module, training in modes:
-                module.training = training
             rng.restore()
 
     def _trace_with(self, pl_module: nn.Module, adapter: Any, batch: Any) -> LayerTrace:

@@ -29,10 +29,10 @@ from lightning_recipe.diagnostics.overfit import (
     overfit_batch,
 )
 from lightning_recipe.diagnostics.overfit_cause import Cause, OutputFacts, diagnose
-from lightning_recipe.diagnostics.sparse import examples_in_loss, graph_adjacency, take_along
+from lightning_recipe.diagnostics.sparse import examples_in_loss, graph_adjacency, slice_batch
 from lightning_recipe.diagnostics.state import TrainingState
 from lightning_recipe.diagnostics.task import IGNORE_INDEX
-from lightning_recipe.diagnostics.walk import map_tensors, tensors_of
+from lightning_recipe.diagnostics.walk import tensors_of
 from lightning_recipe.report import CheckResult
 
 __all__ = ["OverfitOneBatch"]
@@ -227,7 +227,7 @@ class OverfitOneBatch(PreflightCheck):
             return batch, size, True
         if k == size:
             return batch, size, True
-        sliced = _take(batch, k, size)
+        sliced = slice_batch(batch, slice(0, k), size, (0, 1))  # inputs may be time-major
         if id(batch) in ctx.positions:  # the slice has the place in the pass of the batch it was cut from
             ctx.positions[id(sliced)] = ctx.positions[id(batch)]
         try:
@@ -341,17 +341,3 @@ def _stochastic_layers_off(module: nn.Module) -> int:
             sub.training = False  # per module: .eval() would recurse into the BatchNorm children
             count += 1
     return count
-
-
-def _take(value: Any, k: int, size: int) -> Any:
-    """The first ``k`` examples: tensors with ``size`` on dim 0 are cut there, else on dim 1 (time-major).
-    Sparse tensors are cut with ``index_select`` (they have no strided views)."""
-
-    def cut(t: Tensor) -> Tensor:
-        if t.ndim >= 1 and t.shape[0] == size:
-            return take_along(t, slice(0, k), 0)
-        if t.ndim >= 2 and t.shape[1] == size:
-            return take_along(t, slice(0, k), 1)
-        return t
-
-    return map_tensors(value, cut)

@@ -18,14 +18,14 @@ from lightning_recipe.callbacks._context import CheckContext, silenced_logging
 from lightning_recipe.callbacks._data import fresh_pass_refusal, loader_generators, peek_batches
 from lightning_recipe.callbacks._dynamics_text import cause_text, non_finite_text
 from lightning_recipe.callbacks._errors import CheckSkipped
-from lightning_recipe.callbacks._fixed_batch import NOT_PLAIN, evaluating, first_examples, plain_on_host, val_loader
+from lightning_recipe.callbacks._fixed_batch import NOT_PLAIN, first_examples, plain_on_host, val_loader
 from lightning_recipe.callbacks._monitor import Monitor
 from lightning_recipe.diagnostics.alignment import Alignment
 from lightning_recipe.diagnostics.batch import ForwardFn, InputsFn, TargetsFn
 from lightning_recipe.diagnostics.compiled import eager
 from lightning_recipe.diagnostics.dynamics_verdict import Evaluation, judge
 from lightning_recipe.diagnostics.prediction_dynamics import OutputReading, Snapshot, churn, jitter, movement, snapshot
-from lightning_recipe.diagnostics.state import RngState, preserved
+from lightning_recipe.diagnostics.state import RngState, evaluating, preserved
 from lightning_recipe.diagnostics.task import TASKS
 
 __all__ = ["PredictionDynamicsLogger"]

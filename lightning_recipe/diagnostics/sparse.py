@@ -10,7 +10,7 @@ together, so cutting examples out of such a batch cuts edges too (:func:`slice_b
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -48,21 +48,22 @@ def take_along(t: Tensor, index: Tensor | slice, dim: int) -> Tensor:
     return t.to_sparse_coo().index_select(dim, positions).to_sparse(layout=t.layout)
 
 
-def slice_batch(value: Any, index: Tensor | slice, batch_size: int, dim: int = 0) -> Any:
-    """Take ``index`` along ``dim`` of every tensor in ``value`` whose size there is ``batch_size``.
+def slice_batch(value: Any, index: Tensor | slice, batch_size: int, dims: Sequence[int] = (0,)) -> Any:
+    """Take ``index`` along the batch dimension of every tensor in ``value``: the first of ``dims`` whose size is
+    ``batch_size`` (``(0, 1)``: the batch is on dim 0, or on dim 1 where a tensor is time-major); a tensor with
+    none is left whole.
 
     Sparse tensors are cut with ``index_select`` (they have no strided views). A sparse ``(N, N)`` adjacency
     of a graph batch is cut on both dimensions, so the result is the subgraph the kept nodes induce rather
     than a ``(k, N)`` matrix no graph layer can take."""
 
     def cut(t: Tensor) -> Tensor:
-        if t.ndim <= dim or t.shape[dim] != batch_size:
+        dim = next((d for d in dims if t.ndim > d and t.shape[d] == batch_size), None)
+        if dim is None:
             return t
-        if is_sparse(t):
-            for d in (0, 1) if dim == 0 and _square_adjacency(t, batch_size) else (dim,):
-                t = take_along(t, index, d)
-            return t
-        return t[(slice(None),) * dim + (index,)]
+        for d in (0, 1) if dim == 0 and is_sparse(t) and _square_adjacency(t, batch_size) else (dim,):
+            t = take_along(t, index, d)
+        return t
 
     return map_tensors(value, cut)
 

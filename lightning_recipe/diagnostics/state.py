@@ -24,7 +24,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ModuleAttributes", "RngState", "TrainingState", "attributes_preserved", "preserved"]
+from lightning_recipe.diagnostics.compiled import eager
+
+__all__ = [
+    "ModuleAttributes",
+    "RngState",
+    "TrainingState",
+    "attributes_preserved",
+    "eval_mode",
+    "evaluating",
+    "preserved",
+]
 
 
 @dataclass
@@ -57,6 +67,33 @@ class RngState:
         random.setstate(self.python)
         for generator, state in self.generators:
             generator.set_state(state)
+
+
+@dataclass
+class Modes:
+    """The train/eval mode of a module and of every submodule, restorable. Put back per module: ``.train()``
+    would recurse into the children and undo a submodule the user keeps in eval (a frozen BatchNorm)."""
+
+    flags: list[tuple[nn.Module, bool]]
+
+    @classmethod
+    def capture(cls, module: nn.Module) -> Modes:
+        return cls([(m, m.training) for m in module.modules()])
+
+    def restore(self) -> None:
+        for submodule, training in self.flags:
+            submodule.training = training
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Eval mode inside (BatchNorm per example, dropout off); every submodule's own mode put back after."""
+    modes = Modes.capture(module)
+    try:
+        module.eval()
+        yield
+    finally:
+        modes.restore()
 
 
 # -- plain attributes ------------------------------------------------------------------------------------------
@@ -259,6 +296,20 @@ def attributes_preserved(module: nn.Module) -> Iterator[ModuleAttributes]:
         state.restore()
 
 
+@contextmanager
+def evaluating(module: nn.Module) -> Iterator[None]:
+    """Eval mode and no gradients inside, for a forward pass of the package's own during training; the mode of
+    every submodule, the module's plain attributes and every RNG put back after, so a stochastic forward does not
+    shift the run and a forward that caches or counts does not change what training sees. A compiled model runs
+    eagerly (see :mod:`lightning_recipe.diagnostics.compiled`)."""
+    rng = RngState.capture()
+    try:
+        with eval_mode(module), torch.no_grad(), attributes_preserved(module), eager():
+            yield
+    finally:
+        rng.restore()
+
+
 @dataclass
 class TrainingState:
     """A deep copy of a model's and its optimizers' state, restorable in place."""
@@ -268,7 +319,7 @@ class TrainingState:
     buffer_owners: list[tuple[nn.Module, str, Tensor]]
     grads: list[tuple[nn.Parameter, Tensor | None]]
     requires_grad: list[tuple[nn.Parameter, bool]]
-    modes: list[tuple[nn.Module, bool]]
+    modes: Modes
     attributes: ModuleAttributes
     optimizers: list[tuple[Any, dict[str, Any]]]
     schedulers: list[tuple[Any, dict[str, Any]]]
@@ -293,7 +344,7 @@ class TrainingState:
             buffer_owners=owners,
             grads=grads,
             requires_grad=[(p, p.requires_grad) for p in params],
-            modes=[(m, m.training) for m in module.modules()],
+            modes=Modes.capture(module),
             attributes=ModuleAttributes.capture(module),
             optimizers=[(o, copy.deepcopy(o.state_dict())) for o in optimizers],
             schedulers=[(s, copy.deepcopy(s.state_dict())) for s in schedulers],
@@ -311,8 +362,7 @@ class TrainingState:
                 param.grad = None if grad is None else grad.clone()
         for param, flag in self.requires_grad:
             param.requires_grad_(flag)
-        for submodule, training in self.modes:
-            submodule.training = training  # per module: .train() would recurse into children
+        self.modes.restore()
         self.attributes.restore()
         for optimizer, state in self.optimizers:
             optimizer.load_state_dict(copy.deepcopy(state))

@@ -70,8 +70,8 @@ class LeakCause(str, Enum):
 
 @dataclass(frozen=True)
 class ProbeSettings:
-    """How to probe, as the caller of :func:`~lightning_recipe.diagnostics.leakage.probe_batch_leakage` gave it
-    (the defaults are that function's).
+    """How to probe: what :func:`~lightning_recipe.diagnostics.leakage.probe_batch_leakage` takes, and what
+    :class:`~lightning_recipe.BatchLeakageProbe` holds.
 
     Attributes:
         batch_dim: batch dimension of the inputs (``None``: found).
@@ -95,17 +95,17 @@ class ProbeSettings:
             independent examples (on the subgraph the first ``num_examples`` nodes induce).
     """
 
-    batch_dim: int | None
-    output_batch_dim: int | None
-    causal: bool | None
-    time_dim: int | None
-    num_examples: int
-    tolerance: float
-    max_exact_rows: int
-    max_causal_passes: int
-    seed: int
-    next_token: str | None
-    graph: bool | None
+    batch_dim: int | None = None
+    output_batch_dim: int | None = None
+    causal: bool | None = None
+    time_dim: int | None = None
+    num_examples: int = 16
+    tolerance: float = 1e-5
+    max_exact_rows: int = 16
+    max_causal_passes: int = 4
+    seed: int = 0
+    next_token: str | None = None
+    graph: bool | None = None
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,9 @@ for the batch dim looks like a leak and a right one does not.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -43,6 +44,8 @@ from lightning_recipe.diagnostics.task import is_int
 from lightning_recipe.diagnostics.walk import map_tensors, tensors_of
 
 __all__ = ["input_batch_dims", "probe_examples"]
+
+T = TypeVar("T")
 
 
 # -- hypotheses about where the batch is ------------------------------------------------------------
@@ -103,7 +106,7 @@ def _examples(inputs: Any, in_dim: int, num_examples: int) -> tuple[Any, int]:
         # them); it only gets here when asked to (`graph=False`). Sparse tensors are cut with index_select.
         adjacency = graph_adjacency(inputs, n) if in_dim == 0 else None
         inputs = map_tensors(inputs, lambda t: t[:b, :b] if t is adjacency and not is_sparse(t) else t)
-        inputs = slice_batch(inputs, slice(0, b), n, in_dim)
+        inputs = slice_batch(inputs, slice(0, b), n, (in_dim,))
         inputs = map_tensors(inputs, lambda t: _edges_within(t, b) if is_edge_list(t, n) else t)
     return inputs, b
 
@@ -226,18 +229,15 @@ def _checked_views(raw: Tensor, b: int, in_dim: int, output_batch_dim: int | Non
 
 
 def _run_passes(
-    runner: Runner,
-    b: int,
-    in_dim: int,
-    layout: str,
-    recorded: list[Recorded],
-    settings: ProbeSettings,
-    plan: CausalPlan,
+    traced: _Traced, view: tuple[str, Tensor], b: int, in_dim: int, settings: ProbeSettings, plan: CausalPlan
 ) -> LeakageReport:
-    """The batch passes, where mixing starts when examples mix, else the causal passes when wanted."""
+    """The batch passes on one reading of the output (``view``: its layout and the tensor, examples on dim 0),
+    where mixing starts when examples mix, else the causal passes when wanted."""
+    layout, out = view
+    runner = Runner(traced.leaves, out, settings.tolerance, settings.seed)
     dependencies = batch_dependencies(runner, b, settings.max_exact_rows)
     pairs = dependencies.pairs
-    mixing = locate_mixing(runner, recorded, pairs[0][0], b) if pairs else Mixing()
+    mixing = locate_mixing(runner, traced.recorded, pairs[0][0], b) if pairs else Mixing()
     if plan.wanted and pairs:
         causal = CausalReading(checked=False, reason=f"{plan.reason}; not checked while examples mix (fix that first)")
     elif plan.wanted:
@@ -267,13 +267,31 @@ def _probe_last_layer(
             f"output of layer `{layer.name}` ({layer.kind}): no gradient reaches the inputs from the model output "
             "(zero-initialised final layer?), so the last layer that passes one was probed"
         )
-        runner = Runner(traced.leaves, layer.tensor.movedim(layer.dim, 0), settings.tolerance, settings.seed)
         try:
-            fallback = _run_passes(runner, b, in_dim, layout, traced.recorded, settings, plan)
+            fallback = _run_passes(traced, (layout, layer.tensor.movedim(layer.dim, 0)), b, in_dim, settings, plan)
         except (NoGradient, RuntimeError):
             continue
         return replace(fallback, probed_layer=layer.name)
     return None
+
+
+def _first_without_leak(
+    candidates: Iterable[T], probe: Callable[[T], LeakageReport], skip: type[LeakageNotApplicable]
+) -> tuple[LeakageReport | None, list[LeakageNotApplicable]]:
+    """``probe`` each candidate in turn: the first report without a leak, else the first with one, else ``None``;
+    and the ``skip`` errors of the candidates that could not be probed."""
+    first: LeakageReport | None = None
+    errors: list[LeakageNotApplicable] = []
+    for candidate in candidates:
+        try:
+            report = probe(candidate)
+        except skip as error:
+            errors.append(error)
+            continue
+        if not report.batch_leak:
+            return report, errors
+        first = first or report
+    return first, errors
 
 
 def _probe_at_batch_dim(
@@ -283,25 +301,15 @@ def _probe_at_batch_dim(
     leak, else the first with one, else the last layer that passes a gradient."""
     inputs, b = _examples(inputs, in_dim, settings.num_examples)
     traced = _trace(module, forward, inputs, b, in_dim)
-    first: LeakageReport | None = None
-    no_gradient: NoGradient | None = None
-    for layout, out in _checked_views(traced.output, b, in_dim, settings.output_batch_dim):
-        runner = Runner(traced.leaves, out, settings.tolerance, settings.seed)
-        try:
-            report = _run_passes(runner, b, in_dim, layout, traced.recorded, settings, plan)
-        except NoGradient as error:
-            no_gradient = error
-            continue
-        if not report.batch_leak:
-            return report
-        first = first or report
-    if first is not None:
-        return first
-    fallback = _probe_last_layer(traced, b, in_dim, settings, plan)
-    if fallback is not None:
-        return fallback
-    assert no_gradient is not None
-    raise no_gradient
+    report, no_gradient = _first_without_leak(
+        _checked_views(traced.output, b, in_dim, settings.output_batch_dim),
+        lambda view: _run_passes(traced, view, b, in_dim, settings, plan),
+        NoGradient,
+    )
+    report = report or _probe_last_layer(traced, b, in_dim, settings, plan)
+    if report is None:
+        raise no_gradient[-1]
+    return report
 
 
 def probe_examples(
@@ -314,17 +322,11 @@ def probe_examples(
 ) -> LeakageReport:
     """Each batch-dim hypothesis in turn: the first report without a leak, else the first with one, else the
     first reason none could be probed."""
-    first: LeakageReport | None = None
-    errors: list[LeakageNotApplicable] = []
-    for in_dim in hypotheses:
-        try:
-            report = _probe_at_batch_dim(module, inputs, forward, in_dim, settings, plan)
-        except LeakageNotApplicable as reason:
-            errors.append(reason)
-            continue
-        if not report.batch_leak:
-            return report
-        first = first or report
-    if first is not None:
-        return first
-    raise errors[0] if errors else LeakageNotApplicable("no batch dimension found")
+    report, errors = _first_without_leak(
+        hypotheses,
+        lambda in_dim: _probe_at_batch_dim(module, inputs, forward, in_dim, settings, plan),
+        LeakageNotApplicable,
+    )
+    if report is None:
+        raise errors[0] if errors else LeakageNotApplicable("no batch dimension found")
+    return report

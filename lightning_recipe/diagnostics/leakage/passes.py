@@ -4,14 +4,13 @@
 backward passes on them; :func:`batch_dependencies` covers every pair of ``B`` examples in
 ``2 * ceil(log2 B)`` passes and names the exact pairs with a few more; :func:`locate_mixing` searches the
 recorded layer outputs for the first that mixes. The helpers above them trace that forward pass: leaves in
-place of the inputs, eval mode, hooks removed whatever happens.
+place of the inputs, hooks removed whatever happens.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -29,7 +28,6 @@ __all__ = [
     "batch_dependencies",
     "describe_module",
     "dim_views",
-    "eval_mode",
     "hooked_forward",
     "locate_mixing",
     "probe_leaf",
@@ -74,18 +72,6 @@ def probe_leaf(t: Tensor) -> tuple[Tensor, Tensor]:
     probe = t.detach().to_dense().requires_grad_(True)
     fed = probe.to_sparse() if t.layout == torch.sparse_coo else probe.to_sparse(layout=t.layout)
     return probe, fed
-
-
-@contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Eval mode for the probe (BatchNorm per example, dropout off), every module's own mode restored after."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def hooked_forward(module: nn.Module, forward: Forward, inputs: Any, handles: list[Any]) -> Tensor:

@@ -21,8 +21,9 @@ from lightning_recipe.diagnostics.leakage.evidence import (
 )
 from lightning_recipe.diagnostics.leakage.examples import input_batch_dims, probe_examples
 from lightning_recipe.diagnostics.leakage.graph import not_a_graph_model, probe_graph, read_graph
-from lightning_recipe.diagnostics.leakage.passes import Forward, eval_mode
+from lightning_recipe.diagnostics.leakage.passes import Forward
 from lightning_recipe.diagnostics.sparse import is_edge_list, is_sparse
+from lightning_recipe.diagnostics.state import eval_mode
 from lightning_recipe.diagnostics.task import is_int
 from lightning_recipe.diagnostics.walk import map_tensors
 
@@ -35,17 +36,8 @@ def probe_batch_leakage(
     forward: Forward,
     *,
     targets: Tensor | None = None,
-    batch_dim: int | None = None,
-    output_batch_dim: int | None = None,
-    causal: bool | None = None,
-    time_dim: int | None = None,
-    num_examples: int = 16,
-    tolerance: float = 1e-5,
-    max_exact_rows: int = 16,
-    max_causal_passes: int = 4,
-    seed: int = 0,
-    next_token: str | None = None,
-    graph: bool | None = None,
+    settings: ProbeSettings | None = None,
+    **keywords: Any,
 ) -> LeakageReport:
     """Chart which examples (and positions) each output depends on, in eval mode.
 
@@ -54,9 +46,10 @@ def probe_batch_leakage(
         inputs: what ``forward`` takes: a tensor, or a tuple/dict of tensors, batch included.
         forward: ``(module, inputs) -> output tensor``.
         targets: the labels, used to find the batch size and to recognise next-token training.
-        batch_dim, output_batch_dim, causal, time_dim, num_examples, tolerance, max_exact_rows,
-            max_causal_passes, seed, next_token, graph: how to probe; see
-            :class:`~lightning_recipe.diagnostics.leakage.ProbeSettings`.
+        settings: how to probe (default: :class:`~lightning_recipe.diagnostics.leakage.ProbeSettings`'s defaults).
+        keywords: fields of :class:`~lightning_recipe.diagnostics.leakage.ProbeSettings` (``batch_dim``,
+            ``causal``, ``time_dim``, ``num_examples``, ``tolerance``, ``graph``, ...) that replace those of
+            ``settings``.
 
     Raises:
         LeakageNotApplicable: fewer than two examples, nothing to probe, or no batch dim in the output.
@@ -70,19 +63,7 @@ def probe_batch_leakage(
         >>> report.batch_leak, report.total_backward_passes
         (False, 6)
     """
-    settings = ProbeSettings(
-        batch_dim=batch_dim,
-        output_batch_dim=output_batch_dim,
-        causal=causal,
-        time_dim=time_dim,
-        num_examples=num_examples,
-        tolerance=tolerance,
-        max_exact_rows=max_exact_rows,
-        max_causal_passes=max_causal_passes,
-        seed=seed,
-        next_token=next_token,
-        graph=graph,
-    )
+    settings = replace(settings or ProbeSettings(), **keywords)
     try:
         return _probe(module, inputs, forward, targets, settings)
     except NoGradientPath as reason:
