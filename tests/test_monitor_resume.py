@@ -327,15 +327,12 @@ def test_monitors_inside_a_suite_resume_as_they_do_alone(tmp_path: Path):
     assert b.monitors[2].last_moved == a.monitors[2].last_moved
 
 
-def _three_deferring() -> list[Callback]:
-    monitors = [
+def _three() -> list[Callback]:
+    return [
         UpdateRatioMonitor(every_n_steps=5),
         PredictionDynamicsLogger(every_n_steps=5),
         FirstLayerVisualizer(every_n_steps=10, measure_every_n_steps=5, not_changing_after_steps=20),
     ]
-    for monitor in monitors:
-        monitor._always_defer = True  # readings wait for the next hook, as on a GPU
-    return monitors
 
 
 def _same_records(whole: list[Any], resumed: list[Any]) -> None:
@@ -347,23 +344,17 @@ def _same_records(whole: list[Any], resumed: list[Any]) -> None:
     assert resumed[2].last_moved == whole[2].last_moved
 
 
-def test_readings_in_flight_at_the_checkpoint_are_taken_into_it(tmp_path: Path):
+def test_readings_in_flight_at_the_checkpoint_are_taken_into_it(tmp_path: Path, defer_reads):
     # the checkpoint at step 16 is written while that step's readings still wait for the device: the state
     # waits for them, or the resumed run would lack them
-    whole, resumed = uninterrupted_and_resumed(tmp_path, zoo.lr_1e7, clusters, _three_deferring, 40, 16)
+    defer_reads(True)  # readings wait for the next hook, as on a GPU
+    whole, resumed = uninterrupted_and_resumed(tmp_path, zoo.lr_1e7, clusters, _three, 40, 16)
     _same_records(whole, resumed)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_monitors_resume_on_a_gpu(tmp_path: Path):
-    def three() -> list[Callback]:
-        return [
-            UpdateRatioMonitor(every_n_steps=5),
-            PredictionDynamicsLogger(every_n_steps=5),
-            FirstLayerVisualizer(every_n_steps=10, measure_every_n_steps=5, not_changing_after_steps=20),
-        ]
-
-    whole, resumed = uninterrupted_and_resumed(tmp_path, zoo.lr_1e7, clusters, three, 40, 16, accelerator="gpu")
+    whole, resumed = uninterrupted_and_resumed(tmp_path, zoo.lr_1e7, clusters, _three, 40, 16, accelerator="gpu")
     _same_records(whole, resumed)
 
 

@@ -60,6 +60,11 @@ STATE_VERSION = 1
 NEEDS_ADAPTER = (BatchNotUnderstood, TaskNotInferred)
 
 
+def _waits_for_device(tensors: Sequence[Tensor]) -> bool:
+    """Whether reading ``tensors`` now would make the host wait for a device: :meth:`Monitor.defer` defers those."""
+    return any(t.is_cuda for t in tensors)
+
+
 class Monitor(RecipeCallback):
     """Base of the callbacks that watch a training run.
 
@@ -95,7 +100,6 @@ class Monitor(RecipeCallback):
         self.seconds = 0.0
         self._alerted: set[tuple[str, str]] = set()
         self._pending: deque[tuple[list[Tensor], Any, Callable[[list[Tensor]], None]]] = deque()
-        self._always_defer = False  # tests: queue reads of CPU tensors too, to exercise the GPU path
         self._state_key: str | None = None
         self._stepped_to = 0  # the optimizer step the last batch ended on (or training started at)
 
@@ -220,12 +224,12 @@ class Monitor(RecipeCallback):
         host wait. CUDA tensors are copied with ``non_blocking=True`` behind an event, and ``then`` runs at a
         later :meth:`flush` (the monitor's next hook); CPU tensors are read at once. Calls run in order."""
         tensors = [t.detach() for t in tensors]
+        if not self._pending and not _waits_for_device(tensors):
+            then(tensors)
+            return
         stream = next((torch.cuda.current_stream(t.device) for t in tensors if t.is_cuda), None)
-        if stream is None:
-            if not self._always_defer and not self._pending:
-                then(tensors)
-                return
-            self._pending.append(([t.clone() for t in tensors], None, then))  # a later step may write to them
+        if stream is None:  # host tensors queued behind a pending read: copied, a later step may write to them
+            self._pending.append(([t.clone() for t in tensors], None, then))
             return
         host = [t.to("cpu", non_blocking=True) for t in tensors]  # into pinned memory, on the current stream
         event = torch.cuda.Event()
