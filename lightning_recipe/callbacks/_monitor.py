@@ -27,7 +27,6 @@ so a resumed run alerts as the uninterrupted one and two monitors of one class k
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 import traceback
@@ -51,10 +50,7 @@ from lightning_recipe.diagnostics.batch import BatchAdapter, BatchNotUnderstood,
 from lightning_recipe.diagnostics.task import TaskNotInferred
 from lightning_recipe.report import Alert, RecipeWarning, jsonable
 
-__all__ = ["NEEDS_ADAPTER", "STATE_VERSION", "Monitor"]
-
-#: the layout of a monitor's checkpoint state (``state_dict()["version"]``): raised when the layout changes
-STATE_VERSION = 1
+__all__ = ["NEEDS_ADAPTER", "Monitor"]
 
 #: errors that mean "pass `inputs=` / `targets=` / `forward=` / `task=`": their message names the argument
 NEEDS_ADAPTER = (BatchNotUnderstood, TaskNotInferred)
@@ -298,7 +294,6 @@ class Monitor(RecipeCallback):
             with self.guard():
                 self.flush(wait=True)  # a checkpoint waits for the device anyway: the readings still in flight
         state = {
-            "version": STATE_VERSION,
             "alerted": sorted(self._alerted),
             "alerts": [dataclasses.asdict(alert) for alert in self.alerts],
         }
@@ -308,33 +303,11 @@ class Monitor(RecipeCallback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved. A checkpoint written before states were versioned holds only
-        ``alerted`` (the alerts not to raise again): that is restored, and the monitor's windows start afresh."""
-        self._alerted = {(str(kind), str(key)) for kind, key in state_dict.get("alerted", [])}
-        version = state_dict.get("version")
-        if version is None:
-            return
-        if version != STATE_VERSION:
-            rank_zero_warn(
-                f"[lightning_recipe] {self.name}: the checkpoint holds its state in version {version!r}, this "
-                f"version of lightning_recipe reads version {STATE_VERSION}: only the alerts already raised are "
-                "restored, its measurements start afresh from the resumed step.",
-                category=RecipeWarning,
-            )
-            return
-        self.alerts = [Alert(**alert) for alert in state_dict.get("alerts", [])]
+        """Restore what :meth:`state_dict` saved."""
+        self._alerted = {(str(kind), str(key)) for kind, key in state_dict["alerted"]}
+        self.alerts = [Alert(**alert) for alert in state_dict["alerts"]]
         if "measurements" in state_dict:
             self.restore_state(state_dict["measurements"])
-
-    @override
-    def on_load_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        # a checkpoint written before monitors had a state key per instance holds the state under the class
-        # name; Lightning looks only under `state_key`, so read it from there
-        states = checkpoint.get("callbacks") or {}
-        if self.state_key not in states and isinstance(states.get(self.name), dict):
-            self.load_state_dict(copy.deepcopy(states[self.name]))
 
     def save_state(self) -> dict[str, Any]:
         """What this monitor's verdicts depend on across steps (windows, streaks, histories), as plain data.
