@@ -6,12 +6,11 @@ with one warning per process. Everything here is a no-op off rank zero.
 
 from __future__ import annotations
 
-import bisect
-import struct
+import io
 import warnings
-import zlib
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
@@ -24,15 +23,11 @@ if TYPE_CHECKING:
 __all__ = [
     "draws_figures",
     "grid",
-    "histogram_proto",
-    "image_proto",
     "log_figure",
-    "log_histogram",
     "log_images",
     "log_scalars",
     "log_text",
     "new_figure",
-    "png",
     "tag",
 ]
 
@@ -82,8 +77,8 @@ def log_scalars(
     than one ``add_scalar`` per value (0.2 vs 1.1 ms for 20 values here), which is most of what a monitor's
     measurement costs on a small model.
 
-    ``histograms`` maps a tag to ``(values, bin edges)``: TensorBoard only (other loggers have no histograms),
-    written in the same event as the scalars, bins as :func:`histogram_proto` counts them."""
+    ``histograms`` maps a tag to ``(values, bin edges)``, values inside the edges: TensorBoard only (other loggers
+    have no histograms), written in the same event as the scalars, as ``add_histogram(bins=edges)`` draws them."""
     for logger in trainer.loggers:
         writer = _file_writer(logger)
         if writer is None:
@@ -95,11 +90,12 @@ def log_scalars(
                         logger.experiment.add_histogram(name, torch.tensor(values), global_step=step, bins=edges)
             continue
         from tensorboard.compat.proto.summary_pb2 import Summary
+        from torch.utils.tensorboard.summary import make_histogram
 
         values = [Summary.Value(tag=name, simple_value=float(value)) for name, value in metrics.items()]
         for name, (numbers, edges) in (histograms or {}).items():
             if numbers:
-                values.append(Summary.Value(tag=name, histo=histogram_proto(numbers, edges)))
+                values.append(Summary.Value(tag=name, histo=make_histogram(np.asarray(numbers, dtype=float), edges)))
         if values:
             writer.add_summary(Summary(value=values), step)
 
@@ -128,53 +124,11 @@ def log_text(trainer: pl.Trainer, name: str, text: str, step: int) -> None:
         writer.add_text(name, text, global_step=step)
 
 
-def log_histogram(trainer: pl.Trainer, name: str, values: Tensor, step: int, bins: Any = "tensorflow") -> None:
-    """``bins`` as for ``SummaryWriter.add_histogram``. Fixed edges (a sequence) on a torch ``SummaryWriter``
-    take a fast path: counts taken in plain Python and the proto written directly, ~20x cheaper than
-    ``add_histogram`` for a few dozen values (numpy's histogram and its checks dominate there)."""
-    writer = _writer(trainer)
-    if writer is None:
-        return
-    values = values.detach().float().cpu()
-    file_writer = _event_file(writer)  # the logger `_writer` found: no second search
-    if file_writer is None or isinstance(bins, str) or values.numel() == 0:
-        writer.add_histogram(name, values, global_step=step, bins=bins)
-        return
-    from tensorboard.compat.proto.summary_pb2 import Summary
-
-    proto = histogram_proto(values.reshape(-1).tolist(), [float(e) for e in bins])
-    file_writer.add_summary(Summary(value=[Summary.Value(tag=name, histo=proto)]), step)
-
-
-def histogram_proto(values: list[float], edges: list[float]) -> Any:
-    """The ``HistogramProto`` that ``torch.utils.tensorboard.summary.make_histogram(values, edges)`` builds:
-    bins ``[e_i, e_i+1)``, the last one closed, values outside the edges not counted; bucket limits are
-    right edges, trimmed to the bins that hold values plus one empty bin on the left."""
-    from tensorboard.compat.proto.summary_pb2 import HistogramProto
-
-    counts = [0] * (len(edges) - 1)
-    last = len(counts) - 1
-    for v in values:
-        if edges[0] <= v <= edges[-1]:
-            counts[min(bisect.bisect_right(edges, v) - 1, last)] += 1
-    filled = [i for i, c in enumerate(counts) if c > 0]
-    start, end = (filled[0], filled[-1] + 1) if filled else (0, 1)
-    kept = counts[start - 1 : end] if start > 0 else [0, *counts[:end]]
-    return HistogramProto(
-        min=min(values),
-        max=max(values),
-        num=len(values),
-        sum=sum(values),
-        sum_squares=sum(v * v for v in values),
-        bucket_limit=edges[start : end + 1],
-        bucket=kept,
-    )
-
-
 def log_images(trainer: pl.Trainer, name: str, images: Tensor, step: int) -> None:
     """``images`` is ``(N, C, H, W)`` in [0, 1], ``C`` 1 or 3: drawn as one grid, 8 tiles a row (as
-    ``add_images`` draws it). On a torch ``SummaryWriter`` the grid is built in torch and the PNG written by
-    :func:`png`, several times cheaper than ``add_images`` (which resamples the image through PIL)."""
+    ``add_images`` draws it). On a torch ``SummaryWriter`` the grid is built in torch and a grey one stays grey:
+    ``add_images`` draws grey as RGB, 2.4x the bytes, which TensorBoard's writer checksums in pure Python; 64 grey
+    30x30 tiles cost 68-120 ms a picture that way against 19-28 ms here (benchmarks/results/logging_encoders.md)."""
     writer = _writer(trainer)
     if writer is None:
         return
@@ -183,9 +137,15 @@ def log_images(trainer: pl.Trainer, name: str, images: Tensor, step: int) -> Non
     if file_writer is None or images.ndim != 4 or images.shape[1] not in (1, 3) or images.shape[0] == 0:
         writer.add_images(name, images, global_step=step, dataformats="NCHW")
         return
+    from PIL import Image
     from tensorboard.compat.proto.summary_pb2 import Summary
 
-    file_writer.add_summary(Summary(value=[Summary.Value(tag=name, image=image_proto(grid(images)))]), step)
+    picture = grid(images)
+    height, width, channels = picture.shape
+    png = io.BytesIO()  # Pillow's fastest level: its default makes these grids 1-10% smaller in up to 4x the time
+    Image.fromarray(picture[:, :, 0].numpy() if channels == 1 else picture.numpy()).save(png, "PNG", compress_level=1)
+    image = Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=png.getvalue())
+    file_writer.add_summary(Summary(value=[Summary.Value(tag=name, image=image)]), step)
 
 
 def grid(images: Tensor, columns: int = 8) -> Tensor:
@@ -197,33 +157,6 @@ def grid(images: Tensor, columns: int = 8) -> Tensor:
     canvas = torch.zeros(rows * columns, c, h, w, dtype=torch.uint8)
     canvas[:n] = (images * 255).clamp(0, 255).to(torch.uint8)
     return canvas.reshape(rows, columns, c, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, columns * w, c)
-
-
-def image_proto(image: Tensor) -> Any:
-    """A ``(H, W, C)`` uint8 image (C 1 or 3) as a PNG ``Summary.Image``."""
-    from tensorboard.compat.proto.summary_pb2 import Summary
-
-    height, width, channels = image.shape
-    return Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=png(image))
-
-
-def png(image: Tensor, level: int = 6) -> bytes:
-    """A ``(H, W, C)`` uint8 image (C 1 or 3) as PNG bytes: 8-bit grey or RGB, rows unfiltered, one zlib stream.
-
-    Written here rather than with PIL because TensorBoard's event writer checksums every byte in pure Python
-    (~0.1 us a byte, on a thread that holds the GIL): the smallest file is the cheapest one to log. Unfiltered
-    rows compress best for our images, tiles scaled up by repeating pixels (zlib finds the repeats), ~20% smaller
-    than PIL's output at ``compress_level=1`` and about as fast to write; PIL's overhead alone is ~0.1 ms."""
-    height, width, channels = image.shape
-    rows = torch.zeros(height, width * channels + 1, dtype=torch.uint8)  # a leading 0 per row: filter "None"
-    rows[:, 1:] = image.reshape(height, width * channels)
-    header = struct.pack(">IIBBBBB", width, height, 8, 0 if channels == 1 else 2, 0, 0, 0)
-    pixels = zlib.compress(rows.numpy().tobytes(), level)
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", pixels) + _png_chunk(b"IEND", b"")
-
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def new_figure(width: float = 6.0, height: float = 4.0) -> Figure:

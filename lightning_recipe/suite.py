@@ -197,9 +197,7 @@ class RecipeSuite(RecipeCallback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for child in self._all():
-            # a suite checkpoint written before monitors had a key per instance holds them under the class name
-            state = state_dict.get(child.state_key, state_dict.get(type(child).__name__))
-            if state:
+            if state := state_dict.get(child.state_key):
                 child.load_state_dict(state)
 
     def _all(self) -> list[Callback]:

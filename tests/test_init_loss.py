@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_recipe import CheckStatus, InitLossCheck, RecipeCheckError, RecipeWarning
-from lightning_recipe.diagnostics.init_loss import choose_view, output_stats, references, standard_loss
+from lightning_recipe.diagnostics.init_loss import output_stats, references, standard_loss
 from lightning_recipe.diagnostics.init_loss_cause import judge_init_loss
 from lightning_recipe.diagnostics.task import TaskNotInferred, task_views
 from tests.ddp import run_ddp
@@ -28,7 +28,7 @@ def _seeded():
 
 
 def _view(outputs, targets, **kwargs):
-    return choose_view(task_views(outputs, targets, **kwargs))
+    return task_views(outputs, targets, **kwargs)[0]
 
 
 def test_uniform_logits_over_c_classes_cost_exactly_ln_c():
@@ -71,12 +71,12 @@ def test_log_odds_bias_reproduces_the_prior_optimal_bce_and_chance_is_ln_2():
 
 def test_regression_references_are_second_moment_variance_and_mean():
     y = torch.tensor([1.0, 2.0, 3.0, 6.0])
-    mse = choose_view(task_views(torch.zeros(4), y, regression_loss="mse"))
+    mse = _view(torch.zeros(4), y, regression_loss="mse")
     refs = references(mse)
     assert refs.chance == pytest.approx((1 + 4 + 9 + 36) / 4)
     assert refs.prior_optimal == pytest.approx(float(y.var(unbiased=False)))
     assert refs.suggested_bias == pytest.approx([3.0])
-    l1 = references(choose_view(task_views(torch.zeros(4), y, regression_loss="l1")))
+    l1 = references(_view(torch.zeros(4), y, regression_loss="l1"))
     assert l1.chance == pytest.approx(3.0)
     # torch's median of an even count is the lower middle value (2.0): |1-2|+0+1+4 over 4
     assert l1.prior_optimal == pytest.approx(6 / 4)
@@ -84,10 +84,11 @@ def test_regression_references_are_second_moment_variance_and_mean():
 
 def test_measured_loss_tells_mse_from_l1():
     y = 50 + torch.randn(64, generator=torch.Generator().manual_seed(0))
-    views = task_views(torch.zeros(64), y)
-    assert choose_view(views, measured=float((y**2).mean())).loss_kind == "mse"
-    assert choose_view(views, measured=float(y.abs().mean())).loss_kind == "l1"
-    assert choose_view(views, measured=1.05).loss_kind == "mse"  # near the variance: MSE with a good bias
+    zeros, at_the_mean = torch.zeros(64), torch.full((64,), float(y.mean()))
+    assert _explains(zeros, y, float((y**2).mean()))[0] == ("mse", "mean")
+    assert _explains(zeros, y, float(y.abs().mean()))[0] == ("l1", "mean")
+    # a bias that already sits at the target mean: the loss is the variance, still read as MSE
+    assert _explains(at_the_mean, y, float(y.var(unbiased=False)))[0] == ("mse", "mean")
 
 
 @pytest.mark.parametrize(
@@ -537,8 +538,6 @@ def test_mse_is_told_from_l1_by_the_loss_it_explains_not_by_the_nearer_reference
     y = 0.45 + 0.25 * torch.randn(64, 1, 8, 8, generator=g)
     out = -0.08 + 0.2 * torch.randn(64, 1, 8, 8, generator=g)
     measured = float(F.mse_loss(out, y))
-    views = task_views(out, y)
-    assert choose_view(views, measured).loss_kind == "l1"  # the old rule: L1's chance happens to be nearer
     assert _explains(out, y, measured)[0] == ("mse", "mean")
     assert _explains(out, y, float(F.l1_loss(out, y)))[0] == ("l1", "mean")
 
@@ -557,7 +556,7 @@ def _offset_view(stds: float):
     y = (y - y.mean()) / y.std(unbiased=False) * 0.5 + 2.0  # mean 2, std 0.5 exactly
     out = 2.0 - stds * 0.5 + 0.01 * torch.randn(512, 1, generator=g)
     out = out - out.mean() + (2.0 - stds * 0.5)
-    return choose_view(task_views(out, y, regression_loss="mse"))
+    return _view(out, y, regression_loss="mse")
 
 
 @pytest.mark.parametrize(("stds", "ok", "advice"), [(0.5, True, False), (3.0, True, True), (6.0, False, False)])

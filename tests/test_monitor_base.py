@@ -145,9 +145,9 @@ def test_an_error_in_start_switches_the_monitor_off_and_nothing_else_runs():
 # -- reads that wait for the device: the GPU path, forced on CPU tensors -------------------------------------
 
 
-def test_a_deferred_read_runs_at_the_next_flush_in_order_on_a_copy():
+def test_a_deferred_read_runs_at_the_next_flush_in_order_on_a_copy(defer_reads):
     monitor = Probe()
-    monitor._always_defer = True
+    defer_reads(True)
     seen = []
     value = torch.tensor([1.0])
     monitor.defer([value], lambda host: seen.append(("a", host[0].item())))
@@ -156,26 +156,26 @@ def test_a_deferred_read_runs_at_the_next_flush_in_order_on_a_copy():
     assert seen == []
     monitor.flush()
     assert seen == [("a", 1.0), ("b", 2.0)]
-    monitor._always_defer = False
+    defer_reads(False)
     monitor.defer([value], lambda host: seen.append(("now", host[0].item())))
     assert seen[-1] == ("now", 2.0)  # nothing pending: read at once
 
 
-def test_a_read_behind_a_pending_one_waits_its_turn_and_the_end_drains_all():
+def test_a_read_behind_a_pending_one_waits_its_turn_and_the_end_drains_all(defer_reads):
     monitor = Probe()
-    monitor._always_defer = True
+    defer_reads(True)
     seen = []
     monitor.defer([torch.zeros(1)], lambda host: seen.append(1))
-    monitor._always_defer = False
+    defer_reads(False)
     monitor.defer([torch.zeros(1)], lambda host: seen.append(2))  # would be immediate, but 1 is still pending
     assert seen == []
     monitor.flush(wait=True)
     assert seen == [1, 2]
 
 
-def test_an_error_in_a_deferred_read_switches_the_monitor_off_and_drops_the_rest():
+def test_an_error_in_a_deferred_read_switches_the_monitor_off_and_drops_the_rest(defer_reads):
     monitor = Probe()
-    monitor._always_defer = True
+    defer_reads(True)
     monitor.defer([torch.zeros(1)], lambda host: 1 / 0)
     monitor.defer([torch.zeros(1)], lambda host: pytest.fail("read after the monitor switched off"))
     with pytest.warns(RecipeWarning, match="switched itself off.*ZeroDivisionError"), monitor.guard():

@@ -1,6 +1,6 @@
 """Monitor state across a checkpoint resume: a run interrupted at step k and resumed with
 ``fit(ckpt_path=...)`` alerts as the uninterrupted run does (same alerts, same steps) and continues its
-records; two monitors of one class keep separate state; a checkpoint of the old form still loads.
+records; two monitors of one class keep separate state.
 
 Each case trains once uninterrupted, with a ``ModelCheckpoint`` that saves at step k on the way, then resumes
 fresh callbacks and a fresh model from that checkpoint. Loaders are unshuffled and the models have no dropout,
@@ -19,8 +19,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from lightning_recipe import FirstLayerVisualizer, PredictionDynamicsLogger, RecipeWarning, UpdateRatioMonitor
-from lightning_recipe.callbacks._monitor import STATE_VERSION
+from lightning_recipe import FirstLayerVisualizer, PredictionDynamicsLogger, UpdateRatioMonitor
 from tests import zoo
 from tests.models import cluster_data, loader, trainer
 
@@ -234,7 +233,7 @@ def test_two_monitors_of_one_class_keep_separate_state_through_a_resume(tmp_path
     assert whole[0].measured_steps != whole[1].measured_steps  # two schedules: separate states for real
 
 
-def test_state_is_versioned_plain_data(tmp_path: Path):
+def test_state_is_plain_data(tmp_path: Path):
     whole, _ = uninterrupted_and_resumed(
         tmp_path,
         CNN,
@@ -246,7 +245,6 @@ def test_state_is_versioned_plain_data(tmp_path: Path):
     checkpoint = torch.load(tmp_path / "step=10.ckpt", weights_only=True)
     for monitor in whole:
         state = checkpoint["callbacks"][monitor.state_key]
-        assert state["version"] == 1
         assert state["measurements"], monitor.name
         for tensor in _tensors(state):
             assert tensor.device.type == "cpu"
@@ -262,28 +260,6 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     return []
 
 
-# Lightning warns of a callback state it finds no callback for, before any callback can read an old key
-@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
-def test_checkpoint_with_the_old_monitor_state_still_loads(tmp_path: Path):
-    # before state keys per instance, a monitor's state was {"alerted": [...]} under its class name
-    L.seed_everything(0, verbose=False)
-    first = UpdateRatioMonitor()
-    saver = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=4, save_top_k=-1)
-    model = zoo.LayerMissingFromOptimizer()
-    trainer(tmp_path, max_steps=4, callbacks=[first, saver], enable_checkpointing=True).fit(model, clusters())
-    assert [a.kind for a in first.alerts] == ["not_in_optimizer"]
-    path = tmp_path / "step=4.ckpt"
-    checkpoint = torch.load(path, weights_only=True)
-    checkpoint["callbacks"] = {"UpdateRatioMonitor": {"alerted": [["not_in_optimizer", ""]]}}
-    torch.save(checkpoint, path)
-
-    second = UpdateRatioMonitor()
-    trainer(tmp_path, max_steps=8, callbacks=[second]).fit(zoo.LayerMissingFromOptimizer(), clusters(), ckpt_path=path)
-    assert second.alerts == []  # raised before the checkpoint: not again
-    assert second.enabled
-    assert [step for _, step in second.measured_steps] == [4, 5, 6, 7]  # measured afresh from the resumed step
-
-
 def test_state_round_trips_without_a_trainer():
     monitor = UpdateRatioMonitor()
     monitor.measured_steps = [(0, 3)]
@@ -293,16 +269,6 @@ def test_state_round_trips_without_a_trainer():
     again.load_state_dict(state)
     assert again.measured_steps == [(0, 3)]
     assert again._alerted == monitor._alerted
-    assert state["version"] == STATE_VERSION
-
-
-def test_a_state_of_another_version_restores_the_alerts_only_and_says_so():
-    monitor = UpdateRatioMonitor()
-    state = {"version": STATE_VERSION + 1, "alerted": [["ratio_too_low", "optimizer0"]], "measurements": {}}
-    with pytest.warns(RecipeWarning, match="version 2, this version of lightning_recipe reads version 1"):
-        monitor.load_state_dict(state)
-    assert monitor._alerted == {("ratio_too_low", "optimizer0")}
-    assert monitor.measured_steps == []
 
 
 def test_monitors_inside_a_suite_resume_as_they_do_alone(tmp_path: Path):
@@ -327,15 +293,12 @@ def test_monitors_inside_a_suite_resume_as_they_do_alone(tmp_path: Path):
     assert b.monitors[2].last_moved == a.monitors[2].last_moved
 
 
-def _three_deferring() -> list[Callback]:
-    monitors = [
+def _three() -> list[Callback]:
+    return [
         UpdateRatioMonitor(every_n_steps=5),
         PredictionDynamicsLogger(every_n_steps=5),
         FirstLayerVisualizer(every_n_steps=10, measure_every_n_steps=5, not_changing_after_steps=20),
     ]
-    for monitor in monitors:
-        monitor._always_defer = True  # readings wait for the next hook, as on a GPU
-    return monitors
 
 
 def _same_records(whole: list[Any], resumed: list[Any]) -> None:
@@ -347,49 +310,15 @@ def _same_records(whole: list[Any], resumed: list[Any]) -> None:
     assert resumed[2].last_moved == whole[2].last_moved
 
 
-def test_readings_in_flight_at_the_checkpoint_are_taken_into_it(tmp_path: Path):
+def test_readings_in_flight_at_the_checkpoint_are_taken_into_it(tmp_path: Path, defer_reads):
     # the checkpoint at step 16 is written while that step's readings still wait for the device: the state
     # waits for them, or the resumed run would lack them
-    whole, resumed = uninterrupted_and_resumed(tmp_path, zoo.lr_1e7, clusters, _three_deferring, 40, 16)
+    defer_reads(True)  # readings wait for the next hook, as on a GPU
+    whole, resumed = uninterrupted_and_resumed(tmp_path, zoo.lr_1e7, clusters, _three, 40, 16)
     _same_records(whole, resumed)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_monitors_resume_on_a_gpu(tmp_path: Path):
-    def three() -> list[Callback]:
-        return [
-            UpdateRatioMonitor(every_n_steps=5),
-            PredictionDynamicsLogger(every_n_steps=5),
-            FirstLayerVisualizer(every_n_steps=10, measure_every_n_steps=5, not_changing_after_steps=20),
-        ]
-
-    whole, resumed = uninterrupted_and_resumed(tmp_path, zoo.lr_1e7, clusters, three, 40, 16, accelerator="gpu")
+    whole, resumed = uninterrupted_and_resumed(tmp_path, zoo.lr_1e7, clusters, _three, 40, 16, accelerator="gpu")
     _same_records(whole, resumed)
-
-
-@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
-def test_a_suite_checkpoint_with_the_old_monitor_state_still_loads(tmp_path: Path):
-    from lightning_recipe import RecipeSuite
-
-    def suite() -> RecipeSuite:
-        return RecipeSuite(
-            init_loss_check=False, batch_leakage_probe=False, overfit_one_batch=False,
-            prediction_dynamics_logger=False, first_layer_visualizer=False,
-        )  # fmt: skip
-
-    L.seed_everything(0, verbose=False)
-    first = suite()
-    saver = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=4, save_top_k=-1)
-    trainer(tmp_path, max_steps=4, callbacks=[first, saver], enable_checkpointing=True).fit(
-        zoo.LayerMissingFromOptimizer(), clusters()
-    )
-    assert [a.kind for a in first.monitors[0].alerts] == ["not_in_optimizer"]
-    path = tmp_path / "step=4.ckpt"
-    checkpoint = torch.load(path, weights_only=True)
-    (key,) = [k for k in checkpoint["callbacks"] if k.startswith("RecipeSuite")]
-    checkpoint["callbacks"][key] = {"UpdateRatioMonitor": {"alerted": [["not_in_optimizer", ""]]}}
-    torch.save(checkpoint, path)
-
-    second = suite()
-    trainer(tmp_path, max_steps=8, callbacks=[second]).fit(zoo.LayerMissingFromOptimizer(), clusters(), ckpt_path=path)
-    assert second.monitors[0].alerts == []  # raised before the checkpoint: not again

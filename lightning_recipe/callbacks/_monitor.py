@@ -27,7 +27,6 @@ so a resumed run alerts as the uninterrupted one and two monitors of one class k
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 import traceback
@@ -51,13 +50,15 @@ from lightning_recipe.diagnostics.batch import BatchAdapter, BatchNotUnderstood,
 from lightning_recipe.diagnostics.task import TaskNotInferred
 from lightning_recipe.report import Alert, RecipeWarning, jsonable
 
-__all__ = ["NEEDS_ADAPTER", "STATE_VERSION", "Monitor"]
-
-#: the layout of a monitor's checkpoint state (``state_dict()["version"]``): raised when the layout changes
-STATE_VERSION = 1
+__all__ = ["NEEDS_ADAPTER", "Monitor"]
 
 #: errors that mean "pass `inputs=` / `targets=` / `forward=` / `task=`": their message names the argument
 NEEDS_ADAPTER = (BatchNotUnderstood, TaskNotInferred)
+
+
+def _waits_for_device(tensors: Sequence[Tensor]) -> bool:
+    """Whether reading ``tensors`` now would make the host wait for a device: :meth:`Monitor.defer` defers those."""
+    return any(t.is_cuda for t in tensors)
 
 
 class Monitor(RecipeCallback):
@@ -95,7 +96,6 @@ class Monitor(RecipeCallback):
         self.seconds = 0.0
         self._alerted: set[tuple[str, str]] = set()
         self._pending: deque[tuple[list[Tensor], Any, Callable[[list[Tensor]], None]]] = deque()
-        self._always_defer = False  # tests: queue reads of CPU tensors too, to exercise the GPU path
         self._state_key: str | None = None
         self._stepped_to = 0  # the optimizer step the last batch ended on (or training started at)
 
@@ -220,12 +220,12 @@ class Monitor(RecipeCallback):
         host wait. CUDA tensors are copied with ``non_blocking=True`` behind an event, and ``then`` runs at a
         later :meth:`flush` (the monitor's next hook); CPU tensors are read at once. Calls run in order."""
         tensors = [t.detach() for t in tensors]
+        if not self._pending and not _waits_for_device(tensors):
+            then(tensors)
+            return
         stream = next((torch.cuda.current_stream(t.device) for t in tensors if t.is_cuda), None)
-        if stream is None:
-            if not self._always_defer and not self._pending:
-                then(tensors)
-                return
-            self._pending.append(([t.clone() for t in tensors], None, then))  # a later step may write to them
+        if stream is None:  # host tensors queued behind a pending read: copied, a later step may write to them
+            self._pending.append(([t.clone() for t in tensors], None, then))
             return
         host = [t.to("cpu", non_blocking=True) for t in tensors]  # into pinned memory, on the current stream
         event = torch.cuda.Event()
@@ -294,7 +294,6 @@ class Monitor(RecipeCallback):
             with self.guard():
                 self.flush(wait=True)  # a checkpoint waits for the device anyway: the readings still in flight
         state = {
-            "version": STATE_VERSION,
             "alerted": sorted(self._alerted),
             "alerts": [dataclasses.asdict(alert) for alert in self.alerts],
         }
@@ -304,33 +303,11 @@ class Monitor(RecipeCallback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved. A checkpoint written before states were versioned holds only
-        ``alerted`` (the alerts not to raise again): that is restored, and the monitor's windows start afresh."""
-        self._alerted = {(str(kind), str(key)) for kind, key in state_dict.get("alerted", [])}
-        version = state_dict.get("version")
-        if version is None:
-            return
-        if version != STATE_VERSION:
-            rank_zero_warn(
-                f"[lightning_recipe] {self.name}: the checkpoint holds its state in version {version!r}, this "
-                f"version of lightning_recipe reads version {STATE_VERSION}: only the alerts already raised are "
-                "restored, its measurements start afresh from the resumed step.",
-                category=RecipeWarning,
-            )
-            return
-        self.alerts = [Alert(**alert) for alert in state_dict.get("alerts", [])]
+        """Restore what :meth:`state_dict` saved."""
+        self._alerted = {(str(kind), str(key)) for kind, key in state_dict["alerted"]}
+        self.alerts = [Alert(**alert) for alert in state_dict["alerts"]]
         if "measurements" in state_dict:
             self.restore_state(state_dict["measurements"])
-
-    @override
-    def on_load_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        # a checkpoint written before monitors had a state key per instance holds the state under the class
-        # name; Lightning looks only under `state_key`, so read it from there
-        states = checkpoint.get("callbacks") or {}
-        if self.state_key not in states and isinstance(states.get(self.name), dict):
-            self.load_state_dict(copy.deepcopy(states[self.name]))
 
     def save_state(self) -> dict[str, Any]:
         """What this monitor's verdicts depend on across steps (windows, streaks, histories), as plain data.

@@ -22,7 +22,7 @@ Example::
 
     >>> import torch
     >>> from lightning_recipe.diagnostics.task import task_views
-    >>> view = choose_view(task_views(torch.zeros(8, 4), torch.arange(8) % 4))
+    >>> view = task_views(torch.zeros(8, 4), torch.arange(8) % 4)[0]
     >>> round(references(view).chance, 4)  # ln 4
     1.3863
 """
@@ -30,7 +30,6 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +44,6 @@ __all__ = [
     "REGRESSION_LOSSES",
     "References",
     "binary_entropy",
-    "choose_view",
     "class_prior",
     "offset_stds",
     "output_stats",
@@ -55,21 +53,6 @@ __all__ = [
 
 REGRESSION_LOSSES = ("auto", "mse", "l1")
 LOSS_KINDS = ("cross_entropy", "bce", "mse", "l1")
-
-
-def choose_view(views: Sequence[TaskView], measured: float | None = None) -> TaskView:
-    """The reading with a reference (chance or prior-optimal) closest in ratio to the measured loss; the
-    most likely one when nothing was measured. This is how MSE is told from L1, and BCE from cross-entropy
-    on one-hot rows: a model at init sits near one of its two references, whichever its bias matches."""
-    if measured is None or len(views) == 1 or not math.isfinite(measured):
-        return views[0]
-    m = max(measured, 1e-12)
-
-    def distance(view: TaskView) -> float:
-        refs = references(view)
-        return min(abs(math.log(m / max(r, 1e-12))) for r in (refs.chance, refs.prior_optimal))
-
-    return min(views, key=distance)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,6 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +34,6 @@ __all__ = [
     "is_binary",
     "is_int",
     "is_probabilities",
-    "merge_views",
     "task_views",
 ]
 
@@ -190,19 +188,3 @@ def task_views(
             "the logits and labels, or `expected=` with the loss you expect at initialisation."
         )
     return views
-
-
-def merge_views(per_batch: Sequence[Sequence[TaskView]]) -> list[TaskView]:
-    """The readings found in every batch, with their rows concatenated across batches."""
-    if not per_batch:
-        return []
-    merged = []
-    for first in per_batch[0]:
-        key = (first.task, first.loss_kind)
-        parts = [next((v for v in views if (v.task, v.loss_kind) == key), None) for views in per_batch]
-        if any(p is None or p.width != first.width for p in parts):
-            continue
-        outputs = torch.cat([p.outputs for p in parts if p is not None])
-        targets = torch.cat([p.targets for p in parts if p is not None])
-        merged.append(TaskView(first.task, first.loss_kind, outputs, targets, first.layout))
-    return merged
