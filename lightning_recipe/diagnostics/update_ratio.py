@@ -148,7 +148,8 @@ def squared_norms(params: Sequence[Tensor], before: Sequence[Tensor]) -> Tensor:
     if not params:
         return torch.zeros(2, 0)
     after = [local_tensor(p).detach() for p in params]
-    after = [t.to(measured_dtype(t.dtype)) for t in after]
+    # not .to(measured_dtype): it costs 1.5 us per tensor even where it has nothing to do
+    after = [t if measured_dtype(t.dtype) == t.dtype else t.float() for t in after]
     before = list(before)
     weight = torch.stack(torch._foreach_norm(before))
     torch._foreach_sub_(before, after)  # before - after: the update, negated (its norm is the same)
