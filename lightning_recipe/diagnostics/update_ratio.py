@@ -69,15 +69,12 @@ def copy_weights(params: Sequence[Tensor]) -> list[Tensor]:
     """Copies of the (local shards of the) parameters in :func:`measured_dtype`, taken just before an optimizer
     step: what :func:`measure` compares the stepped parameters with."""
     local = [local_tensor(p).detach() for p in params]
-    copies: list[Tensor | None] = [None] * len(local)
-    wide = [i for i, t in enumerate(local) if measured_dtype(t.dtype) == t.dtype]
+    copies = [t if measured_dtype(t.dtype) == t.dtype else t.float() for t in local]  # fp16/bf16: widened copies
+    wide = [i for i, (t, c) in enumerate(zip(local, copies, strict=True)) if c is t]
     if wide:
         for i, c in zip(wide, torch._foreach_mul([local[i] for i in wide], 1.0), strict=True):  # one fused copy
             copies[i] = c
-    for i, t in enumerate(local):
-        if copies[i] is None:
-            copies[i] = t.to(torch.float32, copy=True)  # fp16/bf16 measured in fp32
-    return copies  # type: ignore[return-value]
+    return copies
 
 
 def reduce_squared_norms(params: Sequence[Tensor], squared: Tensor) -> Tensor:
