@@ -899,6 +899,75 @@ def polynomial_data() -> DataLoader:
     return DataLoader(polynomial_pairs(), batch_size=32, shuffle=True)
 
 
+class TimeSequencePrediction(L.LightningModule):
+    """pytorch/examples ``time_sequence_prediction/train.py``: two ``LSTMCell(51)`` and a linear head unrolled over
+    sine waves, each position predicting the next value, ``nn.MSELoss``, full-batch LBFGS at lr 0.8, the model in
+    ``.double()`` (:func:`time_sequence_model`). The zero states take the input's dtype (the example writes
+    ``dtype=torch.double``, the same thing there) so that tests/test_dtypes.py can run it in every dtype. Not in the
+    catalogue below: 300 steps of full-batch LBFGS (up to 20 evaluations each) took 150 s on 2 cores; tests/
+    test_dtypes.py runs the program for its first steps."""
+
+    def __init__(self, hidden: int = 51) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.lstm1 = nn.LSTMCell(1, hidden)
+        self.lstm2 = nn.LSTMCell(hidden, hidden)
+        self.linear = nn.Linear(hidden, 1)
+
+    def forward(self, input: Tensor, future: int = 0) -> Tensor:
+        outputs = []
+        h_t = torch.zeros(input.size(0), self.hidden, dtype=input.dtype, device=input.device)
+        c_t, h_t2, c_t2 = torch.zeros_like(h_t), torch.zeros_like(h_t), torch.zeros_like(h_t)
+        for input_t in input.split(1, dim=1):
+            h_t, c_t = self.lstm1(input_t, (h_t, c_t))
+            h_t2, c_t2 = self.lstm2(h_t, (h_t2, c_t2))
+            output = self.linear(h_t2)
+            outputs += [output]
+        for _ in range(future):  # if we should predict the future
+            h_t, c_t = self.lstm1(output, (h_t, c_t))
+            h_t2, c_t2 = self.lstm2(h_t, (h_t2, c_t2))
+            output = self.linear(h_t2)
+            outputs += [output]
+        return torch.cat(outputs, dim=1)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        input, target = batch
+        loss = F.mse_loss(self(input), target)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        input, target = batch
+        self.log("val_loss", F.mse_loss(self(input), target))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.LBFGS(self.parameters(), lr=0.8)
+
+
+def time_sequence_model() -> TimeSequencePrediction:
+    return TimeSequencePrediction().double()
+
+
+def sine_waves(n: int = 100, length: int = 1000, period: float = 20.0, seed: int = 0) -> TensorDataset:
+    """The example's ``generate_sine_wave.py``: ``sin((t + shift) / T)`` with a random integer shift in
+    ``[-4T, 4T)`` per wave, float64; pairs ``(wave[:-1], wave[1:])``."""
+    g = torch.Generator().manual_seed(seed)
+    shift = torch.randint(int(-4 * period), int(4 * period), (n, 1), generator=g)
+    waves = torch.sin((torch.arange(length) + shift) / period).double()
+    return TensorDataset(waves[:, :-1].contiguous(), waves[:, 1:].contiguous())
+
+
+def sine_wave_data() -> DataLoader:
+    """The example trains on waves 3.. in one batch and tests on the first 3: 13 and 3 here, 40 steps long."""
+    waves = sine_waves(n=16, length=41)
+    return DataLoader(TensorDataset(*(t[3:] for t in waves.tensors)), batch_size=13)
+
+
+def sine_wave_val() -> DataLoader:
+    waves = sine_waves(n=16, length=41)
+    return DataLoader(TensorDataset(*(t[:3] for t in waves.tensors)), batch_size=3)
+
+
 # -- the catalogue ------------------------------------------------------------------------------------------------
 
 #: CHECKS and MONITORS, the registered components by class name, come from tests/zoo.py (the registry's order)

@@ -175,6 +175,8 @@ def test_moved_from_init_and_verdicts():
     assert fl.moved_from_init(w, w0, initial_norm=fl.norm(w0)) == fl.moved_from_init(w, w0)
     assert fl.moved_from_init([torch.ones(3)], [torch.zeros(3)]) == math.inf
     assert fl.moved_from_init([torch.zeros(3)], [torch.zeros(3)]) == 0.0
+    w0 = torch.linspace(1, 2, 256, dtype=torch.float64)  # fp64: a movement of 1e-10 is not lost in fp32 rounding
+    assert fl.moved_from_init([w0 + 1e-10], [w0]) == pytest.approx(1e-10 * 16 / float(w0.norm()), rel=1e-6)
     t = fl.Thresholds()
     assert fl.filter_alerts(99, 0.0, 1.0, t) == []
     assert fl.filter_alerts(100, 0.0, 1.0, t) == ["not_changing"]

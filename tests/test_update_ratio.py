@@ -68,6 +68,26 @@ def test_half_precision_parameters_are_measured_in_fp32(dtype):
     assert torch.isfinite(measured.weight_norms).all()
 
 
+def test_fp64_parameters_are_measured_in_fp64_next_to_fp32_ones():
+    """An fp64 model (pytorch/examples' time-sequence LSTM trains in ``.double()``): its update of 1e-10 of the
+    weight vanishes in fp32 (whose steps near 1.5 are 1.2e-7) and must be measured, and its gradient norm taken
+    without narrowing (``vector_norm(dtype=float32)`` refuses an fp64 tensor)."""
+    p64 = torch.linspace(1, 2, 4096, dtype=torch.float64, requires_grad=True)
+    p32 = torch.linspace(1, 2, 64, requires_grad=True)
+    (p64.sum() + p32.sum()).backward()
+    before = ur.copy_weights([p64, p32])
+    assert [b.dtype for b in before] == [torch.float64, torch.float32]
+    norm64, norm32 = float(p64.detach().norm()), float(p32.detach().norm())
+    with torch.no_grad():
+        p64.add_(1e-10)
+        p32.add_(2**-10)
+    measured = ur.measure([p64, p32], before)
+    assert measured.ratios[0].item() == pytest.approx(1e-10 * 64 / norm64, rel=1e-6)
+    assert measured.ratios[1].item() == pytest.approx(2**-10 * 8 / norm32, rel=1e-5)
+    gradients = ur.gradient_squared_norms([p64, p32]).sqrt()
+    torch.testing.assert_close(gradients, torch.tensor([64.0, 8.0], dtype=torch.float64))
+
+
 def test_non_finite_weights_or_updates_are_flagged():
     params = [torch.ones(2, 2), torch.ones(3), torch.ones(2, 2)]
     before = ur.copy_weights(params)

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.overrides import TorchFunctionMode
 
+from lightning_recipe.diagnostics.update_ratio import measured_dtype
 from lightning_recipe.diagnostics.walk import tensors_of
 
 __all__ = [
@@ -347,10 +348,11 @@ def looks_random(weight: Tensor, score: float | None, noisy_above: float) -> boo
 
 
 def moved_from_init(current: Sequence[Tensor], initial: Sequence[Tensor], initial_norm: float | None = None) -> float:
-    """``||W - W0|| / ||W0||`` over all the given tensors together (accumulated in fp64); ``inf`` if ``W0`` is
-    all zero and ``W`` is not, ``0`` if both are. ``initial_norm``: ``||W0||`` when the caller keeps it
-    (:func:`norm` of ``initial``), W0 never changes."""
-    diff = norm([now.detach().float() - then.detach().float() for now, then in zip(current, initial, strict=True)])
+    """``||W - W0|| / ||W0||`` over all the given tensors together (the difference in at least fp32, fp64 kept;
+    accumulated in fp64); ``inf`` if ``W0`` is all zero and ``W`` is not, ``0`` if both are. ``initial_norm``:
+    ``||W0||`` when the caller keeps it (:func:`norm` of ``initial``), W0 never changes."""
+    wide = [measured_dtype(now.dtype) for now in current]
+    diff = norm([now.detach().to(d) - then.detach().to(d) for now, then, d in zip(current, initial, wide, strict=True)])
     base = norm(initial) if initial_norm is None else initial_norm
     if base == 0:
         return 0.0 if diff == 0 else math.inf

@@ -266,7 +266,10 @@ def _search(
 
 
 def _adam(params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    return torch.optim.Adam(params, lr=lr)
+    # Adam's eps of 1e-8 rounds to 0 in float16, where a gradient whose square underflows then divides by zero at
+    # the first step (the loss goes NaN at every rate): float16's smallest normal number (6.1e-5) keeps it finite
+    eps = max([1e-8, *(torch.finfo(p.dtype).tiny for p in params if p.is_floating_point())])
+    return torch.optim.Adam(params, lr=lr, eps=eps)
 
 
 def _split(
