@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_recipe import _logging
-from lightning_recipe._args import ON_FAIL_CHOICES, check_choice
+from lightning_recipe._args import ON_FAIL_CHOICES, OnFail, check_choice
 from lightning_recipe.callbacks._base import RecipeCallback
 from lightning_recipe.callbacks._context import CheckContext, silenced_logging
 from lightning_recipe.callbacks._data import (
@@ -119,7 +119,7 @@ class PreflightCheck(RecipeCallback):
     def __init__(
         self,
         *,
-        on_fail: str = "raise",
+        on_fail: OnFail = "raise",
         inputs: InputsFn | None = None,
         targets: TargetsFn | None = None,
         forward: ForwardFn | None = None,
