@@ -13,7 +13,6 @@ import argparse
 import importlib
 import importlib.util
 import inspect
-import json
 import logging
 import sys
 import traceback
@@ -43,6 +42,7 @@ from lightning_recipe._loading import (
 from lightning_recipe.callbacks._preflight import PreflightCheck
 from lightning_recipe.registry import CHECKS, MONITORS, resolve_checks
 from lightning_recipe.report import Report
+from lightning_recipe.sanity import write_report
 from lightning_recipe.suite import ComponentArgumentError, RecipeSuite, sanity_run, sanity_suite
 
 __all__ = ["main"]
@@ -170,12 +170,9 @@ def _check(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     # Lightning sets rank_zero_only.rank at import; its overloaded signature does not declare the attribute
     if args.report and rank_zero_only.rank == 0:  # type: ignore[attr-defined]
-        path = Path(args.report)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = {**report.to_dict(), "model": type(model).__qualname__}
-        path.write_text(json.dumps(data, indent=2) + "\n")
-        path.with_suffix(".md").write_text(report.to_markdown())
-        print(f"Report: {path} and {path.with_suffix('.md')}")
+        # the Trainer the sanity run fitted stays attached to the model: the run the report came from
+        paths = write_report(model.trainer, model, report, Path(args.report))
+        print(f"Report: {' and '.join(str(p) for p in paths)}")
     return EXIT_PASSED if report.passed else EXIT_FAILED
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-from lightning_recipe import OverfitOneBatch
+from lightning_recipe import OverfitOneBatch, __version__
 from lightning_recipe.cli import main
 from tests.ddp import REPO
 from tests.zoo import MLP
@@ -74,6 +74,9 @@ def test_a_healthy_model_exits_0_and_writes_the_report(tmp_path):
     data = json.loads(report.read_text())
     assert data["passed"] is True and data["model"] == "MLP"
     assert [c["status"] for c in data["checks"]] == ["passed"] * 3
+    # one writer: the fields of the sanity_run.json a sanity run writes next to the logs
+    assert set(data) == {"passed", "checks", "model", "world_size", "global_step", "lightning_recipe"}
+    assert (data["world_size"], data["global_step"], data["lightning_recipe"]) == (1, 0, __version__)
     assert report.with_suffix(".md").read_text().startswith("# lightning_recipe report: PASSED")
 
 
