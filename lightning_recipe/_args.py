@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal, get_args
 
-ON_FAIL_CHOICES = ("raise", "warn")
+#: what a failed check does: stop ``fit`` with RecipeCheckError, or warn and let training go on
+OnFail = Literal["raise", "warn"]
+ON_FAIL_CHOICES: tuple[OnFail, ...] = get_args(OnFail)
 
 
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:

@@ -13,7 +13,6 @@ import argparse
 import importlib
 import importlib.util
 import inspect
-import json
 import logging
 import sys
 import traceback
@@ -41,9 +40,10 @@ from lightning_recipe._loading import (
     load_object,
 )
 from lightning_recipe.callbacks._preflight import PreflightCheck
-from lightning_recipe.registry import CHECKS, resolve_checks
+from lightning_recipe.registry import CHECKS, MONITORS, resolve_checks
 from lightning_recipe.report import Report
-from lightning_recipe.suite import RecipeSuite, sanity_run, sanity_suite
+from lightning_recipe.sanity import write_report
+from lightning_recipe.suite import ComponentArgumentError, RecipeSuite, sanity_run, sanity_suite
 
 __all__ = ["main"]
 
@@ -170,12 +170,9 @@ def _check(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     # Lightning sets rank_zero_only.rank at import; its overloaded signature does not declare the attribute
     if args.report and rank_zero_only.rank == 0:  # type: ignore[attr-defined]
-        path = Path(args.report)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = {**report.to_dict(), "model": type(model).__qualname__}
-        path.write_text(json.dumps(data, indent=2) + "\n")
-        path.with_suffix(".md").write_text(report.to_markdown())
-        print(f"Report: {path} and {path.with_suffix('.md')}")
+        # the Trainer the sanity run fitted stays attached to the model: the run the report came from
+        paths = write_report(model.trainer, model, report, Path(args.report))
+        print(f"Report: {' and '.join(str(p) for p in paths)}")
     return EXIT_PASSED if report.passed else EXIT_FAILED
 
 
@@ -193,6 +190,7 @@ def _run_config(args: argparse.Namespace, checks: list[Any]) -> tuple[pl.Lightni
         )
     if not Path(args.config).is_file():
         raise UsageError(f"expected --config to be a YAML file, but {args.config!r} does not exist.")
+    _check_suite_settings(args.config)
     model_class = load_object(args.model, "the model") if args.model else None
     data_class = load_object(args.data, "--data") if args.data else None
     overrides = [f"--trainer.{key}={value}" for key, value in _given(args).items()]
@@ -222,6 +220,33 @@ def _run_config(args: argparse.Namespace, checks: list[Any]) -> tuple[pl.Lightni
     if suite.report is None:
         raise RuntimeError("The sanity run did not reach the start of training, so no check ran.")
     return cli.model, suite.report
+
+
+def _check_suite_settings(config: str) -> None:
+    """Refuse, in one line, a RecipeSuite in the config's ``trainer.callbacks`` whose component settings hold an
+    argument the component does not take or a value it refuses, by building those components here. LightningCLI
+    would refuse the first in a page of nested union errors, and would build the suite for the second and fail
+    as if the model had crashed. Read with jsonargparse's loader, so the values are the ones LightningCLI sees; the
+    batch adapters (import paths in a config) and components given as ``class_path`` are left to LightningCLI."""
+    from jsonargparse import get_loader
+
+    try:
+        callbacks = get_loader("yaml")(Path(config).read_text())["trainer"]["callbacks"]
+    except Exception:  # noqa: BLE001 - not YAML, or no callbacks: LightningCLI's parser judges the rest
+        return
+    for entry in callbacks if isinstance(callbacks, list) else [callbacks]:
+        if not isinstance(entry, dict) or str(entry.get("class_path")).rsplit(".", 1)[-1] != RecipeSuite.__name__:
+            continue
+        # Any: the keys are component keywords only, but mypy cannot tell them from the suite's own arguments
+        settings: dict[str, Any] = {
+            key: {name: value for name, value in spec.items() if name not in ("inputs", "targets", "forward")}
+            for key, spec in (entry["init_args"] if isinstance(entry.get("init_args"), dict) else {}).items()
+            if (key in CHECKS or key in MONITORS) and isinstance(spec, dict) and "class_path" not in spec
+        }
+        try:
+            RecipeSuite(sanity_run=False, **settings)
+        except ComponentArgumentError as error:
+            raise UsageError(f"--config {config}: {error}") from None
 
 
 def _given(args: argparse.Namespace) -> dict[str, Any]:

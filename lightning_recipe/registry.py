@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Mapping
 from typing import TypeVar
 
@@ -31,7 +32,7 @@ from lightning_recipe.callbacks.overfit_one_batch import OverfitOneBatch
 from lightning_recipe.callbacks.prediction_dynamics_logger import PredictionDynamicsLogger
 from lightning_recipe.callbacks.update_ratio_monitor import UpdateRatioMonitor
 
-__all__ = ["CHECKS", "COMPONENTS", "MONITORS", "by_kind", "component_key", "find", "resolve_checks"]
+__all__ = ["CHECKS", "COMPONENTS", "MONITORS", "arguments", "by_kind", "component_key", "find", "resolve_checks"]
 
 #: Every component, one registration line each. The checks run in this order, the two cheap ones first in the
 #: recipe's order (about 3 and 1 training steps of the quick-start model), then the one that trains a copy (about
@@ -52,6 +53,12 @@ def component_key(cls: type[RecipeCallback]) -> str:
     """The component's keyword in RecipeSuite and its name on the command line: its class name in snake_case,
     which is also the ``recipe/<component>/`` its TensorBoard tags live under."""
     return snake_case(cls.__name__)
+
+
+def arguments(cls: type[RecipeCallback]) -> list[str]:
+    """The names of the keyword arguments ``cls`` takes, in the order of its signature."""
+    parameters = inspect.signature(cls).parameters.values()
+    return [p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
 def by_kind(components: Iterable[type[RecipeCallback]], kind: type[_Kind]) -> dict[str, type[_Kind]]:

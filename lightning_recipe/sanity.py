@@ -97,7 +97,7 @@ def publish(
     paths: list[Path] = []
     try:
         if directory is not None:
-            paths = write_report(trainer, pl_module, report, directory)
+            paths = write_report(trainer, pl_module, report, directory / f"{REPORT_NAME}.json")
             lines.append(f"Report: {' and '.join(str(p) for p in paths)}")
         _logging.log_text(trainer, tag, report.to_markdown(), trainer.global_step)
     except Exception as error:  # noqa: BLE001 - see the docstring
@@ -111,10 +111,17 @@ def publish(
     return paths
 
 
-def write_report(trainer: pl.Trainer, pl_module: pl.LightningModule, report: Report, directory: Path) -> list[Path]:
-    """``<directory>/sanity_run.json`` (the report and the run it came from) and ``sanity_run.md``."""
-    directory = directory.resolve()
-    directory.mkdir(parents=True, exist_ok=True)
+def write_report(trainer: pl.Trainer, pl_module: pl.LightningModule, report: Report, json_path: Path) -> list[Path]:
+    """The report as JSON at ``json_path`` and as Markdown beside it (``.md``); returns both paths. The one writer
+    of report files: a sanity run's ``sanity_run.json`` and ``lightning-recipe check --report PATH`` alike.
+
+    The JSON is ``report.to_dict()`` (``passed``, and ``checks``: each ``CheckResult.to_dict()``: ``name``,
+    ``status``, ``summary``, ``hint``, ``details``, ``duration_s``) and the run it came from: ``model`` (the
+    LightningModule's class name), ``world_size``, ``global_step`` (the optimizer step the checks ran at) and
+    ``lightning_recipe`` (the package's version).
+    """
+    json_path = json_path.resolve()
+    json_path.parent.mkdir(parents=True, exist_ok=True)
     data = {
         **report.to_dict(),
         "model": type(pl_module).__qualname__,
@@ -122,10 +129,9 @@ def write_report(trainer: pl.Trainer, pl_module: pl.LightningModule, report: Rep
         "global_step": trainer.global_step,
         "lightning_recipe": _version(),
     }
-    json_path, md_path = directory / f"{REPORT_NAME}.json", directory / f"{REPORT_NAME}.md"
     json_path.write_text(json.dumps(data, indent=2) + "\n")
-    md_path.write_text(report.to_markdown())
-    return [json_path, md_path]
+    json_path.with_suffix(".md").write_text(report.to_markdown())
+    return [json_path, json_path.with_suffix(".md")]
 
 
 def log_dir(trainer: pl.Trainer) -> Path:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import inspect
 import os
+import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias, TypedDict
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -20,16 +21,16 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_recipe import _logging
-from lightning_recipe._args import ON_FAIL_CHOICES, check_choice
+from lightning_recipe._args import ON_FAIL_CHOICES, OnFail, check_choice
 from lightning_recipe.callbacks._base import RecipeCallback
 from lightning_recipe.callbacks._monitor import Monitor
 from lightning_recipe.callbacks._preflight import PreflightCheck
 from lightning_recipe.diagnostics.batch import ForwardFn, InputsFn, TargetsFn
-from lightning_recipe.registry import CHECKS, COMPONENTS, MONITORS, component_key, resolve_checks
+from lightning_recipe.registry import CHECKS, COMPONENTS, MONITORS, arguments, component_key, resolve_checks
 from lightning_recipe.report import RecipeWarning, Report
 from lightning_recipe.sanity import SanityRunExit, log_dir, may_exit, publish, sanity_run_requested
 
-__all__ = ["ComponentSpec", "RecipeSuite", "sanity_run", "sanity_suite"]
+__all__ = ["ComponentArgumentError", "ComponentSpec", "RecipeSuite", "sanity_run", "sanity_suite"]
 
 #: what a component keyword of RecipeSuite takes: True (default arguments), a dict of arguments, an instance, or
 #: None/False (left out); each keyword's own type, in the generated signature, names the component's class
@@ -65,8 +66,10 @@ class RecipeSuite(RecipeCallback):
             its class name in snake_case (``init_loss_check``, ``overfit_one_batch``, ``first_layer_visualizer``,
             ...). ``True`` (default) builds it with default arguments, a dict builds it with those keyword
             arguments, an instance is used as it is, ``None`` or ``False`` leaves it out. Another name is refused,
-            with the valid ones listed. ``inspect.signature(RecipeSuite)`` lists every keyword with its type,
-            which is what ``help()`` shows and LightningCLI (jsonargparse) reads from a config.
+            with the valid ones listed; so is a dict with an argument the component does not take or a value it
+            refuses (:class:`ComponentArgumentError`, naming the component). ``inspect.signature(RecipeSuite)``
+            lists every keyword with its type (the class, and a TypedDict of its arguments for the dict), which is
+            what ``help()`` shows and LightningCLI (jsonargparse) reads from a config.
         inputs, targets, forward: how to read a batch, given to every check and monitor the suite builds.
 
     Example::
@@ -85,7 +88,7 @@ class RecipeSuite(RecipeCallback):
         self,
         *,
         sanity_run: bool | None = None,
-        on_fail: str = "raise",
+        on_fail: OnFail = "raise",
         report_dir: str | os.PathLike[str] | Literal[False] | None = None,
         exit_process: bool = True,
         inputs: InputsFn | None = None,
@@ -228,11 +231,25 @@ for _hook in _FORWARDED:
     setattr(RecipeSuite, _hook, _forwarding(_hook))
 
 
+class ComponentArgumentError(ValueError):
+    """A component keyword of RecipeSuite holds an argument its class does not take, or a value it refuses: bad
+    usage, which the command line reports in one line (exit status 2) rather than as the model's crash."""
+
+
+def _settings(cls: type[RecipeCallback]) -> Any:
+    """A TypedDict (every key optional) of ``cls``'s arguments and their types: what the dict a component keyword
+    takes may hold. jsonargparse reads it from the signature, so LightningCLI refuses a misspelled argument or a
+    value of the wrong type in a config while parsing it, naming the argument, before anything is built."""
+    hints = typing.get_type_hints(cls.__init__)
+    typed_dict: Any = TypedDict  # its keys are known only at run time, which mypy's TypedDict() refuses
+    return typed_dict(f"{cls.__name__}Settings", {name: hints[name] for name in arguments(cls)}, total=False)
+
+
 def _signature() -> inspect.Signature:
-    """RecipeSuite's signature with one keyword per registered component, typed with the component's class, in
-    place of ``**components``: what ``help()``, IPython and Jupyter show, and what LightningCLI (jsonargparse)
-    reads to build the suite from a config and to refuse a misspelled keyword there. The keywords sit where the
-    written ones used to, between ``exit_process`` and ``inputs``."""
+    """RecipeSuite's signature with one keyword per registered component, typed with the component's class and
+    its settings (:func:`_settings`), in place of ``**components``: what ``help()``, IPython and Jupyter show, and
+    what LightningCLI (jsonargparse) reads to build the suite from a config and to refuse a misspelled keyword or
+    argument there. The keywords sit where the written ones used to, between ``exit_process`` and ``inputs``."""
     written = inspect.signature(RecipeSuite.__init__)
     own = [p for p in written.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
     at = [p.name for p in own].index("inputs")
@@ -241,7 +258,7 @@ def _signature() -> inspect.Signature:
             component_key(cls),
             inspect.Parameter.KEYWORD_ONLY,
             default=True,
-            annotation=bool | dict[str, Any] | cls | None,
+            annotation=bool | _settings(cls) | cls | None,
         )
         for cls in COMPONENTS
     ]
@@ -254,7 +271,7 @@ RecipeSuite.__init__.__signature__ = _signature()  # type: ignore[attr-defined]
 
 
 def _build(
-    name: str, cls: type[RecipeCallback], spec: Any, adapters: dict[str, Any], on_fail: str
+    name: str, cls: type[RecipeCallback], spec: Any, adapters: dict[str, Any], on_fail: OnFail
 ) -> RecipeCallback | None:
     if spec is None or spec is False:
         return None
@@ -265,12 +282,22 @@ def _build(
         kwargs["on_fail"] = on_fail
     if spec is True:
         return cls(**kwargs)
-    if isinstance(spec, Mapping):
+    if not isinstance(spec, Mapping):
+        raise TypeError(
+            f"Expected `{name}` to be True, False, None, a dict of {cls.__name__} arguments or a {cls.__name__}, "
+            f"but got {spec!r}."
+        )
+    valid = arguments(cls)
+    unknown = [key for key in spec if key not in valid]
+    if unknown:
+        raise ComponentArgumentError(
+            f"Expected the settings of `{name}` in RecipeSuite to be arguments of {cls.__name__}, one of "
+            f"{', '.join(valid)}, but got {unknown[0]!r}."
+        )
+    try:
         return cls(**{**kwargs, **spec})
-    raise TypeError(
-        f"Expected `{name}` to be True, False, None, a dict of {cls.__name__} arguments or a {cls.__name__}, "
-        f"but got {spec!r}."
-    )
+    except (TypeError, ValueError) as error:  # the component's own argument checks: name the component too
+        raise ComponentArgumentError(f"In the settings of `{name}` in RecipeSuite: {error}") from None
 
 
 def sanity_suite(

@@ -4,6 +4,7 @@ errors are also driven in-process through ``main`` (no Trainer is built for them
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import pytest
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
+from lightning_recipe import OverfitOneBatch, __version__
 from lightning_recipe.cli import main
 from tests.ddp import REPO
 from tests.zoo import MLP
@@ -72,6 +74,9 @@ def test_a_healthy_model_exits_0_and_writes_the_report(tmp_path):
     data = json.loads(report.read_text())
     assert data["passed"] is True and data["model"] == "MLP"
     assert [c["status"] for c in data["checks"]] == ["passed"] * 3
+    # one writer: the fields of the sanity_run.json a sanity run writes next to the logs
+    assert set(data) == {"passed", "checks", "model", "world_size", "global_step", "lightning_recipe"}
+    assert (data["world_size"], data["global_step"], data["lightning_recipe"]) == (1, 0, __version__)
     assert report.with_suffix(".md").read_text().startswith("# lightning_recipe report: PASSED")
 
 
@@ -273,6 +278,31 @@ def test_check_with_a_config_that_holds_the_suite_runs_only_the_checks_asked_for
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     data = json.loads((tmp_path / "logs" / "lightning_logs" / "version_0" / "sanity_run.json").read_text())
     assert [c["name"] for c in data["checks"]] == ["InitLossCheck"]
+
+
+@pytest.mark.parametrize(
+    ("typo", "message"),
+    [
+        (
+            "max_stepz: 300",
+            "Expected the settings of `overfit_one_batch` in RecipeSuite to be arguments of OverfitOneBatch, one of "
+            f"{', '.join(inspect.signature(OverfitOneBatch).parameters)}, but got 'max_stepz'.",
+        ),
+        (
+            "on_fail: wran",
+            "In the settings of `overfit_one_batch` in RecipeSuite: Expected `on_fail` to be one of ['raise', "
+            "'warn'], but got 'wran'.",
+        ),
+    ],
+    ids=["unknown_argument", "unknown_choice"],
+)
+def test_a_typo_in_the_suites_settings_in_a_config_is_bad_usage_in_one_line(tmp_path, typo, message):
+    """Not the model's crash (exit 1): the line names the component, the argument and the valid ones."""
+    proc = in_project(
+        tmp_path, SUITE_CONFIG.replace("max_steps: 300", typo), [SCRIPT, "check", "--config", "config.yaml"]
+    )
+    assert proc.returncode == 2, (proc.stdout + proc.stderr)[-4000:]
+    assert proc.stderr.splitlines() == [f"lightning-recipe check: error: --config config.yaml: {message}"]
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import typing
 import warnings
 
 import pytest
@@ -79,9 +80,13 @@ def test_the_suite_signature_lists_every_component_keyword_with_its_class():
     for cls in COMPONENTS:
         parameter = parameters[component_key(cls)]
         assert parameter.default is True
-        assert cls in parameter.annotation.__args__ and dict in [
-            getattr(a, "__origin__", a) for a in parameter.annotation.__args__
-        ]
+        assert cls in parameter.annotation.__args__ and bool in parameter.annotation.__args__
+        # the dict it takes is typed: the class's arguments, the shared tail (on_fail, inputs, ...) included
+        (settings,) = [a for a in parameter.annotation.__args__ if typing.is_typeddict(a)]
+        written = [name for name in inspect.signature(cls).parameters if name not in ("args", "kwargs")]
+        assert list(settings.__annotations__) == written and not settings.__required_keys__
+        assert {"inputs", "targets", "forward"} <= set(written)
+        assert issubclass(cls, Monitor) or "on_fail" in written
     # the signature is the truth: it accepts what the suite accepts, and refuses what it refuses
     inspect.signature(RecipeSuite).bind(overfit_one_batch={"max_steps": 5}, first_layer_visualizer=None)
     with pytest.raises(TypeError):
@@ -126,6 +131,25 @@ def test_jsonargparse_refuses_a_misspelled_component_keyword_in_a_config():
     config = {"class_path": "lightning_recipe.RecipeSuite", "init_args": {"overfit": {"max_steps": 50}}}
     refused = pytest.importorskip("jsonargparse").ArgumentError
     with pytest.raises(refused, match=r"(?s)lightning_recipe.RecipeSuite.*'overfit(\.max_steps)?' is not accepted"):
+        parser.parse_args(["--callback", json.dumps(config)])
+
+
+@pytest.mark.parametrize(
+    ("settings", "refusal"),
+    [
+        ({"max_stepz": 50}, r"Unexpected keys: \{'max_stepz'\}"),
+        ({"on_fail": "wran"}, r"\"on_fail\":\s+Expected a typing.Literal\['raise', 'warn'\]. Got value: wran"),
+        ({"max_steps": "many"}, r"Parser key \"max_steps\":\s+Expected a <class 'int'>. Got value: many"),
+    ],
+    ids=["unknown_argument", "unknown_choice", "wrong_type"],
+)
+def test_jsonargparse_refuses_a_components_settings_that_its_class_refuses_naming_the_argument(settings, refusal):
+    """A component's dict is typed with its class's arguments: LightningCLI refuses a typo in a config while
+    parsing it, naming the argument, instead of building the suite and crashing in a page of union errors."""
+    parser = _parser()
+    config = {"class_path": "lightning_recipe.RecipeSuite", "init_args": {"overfit_one_batch": settings}}
+    refused = pytest.importorskip("jsonargparse").ArgumentError
+    with pytest.raises(refused, match=r'(?s)Parser key "overfit_one_batch":.*' + refusal):
         parser.parse_args(["--callback", json.dumps(config)])
 
 

@@ -3,6 +3,7 @@ TensorBoard text, the exit status, no optimizer step, and ``sanity_run()`` retur
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 
@@ -28,6 +29,7 @@ from lightning_recipe import (
 )
 from lightning_recipe.registry import COMPONENTS, MONITORS, component_key
 from lightning_recipe.sanity import ENV_VAR, summary_table
+from lightning_recipe.suite import ComponentArgumentError
 from tests.models import trainer
 from tests.tensorboard import read_events
 from tests.zoo import MLP, DoubleSoftmax, clusters
@@ -67,6 +69,28 @@ def test_unknown_component_names_are_refused_listing_the_valid_ones():
     assert keys[:3] == ["init_loss_check", "batch_leakage_probe", "overfit_one_batch"]
     with pytest.raises(ValueError, match=re.escape(f"one of {keys}, but got 'overfit'")):
         RecipeSuite(overfit=None)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            {"max_stepz": 50},
+            "Expected the settings of `overfit_one_batch` in RecipeSuite to be arguments of OverfitOneBatch, one of "
+            f"{', '.join(inspect.signature(OverfitOneBatch).parameters)}, but got 'max_stepz'.",
+        ),
+        (
+            {"on_fail": "wran"},
+            "In the settings of `overfit_one_batch` in RecipeSuite: Expected `on_fail` to be one of ['raise', "
+            "'warn'], but got 'wran'.",
+        ),
+    ],
+    ids=["unknown_argument", "unknown_choice"],
+)
+def test_settings_a_component_refuses_are_refused_naming_the_component_and_the_valid_ones(settings, message):
+    with pytest.raises(ComponentArgumentError) as refused:
+        RecipeSuite(overfit_one_batch=settings)
+    assert str(refused.value) == message and isinstance(refused.value, ValueError)
 
 
 def test_a_component_of_the_wrong_type_is_refused():
@@ -153,6 +177,7 @@ def test_a_sanity_run_writes_the_report_and_exits_with_the_verdict(tmp_path, cap
     data = json.loads((folder / "sanity_run.json").read_text())
     assert data["passed"] is (code == 0)
     assert data["global_step"] == 0 and data["world_size"] == 1 and data["model"] == model.__name__
+    assert set(data) == {"passed", "checks", "model", "world_size", "global_step", "lightning_recipe"}
     assert [c["name"] for c in data["checks"]] == ["InitLossCheck", "BatchLeakageProbe", "OverfitOneBatch"]
     assert all(set(c) == REPORT_KEYS for c in data["checks"])
     statuses = {c["name"]: c["status"] for c in data["checks"]}

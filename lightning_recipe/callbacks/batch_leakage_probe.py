@@ -17,7 +17,7 @@ import torch
 from typing_extensions import override
 
 from lightning_recipe import _logging
-from lightning_recipe._args import check_choice, check_fraction, check_int
+from lightning_recipe._args import OnFail, check_choice, check_fraction, check_int
 from lightning_recipe.callbacks._context import CheckContext
 from lightning_recipe.callbacks._errors import CheckSkipped
 from lightning_recipe.callbacks._preflight import PreflightCheck
@@ -91,7 +91,7 @@ class BatchLeakageProbe(PreflightCheck):
         num_examples: int = 16,
         tolerance: float = 1e-5,
         graph: bool | None = None,
-        on_fail: str = "raise",
+        on_fail: OnFail = "raise",
         inputs: InputsFn | None = None,
         targets: TargetsFn | None = None,
         forward: ForwardFn | None = None,

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_recipe import _logging
-from lightning_recipe._args import check_choice, check_int, check_integer
+from lightning_recipe._args import OnFail, check_choice, check_int, check_integer
 from lightning_recipe.callbacks._context import CheckContext, shifted_twice_text
 from lightning_recipe.callbacks._errors import CheckSkipped
 from lightning_recipe.callbacks._init_loss_text import MAX_LISTED, non_finite_text, unexplained, wording
@@ -141,7 +141,7 @@ class InitLossCheck(PreflightCheck):
         regression_loss: str = "auto",
         num_batches: int = 4,
         ignore_index: int = IGNORE_INDEX,
-        on_fail: str = "raise",
+        on_fail: OnFail = "raise",
         inputs: InputsFn | None = None,
         targets: TargetsFn | None = None,
         forward: ForwardFn | None = None,

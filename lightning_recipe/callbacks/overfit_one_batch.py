@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_recipe._args import check_fraction, check_int, check_positive
+from lightning_recipe._args import OnFail, check_fraction, check_int, check_positive
 from lightning_recipe.callbacks._context import CheckContext, shifted_twice_text
 from lightning_recipe.callbacks._errors import CheckSkipped
 from lightning_recipe.callbacks._overfit_report import details, log_run
@@ -87,7 +87,7 @@ class OverfitOneBatch(PreflightCheck):
         lr: float | None = None,
         loss_fraction: float = DEFAULT_LOSS_FRACTION,
         *,
-        on_fail: str = "raise",
+        on_fail: OnFail = "raise",
         inputs: InputsFn | None = None,
         targets: TargetsFn | None = None,
         forward: ForwardFn | None = None,
