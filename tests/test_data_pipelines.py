@@ -6,6 +6,8 @@ components read the first batch training fetches, and say so."""
 from __future__ import annotations
 
 import copy
+import threading
+import warnings
 from typing import Any
 
 import lightning.pytorch as L
@@ -29,8 +31,10 @@ import lightning_recipe
 from lightning_recipe import (
     CheckStatus,
     FirstLayerVisualizer,
+    InitLossCheck,
     PredictionDynamicsLogger,
     RecipeSuite,
+    RecipeWarning,
     registry,
     sanity_run,
 )
@@ -372,3 +376,62 @@ def test_the_dynamics_logger_reads_its_validation_batch_beside_several_training_
     t = trainer(max_steps=3, callbacks=[logger], num_sanity_val_steps=2)  # the validation loader exists at the start
     t.fit(TwoLoaders(), train, DataLoader(cluster_data(seed=2), batch_size=32))
     assert logger.enabled and logger.batch_source == "val" and len(logger.history) >= 3
+
+
+# -- a batch the package cannot copy -----------------------------------------------------------------------------
+
+
+class LockedBatch:
+    """A batch of the user's own class that `copy.deepcopy` refuses: it holds a lock (as a handle to a shared cache
+    or a file does)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y, self.lock = x, y, threading.Lock()
+
+
+class LockedStream(IterableDataset):
+    def __iter__(self):
+        x, y = cluster_data().tensors
+        for start in range(0, len(y), 32):
+            yield LockedBatch(x[start : start + 32].clone(), y[start : start + 32].clone())
+
+
+class ScalesItsBatch(MLPClassifier):
+    """Converts units in place on its batch, as a `training_step` may."""
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch.x.mul_(2.0)), batch.y)
+
+
+def _locked_run(callbacks: list[L.Callback]) -> dict[str, torch.Tensor]:
+    L.seed_everything(7, verbose=False)
+    model = ScalesItsBatch()
+    trainer(max_steps=3, callbacks=callbacks, deterministic=True).fit(
+        model, DataLoader(LockedStream(), batch_size=None)
+    )
+    return copy.deepcopy(model.state_dict())
+
+
+_READS_BATCHES = [InitLossCheck, FirstLayerVisualizer, PredictionDynamicsLogger]
+
+
+@pytest.mark.parametrize("cls", _READS_BATCHES, ids=[cls.__name__ for cls in _READS_BATCHES])
+def test_a_batch_the_package_cannot_copy_is_never_given_to_the_users_code(cls):
+    """Training's own batch is never handed to the user's code by a component: one that cannot be copied is not
+    read, and the component says why (a check skips, a monitor switches itself off), not as a bug of ours."""
+    kwargs: dict[str, Any] = dict(inputs=lambda b: b.x, targets=lambda b: b.y)
+    component = cls(on_fail="warn", **kwargs) if cls is InitLossCheck else cls(every_n_steps=1, **kwargs)
+    plain = _locked_run([])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        checked = _locked_run([component])
+    assert all(torch.equal(value, checked[key]) for key, value in plain.items())
+    ours = [str(w.message) for w in caught if issubclass(w.category, RecipeWarning)]
+    assert not any("Please report" in message for message in ours), ours
+    why = "the batch training fetched cannot be copied: `copy.deepcopy` raised TypeError"
+    if cls is InitLossCheck:
+        assert component.result.status is CheckStatus.SKIPPED
+        assert why in component.result.summary and "is a LockedBatch" in component.result.summary
+    else:
+        assert not component.enabled
+        assert len(ours) == 1 and why in ours[0] and "switched itself off; training goes on" in ours[0]

@@ -32,6 +32,7 @@ from lightning_recipe.callbacks._data import (
     fresh_batches,
     fresh_pass_refusal,
     loader_generators,
+    own_copy,
 )
 from lightning_recipe.callbacks._errors import CheckSkipped, NoLoss, UserCodeError, user_code_location
 from lightning_recipe.diagnostics.batch import BatchAdapter, BatchNotUnderstood, ForwardFn, InputsFn, TargetsFn
@@ -41,7 +42,7 @@ from lightning_recipe.report import CheckResult, CheckStatus, RecipeCheckError, 
 
 __all__ = ["PreflightCheck", "agree_across_ranks"]
 
-#: the first batch training fetched, its ``batch_idx``, and why the check waited for it
+#: the first batch training fetched (training's own object), its ``batch_idx``, and why the check waited for it
 FirstBatch = tuple[Any, int, str]
 
 _SEVERITY = {CheckStatus.PASSED: 0, CheckStatus.SKIPPED: 1, CheckStatus.FAILED: 2}
@@ -157,10 +158,9 @@ class PreflightCheck(RecipeCallback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        first = self.take_first_batch(batch)
-        if first is not None:
-            copy, reason = first
-            self.finish(trainer, self.execute(trainer, pl_module, first=(copy, batch_idx, reason)))
+        reason, self._waiting = self._waiting, None
+        if reason is not None:  # training's own batch: the check copies it (own_copy) where it can skip
+            self.finish(trainer, self.execute(trainer, pl_module, first=(batch, batch_idx, reason)))
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -179,7 +179,7 @@ class PreflightCheck(RecipeCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, first: FirstBatch | None = None
     ) -> CheckResult:
         """Run the check under a full snapshot, on fresh batches or, given ``first = (batch, batch_idx, why)``, on
-        that batch (a copy of the first one training fetched); never raises (an internal error is a ``skipped``
+        its own copy of that batch (the first one training fetched); never raises (an internal error is a ``skipped``
         result with a warning, an error of the user's code a ``failed`` one whose exception :meth:`finish`
         raises). Every rank must call it: the verdict is agreed across ranks."""
         start = time.perf_counter()
@@ -256,12 +256,13 @@ class PreflightCheck(RecipeCallback):
         start: ModuleAttributes,
     ) -> CheckContext:
         """The check's context on its first :attr:`num_batches` batches of the fresh pass, or on ``first``."""
-        batches = list(islice(stream, self.num_batches)) if first is None else [first[0]]
+        # training's own first batch is read through a copy: a batch that cannot be copied is a skip
+        batches = list(islice(stream, self.num_batches)) if first is None else [own_copy(first[0])]
         if not batches:
             raise CheckSkipped("the training dataloader yielded no batch.")
         ctx = CheckContext(trainer, pl_module, batches, self.adapter, self.component, start=start)
         if first is not None:
-            ctx.positions[id(first[0])] = first[1]
+            ctx.positions[id(batches[0])] = first[1]
         return ctx
 
     def _attempt(self, ctx: CheckContext, stream: Iterator[Any]) -> CheckResult | Exception:
