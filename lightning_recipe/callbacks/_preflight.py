@@ -148,6 +148,7 @@ class PreflightCheck(RecipeCallback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._waiting = None
+        # a resumed run (global_step > 0) is skipped at once by `execute`, which then reads no batch at all
         refusal = fresh_pass_refusal(trainer.train_dataloader) if trainer.global_step == 0 else None
         if refusal is not None:
             self.wait_for_first_batch(refusal)
