@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 import traceback
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import replace
 from itertools import islice
 from typing import Any, ClassVar
@@ -26,7 +27,7 @@ from typing_extensions import override
 from lightning_recipe import _logging
 from lightning_recipe._args import ON_FAIL_CHOICES, check_choice
 from lightning_recipe.callbacks._base import RecipeCallback
-from lightning_recipe.callbacks._context import CheckContext, silenced_logging
+from lightning_recipe.callbacks._context import CheckContext, ReachedUpdate, silenced_logging, stopped_at_first_update
 from lightning_recipe.callbacks._data import (
     first_batch_note,
     fresh_batches,
@@ -58,18 +59,17 @@ def _one_line(error: BaseException, limit: int = 300) -> str:
 
 def _own_step_error(ctx: CheckContext) -> Exception | None:
     """The exception the user's ``training_step`` raises on the first of the check's (unmodified) training
-    batches that makes it raise, or ``None`` when it runs on all of them. Not tried with manual optimization,
-    whose ``training_step`` steps the optimizers itself (the caller's snapshot would restore them, but a step
-    there is not ours to take)."""
-    if not ctx.module.automatic_optimization:
-        return None
-    for index, batch in enumerate(ctx.batches):
-        try:
-            ctx.training_step_loss(batch, index)
-        except CheckSkipped:
-            continue
-        except Exception as error:  # noqa: BLE001 - that is what we are looking for
-            return error
+    batches that makes it raise, or ``None`` when it runs on all of them. Under manual optimization the step runs up
+    to its first update only (:func:`stopped_at_first_update`): whatever it raises before is the user's."""
+    manual = not ctx.module.automatic_optimization
+    with stopped_at_first_update(ctx.module) if manual else nullcontext():
+        for index, batch in enumerate(ctx.batches):
+            try:
+                ctx.training_step_loss(batch, index)
+            except (CheckSkipped, ReachedUpdate):
+                continue
+            except Exception as error:  # noqa: BLE001 - that is what we are looking for
+                return error
     return None
 
 
