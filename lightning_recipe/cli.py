@@ -3,8 +3,8 @@
     lightning-recipe check my_project.models:Classifier --data my_project.data:ShapesData --report report.json
     lightning-recipe check train.py:Net --model-args '{"width": 64}' --checks InitLossCheck OverfitOneBatch
 
-Exit status: 0 every check passed (or was skipped), 1 a check failed (or the model crashed during the run),
-2 bad usage (a message, no traceback).
+Exit status: 0 every check passed (some may have skipped), 1 a check failed (or the model crashed during the run),
+2 bad usage (a message, no traceback), 3 nothing was checked (every check skipped: not a pass).
 """
 
 from __future__ import annotations
@@ -42,12 +42,10 @@ from lightning_recipe._loading import (
 from lightning_recipe.callbacks._preflight import PreflightCheck
 from lightning_recipe.registry import CHECKS, MONITORS, resolve_checks
 from lightning_recipe.report import Report
-from lightning_recipe.sanity import write_report
+from lightning_recipe.sanity import EXIT_FAILED, EXIT_USAGE, exit_status, write_report
 from lightning_recipe.suite import ComponentArgumentError, RecipeSuite, sanity_run, sanity_suite
 
 __all__ = ["main"]
-
-EXIT_PASSED, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 #: the registered checks, as --checks takes them and the help lists them
 _CHECK_NAMES = ", ".join(cls.__name__ for cls in CHECKS.values())
@@ -58,7 +56,8 @@ Karpathy's "Recipe for Training Neural Networks" as PyTorch Lightning callbacks.
 commands:
   check   run the pre-flight checks ({_CHECK_NAMES}) on a model and its
           data without training, print a summary table, optionally write the report; exit 0 when every check
-          passed, 1 when one failed, 2 on bad usage. `lightning-recipe check --help` lists its options.
+          passed, 1 when one failed, 2 on bad usage, 3 when nothing was checked (every check skipped).
+          `lightning-recipe check --help` lists its options.
 
 In a training script, the same sanity run is one environment variable away:
   callbacks=[RecipeSuite()] in the Trainer, then LIGHTNING_RECIPE_SANITY_RUN=1 python train.py
@@ -74,9 +73,10 @@ LightningModule. The data is NAME(**data_args): a LightningDataModule, a trainin
 report then also lands next to its logs). Leave MODULE:Model and --data out when the config names class_path
 entries; give them when it was written for LightningCLI(Model, DataModule). Trainer options given here win.
 
-exit status: 0 every check passed or was skipped, 1 a check failed or the model or its data raised an error,
-2 bad usage: an unknown or unloadable MODULE:NAME, arguments the model or data do not take, no training data,
-or Trainer options Lightning refuses (an unknown accelerator or strategy, devices this machine does not have).
+exit status: 0 every check passed (some may have skipped), 1 a check failed or the model or its data raised an
+error, 2 bad usage: an unknown or unloadable MODULE:NAME, arguments the model or data do not take, no training
+data, or Trainer options Lightning refuses (an unknown accelerator or strategy, devices this machine does not
+have), 3 nothing was checked: every check skipped (each says why in the table), which is not a pass.
 
 examples:
   lightning-recipe check my_project.models:Classifier --data my_project.data:ShapesData
@@ -173,7 +173,7 @@ def _check(args: argparse.Namespace) -> int:
         # the Trainer the sanity run fitted stays attached to the model: the run the report came from
         paths = write_report(model.trainer, model, report, Path(args.report))
         print(f"Report: {' and '.join(str(p) for p in paths)}")
-    return EXIT_PASSED if report.passed else EXIT_FAILED
+    return exit_status(report)
 
 
 def _run_config(args: argparse.Namespace, checks: list[Any]) -> tuple[pl.LightningModule, Report]:

@@ -96,18 +96,30 @@ class Report:
     results: list[CheckResult] = field(default_factory=list)
 
     @property
+    def checked(self) -> bool:
+        """Whether any check gave a verdict. A report of skips only (a sanity run of a resumed run, a model no check
+        applies to) checked nothing, which is not a pass."""
+        return any(r.status is not CheckStatus.SKIPPED for r in self.results)
+
+    @property
     def passed(self) -> bool:
-        return all(r.passed for r in self.results)
+        """Something was checked and no check failed."""
+        return self.checked and all(r.passed for r in self.results)
+
+    @property
+    def verdict(self) -> str:
+        """``"PASSED"``, ``"FAILED"`` (a check failed) or ``"NOTHING CHECKED"`` (every check skipped)."""
+        return "PASSED" if self.passed else "FAILED" if self.checked else "NOTHING CHECKED"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"passed": self.passed, "checks": [r.to_dict() for r in self.results]}
+        return {"passed": self.passed, "checked": self.checked, "checks": [r.to_dict() for r in self.results]}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
     def to_markdown(self) -> str:
         lines = [
-            f"# lightning_recipe report: {'PASSED' if self.passed else 'FAILED'}",
+            f"# lightning_recipe report: {self.verdict}",
             "",
             "| check | status | summary | time (s) |",
             "|---|---|---|---|",

@@ -4,7 +4,8 @@ A *sanity run* is the same training script with one environment variable set
 (``LIGHTNING_RECIPE_SANITY_RUN=1``) or ``RecipeSuite(sanity_run=True)``: every check runs (a failure does not
 stop the others), the report is written next to the logs as JSON and Markdown, a summary table is printed,
 the same text goes to TensorBoard's text tab, and ``fit`` ends before the first optimizer step. The process
-then exits with status 0 when every check passed and 1 when one failed, so a job script can put
+then exits with status 0 when every check passed (some may have skipped), 1 when one failed, and 3 when nothing
+was checked (every check skipped, as in a run resumed with ``ckpt_path``), so a job script can put
 ``LIGHTNING_RECIPE_SANITY_RUN=1 srun python train.py || exit 1`` in front of the real run.
 
 This module is the verdict's way out of the process, apart from the callback that runs the checks
@@ -27,9 +28,14 @@ from lightning_recipe.report import CheckStatus, RecipeWarning, Report
 
 __all__ = [
     "ENV_VAR",
+    "EXIT_FAILED",
+    "EXIT_NOTHING_CHECKED",
+    "EXIT_PASSED",
+    "EXIT_USAGE",
     "REPORT_NAME",
     "SanityRunExit",
     "log_dir",
+    "exit_status",
     "may_exit",
     "publish",
     "sanity_run_requested",
@@ -42,12 +48,18 @@ ENV_VAR = "LIGHTNING_RECIPE_SANITY_RUN"
 #: the report's file names, without suffix (``.json`` and ``.md``)
 REPORT_NAME = "sanity_run"
 
+#: the exit statuses of a sanity run and of ``lightning-recipe check``: every check passed (some may have skipped); a
+#: check failed (or the user's code raised); bad usage (the console script only); nothing was checked (every check
+#: skipped: a run resumed with ``ckpt_path``, a model no check applies to), which a job script must not take for a pass
+EXIT_PASSED, EXIT_FAILED, EXIT_USAGE, EXIT_NOTHING_CHECKED = 0, 1, 2, 3
+
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
 
 
 class SanityRunExit(SystemExit):
-    """Ends the process after a sanity run: ``code`` 0 when every check passed, 1 when one failed.
+    """Ends the process after a sanity run with :func:`exit_status`: 0 every check passed, 1 one failed, 3 nothing
+    was checked.
 
     Raised out of ``trainer.fit`` by :class:`RecipeSuite` in sanity-run mode, once the report is written and
     on every rank at once. Lightning tears the run down as for any exception; Python then exits with ``code``
@@ -55,8 +67,15 @@ class SanityRunExit(SystemExit):
     """
 
     def __init__(self, report: Report) -> None:
-        super().__init__(0 if report.passed else 1)
+        super().__init__(exit_status(report))
         self.report = report
+
+
+def exit_status(report: Report) -> int:
+    """:data:`EXIT_PASSED`, :data:`EXIT_FAILED`, or :data:`EXIT_NOTHING_CHECKED` when every check skipped."""
+    if report.passed:
+        return EXIT_PASSED
+    return EXIT_FAILED if report.checked else EXIT_NOTHING_CHECKED
 
 
 def sanity_run_requested() -> bool:
@@ -75,7 +94,11 @@ def sanity_run_requested() -> bool:
 def summary_table(report: Report, header: str = "lightning_recipe sanity run") -> str:
     """The report as a plain-text table for the console: one line per check, then the fixes."""
     failed = [r for r in report.results if r.status is CheckStatus.FAILED]
-    verdict = "PASSED" if report.passed else f"FAILED ({len(failed)} of {len(report.results)} checks failed)"
+    verdict = report.verdict
+    if failed:
+        verdict += f" ({len(failed)} of {len(report.results)} checks failed)"
+    elif not report.checked:
+        verdict += " (every check skipped, see why below: not a pass)" if report.results else " (no check ran)"
     width = max([len("check"), *(len(r.name) for r in report.results)])
     lines = [f"{header}: {verdict}", f"  {'check':<{width}}  {'status':<7}  {'time (s)':>8}  summary"]
     for r in report.results:
@@ -106,7 +129,9 @@ def publish(
             "the whole verdict; pass RecipeSuite(report_dir=...) to write it elsewhere."
         )
     if exits:
-        lines.append(f"Sanity run: training skipped, exit status {0 if report.passed else 1}.")
+        code = exit_status(report)
+        why = ": nothing was checked, which is not a pass" if code == EXIT_NOTHING_CHECKED else ""
+        lines.append(f"Sanity run: training skipped, exit status {code}{why}.")
     print("\n".join(lines), flush=True)
     return paths
 

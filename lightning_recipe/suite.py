@@ -28,7 +28,14 @@ from lightning_recipe.callbacks._preflight import PreflightCheck
 from lightning_recipe.diagnostics.batch import ForwardFn, InputsFn, TargetsFn
 from lightning_recipe.registry import CHECKS, COMPONENTS, MONITORS, arguments, component_key, resolve_checks
 from lightning_recipe.report import RecipeWarning, Report
-from lightning_recipe.sanity import SanityRunExit, log_dir, may_exit, publish, sanity_run_requested
+from lightning_recipe.sanity import (
+    EXIT_NOTHING_CHECKED,
+    SanityRunExit,
+    log_dir,
+    may_exit,
+    publish,
+    sanity_run_requested,
+)
 
 __all__ = ["ComponentArgumentError", "ComponentSpec", "RecipeSuite", "sanity_run", "sanity_suite"]
 
@@ -50,8 +57,9 @@ class RecipeSuite(RecipeCallback):
     ``<report_dir>/sanity_run.json`` and ``.md`` (default: ``trainer.log_dir``, else ``default_root_dir``), a
     summary table is printed, and the Markdown goes to TensorBoard's text tab (``recipe/sanity_run/report``).
     ``fit`` then ends before the first optimizer step, the monitors never start, and with ``exit_process=True``
-    (the default) the process exits with status 0 (all passed) or 1 (a check failed) by raising
-    :class:`SanityRunExit` on every rank, so nothing after ``fit`` (testing, exporting) runs on an untrained
+    (the default) the process exits with status 0 (all passed), 1 (a check failed) or 3 (nothing was checked:
+    every check skipped, as in a run resumed with ``ckpt_path``, or ``fit`` ended before training started) by
+    raising :class:`SanityRunExit` on every rank, so nothing after ``fit`` (testing, exporting) runs on an untrained
     model. With ``exit_process=False`` ``fit`` returns and ``suite.report`` holds the verdict. Lightning tears
     the run down as for any exception, so loggers are finalized with status ``"failed"`` even when every check
     passed. Under ``ddp_spawn``/``ddp_fork`` a failure fails the job (the parent process sees the workers
@@ -126,8 +134,8 @@ class RecipeSuite(RecipeCallback):
         self.report_paths: list[Path] = []
         if self.sanity_run and not self.checks:
             rank_zero_warn(
-                "lightning_recipe: RecipeSuite is in sanity-run mode with every check removed, so the sanity run "
-                f"checks nothing and passes. Keep at least one of {', '.join(CHECKS)}.",
+                "lightning_recipe: RecipeSuite is in sanity-run mode with every check removed: its sanity run checks "
+                f"nothing (exit status {EXIT_NOTHING_CHECKED}, not a pass). Keep at least one of {', '.join(CHECKS)}.",
                 category=RecipeWarning,
             )
 
@@ -183,14 +191,17 @@ class RecipeSuite(RecipeCallback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._forward("on_fit_end", trainer, pl_module)
         if self.sanity_run and self.report is None:
             rank_zero_warn(
                 "lightning_recipe's sanity run checked nothing: `fit` ended before training started (no training "
-                "batches, or limit_train_batches=0), and the checks run at the start of training. Give the Trainer "
-                "a training dataloader with at least one batch.",
+                "batches, limit_train_batches=0, or a checkpoint already at max_steps), and the checks run at the "
+                "start of training. Give the Trainer a training dataloader with at least one batch"
+                + (f"; exit status {EXIT_NOTHING_CHECKED}, which is not a pass." if self.exit_process else "."),
                 category=RecipeWarning,
             )
-        self._forward("on_fit_end", trainer, pl_module)
+            if self.exit_process:
+                raise SanityRunExit(Report([]))
 
     # -- state ------------------------------------------------------------------------------------
     @override

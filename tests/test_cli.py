@@ -36,12 +36,15 @@ def test_help_documents_the_check_command_and_the_exit_status(capsys):
     proc = cli("--help")  # the installed console script
     assert proc.returncode == 0
     assert "check" in proc.stdout and "LIGHTNING_RECIPE_SANITY_RUN=1" in proc.stdout
-    assert "exit 0 when every check passed, 1 when one failed, 2 on bad usage" in " ".join(proc.stdout.split())
+    assert "exit 0 when every check passed, 1 when one failed, 2 on bad usage, 3 when nothing was checked" in " ".join(
+        proc.stdout.split()
+    )
     with pytest.raises(SystemExit) as stopped:
         main(["check", "--help"])
     assert stopped.value.code == 0
     check_help = capsys.readouterr().out
     assert "2 bad usage" in check_help and "Trainer options Lightning refuses" in " ".join(check_help.split())
+    assert "3 nothing was checked: every check skipped" in " ".join(check_help.split())
     for option in (
         "--data",
         "--model-args",
@@ -94,6 +97,19 @@ def test_a_failing_check_exits_1_with_the_fix():
     assert proc.returncode == 1, (proc.stdout + proc.stderr)[-4000:]
     assert "OverfitOneBatch: Double softmax" in proc.stdout
     assert "Traceback" not in proc.stderr
+
+
+def test_a_run_in_which_every_check_skips_exits_3_nothing_checked(tmp_path, capsys):
+    """No check could run (a model that is not `model(x)`, under manual optimization): not a pass."""
+    path = tmp_path / "report.json"
+    args = ["tests.test_user_errors:ManualWithoutForward", "--data", "tests.test_user_errors:data"]
+    code = main(["check", *args, "--accelerator", "cpu", "--report", str(path)])
+    out = capsys.readouterr().out
+    assert code == 3, out[-3000:]
+    assert "lightning_recipe sanity run: NOTHING CHECKED (every check skipped" in out
+    data = json.loads(path.read_text())
+    assert data["passed"] is False and data["checked"] is False
+    assert [c["status"] for c in data["checks"]] == ["skipped"] * 3
 
 
 def test_bad_usage_exits_2_with_a_message_and_no_traceback():

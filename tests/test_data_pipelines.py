@@ -6,6 +6,8 @@ components read the first batch training fetches, and say so."""
 from __future__ import annotations
 
 import copy
+import threading
+import warnings
 from typing import Any
 
 import lightning.pytorch as L
@@ -13,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import (
     BatchSampler,
     DataLoader,
@@ -29,11 +32,14 @@ import lightning_recipe
 from lightning_recipe import (
     CheckStatus,
     FirstLayerVisualizer,
+    InitLossCheck,
     PredictionDynamicsLogger,
     RecipeSuite,
+    RecipeWarning,
     registry,
     sanity_run,
 )
+from lightning_recipe.callbacks import first_layer_visualizer
 from lightning_recipe.callbacks._data import fresh_pass_refusal, own_copy
 from tests.ddp import run_ddp
 from tests.models import MLPClassifier, cluster_data, trainer
@@ -372,3 +378,134 @@ def test_the_dynamics_logger_reads_its_validation_batch_beside_several_training_
     t = trainer(max_steps=3, callbacks=[logger], num_sanity_val_steps=2)  # the validation loader exists at the start
     t.fit(TwoLoaders(), train, DataLoader(cluster_data(seed=2), batch_size=32))
     assert logger.enabled and logger.batch_source == "val" and len(logger.history) >= 3
+
+
+# -- a run resumed mid-stream ------------------------------------------------------------------------------------
+
+
+class EmbeddingRecording(Recording):
+    """Reads token ids through an embedding first, as a language model does (there one too large for
+    FirstLayerVisualizer to keep a copy of in checkpoints)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Embedding(32, 8), torch.nn.Flatten(), torch.nn.Linear(32, 4))
+
+
+class TokenCursor(SharedCursor):
+    """The numbered records of :class:`SharedCursor` with their features as 4 token ids."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records = [(x[:4].abs().mul(4).long().clamp(max=31), y, i) for x, y, i in self.records]
+
+
+def _stream_fit(
+    tmp_path, model: L.LightningModule, callbacks: list[L.Callback], steps: int, cursor: SharedCursor, ckpt=None
+) -> list[list[int]]:
+    """The records training gets in a run over ``cursor``'s stream in batches of 8: a first run checkpointed every 6
+    steps, or one resumed from ``ckpt``."""
+    L.seed_everything(7, verbose=False)
+    Recording.SEEN = []
+    if ckpt is None:
+        callbacks = [*callbacks, ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=6)]
+    run = trainer(tmp_path, max_steps=steps, callbacks=callbacks, enable_checkpointing=ckpt is None)
+    run.fit(model, DataLoader(QueueStream(cursor), batch_size=8), ckpt_path=ckpt)
+    return [list(b) for b in Recording.SEEN]
+
+
+def _going_on_from(cursor: SharedCursor, position: int) -> SharedCursor:
+    """``cursor`` as a stream that resumes where the interrupted run left it (a queue, a reader with an offset)."""
+    cursor.position = position
+    return cursor
+
+
+@pytest.mark.filterwarnings("ignore::lightning_recipe.report.RecipeWarning")  # fitting 4 tokens: OverfitOneBatch
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
+@pytest.mark.parametrize("case", ["package_added_at_the_resume", "first_layer_too_large_to_keep"])
+def test_a_stream_resumed_mid_stream_gives_training_the_records_it_gets_without_the_package(
+    tmp_path, monkeypatch, case
+):
+    """Resumed at step 6 with records 48 on next in the stream: training gets 48-55, 56-63, 64-71 with every component
+    on. A component with no saved state to take up (added at the resume; FirstLayerVisualizer over a first layer too
+    large to keep in checkpoints, a language model's embedding) reads the first batch training fetches, resumed or
+    not: a fresh pass would take 56-63 off the stream."""
+    too_large = case == "first_layer_too_large_to_keep"
+    model, cursor = (EmbeddingRecording, TokenCursor) if too_large else (Recording, SharedCursor)
+    if too_large:  # 256 weights: larger than the copy a checkpoint keeps (a 2**24-weight embedding, in small)
+        monkeypatch.setattr(first_layer_visualizer, "MAX_SAVED_WEIGHTS", 255)
+    before = _components("warn") if too_large else []
+    _stream_fit(tmp_path, model(), before, 6, cursor())
+    ckpt = tmp_path / "step=6.ckpt"
+    if too_large:  # the premise: nothing of the first layer to take up
+        saved = torch.load(ckpt, weights_only=True)["callbacks"][_one(before, FirstLayerVisualizer).state_key]
+        assert saved["measurements"] == {}
+
+    plain = _stream_fit(tmp_path, model(), [], 9, _going_on_from(cursor(), 48), ckpt)
+    components = _components("warn")
+    seen = _stream_fit(tmp_path, model(), components, 9, _going_on_from(cursor(), 48), ckpt)
+    assert [batch[0] for batch in plain] == [48, 56, 64]
+    assert seen == plain
+    visualizer, dynamics = _one(components, FirstLayerVisualizer), _one(components, PredictionDynamicsLogger)
+    assert visualizer.enabled and visualizer.layer_name == "net.0"  # found on a copy of the batch of records 48-55
+    assert dynamics.enabled and dynamics.batch is not None
+    assert all(c.result.status is CheckStatus.SKIPPED for c in components[: len(registry.CHECKS)])
+
+
+# -- a batch the package cannot copy -----------------------------------------------------------------------------
+
+
+class LockedBatch:
+    """A batch of the user's own class that `copy.deepcopy` refuses: it holds a lock (as a handle to a shared cache
+    or a file does)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y, self.lock = x, y, threading.Lock()
+
+
+class LockedStream(IterableDataset):
+    def __iter__(self):
+        x, y = cluster_data().tensors
+        for start in range(0, len(y), 32):
+            yield LockedBatch(x[start : start + 32].clone(), y[start : start + 32].clone())
+
+
+class ScalesItsBatch(MLPClassifier):
+    """Converts units in place on its batch, as a `training_step` may."""
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch.x.mul_(2.0)), batch.y)
+
+
+def _locked_run(callbacks: list[L.Callback]) -> dict[str, torch.Tensor]:
+    L.seed_everything(7, verbose=False)
+    model = ScalesItsBatch()
+    trainer(max_steps=3, callbacks=callbacks, deterministic=True).fit(
+        model, DataLoader(LockedStream(), batch_size=None)
+    )
+    return copy.deepcopy(model.state_dict())
+
+
+_READS_BATCHES = [InitLossCheck, FirstLayerVisualizer, PredictionDynamicsLogger]
+
+
+@pytest.mark.parametrize("cls", _READS_BATCHES, ids=[cls.__name__ for cls in _READS_BATCHES])
+def test_a_batch_the_package_cannot_copy_is_never_given_to_the_users_code(cls):
+    """Training's own batch is never handed to the user's code by a component: one that cannot be copied is not
+    read, and the component says why (a check skips, a monitor switches itself off), not as a bug of ours."""
+    kwargs: dict[str, Any] = dict(inputs=lambda b: b.x, targets=lambda b: b.y)
+    component = cls(on_fail="warn", **kwargs) if cls is InitLossCheck else cls(every_n_steps=1, **kwargs)
+    plain = _locked_run([])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        checked = _locked_run([component])
+    assert all(torch.equal(value, checked[key]) for key, value in plain.items())
+    ours = [str(w.message) for w in caught if issubclass(w.category, RecipeWarning)]
+    assert not any("Please report" in message for message in ours), ours
+    why = "the batch training fetched cannot be copied: `copy.deepcopy` raised TypeError"
+    if cls is InitLossCheck:
+        assert component.result.status is CheckStatus.SKIPPED
+        assert why in component.result.summary and "is a LockedBatch" in component.result.summary
+    else:
+        assert not component.enabled
+        assert len(ours) == 1 and why in ours[0] and "switched itself off; training goes on" in ours[0]

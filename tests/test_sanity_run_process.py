@@ -49,6 +49,34 @@ def test_the_environment_variable_turns_a_training_script_into_a_sanity_run(tmp_
     assert not list(tmp_path.rglob("*.ckpt"))  # nothing after `fit` ran, nothing was saved
 
 
+RESUMED = """
+import sys
+import lightning.pytorch as L
+from lightning_recipe import RecipeSuite
+from tests.zoo import MLP, clusters
+L.Trainer(accelerator="cpu", max_steps=10, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+          default_root_dir=sys.argv[1], callbacks=[RecipeSuite()]).fit(MLP(), clusters(), ckpt_path=sys.argv[2])
+print("TRAINED")
+"""
+
+
+def test_a_sanity_run_of_a_script_that_resumes_exits_3_nothing_checked(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tests.models import trainer
+    from tests.zoo import MLP, clusters
+
+    saver = ModelCheckpoint(tmp_path, save_last=True)
+    trainer(tmp_path, max_steps=3, enable_checkpointing=True, callbacks=[saver]).fit(MLP(), clusters())
+    script = tmp_path / "train.py"
+    script.write_text(RESUMED)
+    proc = run([str(script), str(tmp_path), str(tmp_path / "last.ckpt")], tmp_path)
+    assert proc.returncode == 3, (proc.stdout + proc.stderr)[-4000:]
+    assert "TRAINED" not in proc.stdout and "exit status 3: nothing was checked" in proc.stdout
+    data = json.loads((tmp_path / "sanity_run.json").read_text())
+    assert data["passed"] is False and data["checked"] is False
+
+
 def test_without_the_variable_the_same_script_trains(tmp_path):
     proc = run([str(TRAIN), "--accelerator", "cpu", "--max-steps", "3"], tmp_path, sanity=False)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]

@@ -249,11 +249,55 @@ def test_the_summary_table_lists_every_check_and_the_fixes():
     assert lines[3] == "How to fix:" and lines[4].startswith("  OverfitOneBatch: Double softmax")
 
 
-def test_a_sanity_run_that_never_reaches_training_says_no_check_ran(tmp_path):
+def test_a_sanity_run_that_never_reaches_training_says_no_check_ran_and_exits_3(tmp_path):
     suite = RecipeSuite(sanity_run=True)
-    with pytest.warns(RecipeWarning, match="sanity run checked nothing"):
+    with (
+        pytest.warns(RecipeWarning, match="sanity run checked nothing.* exit status 3, which is not a pass"),
+        pytest.raises(SanityRunExit) as stopped,
+    ):
         trainer(tmp_path, limit_train_batches=0, callbacks=[suite]).fit(MLP(), clusters())
-    assert suite.report is None
+    assert stopped.value.code == 3 and suite.report is None
+    quiet = RecipeSuite(sanity_run=True, exit_process=False)
+    with pytest.warns(RecipeWarning, match="sanity run checked nothing"):
+        trainer(tmp_path, limit_train_batches=0, callbacks=[quiet]).fit(MLP(), clusters())  # returns
+
+
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
+def test_a_sanity_run_of_a_resumed_run_says_nothing_was_checked_and_exits_3(tmp_path, capsys):
+    """Every check skips a resumed run: nothing was checked, which a job script must not take for a pass."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    saver = ModelCheckpoint(tmp_path, save_last=True)
+    trainer(tmp_path, max_steps=3, enable_checkpointing=True, callbacks=[saver]).fit(MLP(), clusters())
+    suite = RecipeSuite(sanity_run=True, report_dir=tmp_path / "report")
+    with pytest.raises(SanityRunExit) as stopped:
+        trainer(tmp_path, max_steps=10, callbacks=[suite]).fit(MLP(), clusters(), ckpt_path=tmp_path / "last.ckpt")
+    assert stopped.value.code == 3
+    report = stopped.value.report
+    assert not report.passed and not report.checked and report.verdict == "NOTHING CHECKED"
+    assert all(r.status.value == "skipped" and "resumed run" in r.summary for r in report.results)
+    data = json.loads((tmp_path / "report" / "sanity_run.json").read_text())
+    assert data["passed"] is False and data["checked"] is False
+    assert report.to_markdown().startswith("# lightning_recipe report: NOTHING CHECKED")
+    printed = capsys.readouterr().out
+    assert "lightning_recipe sanity run: NOTHING CHECKED (every check skipped, see why below: not a pass)" in printed
+    assert "exit status 3: nothing was checked" in printed
+
+
+def test_a_report_says_passed_failed_or_nothing_checked():
+    from lightning_recipe import CheckResult, CheckStatus
+    from lightning_recipe.sanity import exit_status
+
+    passed, failed, skipped = (CheckResult("C", status, "s") for status in CheckStatus)
+    cases = [
+        ([passed, skipped], "PASSED", 0),
+        ([passed, failed], "FAILED", 1),
+        ([skipped, skipped], "NOTHING CHECKED", 3),
+    ]
+    for results, verdict, code in [*cases, ([], "NOTHING CHECKED", 3)]:
+        report = Report(results)
+        assert (report.verdict, exit_status(report), report.passed) == (verdict, code, code == 0)
+        assert report.to_dict()["checked"] is (code != 3)
 
 
 def test_a_report_that_cannot_be_written_is_said_and_the_verdict_still_stands(tmp_path, capsys):
@@ -326,5 +370,5 @@ def test_the_suite_state_is_saved_in_checkpoints_and_restored_on_resume(tmp_path
 
 
 def test_a_sanity_run_without_any_check_is_warned_about():
-    with pytest.warns(RecipeWarning, match="sanity-run mode with every check removed"):
+    with pytest.warns(RecipeWarning, match=r"sanity-run mode with every check removed: .*exit status 3, not a pass"):
         RecipeSuite(sanity_run=True, init_loss_check=None, batch_leakage_probe=False, overfit_one_batch=None)

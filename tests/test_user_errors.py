@@ -5,9 +5,11 @@ stays a `skipped` result with "please report this")."""
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 
+import lightning.pytorch as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -106,7 +108,8 @@ def test_a_bug_planted_in_the_package_does_not_fail_a_sanity_run(monkeypatch):
     with pytest.warns(RecipeWarning, match="Please report this: ZeroDivisionError: planted"):
         report = sanity_run(MLPClassifier(), train_dataloaders=data(), accelerator="cpu", checks=["init_loss_check"])
     [result] = report.results
-    assert report.passed and result.status.value == "skipped" and "user_error" not in result.details
+    assert result.status.value == "skipped" and "user_error" not in result.details
+    assert not report.checked  # nothing checked (exit status 3), and nothing failed
 
 
 class RefusesNonFinite(MLPClassifier):
@@ -251,3 +254,85 @@ def test_under_ddp_a_crash_on_one_rank_stops_every_rank_without_a_hang(tmp_path)
     assert ranks[0]["error"] == "RecipeCheckError" and "ValueError: shard 1 holds" in ranks[0]["message"]
     assert all(seen["global_step"] == 0 for seen in ranks.values())
     assert ranks[0]["result"]["details"]["rank"] == 1
+
+
+# -- manual optimization ---------------------------------------------------------------------------------------------
+
+
+class ManualOptimization(MLPClassifier):
+    """Steps its own optimizer (`automatic_optimization = False`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(F.cross_entropy(self(x), y))
+        optimizer.step()
+
+
+class ManualCrashingForward(ManualOptimization):
+    """`forward` views its input wrongly on every call, under manual optimization."""
+
+    def forward(self, x):
+        try:
+            return self.net(x.view(-1, 5))
+        except Exception as error:
+            RAISED.append(error)
+            raise
+
+
+class ManualWithoutForward(ManualOptimization):
+    """Under manual optimization, a `training_step` that calls its layers itself: the model cannot be called as
+    `model(x)`, which every check's guess tries, but training runs."""
+
+    def forward(self, x):
+        raise TypeError("call the layers: this model has no forward")
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(F.cross_entropy(self.net(x), y))
+        optimizer.step()
+
+
+def test_under_manual_optimization_the_users_exception_fails_a_sanity_run_too():
+    """As for automatic optimization: the user's `training_step` is asked whose error it is, up to its first update."""
+    report = sanity_run(ManualCrashingForward(), train_dataloaders=data(), accelerator="cpu", num_sanity_val_steps=0)
+    assert [r.status.value for r in report.results] == ["failed"] * len(report.results), report.to_markdown()
+    error = report.results[0].details["user_error"]
+    assert error["type"] == "RuntimeError" and error["function"] == "forward"
+    assert error["location"].startswith(__file__) and error["message"] == str(RAISED[-1])
+    assert "please report" not in report.to_markdown().lower()
+
+
+class Updates(L.Callback):
+    """Counts the backward passes and optimizer steps Lightning's hooks see."""
+
+    def __init__(self) -> None:
+        self.backward = self.steps = 0
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        self.backward += 1
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.steps += 1
+
+
+def test_under_manual_optimization_asking_whose_error_it_is_takes_no_update():
+    """The user's step runs fine up to its `manual_backward`, where the question stops: no backward or optimizer step
+    of the check's reaches Lightning's hooks or the weights, and the check skips (the model is not `model(x)`)."""
+    runs = []
+    for callbacks in ([], [InitLossCheck()]):
+        L.seed_everything(0, verbose=False)
+        model, updates = ManualWithoutForward(), Updates()
+        trainer(max_steps=3, callbacks=[*callbacks, updates]).fit(model, data())
+        runs.append((copy.deepcopy(model.state_dict()), updates.backward, updates.steps))
+    (plain, *plain_counts), (checked, *checked_counts) = runs
+    assert checked_counts == plain_counts == [3, 3]
+    assert all(torch.equal(value, checked[key]) for key, value in plain.items())
+    assert callbacks[0].result.status.value == "skipped" and "TypeError: call the layers" in callbacks[0].result.summary

@@ -6,12 +6,10 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Sequence
-from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
 from lightning_recipe import _logging
-from lightning_recipe.callbacks._data import own_copy
 
 __all__ = ["RecipeCallback", "format_names", "snake_case"]
 
@@ -47,13 +45,7 @@ class RecipeCallback(Callback):
     def wait_for_first_batch(self, reason: str) -> None:
         """Work on a copy of the first batch training fetches instead of reading one now: a second pass over the
         loader could change what training reads (see :mod:`lightning_recipe.callbacks._data`); ``reason`` says
-        why, for the report."""
+        why, for the report. The component's ``on_train_batch_start`` takes the reason back (once) and reads the
+        batch through :func:`~lightning_recipe.callbacks._data.own_copy` where an error becomes its verdict: a
+        batch that cannot be copied is not read at all."""
         self._waiting = reason
-
-    def take_first_batch(self, batch: Any) -> tuple[Any, str] | None:
-        """At ``on_train_batch_start``: the component's own copy of ``batch`` and why it waited, once; ``None``
-        when it is not waiting."""
-        if self._waiting is None:
-            return None
-        reason, self._waiting = self._waiting, None
-        return own_copy(batch), reason

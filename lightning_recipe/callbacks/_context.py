@@ -11,7 +11,7 @@ calls ``training_step`` the same way) touches.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +27,14 @@ from lightning_recipe.diagnostics.alignment import Alignment, gradient_at_output
 from lightning_recipe.diagnostics.batch import BatchAdapter, BatchNotUnderstood
 from lightning_recipe.diagnostics.state import ModuleAttributes
 
-__all__ = ["CheckContext", "loss_of", "shifted_twice_text", "silenced_logging"]
+__all__ = [
+    "CheckContext",
+    "ReachedUpdate",
+    "loss_of",
+    "shifted_twice_text",
+    "silenced_logging",
+    "stopped_at_first_update",
+]
 
 
 @dataclass
@@ -145,23 +152,50 @@ def loss_of(output: Any) -> Tensor:
     return output.reshape(())
 
 
-@contextmanager
-def silenced_logging(module: pl.LightningModule) -> Iterator[None]:
+class ReachedUpdate(BaseException):
+    """Raised where a ``training_step`` under manual optimization first backpropagates or steps an optimizer. A
+    ``BaseException``: an ``except Exception`` in the user's step must not swallow it."""
+
+
+def silenced_logging(module: pl.LightningModule) -> AbstractContextManager[None]:
     """``self.log`` and ``self.log_dict`` do nothing inside the block, so a check's extra
     ``training_step`` calls neither crash nor leak into the logged metrics."""
+    return _shadowed([module], ("log", "log_dict"), _ignore)
+
+
+@contextmanager
+def stopped_at_first_update(module: pl.LightningModule) -> Iterator[None]:
+    """Inside the block, ``manual_backward`` and the ``step`` of every optimizer ``self.optimizers()`` hands out raise
+    :class:`ReachedUpdate`: a ``training_step`` under manual optimization runs up to its first update and no further.
+    The update is not the check's to take: it would run every callback's optimizer and backward hooks and count a
+    step."""
+    optimizers = module.optimizers()
+    optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+    with _shadowed([module], ("manual_backward",), _stop), _shadowed(optimizers, ("step",), _stop):
+        yield
+
+
+@contextmanager
+def _shadowed(owners: list[Any], names: tuple[str, ...], value: Any) -> Iterator[None]:
+    """``value`` in place of the attributes ``names`` of each of ``owners`` inside the block: set on the instance,
+    and taken off after, so the class's own are found again."""
     missing = object()
-    saved = {name: module.__dict__.get(name, missing) for name in ("log", "log_dict")}
-    for name in saved:
-        module.__dict__[name] = _ignore
+    saved = [(owner, name, owner.__dict__.get(name, missing)) for owner in owners for name in names]
+    for owner, name, _ in saved:
+        owner.__dict__[name] = value
     try:
         yield
     finally:
-        for name, value in saved.items():
-            if value is missing:
-                module.__dict__.pop(name, None)
+        for owner, name, old in saved:
+            if old is missing:
+                owner.__dict__.pop(name, None)
             else:
-                module.__dict__[name] = value
+                owner.__dict__[name] = old
 
 
 def _ignore(*args: Any, **kwargs: Any) -> None:
     return None
+
+
+def _stop(*args: Any, **kwargs: Any) -> None:
+    raise ReachedUpdate

@@ -42,6 +42,7 @@ from torch.utils.data import (
 )
 
 from lightning_recipe.callbacks._errors import CheckSkipped, UserCodeError
+from lightning_recipe.diagnostics.walk import leaves_of, map_tensors
 
 __all__ = [
     "first_batch_note",
@@ -55,6 +56,9 @@ __all__ = [
     "single_loader",
     "without_persistent_workers",
 ]
+
+#: values a batch may share with its copy: nothing can change them in place
+_IMMUTABLE = (type(None), bool, int, float, complex, str, bytes)
 
 #: samplers whose ``__iter__`` depends on nothing but their arguments and a random number generator (restored by
 #: the caller): a second pass leaves them as they were. Exact types: a subclass may add state.
@@ -190,11 +194,24 @@ def prepare_batch(trainer: pl.Trainer, batch: Any) -> Any:
 
 def own_copy(batch: Any) -> Any:
     """A copy of a batch training fetched, for a component to read: the user's ``training_step`` may change its
-    batch in place (``labels = batch.pop("labels")``, ``x.mul_(...)``), and training must get it untouched."""
+    batch in place (``labels = batch.pop("labels")``, ``x.mul_(...)``), and training must get it untouched. A batch
+    ``copy.deepcopy`` refuses is copied tensor by tensor where it holds nothing else but plain values and the
+    containers :mod:`~lightning_recipe.diagnostics.walk` knows; anything more would be shared with training's own
+    batch, and then :class:`CheckSkipped` says the component cannot read it."""
     try:
         return copy.deepcopy(batch)
-    except Exception:  # noqa: BLE001 - an object deepcopy cannot take: copy the tensors, rebuild the containers
-        return apply_to_collection(batch, Tensor, lambda t: t.clone())
+    except Exception as error:  # noqa: BLE001 - an object deepcopy cannot take (a lock, a file handle)
+        shared = [leaf for leaf in leaves_of(batch) if not isinstance(leaf, (Tensor, *_IMMUTABLE))]
+        if shared:
+            kind = type(shared[0]).__name__
+            raise CheckSkipped(
+                f"the batch training fetched cannot be copied: `copy.deepcopy` raised {type(error).__name__}: "
+                f"{error}, and the batch {'is' if shared[0] is batch else 'holds'} a {kind}, which only deepcopy "
+                "can copy. lightning_recipe never runs your code on training's own batch (a `training_step` that "
+                f"changes its batch would change it under training). Give {kind} a `__deepcopy__` method, or make "
+                "the batch tensors in dicts, lists, tuples or dataclasses."
+            ) from None
+    return map_tensors(batch, lambda t: t.clone())
 
 
 def fresh_containers(batch: Any) -> Any:

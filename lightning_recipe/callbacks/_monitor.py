@@ -44,6 +44,7 @@ from typing_extensions import override
 from lightning_recipe import _logging
 from lightning_recipe._args import check_int
 from lightning_recipe.callbacks._base import RecipeCallback
+from lightning_recipe.callbacks._data import own_copy
 from lightning_recipe.callbacks._errors import CheckSkipped, UserCodeError
 from lightning_recipe.callbacks._schedule import Every, Schedule
 from lightning_recipe.diagnostics.batch import BatchAdapter, BatchNotUnderstood, ForwardFn, InputsFn, TargetsFn
@@ -131,12 +132,11 @@ class Monitor(RecipeCallback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self._waiting is None or not self.enabled:
+        reason, self._waiting = self._waiting, None
+        if reason is None or not self.enabled:
             return  # every batch but the first of a waiting monitor
-        first = self.take_first_batch(batch)
-        if first is not None:
-            with self.guard(trainer):
-                self.start_with_batch(trainer, pl_module, *first)
+        with self.guard(trainer):
+            self.start_with_batch(trainer, pl_module, own_copy(batch), reason)
 
     @override
     def on_train_batch_end(

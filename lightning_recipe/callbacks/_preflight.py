@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 import traceback
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import replace
 from itertools import islice
 from typing import Any, ClassVar
@@ -26,12 +27,13 @@ from typing_extensions import override
 from lightning_recipe import _logging
 from lightning_recipe._args import ON_FAIL_CHOICES, OnFail, check_choice
 from lightning_recipe.callbacks._base import RecipeCallback
-from lightning_recipe.callbacks._context import CheckContext, silenced_logging
+from lightning_recipe.callbacks._context import CheckContext, ReachedUpdate, silenced_logging, stopped_at_first_update
 from lightning_recipe.callbacks._data import (
     first_batch_note,
     fresh_batches,
     fresh_pass_refusal,
     loader_generators,
+    own_copy,
 )
 from lightning_recipe.callbacks._errors import CheckSkipped, NoLoss, UserCodeError, user_code_location
 from lightning_recipe.diagnostics.batch import BatchAdapter, BatchNotUnderstood, ForwardFn, InputsFn, TargetsFn
@@ -41,7 +43,7 @@ from lightning_recipe.report import CheckResult, CheckStatus, RecipeCheckError, 
 
 __all__ = ["PreflightCheck", "agree_across_ranks"]
 
-#: the first batch training fetched, its ``batch_idx``, and why the check waited for it
+#: the first batch training fetched (training's own object), its ``batch_idx``, and why the check waited for it
 FirstBatch = tuple[Any, int, str]
 
 _SEVERITY = {CheckStatus.PASSED: 0, CheckStatus.SKIPPED: 1, CheckStatus.FAILED: 2}
@@ -57,18 +59,17 @@ def _one_line(error: BaseException, limit: int = 300) -> str:
 
 def _own_step_error(ctx: CheckContext) -> Exception | None:
     """The exception the user's ``training_step`` raises on the first of the check's (unmodified) training
-    batches that makes it raise, or ``None`` when it runs on all of them. Not tried with manual optimization,
-    whose ``training_step`` steps the optimizers itself (the caller's snapshot would restore them, but a step
-    there is not ours to take)."""
-    if not ctx.module.automatic_optimization:
-        return None
-    for index, batch in enumerate(ctx.batches):
-        try:
-            ctx.training_step_loss(batch, index)
-        except CheckSkipped:
-            continue
-        except Exception as error:  # noqa: BLE001 - that is what we are looking for
-            return error
+    batches that makes it raise, or ``None`` when it runs on all of them. Under manual optimization the step runs up
+    to its first update only (:func:`stopped_at_first_update`): whatever it raises before is the user's."""
+    manual = not ctx.module.automatic_optimization
+    with stopped_at_first_update(ctx.module) if manual else nullcontext():
+        for index, batch in enumerate(ctx.batches):
+            try:
+                ctx.training_step_loss(batch, index)
+            except (CheckSkipped, ReachedUpdate):
+                continue
+            except Exception as error:  # noqa: BLE001 - that is what we are looking for
+                return error
     return None
 
 
@@ -152,6 +153,7 @@ class PreflightCheck(RecipeCallback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._waiting = None
+        # a resumed run (global_step > 0) is skipped at once by `execute`, which then reads no batch at all
         refusal = fresh_pass_refusal(trainer.train_dataloader) if trainer.global_step == 0 else None
         if refusal is not None:
             self.wait_for_first_batch(refusal)
@@ -162,10 +164,9 @@ class PreflightCheck(RecipeCallback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        first = self.take_first_batch(batch)
-        if first is not None:
-            copy, reason = first
-            self.finish(trainer, self.execute(trainer, pl_module, first=(copy, batch_idx, reason)))
+        reason, self._waiting = self._waiting, None
+        if reason is not None:  # training's own batch: the check copies it (own_copy) where it can skip
+            self.finish(trainer, self.execute(trainer, pl_module, first=(batch, batch_idx, reason)))
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -184,7 +185,7 @@ class PreflightCheck(RecipeCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, first: FirstBatch | None = None
     ) -> CheckResult:
         """Run the check under a full snapshot, on fresh batches or, given ``first = (batch, batch_idx, why)``, on
-        that batch (a copy of the first one training fetched); never raises (an internal error is a ``skipped``
+        its own copy of that batch (the first one training fetched); never raises (an internal error is a ``skipped``
         result with a warning, an error of the user's code a ``failed`` one whose exception :meth:`finish`
         raises). Every rank must call it: the verdict is agreed across ranks."""
         start = time.perf_counter()
@@ -261,12 +262,13 @@ class PreflightCheck(RecipeCallback):
         start: ModuleAttributes,
     ) -> CheckContext:
         """The check's context on its first :attr:`num_batches` batches of the fresh pass, or on ``first``."""
-        batches = list(islice(stream, self.num_batches)) if first is None else [first[0]]
+        # training's own first batch is read through a copy: a batch that cannot be copied is a skip
+        batches = list(islice(stream, self.num_batches)) if first is None else [own_copy(first[0])]
         if not batches:
             raise CheckSkipped("the training dataloader yielded no batch.")
         ctx = CheckContext(trainer, pl_module, batches, self.adapter, self.component, start=start)
         if first is not None:
-            ctx.positions[id(first[0])] = first[1]
+            ctx.positions[id(batches[0])] = first[1]
         return ctx
 
     def _attempt(self, ctx: CheckContext, stream: Iterator[Any]) -> CheckResult | Exception:

@@ -245,8 +245,9 @@ class FirstLayerVisualizer(Monitor):
             self._resume(pl_module, resumed)
             return
         # the layer is found by tracing a batch: from a fresh pass, or where a second pass could change what
-        # training reads (see callbacks/_data.py), from the first batch training fetches
-        refusal = fresh_pass_refusal(trainer.train_dataloader) if trainer.global_step == 0 else None
+        # training reads (see callbacks/_data.py), from the first batch training fetches. Asked at a resume too: a
+        # resumed stream would hand a fresh pass the records training is about to get
+        refusal = fresh_pass_refusal(trainer.train_dataloader)
         if refusal is not None:
             self.wait_for_first_batch(refusal)
         else:

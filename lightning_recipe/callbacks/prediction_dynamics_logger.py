@@ -217,9 +217,7 @@ class PredictionDynamicsLogger(Monitor):
 
     @override
     def start_with_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, reason: str) -> None:
-        if trainer.global_step > 0:
-            return
-        where = f"the first training batch training fetched, copied before its step ({reason})"
+        where = f"the first batch training fetched (at step {trainer.global_step}), copied before its step ({reason})"
         self._use([batch], "train", where, trainer, pl_module, [])
         self._evaluate(trainer, pl_module)
 

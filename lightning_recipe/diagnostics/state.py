@@ -104,7 +104,8 @@ _OWNED_ALWAYS = frozenset(
         "training",  # train/eval mode: restored per module by TrainingState; a check switches it on purpose
         "_compiled_call_impl",  # `module.compile()`: the compiled forward, torch's
         "log",
-        "log_dict",  # shadowed while a check silences `self.log` (callbacks/_preflight.silenced_logging)
+        "log_dict",  # shadowed while a check silences `self.log` (callbacks/_context.silenced_logging)
+        "manual_backward",  # shadowed while a check runs a manual step (callbacks/_context.stopped_at_first_update)
         "_trainer",
         "_fabric",
         "_fabric_optimizers",

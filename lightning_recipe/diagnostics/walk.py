@@ -24,7 +24,7 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["first_tensor", "map_tensors", "tensors_of"]
+__all__ = ["first_tensor", "leaves_of", "map_tensors", "tensors_of"]
 
 
 def _children(value: Any) -> list[Any] | None:
@@ -59,12 +59,16 @@ def map_tensors(value: Any, fn: Callable[[Tensor], Any]) -> Any:
     return value
 
 
+def leaves_of(value: Any) -> list[Any]:
+    """Everything in ``value`` that is not one of the containers listed above (tensors among them), depth first,
+    in the order :func:`map_tensors` visits them."""
+    children = _children(value)
+    return [leaf for item in children for leaf in leaves_of(item)] if children is not None else [value]
+
+
 def tensors_of(value: Any) -> list[Tensor]:
     """Every tensor in ``value``, depth first, in the order :func:`map_tensors` visits them."""
-    if isinstance(value, Tensor):
-        return [value]
-    children = _children(value)
-    return [t for item in children for t in tensors_of(item)] if children is not None else []
+    return [leaf for leaf in leaves_of(value) if isinstance(leaf, Tensor)]
 
 
 def first_tensor(value: Any) -> Tensor | None:
