@@ -140,10 +140,10 @@ def write_report(trainer: pl.Trainer, pl_module: pl.LightningModule, report: Rep
     """The report as JSON at ``json_path`` and as Markdown beside it (``.md``); returns both paths. The one writer
     of report files: a sanity run's ``sanity_run.json`` and ``lightning-recipe check --report PATH`` alike.
 
-    The JSON is ``report.to_dict()`` (``passed``, and ``checks``: each ``CheckResult.to_dict()``: ``name``,
-    ``status``, ``summary``, ``hint``, ``details``, ``duration_s``) and the run it came from: ``model`` (the
-    LightningModule's class name), ``world_size``, ``global_step`` (the optimizer step the checks ran at) and
-    ``lightning_recipe`` (the package's version).
+    The JSON is ``report.to_dict()`` (``passed``; ``checked``, whether any check gave a verdict; and ``checks``:
+    each ``CheckResult.to_dict()``: ``name``, ``status``, ``summary``, ``hint``, ``details``, ``duration_s``) and
+    the run it came from: ``model`` (the LightningModule's class name), ``world_size``, ``global_step`` (the
+    optimizer step the checks ran at) and ``lightning_recipe`` (the package's version).
     """
     json_path = json_path.resolve()
     json_path.parent.mkdir(parents=True, exist_ok=True)
