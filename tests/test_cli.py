@@ -75,10 +75,10 @@ def test_a_healthy_model_exits_0_and_writes_the_report(tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "lightning_recipe sanity run: PASSED" in proc.stdout
     data = json.loads(report.read_text())
-    assert data["passed"] is True and data["model"] == "MLP"
+    assert data["passed"] is True and data["checked"] is True and data["model"] == "MLP"
     assert [c["status"] for c in data["checks"]] == ["passed"] * 3
     # one writer: the fields of the sanity_run.json a sanity run writes next to the logs
-    assert set(data) == {"passed", "checks", "model", "world_size", "global_step", "lightning_recipe"}
+    assert set(data) == {"passed", "checked", "checks", "model", "world_size", "global_step", "lightning_recipe"}
     assert (data["world_size"], data["global_step"], data["lightning_recipe"]) == (1, 0, __version__)
     assert report.with_suffix(".md").read_text().startswith("# lightning_recipe report: PASSED")
 
