@@ -11,12 +11,13 @@ import warnings
 
 import pytest
 from lightning.pytorch.callbacks import Callback
+from typing_extensions import Unpack
 
 import lightning_recipe
 from lightning_recipe import RecipeSuite
 from lightning_recipe.callbacks._base import RecipeCallback
 from lightning_recipe.callbacks._monitor import Monitor
-from lightning_recipe.callbacks._preflight import PreflightCheck
+from lightning_recipe.callbacks._preflight import CheckOptions, PreflightCheck
 from lightning_recipe.registry import CHECKS, COMPONENTS, MONITORS, by_kind, component_key, resolve_checks
 from tests import real_models, zoo
 
@@ -70,6 +71,49 @@ def test_the_suite_builds_every_registered_component_by_default_and_none_when_ea
     assert [type(m) for m in suite.monitors] == list(MONITORS.values())
     empty = RecipeSuite(sanity_run=False, **dict.fromkeys(CHECKS), **dict.fromkeys(MONITORS, False))
     assert empty.checks == [] and empty.monitors == []
+
+
+def _tail_problems(cls: type[RecipeCallback]) -> list[str]:
+    """The shared keywords (``on_fail`` for a check; ``inputs``, ``targets``, ``forward``) that ``cls``'s signature
+    does not end on, keyword-only, with their defaults and types: none when the tail is whole."""
+    tail = {"on_fail": "raise", "inputs": None, "targets": None, "forward": None}
+    if not issubclass(cls, PreflightCheck):
+        del tail["on_fail"]
+    parameters = list(inspect.signature(cls).parameters.values())[-len(tail) :]
+    written = {p.name: (p.kind, p.default) for p in parameters}
+    hints = typing.get_type_hints(cls.__init__)
+    return [
+        name
+        for name, default in tail.items()
+        if written.get(name) != (inspect.Parameter.KEYWORD_ONLY, default) or name not in hints
+    ]
+
+
+def test_every_component_spells_out_the_shared_tail_with_its_defaults():
+    """A component takes the tail as ``**options: Unpack[CheckOptions]`` (``BatchOptions`` for a monitor), and its
+    signature spells it out: what help(), jsonargparse (LightningCLI) and RecipeSuite's typed settings read."""
+    for cls in COMPONENTS:
+        assert _tail_problems(cls) == [], cls.__name__
+
+    class Written(PreflightCheck):  # a check written as the components are
+        def __init__(self, level: int = 1, **options: Unpack[CheckOptions]) -> None:
+            super().__init__(**options)
+
+    class Tailless(PreflightCheck):  # one that forgot the tail
+        def __init__(self, level: int = 1) -> None:
+            super().__init__()
+
+    class Untyped(Monitor):  # one that took it untyped: the signature shows `**kwargs`
+        def __init__(self, **kwargs: typing.Any) -> None:
+            super().__init__(every_n_steps=1, **kwargs)
+
+    assert _tail_problems(Written) == []
+    assert _tail_problems(Tailless) == ["on_fail", "inputs", "targets", "forward"]
+    assert _tail_problems(Untyped) == ["inputs", "targets", "forward"]
+    # a keyword outside the signature is refused, as Python refuses it in a signature written out
+    with pytest.raises(TypeError, match=r"Written got an unexpected keyword argument 'on_fial'; it takes level, on_"):
+        Written(on_fial="warn")  # type: ignore[call-arg]
+    assert Written(on_fail="warn").on_fail == "warn"
 
 
 def test_the_suite_signature_lists_every_component_keyword_with_its_class():

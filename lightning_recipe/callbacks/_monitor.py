@@ -39,19 +39,19 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
-from typing_extensions import override
+from typing_extensions import Unpack, override
 
 from lightning_recipe import _logging
 from lightning_recipe._args import check_int
-from lightning_recipe.callbacks._base import RecipeCallback
+from lightning_recipe.callbacks._base import BatchOptions, RecipeCallback, batch_adapter
 from lightning_recipe.callbacks._data import own_copy
 from lightning_recipe.callbacks._errors import CheckSkipped, UserCodeError
 from lightning_recipe.callbacks._schedule import Every, Schedule
-from lightning_recipe.diagnostics.batch import BatchAdapter, BatchNotUnderstood, ForwardFn, InputsFn, TargetsFn
+from lightning_recipe.diagnostics.batch import BatchNotUnderstood
 from lightning_recipe.diagnostics.task import TaskNotInferred
 from lightning_recipe.report import Alert, RecipeWarning, jsonable
 
-__all__ = ["NEEDS_ADAPTER", "Monitor"]
+__all__ = ["NEEDS_ADAPTER", "BatchOptions", "Monitor"]
 
 #: errors that mean "pass `inputs=` / `targets=` / `forward=` / `task=`": their message names the argument
 NEEDS_ADAPTER = (BatchNotUnderstood, TaskNotInferred)
@@ -77,19 +77,12 @@ class Monitor(RecipeCallback):
     #: with the same schedule and guard
     measures_at_batch_end = True
 
-    def __init__(
-        self,
-        *,
-        every_n_steps: int,
-        inputs: InputsFn | None = None,
-        targets: TargetsFn | None = None,
-        forward: ForwardFn | None = None,
-    ) -> None:
+    def __init__(self, *, every_n_steps: int, **options: Unpack[BatchOptions]) -> None:
         check_int("every_n_steps", every_n_steps, 1)
         self.every_n_steps = every_n_steps
         #: the optimizer steps the monitor measures at
         self.schedule: Schedule = Every(every_n_steps)
-        self.adapter = BatchAdapter.build(inputs, targets, forward)
+        self.adapter = batch_adapter(self, options, BatchOptions)
         self.alerts: list[Alert] = []
         self.enabled = True
         #: wall time spent in this monitor's hooks so far: its cost to the run (TensorBoard writes itself on a

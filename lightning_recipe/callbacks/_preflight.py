@@ -22,11 +22,11 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
-from typing_extensions import override
+from typing_extensions import Unpack, override
 
 from lightning_recipe import _logging
 from lightning_recipe._args import ON_FAIL_CHOICES, OnFail, check_choice
-from lightning_recipe.callbacks._base import RecipeCallback
+from lightning_recipe.callbacks._base import DEFAULTS, CheckOptions, RecipeCallback, batch_adapter
 from lightning_recipe.callbacks._context import CheckContext, ReachedUpdate, silenced_logging, stopped_at_first_update
 from lightning_recipe.callbacks._data import (
     first_batch_note,
@@ -36,12 +36,12 @@ from lightning_recipe.callbacks._data import (
     own_copy,
 )
 from lightning_recipe.callbacks._errors import CheckSkipped, NoLoss, UserCodeError, user_code_location
-from lightning_recipe.diagnostics.batch import BatchAdapter, BatchNotUnderstood, ForwardFn, InputsFn, TargetsFn
+from lightning_recipe.diagnostics.batch import BatchNotUnderstood
 from lightning_recipe.diagnostics.compiled import eager
 from lightning_recipe.diagnostics.state import ModuleAttributes, preserved
 from lightning_recipe.report import CheckResult, CheckStatus, RecipeCheckError, RecipeWarning, jsonable
 
-__all__ = ["PreflightCheck", "agree_across_ranks"]
+__all__ = ["CheckOptions", "PreflightCheck", "agree_across_ranks"]
 
 #: the first batch training fetched (training's own object), its ``batch_idx``, and why the check waited for it
 FirstBatch = tuple[Any, int, str]
@@ -117,22 +117,11 @@ class PreflightCheck(RecipeCallback):
     needs_loss: ClassVar[bool] = False
     spare_batches: ClassVar[int] = 8
 
-    # Each check and monitor writes this tail (on_fail, inputs, targets, forward) out in its own signature rather
-    # than taking `**options: Unpack[...]` (PEP 692). Measured on OverfitOneBatch: mypy and jsonargparse read that,
-    # but inspect.signature and help() show `**options`, jsonargparse loses the defaults, and RecipeSuite's typed
-    # settings (generated from the signature) lose the keys; putting the signature back at run time would cost
-    # about the 21 lines the change saves.
-    def __init__(
-        self,
-        *,
-        on_fail: OnFail = "raise",
-        inputs: InputsFn | None = None,
-        targets: TargetsFn | None = None,
-        forward: ForwardFn | None = None,
-    ) -> None:
-        check_choice("on_fail", on_fail, ON_FAIL_CHOICES)
-        self.on_fail = on_fail
-        self.adapter = BatchAdapter.build(inputs, targets, forward)
+    # `**options` is written out in __signature__ (RecipeCallback.__init_subclass__): help() and jsonargparse read it
+    def __init__(self, **options: Unpack[CheckOptions]) -> None:
+        self.adapter = batch_adapter(self, options, CheckOptions)
+        self.on_fail: OnFail = options.get("on_fail", DEFAULTS["on_fail"])
+        check_choice("on_fail", self.on_fail, ON_FAIL_CHOICES)
         self.result: CheckResult | None = None
         self._user_error: BaseException | None = None
 

@@ -14,14 +14,14 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from typing_extensions import override
+from typing_extensions import Unpack, override
 
 from lightning_recipe import _logging
-from lightning_recipe._args import OnFail, check_choice, check_fraction, check_int
+from lightning_recipe._args import check_choice, check_fraction, check_int
 from lightning_recipe.callbacks._context import CheckContext
 from lightning_recipe.callbacks._errors import CheckSkipped
-from lightning_recipe.callbacks._preflight import PreflightCheck
-from lightning_recipe.diagnostics.batch import BatchNotUnderstood, ForwardFn, InputsFn, TargetsFn
+from lightning_recipe.callbacks._preflight import CheckOptions, PreflightCheck
+from lightning_recipe.diagnostics.batch import BatchNotUnderstood
 from lightning_recipe.diagnostics.leakage import (
     LeakageNotApplicable,
     LeakageReport,
@@ -91,12 +91,9 @@ class BatchLeakageProbe(PreflightCheck):
         num_examples: int = 16,
         tolerance: float = 1e-5,
         graph: bool | None = None,
-        on_fail: OnFail = "raise",
-        inputs: InputsFn | None = None,
-        targets: TargetsFn | None = None,
-        forward: ForwardFn | None = None,
+        **options: Unpack[CheckOptions],
     ) -> None:
-        super().__init__(on_fail=on_fail, inputs=inputs, targets=targets, forward=forward)
+        super().__init__(**options)
         _check_optional_dim("batch_dim", batch_dim)
         _check_optional_dim("output_batch_dim", output_batch_dim)
         _check_optional_dim("time_dim", time_dim)

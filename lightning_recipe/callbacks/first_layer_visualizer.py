@@ -14,16 +14,16 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
-from typing_extensions import override
+from typing_extensions import Unpack, override
 
 from lightning_recipe import _logging
 from lightning_recipe._args import check_int, check_positive
 from lightning_recipe.callbacks._data import fresh_pass_refusal, loader_generators, peek_batches
 from lightning_recipe.callbacks._errors import CheckSkipped
 from lightning_recipe.callbacks._first_layer_text import cause_text, frozen_note, noisy_text, not_changing_text
-from lightning_recipe.callbacks._monitor import Monitor
+from lightning_recipe.callbacks._monitor import BatchOptions, Monitor
 from lightning_recipe.callbacks._schedule import AnyOf, Every
-from lightning_recipe.diagnostics.batch import BatchNotUnderstood, ForwardFn, InputsFn, TargetsFn
+from lightning_recipe.diagnostics.batch import BatchNotUnderstood
 from lightning_recipe.diagnostics.first_layer import (
     LayerTrace,
     LayerView,
@@ -123,11 +123,9 @@ class FirstLayerVisualizer(Monitor):
         late_after_steps: int = Thresholds.late_after_steps,
         noisy_above: float = Thresholds.noisy_above,
         noisy_moved_below: float = Thresholds.noisy_moved_below,
-        inputs: InputsFn | None = None,
-        targets: TargetsFn | None = None,
-        forward: ForwardFn | None = None,
+        **options: Unpack[BatchOptions],
     ) -> None:
-        super().__init__(every_n_steps=every_n_steps, inputs=inputs, targets=targets, forward=forward)
+        super().__init__(every_n_steps=every_n_steps, **options)
         if layer is not None and (not isinstance(layer, str) or not layer):
             raise ValueError(
                 f"Expected `layer` to be the name of a module of the model (as in `model.named_modules()`) "

@@ -15,21 +15,18 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from typing_extensions import override
+from typing_extensions import Unpack, override
 
 from lightning_recipe import _logging
-from lightning_recipe._args import OnFail, check_choice, check_int, check_integer
+from lightning_recipe._args import check_choice, check_int, check_integer
 from lightning_recipe.callbacks._context import CheckContext, shifted_twice_text
 from lightning_recipe.callbacks._errors import CheckSkipped
 from lightning_recipe.callbacks._init_loss_text import MAX_LISTED, non_finite_text, unexplained, wording
-from lightning_recipe.callbacks._preflight import PreflightCheck
+from lightning_recipe.callbacks._preflight import CheckOptions, PreflightCheck
 from lightning_recipe.diagnostics.alignment import Alignment
 from lightning_recipe.diagnostics.batch import (
     BatchNotUnderstood,
     ChildForward,
-    ForwardFn,
-    InputsFn,
-    TargetsFn,
     default_forward,
     default_targets,
     select_output,
@@ -141,12 +138,9 @@ class InitLossCheck(PreflightCheck):
         regression_loss: str = "auto",
         num_batches: int = 4,
         ignore_index: int = IGNORE_INDEX,
-        on_fail: OnFail = "raise",
-        inputs: InputsFn | None = None,
-        targets: TargetsFn | None = None,
-        forward: ForwardFn | None = None,
+        **options: Unpack[CheckOptions],
     ) -> None:
-        super().__init__(on_fail=on_fail, inputs=inputs, targets=targets, forward=forward)
+        super().__init__(**options)
         check_choice("task", task, TASKS)
         check_choice("regression_loss", regression_loss, REGRESSION_LOSSES)
         check_int("num_batches", num_batches, 1)

@@ -8,16 +8,17 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import Unpack
 
-from lightning_recipe._args import OnFail, check_fraction, check_int, check_positive
+from lightning_recipe._args import check_fraction, check_int, check_positive
 from lightning_recipe.callbacks._context import CheckContext, shifted_twice_text
 from lightning_recipe.callbacks._errors import CheckSkipped
 from lightning_recipe.callbacks._overfit_report import details, log_run
 from lightning_recipe.callbacks._overfit_text import wording
-from lightning_recipe.callbacks._preflight import PreflightCheck
+from lightning_recipe.callbacks._preflight import CheckOptions, PreflightCheck
 from lightning_recipe.callbacks.init_loss_check import InitLossCheck
 from lightning_recipe.diagnostics.alignment import Alignment
-from lightning_recipe.diagnostics.batch import BatchNotUnderstood, ForwardFn, InputsFn, TargetsFn, batch_size_of
+from lightning_recipe.diagnostics.batch import BatchNotUnderstood, batch_size_of
 from lightning_recipe.diagnostics.dependence import output_dependence
 from lightning_recipe.diagnostics.labels import Decoded, decode_predictions
 from lightning_recipe.diagnostics.loss_reading import loss_floor
@@ -86,13 +87,9 @@ class OverfitOneBatch(PreflightCheck):
         lrs: Sequence[float] = DEFAULT_LRS,
         lr: float | None = None,
         loss_fraction: float = DEFAULT_LOSS_FRACTION,
-        *,
-        on_fail: OnFail = "raise",
-        inputs: InputsFn | None = None,
-        targets: TargetsFn | None = None,
-        forward: ForwardFn | None = None,
+        **options: Unpack[CheckOptions],
     ) -> None:
-        super().__init__(on_fail=on_fail, inputs=inputs, targets=targets, forward=forward)
+        super().__init__(**options)
         check_int("num_examples", num_examples, 2)
         check_int("max_steps", max_steps, 1)
         check_fraction("loss_fraction", loss_fraction)

@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
-from typing_extensions import override
+from typing_extensions import Unpack, override
 
 from lightning_recipe import _logging
 from lightning_recipe._args import check_choice, check_fraction, check_int, check_positive
@@ -19,9 +19,8 @@ from lightning_recipe.callbacks._data import fresh_pass_refusal, loader_generato
 from lightning_recipe.callbacks._dynamics_text import cause_text, non_finite_text
 from lightning_recipe.callbacks._errors import CheckSkipped
 from lightning_recipe.callbacks._fixed_batch import NOT_PLAIN, first_examples, plain_on_host, val_loader
-from lightning_recipe.callbacks._monitor import Monitor
+from lightning_recipe.callbacks._monitor import BatchOptions, Monitor
 from lightning_recipe.diagnostics.alignment import Alignment
-from lightning_recipe.diagnostics.batch import ForwardFn, InputsFn, TargetsFn
 from lightning_recipe.diagnostics.compiled import eager
 from lightning_recipe.diagnostics.dynamics_verdict import Evaluation, judge
 from lightning_recipe.diagnostics.prediction_dynamics import OutputReading, Snapshot, churn, jitter, movement, snapshot
@@ -108,11 +107,9 @@ class PredictionDynamicsLogger(Monitor):
         thrash_jitter: float = 0.05,
         frozen_movement: float = 5e-3,
         task: str = "auto",
-        inputs: InputsFn | None = None,
-        targets: TargetsFn | None = None,
-        forward: ForwardFn | None = None,
+        **options: Unpack[BatchOptions],
     ) -> None:
-        super().__init__(every_n_steps=every_n_steps, inputs=inputs, targets=targets, forward=forward)
+        super().__init__(every_n_steps=every_n_steps, **options)
         check_int("num_examples", num_examples, 1)
         check_choice("source", source, ("val", "train"))
         check_int("figure_every_n_steps", figure_every_n_steps, 1)

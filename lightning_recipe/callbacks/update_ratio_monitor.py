@@ -11,17 +11,16 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
-from typing_extensions import override
+from typing_extensions import Unpack, override
 
 from lightning_recipe import _logging
 from lightning_recipe._args import check_int, check_positive
 from lightning_recipe.callbacks import _update_ratio_log as ratio_log
 from lightning_recipe.callbacks import _update_ratio_text as text
-from lightning_recipe.callbacks._monitor import Monitor
+from lightning_recipe.callbacks._monitor import BatchOptions, Monitor
 from lightning_recipe.callbacks._schedule import Every
 from lightning_recipe.diagnostics import update_ratio as ur
 from lightning_recipe.diagnostics import update_ratio_cause as cause
-from lightning_recipe.diagnostics.batch import ForwardFn, InputsFn, TargetsFn
 from lightning_recipe.diagnostics.update_ratio import is_adaptive as _adaptive
 from lightning_recipe.diagnostics.update_ratio import start_lr as _start_lr
 from lightning_recipe.diagnostics.update_ratio_cause import EXPLODE_RATIO
@@ -152,12 +151,9 @@ class UpdateRatioMonitor(Monitor):
         max_ratio: float = 0.1,
         min_ratio: float = 1e-5,
         min_weight_norm: float = 1e-6,
-        *,
-        inputs: InputsFn | None = None,
-        targets: TargetsFn | None = None,
-        forward: ForwardFn | None = None,
+        **options: Unpack[BatchOptions],
     ) -> None:
-        super().__init__(every_n_steps=every_n_steps, inputs=inputs, targets=targets, forward=forward)
+        super().__init__(every_n_steps=every_n_steps, **options)
         check_int("window", window, 1)
         check_positive("max_ratio", max_ratio)
         check_positive("min_ratio", min_ratio)
