@@ -310,6 +310,37 @@ def test_under_manual_optimization_the_users_exception_fails_a_sanity_run_too():
     assert "please report" not in report.to_markdown().lower()
 
 
+class ManualCrashingLoss(ManualOptimization):
+    """`forward` runs, then the loss in `training_step` raises: no check calls the whole step under manual
+    optimization, so only running it up to its first update finds the crash before training does."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.optimizers().zero_grad()
+        self.manual_backward(F.cross_entropy(self(x), y[:, None]))  # a target of the wrong shape
+
+
+def test_under_manual_optimization_a_crash_past_the_forward_pass_fails_a_sanity_run():
+    report = sanity_run(ManualCrashingLoss(), train_dataloaders=data(), accelerator="cpu", num_sanity_val_steps=0)
+    assert not report.passed and "passed" not in [r.status.value for r in report.results], report.to_markdown()
+    failed = [r for r in report.results if r.status.value == "failed"]
+    assert failed, report.to_markdown()  # OverfitOneBatch skips manual optimization before it reads a batch
+    for result in failed:
+        error = result.details["user_error"]
+        assert error["function"] == "training_step" and error["location"].startswith(__file__)
+    # in a normal run the same exception leaves `fit`, as it does at step 0 without the package
+    with pytest.raises(type(_raised_by_step(ManualCrashingLoss()))):
+        trainer(max_steps=1, callbacks=[InitLossCheck()]).fit(ManualCrashingLoss(), data())
+
+
+def _raised_by_step(model: ManualCrashingLoss) -> Exception:
+    try:
+        trainer(max_steps=1).fit(model, data())
+    except Exception as error:  # noqa: BLE001 - the exception training itself raises
+        return error
+    raise AssertionError("the step was expected to raise")
+
+
 class Updates(L.Callback):
     """Counts the backward passes and optimizer steps Lightning's hooks see."""
 
@@ -323,16 +354,19 @@ class Updates(L.Callback):
         self.steps += 1
 
 
-def test_under_manual_optimization_asking_whose_error_it_is_takes_no_update():
+@pytest.mark.parametrize(("model_cls", "status"), [(ManualWithoutForward, "skipped"), (ManualOptimization, "passed")])
+def test_under_manual_optimization_asking_whose_error_it_is_takes_no_update(model_cls, status):
     """The user's step runs fine up to its `manual_backward`, where the question stops: no backward or optimizer step
-    of the check's reaches Lightning's hooks or the weights, and the check skips (the model is not `model(x)`)."""
+    of the check's reaches Lightning's hooks or the weights. The check skips a model that is not `model(x)`, and
+    asks after passing too (a crash past the forward pass would otherwise reach training)."""
     runs = []
     for callbacks in ([], [InitLossCheck()]):
         L.seed_everything(0, verbose=False)
-        model, updates = ManualWithoutForward(), Updates()
+        model, updates = model_cls(), Updates()
         trainer(max_steps=3, callbacks=[*callbacks, updates]).fit(model, data())
         runs.append((copy.deepcopy(model.state_dict()), updates.backward, updates.steps))
     (plain, *plain_counts), (checked, *checked_counts) = runs
     assert checked_counts == plain_counts == [3, 3]
     assert all(torch.equal(value, checked[key]) for key, value in plain.items())
-    assert callbacks[0].result.status.value == "skipped" and "TypeError: call the layers" in callbacks[0].result.summary
+    assert callbacks[0].result.status.value == status, callbacks[0].result.summary
+    assert status == "passed" or "TypeError: call the layers" in callbacks[0].result.summary

@@ -235,11 +235,16 @@ class PreflightCheck(RecipeCallback):
             finally:
                 if hasattr(stream, "close"):
                     stream.close()
-            if isinstance(outcome, CheckResult):
-                return outcome
             # the user's step runs from the state the check began with: a check that drove the weights to NaN (a
             # learning rate too large for the model) must not make the user's own step look broken
             state.restore()
+            if isinstance(outcome, CheckResult):
+                # under manual optimization no check calls the whole `training_step` (it updates the weights
+                # itself): run it up to its first update, so a crash past the forward pass fails the sanity run
+                own = None if pl_module.automatic_optimization else _own_step_error(ctx)
+                if own is None:
+                    return outcome
+                raise UserCodeError(own, "running `training_step` on a training batch")
             raise _blame(ctx, outcome)
 
     def _context(
