@@ -175,9 +175,9 @@ def test_a_sanity_run_writes_the_report_and_exits_with_the_verdict(tmp_path, cap
 
     folder = tmp_path / "run" / "version_0"
     data = json.loads((folder / "sanity_run.json").read_text())
-    assert data["passed"] is (code == 0)
+    assert data["passed"] is (code == 0) and data["checked"] is True
     assert data["global_step"] == 0 and data["world_size"] == 1 and data["model"] == model.__name__
-    assert set(data) == {"passed", "checks", "model", "world_size", "global_step", "lightning_recipe"}
+    assert set(data) == {"passed", "checked", "checks", "model", "world_size", "global_step", "lightning_recipe"}
     assert [c["name"] for c in data["checks"]] == ["InitLossCheck", "BatchLeakageProbe", "OverfitOneBatch"]
     assert all(set(c) == REPORT_KEYS for c in data["checks"])
     statuses = {c["name"]: c["status"] for c in data["checks"]}
