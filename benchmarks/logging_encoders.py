@@ -14,8 +14,8 @@ One process, one intra-op thread. Each variant writes into its own TensorBoard e
 - histograms: the proto alone, and the event that ``_logging.log_scalars`` writes for UpdateRatioMonitor (one
   scalar per parameter and the histogram) plus ``flush``.
 
-The hand versions are copied here as they were in ``lightning_recipe/_logging.py`` (commit d8b6a95), so the
-comparison still runs once the package uses the library.
+The hand PNG encoder and histogram builder are copied here as they were in ``lightning_recipe/_logging.py`` (commit
+d8b6a95), so the comparison still runs once the package uses the library; the grid is the package's own.
 """
 
 from __future__ import annotations
@@ -43,19 +43,11 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import make_histogram
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lightning_recipe._logging import grid
 from lightning_recipe.callbacks._update_ratio_log import HIST_EDGES
 from lightning_recipe.diagnostics.first_layer import filter_images
 
 # -- the hand versions, as the package had them ------------------------------------------------------------
-
-
-def hand_grid(images: torch.Tensor, columns: int = 8) -> torch.Tensor:
-    n, c, h, w = images.shape
-    columns = min(n, columns)
-    rows = -(-n // columns)
-    canvas = torch.zeros(rows * columns, c, h, w, dtype=torch.uint8)
-    canvas[:n] = (images * 255).clamp(0, 255).to(torch.uint8)
-    return canvas.reshape(rows, columns, c, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, columns * w, c)
 
 
 def hand_png(image: torch.Tensor, level: int = 6) -> bytes:
@@ -160,18 +152,18 @@ def images(repeats: int, folder: Path) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     for name, batch in logged_images().items():
-        grid = hand_grid(batch)
-        height, width, channels = grid.shape
+        tiled = grid(batch)
+        height, width, channels = tiled.shape
         encoders: dict[str, Callable[[], bytes]] = {
-            "hand PNG": lambda b=batch: hand_png(hand_grid(b)),
-            "PIL PNG, default level": lambda b=batch: pil_png(hand_grid(b)),
-            "PIL PNG, compress_level=1": lambda b=batch: pil_png(hand_grid(b), compress_level=1),
+            "hand PNG": lambda b=batch: hand_png(grid(b)),
+            "PIL PNG, default level": lambda b=batch: pil_png(grid(b)),
+            "PIL PNG, compress_level=1": lambda b=batch: pil_png(grid(b), compress_level=1),
         }
         loggers: dict[str, Callable[[], Any]] = {}
         writers = []
         for variant, encode in encoders.items():
             writers.append(SummaryWriter(str(folder / f"{variant}-{name}")))
-            loggers[variant] = _image_logger(writers[-1], encode, grid.shape)
+            loggers[variant] = _image_logger(writers[-1], encode, tiled.shape)
         writers.append(SummaryWriter(str(folder / f"add_images-{name}")))
 
         def add_images(w: SummaryWriter = writers[-1], b: torch.Tensor = batch) -> None:
@@ -189,7 +181,7 @@ def images(repeats: int, folder: Path) -> list[str]:
             data = events.Images("filters")[-1].encoded_image_string
             decoded = np.asarray(Image.open(io.BytesIO(data)))  # add_images: RGB, a grey channel repeated
             decoded = decoded.reshape(*decoded.shape[:2], -1)
-            same = decoded.shape[:2] == grid.shape[:2] and bool((decoded[:, :, :channels] == grid.numpy()).all())
+            same = decoded.shape[:2] == tiled.shape[:2] and bool((decoded[:, :, :channels] == tiled.numpy()).all())
             encode_us = f"{encoded[variant]:.0f}" if variant in encoded else "-"
             lines.append(
                 f"| {name} | {height}x{width}x{channels} | {variant} | {encode_us} | "
