@@ -476,6 +476,7 @@ FSDP_SCRIPT = textwrap.dedent(
         )
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
             json.dump(seen, f)
+        dist.barrier()  # neither rank tears gloo down while the other is still in a collective (a SIGABRT under load)
         dist.destroy_process_group()
 
     if __name__ == "__main__":
