@@ -103,7 +103,7 @@ trainer = L.Trainer(
     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[RecipeSuite()],
 )
 try:
-    trainer.fit(getattr(zoo, sys.argv[2])(), zoo.clusters())
+    trainer.fit(getattr(zoo, sys.argv[2])(), zoo.clusters(), ckpt_path=sys.argv[3] if len(sys.argv) > 3 else None)
 except SystemExit as stop:
     seen = {"code": stop.code, "global_step": trainer.global_step, "passed": stop.report.passed}
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(seen))
@@ -126,6 +126,27 @@ def test_under_ddp_rank_zero_writes_one_report_and_every_rank_exits_with_the_ver
     assert data["world_size"] == 2 and data["passed"] is (code == 0)
     assert all(c["details"]["world_size"] == 2 for c in data["checks"])
     assert output.count("lightning_recipe sanity run:") == 1, output[-4000:]
+
+
+def test_under_ddp_a_resumed_sanity_run_exits_3_nothing_checked_on_every_rank(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tests.models import trainer
+    from tests.zoo import MLP, clusters
+
+    saver = ModelCheckpoint(tmp_path / "ckpt", save_last=True)
+    trainer(tmp_path, max_steps=3, enable_checkpointing=True, callbacks=[saver]).fit(MLP(), clusters())
+    script = tmp_path / "ddp_sanity.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT))
+    proc = run([str(script), str(tmp_path), "MLP", str(tmp_path / "ckpt" / "last.ckpt")], REPO)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode in (3, -9), output[-4000:]  # -9: Lightning's launcher may kill rank zero
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks == [{"code": 3, "global_step": 3, "passed": False}] * 2, output[-4000:]
+    [path] = reports(tmp_path)
+    data = json.loads(path.read_text())
+    assert data["world_size"] == 2 and data["checked"] is False
+    assert all(c["status"] == "skipped" and "resumed" in c["summary"] for c in data["checks"])
 
 
 @pytest.mark.slow
