@@ -235,17 +235,19 @@ class PreflightCheck(RecipeCallback):
             finally:
                 if hasattr(stream, "close"):
                     stream.close()
+            # under manual optimization no check calls the whole `training_step` (it updates the weights itself):
+            # a check that came to a verdict still asks, so a crash past the forward pass fails the sanity run
+            if isinstance(outcome, CheckResult) and pl_module.automatic_optimization:
+                return outcome
             # the user's step runs from the state the check began with: a check that drove the weights to NaN (a
             # learning rate too large for the model) must not make the user's own step look broken
             state.restore()
-            if isinstance(outcome, CheckResult):
-                # under manual optimization no check calls the whole `training_step` (it updates the weights
-                # itself): run it up to its first update, so a crash past the forward pass fails the sanity run
-                own = None if pl_module.automatic_optimization else _own_step_error(ctx)
-                if own is None:
-                    return outcome
+            if not isinstance(outcome, CheckResult):
+                raise _blame(ctx, outcome)
+            own = _own_step_error(ctx)
+            if own is not None:
                 raise UserCodeError(own, "running `training_step` on a training batch")
-            raise _blame(ctx, outcome)
+            return outcome
 
     def _context(
         self,
